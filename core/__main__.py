@@ -1,0 +1,53 @@
+"""`python -m core <command>`: the headless face of LoRA Garage. Each command lives in core/commands/<name>.py
+with `add_arguments(parser)` and `run(args) -> int`."""
+
+import argparse
+import importlib
+import sys
+
+from core.errors import GarageError
+
+COMMANDS = {
+    "train": "train a LoRA / QLoRA adapter (a run folder under $LORA_GARAGE_HOME/runs)",
+    "data": "inspect a dataset: detected format, columns, token lengths, rendered examples",
+    "estimate": "VRAM estimate for full / LoRA / QLoRA and whether it fits your GPU",
+    "runs": "list runs, show one, stop or resume it",
+    "chat": "chat with a trained adapter (or compare it with the base model)",
+    "eval": "score base vs adapter on a run's held-out eval prompts",
+    "export": "merge an adapter into its base model, or zip the adapter",
+    "doctor": "what LoRA Garage sees: Python, torch, bitsandbytes, GPUs, RAM, home folder, disk",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core", description="LoRA Garage: LoRA / QLoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, help_text in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"core.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"core.commands.{name}":
+                raise
+            continue  # command not built yet: it is simply not listed
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except GarageError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"fix:   {e.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""RunConfig: every setting of a run, with a default and a help string.
+
+Validation raises ConfigError naming the dotted field (`lora.r`) and the fix. YAML load/save round-trips, and
+`apply_overrides(cfg, ["lora.r=32"])` handles the CLI's `--set`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from core.errors import ConfigError
+
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGET_CHOICES = ("all-linear", "attention")
+METHODS = ("lora", "qlora", "8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _f(default, help: str, choices=None):
+    """A dataclass field with a help string (and optional choices) in its metadata."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    source: str = _f("builtin:smollm2-135m", "Base model: builtin:smollm2-135m, a hub id, or a local folder.")
+    trust_remote_code: bool = _f(False, "Run the model's own Python code. Only for models you trust.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2.",
+                                  ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("builtin:demo-identity", "Dataset: a file, a folder, a hub id, or builtin:demo-identity.")
+    format: str = _f("auto", "Row format; auto detects it.",
+                     ("auto", "messages", "sharegpt", "alpaca", "pairs", "text"))
+    columns: dict = _f({}, "Column mapping override, e.g. {prompt: question, response: answer}.")
+    split: str = _f("train", "Split to read from a hub dataset.")
+    subset: str = _f("", "Subset (config name) of a hub dataset.")
+    max_len: int = _f(512, "Maximum tokens per example (the cutoff).")
+    overlong: str = _f("truncate", "What to do with rows over max_len.", ("truncate", "drop"))
+    train_on: str = _f("assistant", "Which tokens carry the loss.", ("assistant", "all"))
+    packing: bool = _f(False, "Pack several short examples into one sequence.")
+    val_fraction: float = _f(0.0, "Share of rows held out for evaluation (0 = none, unless val_source is set).")
+    val_source: str = _f("", "A separate file for evaluation (overrides val_fraction).")
+    limit: int = _f(0, "Use only the first N rows (0 = all).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank: size of the low-rank update. Higher learns more, costs more memory.")
+    alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha/r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input, 0 to 1.")
+    targets: str = _f("all-linear", "Layers to adapt: all-linear, attention, or a comma list like q_proj,v_proj.")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (slower, sometimes better).")
+
+
+@dataclass
+class QuantConfig:
+    method: str = _f("lora", "lora: 16-bit base; qlora: 4-bit base; 8bit: 8-bit base.", METHODS)
+    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = _f("auto", "Compute dtype: auto = bf16 where supported, else fp16; fp32 on CPU.", DTYPES)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
+    epochs: float = _f(1.0, "Passes over the data (used when max_steps is -1).")
+    batch_size: int = _f(1, "Examples per device step.")
+    grad_accum: int = _f(1, "Steps accumulated per optimizer step (effective batch = batch_size * grad_accum).")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    scheduler: str = _f("cosine", "Learning-rate schedule.", SCHEDULERS)
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    optimizer: str = _f("adamw", "Optimizer; 8-bit variants need bitsandbytes and save memory.", OPTIMIZERS)
+    grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    seed: int = _f(42, "Random seed for data order and LoRA init.")
+    logging_steps: int = _f(1, "Write a metrics event every N steps.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end, if there is eval data).")
+    save_steps: int = _f(50, "Save a checkpoint every N steps.")
+    save_total_limit: int = _f(2, "Keep only the last K checkpoints.")
+    nan_patience: int = _f(3, "Stop after this many consecutive NaN/inf losses.")
+    sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
+
+
+@dataclass
+class OutputConfig:
+    run_name: str = _f("", "Run name; empty = derived from model and time.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        validate(self)
+        return self
+
+
+def _section_types() -> dict:
+    return {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "quant": QuantConfig,
+            "train": TrainConfig, "output": OutputConfig}
+
+
+def field_help(dotted: str) -> str:
+    section, name = dotted.split(".", 1)
+    for f in fields(_section_types()[section]):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(dotted)
+
+
+def field_choices(dotted: str) -> tuple | None:
+    section, name = dotted.split(".", 1)
+    for f in fields(_section_types()[section]):
+        if f.name == name:
+            return f.metadata.get("choices")
+    raise KeyError(dotted)
+
+
+# ---------------------------------------------------------------- building from dicts / YAML
+
+def _coerce(dotted: str, value, default):
+    """Coerce a YAML/CLI value to the type of the field's default; errors name the field."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(dotted, f"expected true or false, got {value!r}", f"set {dotted}=true or {dotted}=false")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                                           or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise ConfigError(dotted, f"expected a whole number, got {value!r}", f"set {dotted} to an integer")
+        return int(value)
+    if isinstance(default, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(dotted, f"expected a number, got {value!r}", f"set {dotted} to a number like 0.5")
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if isinstance(value, list) and dotted == "lora.targets":
+            return ",".join(str(v) for v in value)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(dotted, f"expected text, got {value!r}", f"set {dotted} to a string")
+        return str(value)
+    if isinstance(default, list):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise ConfigError(dotted, f"expected a list, got {value!r}", f"write {dotted} as a YAML list")
+        return [str(v) for v in value]
+    if isinstance(default, dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(dotted, f"expected a mapping, got {value!r}", f"write {dotted} as key: value pairs")
+        return {str(k): str(v) for k, v in value.items()}
+    return value
+
+
+def from_dict(d: dict | None) -> RunConfig:
+    """Build a RunConfig from a (possibly partial) nested dict. Unknown keys are errors, not ignored."""
+    cfg = RunConfig()
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError("config", "the file must be a mapping of sections", "see presets/cpu-demo.yaml")
+    types = _section_types()
+    for section, values in d.items():
+        if section not in types:
+            raise ConfigError(section, "unknown section", f"use one of: {', '.join(types)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(section, "expected a mapping of settings", f"write {section}: followed by key: value lines")
+        obj = getattr(cfg, section)
+        names = {f.name for f in fields(obj)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"{section}.{key}", "unknown setting", f"known {section} settings: {', '.join(sorted(names))}")
+            setattr(obj, key, _coerce(f"{section}.{key}", value, getattr(type(obj)(), key)))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}", "check the path")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML: {e}", "fix the YAML syntax at the line shown")
+    return from_dict(data)
+
+
+def dump_yaml(cfg: RunConfig, header: str = "") -> str:
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    return (header.rstrip() + "\n" if header else "") + body
+
+
+def save_yaml(cfg: RunConfig, path: str | Path, header: str = "") -> None:
+    Path(path).write_text(dump_yaml(cfg, header), encoding="utf-8")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings (values parsed as YAML scalars). Returns a new config."""
+    d = cfg.to_dict()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like section.key=value", "e.g. --set lora.r=32")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key.count(".") != 1:
+            raise ConfigError(key, "override key must be section.key", "e.g. --set train.lr=1e-4")
+        section, name = key.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and raw.strip() and _looks_numeric(raw):
+            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        d.setdefault(section, {})[name] = value
+    return from_dict(d)
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError for the first bad field, naming it and the fix."""
+    m, d, lo, q, t = cfg.model, cfg.data, cfg.lora, cfg.quant, cfg.train
+    for section in (m, d, lo, q, t):
+        for f in fields(section):
+            choices = f.metadata.get("choices")
+            value = getattr(section, f.name)
+            if choices and value not in choices:
+                name = f"{_section_name(section)}.{f.name}"
+                raise ConfigError(name, f"{value!r} is not one of {', '.join(choices)}", f"set {name} to one of those")
+    if not m.source.strip():
+        raise ConfigError("model.source", "no model chosen", "use builtin:smollm2-135m, a hub id or a local folder")
+    if not d.source.strip():
+        raise ConfigError("data.source", "no dataset chosen", "use builtin:demo-identity or a path to your file")
+    if d.max_len < 16:
+        raise ConfigError("data.max_len", f"must be at least 16 tokens, got {d.max_len}", "set data.max_len=512")
+    if not 0.0 <= d.val_fraction < 0.9:
+        raise ConfigError("data.val_fraction", f"must be in [0, 0.9), got {d.val_fraction}", "use 0.1 for 10%")
+    if d.limit < 0:
+        raise ConfigError("data.limit", "must be 0 (all rows) or positive", "set data.limit=0")
+    if lo.r < 1:
+        raise ConfigError("lora.r", f"rank must be a positive integer, got {lo.r}", "use 8, 16 or 32")
+    if lo.alpha <= 0:
+        raise ConfigError("lora.alpha", f"must be > 0, got {lo.alpha}", "a common choice is 2 x rank")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError("lora.dropout", f"must be in [0, 1), got {lo.dropout}", "use 0.05")
+    if not target_modules(lo.targets):
+        raise ConfigError("lora.targets", "no target modules given", "use all-linear, attention or q_proj,v_proj")
+    if t.lr <= 0:
+        raise ConfigError("train.lr", f"learning rate must be > 0, got {t.lr}", "use 2e-4 for LoRA")
+    if t.lr > 1:
+        raise ConfigError("train.lr", f"learning rate {t.lr} is far too large", "use 2e-4 for LoRA")
+    if t.batch_size < 1:
+        raise ConfigError("train.batch_size", f"must be >= 1, got {t.batch_size}", "use 1 on small GPUs")
+    if t.grad_accum < 1:
+        raise ConfigError("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "use 1, or more for a larger effective batch")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError("train.max_steps", f"must be -1 (use epochs) or positive, got {t.max_steps}", "e.g. 60")
+    if t.max_steps == -1 and t.epochs <= 0:
+        raise ConfigError("train.epochs", f"must be > 0 when max_steps is -1, got {t.epochs}", "use 1 or 3")
+    if t.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps", "must be >= 0", "use 0 or a few steps")
+    if t.logging_steps < 1:
+        raise ConfigError("train.logging_steps", "must be >= 1", "use 1")
+    if t.save_steps < 1:
+        raise ConfigError("train.save_steps", "must be >= 1", "e.g. 50")
+    if t.save_total_limit < 1:
+        raise ConfigError("train.save_total_limit", "must keep at least 1 checkpoint", "use 2")
+    if t.eval_steps < 0:
+        raise ConfigError("train.eval_steps", "must be >= 0", "0 evaluates only at the end")
+    if t.nan_patience < 1:
+        raise ConfigError("train.nan_patience", "must be >= 1", "use 3")
+    needs_bnb = q.method in ("qlora", "8bit") or t.optimizer != "adamw"
+    if needs_bnb and not bnb_available():
+        which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"
+        raise ConfigError(which, "4-bit / 8-bit needs the bitsandbytes package, which is not installed",
+                          "pip install bitsandbytes (make run installs it), or use quant.method=lora with train.optimizer=adamw")
+    if cfg.output.run_name and not _safe_name(cfg.output.run_name):
+        raise ConfigError("output.run_name", f"{cfg.output.run_name!r} may only use letters, digits, - _ .",
+                          "pick a simple name like my-first-run")
+
+
+def _section_name(obj) -> str:
+    for name, typ in _section_types().items():
+        if isinstance(obj, typ):
+            return name
+    return "?"
+
+
+def _safe_name(name: str) -> bool:
+    import re
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name)) and ".." not in name
+
+
+def bnb_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def target_modules(targets: str) -> list[str] | str:
+    """'all-linear' stays as peft's keyword; 'attention' expands; otherwise a comma list."""
+    t = (targets or "").strip()
+    if t == "all-linear":
+        return "all-linear"
+    if t == "attention":
+        return list(ATTENTION_TARGETS)
+    return [x.strip() for x in t.split(",") if x.strip()]
