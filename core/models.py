@@ -22,6 +22,7 @@ from core.paths import models_dir
 BUILTIN_ID = "builtin:smollm2-135m"
 _BUILTIN_FOLDER = "smollm2-135m-instruct"
 _MARKER = "CONVERTED"
+_BUILTIN_CONFIG = Path(__file__).parent / "builtin_models" / "smollm2-135m-config.json"
 
 
 @dataclass
@@ -78,8 +79,11 @@ def read_config(source: str) -> dict:
     """config.json of a source, without loading (or for a hub id, downloading) any weights."""
     source = (source or "").strip()
     p = Path(source).expanduser()
+    if source == BUILTIN_ID:
+        # the shape is known without converting (conversion takes a minute): the same config.json it produces
+        return json.loads(_BUILTIN_CONFIG.read_text())
     if source.startswith("builtin:"):
-        return json.loads((resolve(source) / "config.json").read_text())
+        resolve(source)  # raises the unknown-built-in error
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelError(f"{source} has no config.json", "point at the folder that save_pretrained wrote")

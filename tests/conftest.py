@@ -10,26 +10,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The built-in model is converted once per test session into this folder, shared by every test that needs it.
-_SESSION_MODELS = None
+
+@pytest.fixture(scope="session")
+def shared_models(tmp_path_factory) -> Path:
+    """The built-in model is converted once per test session into this folder, shared by every home."""
+    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(autouse=True)
-def garage_home(tmp_path, monkeypatch, tmp_path_factory):
+def garage_home(tmp_path, monkeypatch, shared_models):
     """Point $LORA_GARAGE_HOME at a fresh folder for every test; converted models are shared across tests."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("LORA_GARAGE_HOME", str(home))
-    shared = _shared_models_dir(tmp_path_factory)
-    (home / "models").symlink_to(shared, target_is_directory=True)
+    (home / "models").symlink_to(shared_models, target_is_directory=True)
     return home
-
-
-def _shared_models_dir(tmp_path_factory) -> Path:
-    global _SESSION_MODELS
-    if _SESSION_MODELS is None:
-        _SESSION_MODELS = tmp_path_factory.mktemp("models")
-    return _SESSION_MODELS
 
 
 @pytest.fixture(scope="session")

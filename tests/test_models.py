@@ -1,0 +1,60 @@
+import json
+import time
+
+import pytest
+
+from core import models
+from core.errors import ModelError
+
+
+def test_local_folder_and_its_config(tiny_model_dir):
+    assert models.resolve(str(tiny_model_dir)) == tiny_model_dir
+    assert models.read_config(str(tiny_model_dir))["hidden_size"] == 64
+    info = models.info(str(tiny_model_dir))
+    assert info.architecture == "LlamaForCausalLM" and info.has_chat_template and info.params > 0
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(ModelError, match="not found"):
+        models.resolve(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(ModelError, match="offline"):
+        models.resolve("someone/not-cached-model")
+    assert time.time() - t < 10
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match="pickle"):
+        models.check_safetensors(tmp_path)
+
+
+@pytest.mark.slow
+def test_builtin_converts_once_then_loads_and_answers(garage_home):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = models.resolve(models.BUILTIN_ID)
+    marker = json.loads((path / "CONVERTED").read_text())
+    mtime = (path / "model.safetensors").stat().st_mtime
+    t = time.time()
+    assert models.resolve(models.BUILTIN_ID) == path  # second call: no conversion
+    assert time.time() - t < 1 and (path / "model.safetensors").stat().st_mtime == mtime
+    assert marker["seconds"] > 0
+
+    tok = models.load_tokenizer(path)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer

@@ -1,0 +1,32 @@
+"""The header bar on every page: GPU name, used/total VRAM, utilisation, temperature, or "CPU only"."""
+
+import html
+
+import gradio as gr
+
+from core import hardware
+
+POLL_S = 5
+
+
+def render() -> str:
+    r = hardware.read()
+    if not r.gpus:
+        gpu = f"<b>CPU only</b> <span class='lg-dim'>({html.escape(r.nvml_error or 'no NVIDIA GPU')})</span>"
+    else:
+        parts = []
+        for g in r.gpus:
+            used = (g.total - g.free) / 2**30
+            extra = "".join(f" · {v}" for v in (f"{g.util}%" if g.util is not None else None,
+                                                 f"{g.temp}°C" if g.temp is not None else None) if v)
+            parts.append(f"<b>{html.escape(g.name)}</b> {used:.1f} / {g.total / 2**30:.1f} GB{extra}")
+        gpu = " | ".join(parts)
+    ram = f"RAM {(r.ram_total - r.ram_available) / 2**30:.1f} / {r.ram_total / 2**30:.1f} GB · {r.cpu_count} CPU cores"
+    return f"<div class='lg-bar'><span class='lg-brand'>🔧 LoRA Garage</span><span>{gpu}</span><span class='lg-dim'>{ram}</span></div>"
+
+
+def build() -> gr.HTML:
+    bar = gr.HTML(render())
+    timer = gr.Timer(POLL_S)
+    timer.tick(render, outputs=bar, show_progress="hidden", queue=False)
+    return bar

@@ -1,0 +1,40 @@
+"""build_app(): the header bar and the Train / Chat / Runs tabs. Each tab module builds its own widgets."""
+
+import gradio as gr
+
+from ui import chat_tab, hardware_bar, runs_tab, train_tab
+
+CSS = """
+.lg-bar {display:flex; gap:1.5em; align-items:center; flex-wrap:wrap; padding:6px 12px; border-radius:8px;
+         background:var(--block-background-fill); border:1px solid var(--border-color-primary)}
+.lg-brand {font-weight:700; font-size:1.1em}
+.lg-dim {opacity:.7}
+.lg-trained {background:#c8f7c5; color:#000} .lg-masked {color:#888}
+.lg-verdict-fits {color:#1a7f37; font-weight:700} .lg-verdict-tight {color:#b08800; font-weight:700}
+.lg-verdict-no {color:#cf222e; font-weight:700}
+"""
+MAX_UPLOAD = "200mb"
+
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title="LoRA Garage") as app:
+        hardware_bar.build()
+        with gr.Tabs() as tabs:
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build()
+            with gr.Tab("Chat", id="chat"):
+                chat = chat_tab.build()
+            with gr.Tab("Runs", id="runs"):
+                runs_tab.build(tabs=tabs, train=train, chat=chat)
+        # "Chat with this adapter" on the Train page: select the run there, then switch tabs
+        train.chat_button.click(chat.refresh[0], train.run_id, chat.refresh[1]).then(
+            lambda: gr.Tabs(selected="chat"), None, tabs)
+        app.load(*train.on_load)
+    return app
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, auth=None, block: bool = True):
+    app = build_app()
+    app.queue(default_concurrency_limit=4)
+    return app.launch(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, css=CSS,
+                      theme=gr.themes.Soft(), show_error=False, prevent_thread_lock=not block, quiet=not block)

@@ -1,0 +1,72 @@
+"""Turn run events (dicts from events.jsonl) into the long-format DataFrames that gr.LinePlot draws."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from core import runs
+
+SMOOTHING = 0.8  # exponential moving average weight, like TensorBoard's default slider
+
+_EMPTY = {"step": [], "value": [], "series": []}
+
+
+def _frame(rows: list[tuple]) -> pd.DataFrame:
+    if not rows:
+        return pd.DataFrame(_EMPTY)
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def metrics(events: list[dict]) -> list[dict]:
+    """One curve per run: after a resume, the steps it superseded are dropped (core.runs decides)."""
+    return [e for e in runs.metrics(events) if e.get("step") is not None]
+
+
+def loss_frame(events: list[dict]) -> pd.DataFrame:
+    m = [e for e in metrics(events) if _finite(e.get("loss"))]
+    rows = [(e["step"], e["loss"], "loss") for e in m]
+    rows += [(e["step"], s, "smoothed") for e, s in zip(m, ema([e["loss"] for e in m]))]
+    rows += [(e["step"], e["eval_loss"], "eval loss") for e in events
+             if e.get("type") == "eval" and _finite(e.get("eval_loss"))]
+    return _frame(rows)
+
+
+def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:
+    return _frame([(e["step"], e[key], label) for e in metrics(events) if _finite(e.get(key))])
+
+
+def memory_frame(events: list[dict], estimate_bytes: int | None) -> pd.DataFrame:
+    """Measured memory (GPU peak reserved on CUDA, process RSS on CPU) in GB, with the estimate as a flat line."""
+    rows = []
+    for e in metrics(events):
+        mem = e.get("mem") or {}
+        for key, label in (("peak_reserved", "GPU peak reserved"), ("reserved", "GPU reserved"),
+                           ("nvml_used", "GPU used (nvml)"), ("rss", "process RSS (CPU)")):
+            if _finite(mem.get(key)):
+                rows.append((e["step"], mem[key] / 2**30, label))
+    if estimate_bytes and rows:
+        steps = sorted({r[0] for r in rows})
+        rows += [(steps[0], estimate_bytes / 2**30, "estimate"), (steps[-1], estimate_bytes / 2**30, "estimate")]
+    return _frame(rows)
+
+
+def overlay_frame(named_events: dict[str, list[dict]], smoothed: bool = True) -> pd.DataFrame:
+    """Loss curves of several runs on one chart, one series per run."""
+    rows = []
+    for name, events in named_events.items():
+        m = [e for e in metrics(events) if _finite(e.get("loss"))]
+        values = ema([e["loss"] for e in m]) if smoothed else [e["loss"] for e in m]
+        rows += [(e["step"], v, name) for e, v in zip(m, values)]
+    return _frame(rows)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")

@@ -1,0 +1,164 @@
+"""The live view of one run: status, progress, charts, train.log tail, samples, and the end-of-run buttons.
+
+It only reads the run folder (status.json, events.jsonl, estimate.json, train.log) through core.runs, so a
+refresh, a second tab or an app restart shows the same run from its files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+
+import gradio as gr
+
+from core import eta, runs
+from core.errors import GarageError
+from ui import plots
+
+
+
+@dataclass
+class RunView:
+    status: gr.Markdown
+    progress: gr.HTML
+    loss: gr.LinePlot
+    lr: gr.LinePlot
+    grad: gr.LinePlot
+    tps: gr.LinePlot
+    mem: gr.LinePlot
+    log: gr.Code
+    samples: gr.Markdown
+    chat_btn: gr.Button
+    resume_btn: gr.Button
+    cache: gr.State
+
+    @property
+    def outputs(self) -> list:
+        return [self.status, self.progress, self.loss, self.lr, self.grad, self.tps, self.mem, self.log,
+                self.samples, self.chat_btn, self.resume_btn, self.cache]
+
+
+def _plot(title: str, y_title: str, height: int = 220) -> gr.LinePlot:
+    return gr.LinePlot(plots._frame([]), x="step", y="value", color="series", title=title, y_title=y_title,
+                       height=height, x_title="step")
+
+
+def build() -> RunView:
+    status = gr.Markdown("No run yet. Press **Start training**.")
+    progress = gr.HTML()
+    with gr.Row():
+        chat_btn = gr.Button("Chat with this adapter", visible=False, variant="primary")
+        resume_btn = gr.Button("Resume", visible=False)
+    loss = _plot("Loss", "loss", 260)
+    with gr.Row():
+        lr = _plot("Learning rate", "lr", 180)
+        grad = _plot("Grad norm", "norm", 180)
+    with gr.Row():
+        tps = _plot("Tokens / s (non-padding)", "tokens/s", 180)
+        mem = _plot("Memory vs estimate (GB)", "GB", 180)
+    with gr.Accordion("train.log (tail)", open=False):
+        log = gr.Code(language=None, lines=12, max_lines=20, label="train.log")
+    samples = gr.Markdown()
+    return RunView(status, progress, loss, lr, grad, tps, mem, log, samples, chat_btn, resume_btn, gr.State({}))
+
+
+def refresh(run_id: str | None, cache: dict) -> tuple:
+    """Read what is new in the run folder and return (view values..., timer still needed?)."""
+    if not run_id:
+        return _blank(cache) + (False,)
+    try:
+        run_dir = runs.get(run_id)
+        status = runs.read_status(run_dir)
+    except GarageError as e:
+        return (f"❌ {html.escape(e.message)}",) + _blank(cache)[1:] + (False,)
+    if cache.get("run_id") != run_id:
+        cache = {"run_id": run_id, "offset": 0, "events": []}
+    new, offset = runs.read_events(run_dir, cache["offset"])
+    cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new}
+    events = cache["events"]
+    state = status.get("state", "?")
+    est = _estimate_bytes(run_dir)
+    done = state in runs.TERMINAL
+    values = (
+        status_md(run_id, status),
+        progress_html(status, events),
+        plots.loss_frame(events),
+        plots.series_frame(events, "lr", "learning rate"),
+        plots.series_frame(events, "grad_norm", "grad norm"),
+        plots.series_frame(events, "tokens_per_s", "tokens/s"),
+        plots.memory_frame(events, est),
+        runs.tail_log(run_dir, lines=60),
+        samples_md(events),
+        gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
+        gr.update(visible=state in ("stopped", "failed")),
+        cache,
+    )
+    return values + (not done,)
+
+
+def _blank(cache) -> tuple:
+    empty = plots._frame([])
+    return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, "", "",
+            gr.update(visible=False), gr.update(visible=False), cache or {})
+
+
+def status_md(run_id: str, status: dict) -> str:
+    state = status.get("state", "?")
+    icon = {"queued": "⏳", "running": "🏃", "stopping": "⏸️", "stopped": "⏹️", "completed": "✅",
+            "failed": "❌"}.get(state, "•")
+    text = f"{icon} Run **{html.escape(run_id)}**: **{state}**"
+    err = status.get("error")
+    if state == "failed" and err:
+        text += f"  \n**{html.escape(str(err.get('message', '')))}**"
+        if err.get("hint"):
+            text += f"  \n**Fix:** {html.escape(str(err['hint']))}"
+    elif state == "completed":
+        text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
+    elif state == "stopped":
+        text += "  \nStopped and saved. Resume continues from the last checkpoint."
+    return text
+
+
+def progress_html(status: dict, events: list[dict]) -> str:
+    step, total = status.get("step") or 0, status.get("total_steps") or 0
+    m = plots.metrics(events)
+    last = m[-1] if m else {}
+    step = max(step, last.get("step") or 0)
+    pct = 100 * step / total if total else 0
+    bits = [f"step {step} / {total or '?'}"]
+    if last.get("epoch") is not None:
+        bits.append(f"epoch {last['epoch']:.2f}")
+    if last.get("eta_s") is not None and status.get("state") == "running":
+        bits.append(f"ETA {eta.format_duration(last['eta_s'])}")
+    if last.get("loss") is not None:
+        bits.append(f"loss {last['loss']:.4f}")
+    return (f"<div style='background:#eee;border-radius:4px;height:14px'><div style='width:{pct:.1f}%;height:100%;"
+            f"background:#4e79a7;border-radius:4px'></div></div><div>{' · '.join(bits)}</div>")
+
+
+def samples_md(events: list[dict]) -> str:
+    samples = [e for e in events if e.get("type") == "sample"][-3:]
+    if not samples:
+        return ""
+    parts = [f"**step {e.get('step')}** · _{html.escape(str(e.get('prompt', '')))}_  \n{html.escape(str(e.get('text', '')))}"
+             for e in samples]
+    return "#### Sample generations\n" + "\n\n".join(parts)
+
+
+def _estimate_bytes(run_dir) -> int | None:
+    path = run_dir / "estimate.json"
+    if not path.exists():
+        return None
+    try:
+        return int(json.loads(path.read_text()).get("total_bytes") or 0) or None
+    except (ValueError, OSError):
+        return None
+
+
+def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:
+    def _tick(rid, cache):
+        *values, keep = refresh(rid, cache)
+        return values + [gr.Timer(active=keep)]
+
+    timer.tick(_tick, [run_id, view.cache], view.outputs + [timer], show_progress="hidden")

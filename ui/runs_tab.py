@@ -1,0 +1,158 @@
+"""Runs page: every run in the home folder; open one (curves, config, folder, CLI command), overlay loss curves,
+resume, delete with confirmation, chat with its adapter."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import shlex
+
+import gradio as gr
+import pandas as pd
+
+from core import config as C
+from core import runner, runs
+from core.errors import GarageError
+from ui import plots
+
+COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "final loss", "duration", "peak mem / estimate"]
+
+
+def table() -> pd.DataFrame:
+    rows = []
+    for r in runs.list_runs():
+        run_dir = runs.get(r["id"])
+        events, _ = runs.read_events(run_dir, 0)
+        m = plots.metrics(events)
+        rows.append([r["id"], r.get("state"), r.get("model", ""), r.get("dataset", ""), r.get("method", ""),
+                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
+                     f"{m[-1]['loss']:.4f}" if m and m[-1].get("loss") is not None else "",
+                     _duration(r.get("started_at"), r.get("ended_at")), _peak_vs_estimate(run_dir, m)])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    if not start:
+        return ""
+    try:
+        t0 = dt.datetime.fromisoformat(start)
+        t1 = dt.datetime.fromisoformat(end) if end else dt.datetime.now(t0.tzinfo)
+    except ValueError:
+        return ""
+    s = int((t1 - t0).total_seconds())
+    return f"{s // 60} min {s % 60:02d} s" + ("" if end else " (running)")
+
+
+def _peak_vs_estimate(run_dir, metrics: list[dict]) -> str:
+    peak = 0
+    for e in metrics:
+        mem = e.get("mem") or {}
+        peak = max(peak, mem.get("peak_reserved") or 0, mem.get("rss") or 0)
+    est = None
+    if (run_dir / "estimate.json").exists():
+        try:
+            est = json.loads((run_dir / "estimate.json").read_text()).get("total_bytes")
+        except ValueError:
+            est = None
+    left = f"{peak / 2**30:.2f} GB" if peak else "?"
+    return f"{left} / {est / 2**30:.2f} GB" if est else left
+
+
+def open_run(run_id: str | None):
+    """-> (summary md, loss frame, config yaml, cli command)."""
+    if not run_id:
+        return "Pick a run.", plots._frame([]), "", ""
+    try:
+        run_dir = runs.get(run_id)
+        cfg = runs.load_config(run_dir)
+        status = runs.read_status(run_dir)
+    except GarageError as e:
+        return f"❌ {html.escape(str(e))}", plots._frame([]), "", ""
+    events, _ = runs.read_events(run_dir, 0)
+    err = status.get("error") or {}
+    md = f"**{html.escape(run_id)}**: **{status.get('state')}** · folder: `{run_dir}`"
+    if err:
+        md += f"  \n❌ {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
+    return md, plots.loss_frame(events), C.dump_yaml(cfg), cli_command(cfg)
+
+
+def cli_command(cfg: C.RunConfig) -> str:
+    """The command that repeats this run from a terminal, with every setting that differs from the default."""
+    default, mine = C.RunConfig().to_dict(), cfg.to_dict()
+    sets = []
+    for section, values in mine.items():
+        for key, value in values.items():
+            if value != default[section][key] and not (section == "output" and key == "run_name"):
+                text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+                sets.append(f"--set {shlex.quote(f'{section}.{key}={text}')}")
+    return " ".join(["python -m core train"] + sets)
+
+
+def overlay(run_ids: list[str] | None) -> pd.DataFrame:
+    named = {}
+    for rid in run_ids or []:
+        events, _ = runs.read_events(runs.get(rid), 0)
+        named[rid] = events
+    return plots.overlay_frame(named)
+
+
+def delete(run_id: str | None, confirmed: bool) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    if not confirmed:
+        raise gr.Error("Tick “yes, delete it” first: deleting removes the run's adapter and checkpoints for good.")
+    try:
+        runner.delete(run_id)
+    except GarageError as e:
+        raise gr.Error(str(e))
+    return f"Deleted {run_id}."
+
+
+def resume(run_id: str | None) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    try:
+        return runner.resume(run_id)
+    except GarageError as e:
+        raise gr.Error(str(e))
+
+
+def build(tabs: gr.Tabs, train, chat) -> None:
+    refresh_btn = gr.Button("Refresh", size="sm")
+    grid = gr.Dataframe(table(), interactive=False, wrap=True, label="Runs (newest first)")
+    ids = [r["id"] for r in runs.list_runs()]
+    with gr.Row():
+        pick = gr.Dropdown(ids, value=ids[0] if ids else None, label="Open run", scale=3)
+        compare = gr.Dropdown(ids, multiselect=True, label="Overlay loss curves of", scale=3)
+    summary = gr.Markdown()
+    with gr.Row():
+        chat_btn = gr.Button("Chat with this adapter", variant="primary")
+        resume_btn = gr.Button("Resume")
+        sure = gr.Checkbox(label="yes, delete it", value=False)
+        delete_btn = gr.Button("Delete run", variant="stop")
+    action_md = gr.Markdown()
+    with gr.Row():
+        curve = gr.LinePlot(plots._frame([]), x="step", y="value", color="series", title="Loss", height=260)
+        overlay_plot = gr.LinePlot(plots._frame([]), x="step", y="value", color="series",
+                                   title="Loss, smoothed, several runs", height=260)
+    with gr.Accordion("Config and CLI command", open=False):
+        cli = gr.Code(language="shell", label="Repeat this run from a terminal")
+        cfg_yaml = gr.Code(language="yaml", label="config.yaml")
+
+    def _relist():
+        ids = [r["id"] for r in runs.list_runs()]
+        return table(), gr.update(choices=ids), gr.update(choices=ids)
+
+    refresh_btn.click(_relist, None, [grid, pick, compare])
+    pick.change(open_run, pick, [summary, curve, cfg_yaml, cli])
+    compare.change(overlay, compare, overlay_plot)
+    def _select(evt: gr.SelectData):
+        return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
+
+    grid.select(_select, None, pick)
+    delete_btn.click(delete, [pick, sure], action_md).success(_relist, None, [grid, pick, compare]).then(
+        lambda: False, None, sure)
+    resume_btn.click(resume, pick, train.run_id).success(
+        lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
+    chat_btn.click(chat.refresh[0], pick, chat.refresh[1]).then(lambda: gr.Tabs(selected="chat"), None, tabs)

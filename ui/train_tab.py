@@ -1,0 +1,319 @@
+"""Train page: pick model, data and preset; see the VRAM cost; start, watch live curves, stop, resume.
+
+Handlers are plain functions (tested directly in tests/ui); `build()` lays out widgets and wires them.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import config as C
+from core import eta, hardware, models, paths, presets, runner, runs, vram
+from core.errors import GarageError
+from ui import plots, run_view, train_form, vram_panel
+
+TICK_S = 1.0
+N_SUGGESTIONS = 3
+
+
+@dataclass
+class TrainTab:
+    """The widgets other tabs need to reach (the Chat button, the Runs page's Resume)."""
+    run_id: gr.State
+    timer: gr.Timer
+    chat_button: gr.Button
+    view: run_view.RunView
+    on_load: tuple  # (fn, inputs, outputs) for the app's load event: reattach and draw the VRAM panel
+
+
+# ---------------------------------------------------------------- handlers: model and data
+
+def model_choices() -> list[str]:
+    return [models.BUILTIN_ID] + models.list_cached_models()
+
+
+@lru_cache(maxsize=32)
+def _shape(source: str):
+    return vram.shape_from_config(models.read_config(source))
+
+
+def model_info_md(source: str) -> str:
+    try:
+        shape = _shape(source)
+        cfg = models.read_config(source)
+    except GarageError as e:
+        return f"⚠️ {html.escape(e.message)}  \n**Fix:** {html.escape(e.hint)}"
+    arch = (cfg.get("architectures") or ["?"])[0]
+    size, template = _local_facts(source)
+    return (f"**{arch}** · {shape.total_params / 1e6:,.0f} M parameters · {cfg.get('num_hidden_layers', '?')} layers"
+            f" · vocab {cfg.get('vocab_size', '?'):,} · {size} · {template}")
+
+
+def _local_facts(source: str) -> tuple[str, str]:
+    """Size on disk and chat template, where the model is already on disk (never downloads)."""
+    try:
+        info = models.info(source) if _on_disk(source) else None
+    except GarageError as e:
+        return "size unknown", f"({e.message})"
+    if info is None:
+        return "not downloaded yet", "chat template: checked when it loads"
+    template = "chat template ✓" if info.has_chat_template else "no chat template: a simple default is used"
+    return f"{info.size_on_disk / 2**30:.2f} GB on disk", template
+
+
+def _on_disk(source: str) -> bool:
+    if source == models.BUILTIN_ID:
+        return (paths.models_dir() / "smollm2-135m-instruct" / "CONVERTED").exists()
+    return Path(source).expanduser().is_dir()
+
+
+def keep_upload(file_path: str | None) -> str:
+    """Copy an uploaded file into the home folder (Gradio's temp copy can vanish) and return its path."""
+    if not file_path:
+        return gr.update()
+    dest_dir = paths.home() / "uploads"
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / Path(file_path).name
+    shutil.copyfile(file_path, dest)
+    return str(dest)
+
+
+def inspect_dataset(names: list[str], values: list):
+    """-> (summary markdown, histogram frame, preview html). Errors become the summary, never a traceback."""
+    from core import data
+
+    try:
+        cfg = train_form.to_config(names, values)
+        tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
+        prepared = data.prepare(cfg, tok)
+    except GarageError as e:
+        return f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", _empty_hist(), ""
+    s = prepared.stats
+    cols = ", ".join(f"{k} ← `{v}`" for k, v in s.columns.items()) or "—"
+    over = s.truncated + s.dropped
+    template = "  \n⚠️ This model has no chat template: a simple ChatML default is used." if s.template_is_default else ""
+    md = (f"**{s.rows:,} rows** · format **{s.format}** · columns: {cols}  \n"
+          f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
+          f"({s.truncated} truncated, {s.dropped} dropped) · {s.trained_tokens:,} trained tokens per epoch "
+          f"of {s.total_tokens:,}{template}")
+    return md, histogram(s.lengths, s.max_len), data.preview_html(prepared, n=3)
+
+
+def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
+    if not lengths:
+        return _empty_hist()
+    top = max(max(lengths), cutoff)
+    width = max(1, -(-top // bins))
+    counts: dict[tuple[int, str], int] = {}
+    for n in lengths:
+        b = (n // width) * width
+        key = (b, "over the cutoff" if n > cutoff else "fits")
+        counts[key] = counts.get(key, 0) + 1
+    rows = [(f"{b}-{b + width - 1}", b, c, kind) for (b, kind), c in sorted(counts.items())]
+    return pd.DataFrame(rows, columns=["tokens", "start", "rows", "length"])
+
+
+def _empty_hist() -> pd.DataFrame:
+    return pd.DataFrame({"tokens": [], "start": [], "rows": [], "length": []})
+
+
+# ---------------------------------------------------------------- handlers: presets and VRAM
+
+def apply_preset(name: str, names: list[str], values: list):
+    try:
+        cfg = presets.apply(name, train_form.to_config(names, values))
+    except GarageError as e:
+        raise gr.Error(str(e))
+    return [presets.header(name)] + train_form.values_of(names, cfg)
+
+
+def save_preset(preset_name: str, names: list[str], values: list) -> str:
+    try:
+        path = presets.save_user_preset(preset_name.strip(), train_form.to_config(names, values))
+    except GarageError as e:
+        return f"❌ {html.escape(e.message)} — {html.escape(e.hint)}"
+    return f"Saved as **{preset_name.strip()}** ({path}). It is now in the preset list."
+
+
+def vram_update(target: str, names: list[str], values: list):
+    """-> (panel html, verdict markdown, suggestions, ETA markdown). Pure arithmetic: fast, no queue."""
+    try:
+        cfg = train_form.to_config(names, values)
+        shape = _shape(cfg.model.source)
+    except GarageError as e:
+        return f"<div class='lg-dim'>{html.escape(e.message)}</div>", "", [], ""
+    chosen = cfg.quant.method if cfg.quant.method in ("lora", "qlora") else "lora"
+    ests = vram_panel.estimates(cfg, shape)
+    reading = hardware.read()
+    total, free, label = vram_panel.gpu_budget(target, reading)
+    panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen)
+    verdict = vram_panel.verdict_text(ests[chosen], total, free)
+    suggestions = []
+    if total and vram.verdict(ests[chosen], total, free).status != "fits":
+        suggestions = vram.suggest(shape, vram.settings_from_config(cfg), free or total)[:N_SUGGESTIONS]
+        if not suggestions:
+            verdict += "  \nNothing we can change makes this model fit this GPU: pick a smaller model."
+    gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
+    return panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name)
+
+
+def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None) -> str:
+    steps = cfg.train.max_steps
+    if steps <= 0:
+        return "ETA: inspect the dataset to know the steps per epoch."
+    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.max_len // 2  # ~half the cutoff
+    e = eta.before_start(tokens, shape.total_params, cfg.model.source, cfg.quant.method, gpu_name)
+    return f"**ETA** for {steps} steps: {e.text()}"
+
+
+def suggestion_buttons(suggestions: list):
+    out = []
+    for i in range(N_SUGGESTIONS):
+        if i < len(suggestions):
+            out.append(gr.update(value=f"Apply: {vram_panel.describe_suggestion(suggestions[i])}", visible=True))
+        else:
+            out.append(gr.update(visible=False))
+    return out
+
+
+def apply_suggestion(i: int, suggestions: list, names: list[str], values: list) -> list:
+    if i >= len(suggestions):
+        return values
+    d = train_form.to_config(names, values).to_dict()
+    for dotted, value in suggestions[i].changes.items():
+        section, name = dotted.split(".")
+        d[section][name] = value
+    return train_form.values_of(names, C.from_dict(d))
+
+
+# ---------------------------------------------------------------- handlers: start / stop
+
+def start(names: list[str], values: list) -> str:
+    """Validate, then start the child process. Returns the run id; errors name the field."""
+    try:
+        cfg = train_form.to_config(names, values).validate()
+        return runner.start(cfg)
+    except GarageError as e:
+        raise gr.Error(str(e))
+
+
+def stop(run_id: str | None) -> str:
+    if not run_id:
+        return "No run to stop."
+    try:
+        runner.request_stop(run_id)
+    except GarageError as e:
+        raise gr.Error(str(e))
+    return f"Stopping {run_id}: finishing the current step and saving a checkpoint…"
+
+
+def resume(run_id: str | None) -> str:
+    if not run_id:
+        raise gr.Error("No run selected to resume.")
+    try:
+        return runner.resume(run_id)
+    except GarageError as e:
+        raise gr.Error(str(e))
+
+
+def attach() -> str | None:
+    """On page load: the run that is training now (after a refresh or an app restart), if any."""
+    return runner.running()
+
+
+# ---------------------------------------------------------------- layout
+
+def build() -> TrainTab:
+    defaults = presets.load(presets.DEFAULT_PRESET)
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### 1 · Model")
+            model_dd = gr.Dropdown(model_choices(), value=defaults.model.source, allow_custom_value=True,
+                                   label="Base model", info="The built-in model, a model in your HF cache, "
+                                   "a local folder, or a hub id like Qwen/Qwen2.5-0.5B-Instruct")
+            model_md = gr.Markdown(model_info_md(defaults.model.source))
+            gr.Markdown("### 2 · Dataset")
+            with gr.Row():
+                data_tb = gr.Textbox(defaults.data.source, label="Dataset", scale=3,
+                                     info="builtin:demo-identity, a file or folder path, or a hub dataset id")
+                upload = gr.File(label="…or upload a file", file_types=[".jsonl", ".json", ".csv", ".tsv",
+                                 ".parquet", ".txt", ".md"], type="filepath", scale=2, height=110)
+            with gr.Row():
+                fmt = gr.Dropdown(list(C.field_choices("data.format")), value=defaults.data.format,
+                                  label="format", info=C.field_help("data.format"))
+                cols = gr.Textbox("", label="column mapping", info=C.field_help("data.columns"))
+                split = gr.Textbox(defaults.data.split, label="split", info=C.field_help("data.split"))
+                subset = gr.Textbox(defaults.data.subset, label="subset", info=C.field_help("data.subset"))
+            inspect_btn = gr.Button("Inspect dataset", size="sm")
+            data_md = gr.Markdown()
+            hist = gr.BarPlot(_empty_hist(), x="tokens", y="rows", color="length", sort=None,
+                              title="Token length per row against the cutoff", height=220,
+                              color_map={"fits": "#4e79a7", "over the cutoff": "#e15759"})
+            with gr.Accordion("Preview: exactly what the model sees (green = trained, grey = masked)", open=False):
+                preview = gr.HTML()
+            gr.Markdown("### 3 · Preset and settings")
+            with gr.Row():
+                preset_dd = gr.Dropdown(presets.list_presets(), value=presets.DEFAULT_PRESET, label="Preset",
+                                        info="Settings by GPU size; every setting below stays editable", scale=2)
+                preset_name = gr.Textbox(label="Save current settings as", placeholder="my-setup", scale=2)
+                save_btn = gr.Button("Save preset", size="sm", scale=1)
+            preset_md = gr.Markdown(presets.header(presets.DEFAULT_PRESET))
+            save_md = gr.Markdown()
+            leading = [("model.source", model_dd), ("data.source", data_tb), ("data.format", fmt),
+                       ("data.columns", cols), ("data.split", split), ("data.subset", subset)]
+            form = train_form.build(defaults, leading)
+        with gr.Column(scale=2):
+            gr.Markdown("### VRAM")
+            target = gr.Dropdown(["detected"] + [f"{g} GB" for g in vram_panel.TARGET_SIZES_GB], value="detected",
+                                 label="Check against")
+            vram_html = gr.HTML()
+            verdict_md = gr.Markdown()
+            suggestions = gr.State([])
+            sugg_btns = [gr.Button(visible=False, size="sm", variant="secondary") for _ in range(N_SUGGESTIONS)]
+            eta_md = gr.Markdown()
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary")
+                stop_btn = gr.Button("Stop", variant="stop")
+            view = run_view.build()
+    run_id = gr.State(None)
+    timer = gr.Timer(TICK_S, active=False)
+    names, widgets = form.names, form.widgets
+
+    # --- wiring: model, data, presets
+    model_dd.change(model_info_md, model_dd, model_md)
+    upload.upload(keep_upload, upload, data_tb)
+    inspect_btn.click(lambda *v: inspect_dataset(names, list(v)), widgets, [data_md, hist, preview])
+    preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_md] + widgets)
+    save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
+
+    # --- wiring: VRAM panel on every settings change (no queue: it is arithmetic)
+    def _vram(t, *v):
+        panel, verdict, sugg, eta_text = vram_update(t, names, list(v))
+        return [panel, verdict, sugg, eta_text] + suggestion_buttons(sugg)
+
+    vram_outputs = [vram_html, verdict_md, suggestions, eta_md] + sugg_btns
+    for w in [target] + widgets:
+        w.change(_vram, [target] + widgets, vram_outputs, queue=False, show_progress="hidden")
+    for i, b in enumerate(sugg_btns):
+        b.click(lambda s, *v, i=i: apply_suggestion(i, s, names, list(v)), [suggestions] + widgets, widgets)
+
+    # --- wiring: start / stop / live view
+    start_btn.click(lambda *v: start(names, list(v)), widgets, run_id).success(
+        lambda: gr.Timer(active=True), None, timer)
+    stop_btn.click(stop, run_id, view.status)
+    run_view.wire(view, run_id, timer)
+    view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
+
+    def _on_load(*v):
+        rid = attach()
+        return [rid, gr.Timer(active=bool(rid))] + _vram(*v)
+
+    return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
+                    on_load=(_on_load, [target] + widgets, [run_id, timer] + vram_outputs))

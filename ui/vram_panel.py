@@ -1,0 +1,90 @@
+"""VRAM panel: full / LoRA / QLoRA side by side as stacked bars, the GPU's total and free memory as lines,
+a verdict, and "make it fit" suggestions. Pure formatting over core.vram; fast enough to run on every change."""
+
+from __future__ import annotations
+
+import html
+
+from core import hardware, vram
+
+COMPONENTS = ["weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead"]
+COLORS = {"weights": "#4e79a7", "adapter": "#f28e2b", "gradients": "#e15759", "optimizer": "#76b7b2",
+          "activations": "#59a14f", "logits": "#edc948", "overhead": "#b07aa1"}
+METHODS = [("full", "Full fine-tune"), ("lora", "LoRA (16-bit base)"), ("qlora", "QLoRA (4-bit base)")]
+TARGET_SIZES_GB = [6, 8, 12, 16, 24, 48, 80]
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB"
+
+
+def estimates(cfg, shape) -> dict:
+    """method -> Estimate for the current settings, with only the method swapped."""
+    return {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m)) for m, _ in METHODS}
+
+
+def gpu_budget(target: str, reading=None) -> tuple[int | None, int | None, str]:
+    """(total, free, label) of the detected GPU or a chosen size like '8 GB'."""
+    if target and target != "detected":
+        total = int(float(target.split()[0]) * 2**30)
+        return total, total, f"a {target} GPU"
+    reading = reading or hardware.read()
+    if reading.gpus:
+        g = reading.gpus[0]
+        return g.total, g.free, f"{g.name} ({gb(g.free)} free now)"
+    return None, None, "no NVIDIA GPU detected: pick a GPU size to check against"
+
+
+def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_label: str, chosen: str) -> str:
+    scale = max([e.total_bytes for e in ests.values()] + [total or 0]) * 1.05 or 1
+    rows = []
+    for method, label in METHODS:
+        e = ests[method]
+        segs = "".join(
+            f"<div title='{c}: {gb(e.components.get(c, 0))}' style='width:{100 * e.components.get(c, 0) / scale:.3f}%;"
+            f"background:{COLORS[c]};height:100%'></div>" for c in COMPONENTS)
+        lines = ""
+        if total:
+            lines += f"<div class='lg-line' title='GPU total {gb(total)}' style='left:{100 * total / scale:.2f}%;border-color:#222'></div>"
+        if free and free != total:
+            lines += f"<div class='lg-line' title='free now {gb(free)}' style='left:{100 * free / scale:.2f}%;border-color:#cf222e'></div>"
+        mark = " ◀ selected" if method == chosen else ""
+        v = _verdict_html(e, total, free)
+        rows.append(
+            f"<div style='margin:6px 0'><div style='display:flex;justify-content:space-between'>"
+            f"<span><b>{label}</b>{mark}</span><span>{gb(e.total_bytes)} {v}</span></div>"
+            f"<div style='position:relative;display:flex;height:18px;background:#eee;border-radius:3px'>{segs}{lines}</div></div>")
+    legend = " ".join(f"<span style='white-space:nowrap'><span style='display:inline-block;width:10px;height:10px;"
+                      f"background:{COLORS[c]}'></span> {c}</span>" for c in COMPONENTS)
+    line_legend = ("<span style='white-space:nowrap'>┃ GPU total</span> <span style='color:#cf222e;white-space:nowrap'>"
+                   "┃ free now</span>") if total else ""
+    style = "<style>.lg-line{position:absolute;top:-3px;bottom:-3px;border-left:2px dashed}</style>"
+    return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{''.join(rows)}"
+            f"<div style='font-size:.85em'>{legend} {line_legend}</div>{_table(ests[chosen])}</div>")
+
+
+def _verdict_html(e, total, free) -> str:
+    if not total:
+        return ""
+    v = vram.verdict(e, total, free)
+    cls = {"fits": "lg-verdict-fits", "tight": "lg-verdict-tight"}.get(v.status, "lg-verdict-no")
+    return f"<span class='{cls}'>{html.escape(v.status)}</span>"
+
+
+def _table(e) -> str:
+    cells = "".join(f"<tr><td>{c}</td><td style='text-align:right'>{gb(e.components.get(c, 0))}</td></tr>"
+                    for c in COMPONENTS)
+    return (f"<details><summary>Breakdown of the selected method</summary><table>{cells}"
+            f"<tr><td><b>total</b></td><td style='text-align:right'><b>{gb(e.total_bytes)}</b></td></tr></table></details>")
+
+
+def verdict_text(e, total, free) -> str:
+    if not total:
+        return "No GPU to check against: training will run on the CPU (slow but it works). Pick a GPU size above to plan."
+    v = vram.verdict(e, total, free)
+    return f"**{v.status}**: {v.message}" if getattr(v, "message", "") else f"**{v.status}**"
+
+
+def describe_suggestion(s) -> str:
+    changes = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in s.changes.items())
+    return f"{changes} → {gb(s.estimate.total_bytes)}"
