@@ -1,0 +1,101 @@
+"""`python -m core data PATH_OR_ID`: what the model will be trained on, before you train.
+
+Prints the detected format, the column mapping, the row count, token lengths against the cutoff and two
+rendered examples with the trained text marked. --json prints one object instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from core.errors import ConfigError
+
+
+def add_arguments(p) -> None:
+    from core.data import FORMATS
+
+    p.add_argument("source", metavar="PATH_OR_ID", help="a file, a folder, a hub id (owner/name) or builtin:demo-identity")
+    p.add_argument("--model", default="builtin:smollm2-135m", help="model whose tokenizer and chat template to use")
+    p.add_argument("--max-len", type=int, default=512, help="the cutoff in tokens (data.max_len)")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="row format; auto detects it")
+    p.add_argument("--column", action="append", default=[], metavar="ROLE=COLUMN",
+                   help="column mapping, e.g. --column prompt=question --column response=answer")
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    p.add_argument("--subset", default="", help="subset (config name) of a hub dataset")
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "all"), help="which tokens carry the loss")
+    p.add_argument("--overlong", default="truncate", choices=("truncate", "drop"), help="rows over --max-len")
+    p.add_argument("--packing", action="store_true", help="pack short rows into --max-len sequences")
+    p.add_argument("--limit", type=int, default=0, help="read only the first N rows (0 = all)")
+    p.add_argument("--examples", type=int, default=2, help="rendered examples to print")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    from core.config import RunConfig
+    from core.data import prepare, preview_text
+    from core.models import BUILTIN_ID, load_tokenizer
+
+    cfg = RunConfig()
+    cfg.model.source = args.model
+    d = cfg.data
+    d.source, d.max_len, d.format, d.columns = args.source, args.max_len, args.format, _columns(args.column)
+    d.split, d.subset, d.train_on, d.overlong = args.split, args.subset, args.train_on, args.overlong
+    d.packing, d.limit = args.packing, args.limit
+    cfg.validate()
+
+    if args.model == BUILTIN_ID and sys.stderr.isatty():
+        print(f"loading the tokenizer of {BUILTIN_ID} (the very first time converts the model: about a minute)",
+              file=sys.stderr)
+    tokenizer = load_tokenizer(args.model)
+    prepared = prepare(cfg, tokenizer, progress=_progress if sys.stderr.isatty() and not args.json else None)
+    stats = prepared.stats
+    if args.json:
+        out = {"format": stats.format, "rows": stats.rows, "columns": stats.columns, "tokens": stats.tokens(),
+               "source": stats.source, "model": args.model, "template_is_default": stats.template_is_default,
+               "train_on": stats.train_on, "train_rows": stats.train_rows, "packing": stats.packing,
+               "warnings": stats.warnings, "examples": [[[t, m] for t, m in s] for s in prepared.samples[:args.examples]]}
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print(_report(stats, args))
+    print()
+    print(f"{min(args.examples, len(prepared.samples))} rendered examples; text inside ⟦ ⟧ carries the loss, "
+          "the rest is masked:")
+    print(preview_text(prepared, args.examples))
+    return 0
+
+
+def _columns(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("data.columns", f"{item!r} should look like ROLE=COLUMN", "e.g. --column prompt=question")
+        role, col = item.split("=", 1)
+        out[role.strip()] = col.strip()
+    return out
+
+
+def _report(stats, args) -> str:
+    t = stats.tokens()
+    mapping = ", ".join(f"{role} <- {col}" for role, col in stats.columns.items())
+    template = ("default ChatML (the model has no chat template)" if stats.template_is_default
+                else "the model's own chat template")
+    share = f"{100 * t['trained'] / t['total']:.0f}%" if t["total"] else "0%"
+    lines = [
+        f"dataset   {stats.source}",
+        f"format    {stats.format}" + ("  (auto-detected; override with --format)" if args.format == "auto" else ""),
+        f"columns   {mapping}",
+        f"rows      {stats.rows:,}" + (f"  (training sequences: {stats.train_rows:,})" if stats.train_rows != stats.rows else ""),
+        f"model     {args.model}: {template}" if stats.format != "text" else f"model     {args.model}",
+        f"tokens    min {t['min']} · median {t['median']} · mean {t['mean']} · p95 {t['p95']} · max {t['max']}",
+        f"cutoff    {t['max_len']}: {t['over_max_len']:,} rows over it"
+        + (f" ({t['truncated']:,} cut, {t['dropped']:,} dropped)" if stats.format != "text" else " (text is chunked)"),
+        f"loss on   {stats.train_on}: {t['trained']:,} of {t['total']:,} tokens per epoch ({share})",
+    ]
+    lines += [f"warning   {w}" for w in stats.warnings]
+    return "\n".join(lines)
+
+
+def _progress(done: int, total: int) -> None:
+    end = "\n" if done >= total else ""
+    print(f"\rtokenising {done:,} / {total:,} rows", end=end, file=sys.stderr, flush=True)

@@ -1,0 +1,331 @@
+"""Datasets: take what the user has, and show exactly what the model will be trained on.
+
+    convs, fmt, columns = load_rows("my.jsonl")        # chat messages, the detected format, the column mapping
+    prepared = prepare(cfg, tokenizer, progress=cb)     # token ids + labels (-100 = no loss), stats, samples
+    html = preview_html(prepared)                       # trained vs masked tokens, styled
+
+Reading lives in data_read.py, formats in data_formats.py, templates/masks/token storage in data_tokenize.py.
+Rows are streamed and tokenised in batches, and kept as flat arrays, so a large file needs memory for its
+tokens, not for Python objects per row.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from core.data_formats import FORMATS, detect, normalise
+from core.data_read import BUILTIN_DATA, Where, estimate_total, iter_records
+from core.data_tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenRows, chat_template, encode,
+                                 loss_mask, pack, segments)
+from core.errors import DatasetError
+
+__all__ = ["DataStats", "Prepared", "RowReader", "FORMATS", "DEFAULT_CHAT_TEMPLATE", "chat_template", "load_rows", "prepare",
+           "preview_html", "preview_text", "demo_eval_set", "score_answer"]
+
+DEMO_ID = "builtin:demo-identity"
+_BATCH = 512        # rows per tokenizer call: big enough to amortise, small enough to stream
+_SAMPLES = 5        # rendered examples kept for previews
+
+
+@dataclass
+class DataStats:
+    rows: int                      # rows read (before dropping and splitting)
+    format: str
+    columns: dict                  # our role -> the file's column name
+    source: str
+    template_is_default: bool      # True when the model had no chat template and we used ChatML
+    lengths: list[int]             # token length of each row before cutting
+    max_len: int
+    truncated: int
+    dropped: int
+    trained_tokens: int            # tokens carrying loss, per epoch (after cutting), training split
+    total_tokens: int              # all tokens per epoch (after cutting), training split
+    eval_rows: int = 0
+    train_rows: int = 0            # sequences in Prepared.train (after packing / chunking)
+    train_on: str = "assistant"
+    packing: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def tokens(self) -> dict:
+        """Token lengths against the cutoff, for the CLI and the UI."""
+        lengths = sorted(self.lengths) or [0]
+        return {
+            "min": lengths[0], "median": int(statistics.median(lengths)), "mean": round(statistics.fmean(lengths), 1),
+            "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "max": lengths[-1],
+            "max_len": self.max_len, "over_max_len": sum(1 for n in self.lengths if n > self.max_len),
+            "truncated": self.truncated, "dropped": self.dropped,
+            "share_truncated": round(self.truncated / self.rows, 4) if self.rows else 0.0,
+            "trained": self.trained_tokens, "total": self.total_tokens,
+        }
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens": self.tokens()}
+
+
+@dataclass
+class Prepared:
+    train: Sequence[dict]          # each {"input_ids", "labels"} (+ "position_ids" when packed); lists of ints
+    eval: Sequence[dict] | None
+    stats: DataStats
+    samples: list = field(default_factory=list)  # first rows as [(text, trained)] runs, for previews
+
+
+# ---------------------------------------------------------------- reading
+
+class RowReader:
+    """Iterates (conversation, where) over a source; `format` and `columns` are known after the first row."""
+
+    def __init__(self, source: str, format: str = "auto", columns: dict | None = None, split: str = "train",
+                 subset: str = "", limit: int = 0):
+        self.source, self.want_format, self.want_columns = source, format or "auto", dict(columns or {})
+        self.split, self.subset, self.limit = split, subset, limit
+        self.format: str | None = None
+        self.columns: dict = {}
+
+    def __iter__(self) -> Iterator[tuple[list[dict], Where]]:
+        count = 0
+        for record, where in iter_records(self.source, self.split, self.subset):
+            if self.format is None:
+                self.format, self.columns = detect(record, where, self.want_format, self.want_columns)
+            conv = normalise(record, self.format, self.columns, where)
+            if not conv:
+                continue
+            yield conv, where
+            count += 1
+            if self.limit and count >= self.limit:
+                return
+
+
+def load_rows(source: str, format: str = "auto", columns: dict | None = None, split: str = "train",
+              subset: str = "", limit: int = 0) -> tuple[list[list[dict]], str, dict]:
+    """(conversations, detected format, column mapping). Raw text rows are [{"role": "text", "content": ...}]."""
+    reader = RowReader(source, format, columns, split, subset, limit)
+    rows = [conv for conv, _ in reader]
+    return rows, reader.format or "", reader.columns
+
+
+# ---------------------------------------------------------------- tokenising
+
+@dataclass
+class _Built:
+    rows: TokenRows
+    lengths: list[int]
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_no_target: int = 0
+    samples: list = field(default_factory=list)
+
+
+def _batches(reader: RowReader, size: int) -> Iterator[list[tuple[list[dict], Where]]]:
+    batch = []
+    for item in reader:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _tokenise(reader: RowReader, tokenizer, renderer: Renderer, data, progress: Callable | None) -> _Built:
+    built, chunker = _Built(TokenRows(), []), Chunker(data.max_len)
+    total = estimate_total(reader.source)
+    total = min(total, data.limit) if data.limit and total else total
+    done = 0
+    for batch in _batches(reader, _BATCH):
+        if reader.format == "text":
+            _add_text(batch, tokenizer, chunker, built, data.max_len)
+        else:
+            _add_chat(batch, tokenizer, renderer, built, data)
+        done += len(batch)
+        if progress:
+            progress(done, max(total, done))
+    if reader.format == "text":
+        built.rows = chunker.finish()
+    if progress:
+        progress(done, done)
+    return built
+
+
+def _add_chat(batch, tokenizer, renderer: Renderer, built: _Built, data) -> None:
+    if data.train_on == "all":
+        rendered = [(renderer.render(conv), []) for conv, _ in batch]
+    else:
+        rendered = [renderer.spans(conv, where) for conv, where in batch]
+    for (text, spans), enc in zip(rendered, encode(tokenizer, [t for t, _ in rendered])):
+        ids = enc.ids
+        mask = bytearray(b"\x01" * len(ids)) if data.train_on == "all" else loss_mask(enc, spans, len(ids))
+        built.lengths.append(len(ids))
+        keep = len(ids)
+        if keep > data.max_len:
+            if data.overlong == "drop":
+                built.dropped_long += 1
+                continue
+            built.truncated += 1
+            keep = data.max_len
+        if 1 not in mask[:keep]:  # the cut removed every assistant token: the row would teach nothing
+            built.dropped_no_target += 1
+            continue
+        built.rows.append(ids[:keep], mask[:keep])
+        if len(built.samples) < _SAMPLES:
+            built.samples.append(segments(text, enc.offsets, mask, keep))
+
+
+def _add_text(batch, tokenizer, chunker: Chunker, built: _Built, max_len: int) -> None:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    texts = [conv[0]["content"] for conv, _ in batch]
+    for conv, enc in zip((c for c, _ in batch), encode(tokenizer, texts)):
+        ids = enc.ids
+        if conv[0].get("eos", True) and eos is not None:
+            ids.append(eos)
+        built.lengths.append(len(ids))
+        chunker.add(ids)
+        if len(built.samples) < _SAMPLES and ids:
+            offsets = enc.offsets or [(0, 0)]
+            n = min(len(offsets), max_len)
+            built.samples.append([(conv[0]["content"][: offsets[n - 1][1]], True)])
+
+
+# ---------------------------------------------------------------- prepare: the runner's entry point
+
+def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) -> Prepared:
+    """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`."""
+    data = cfg.data
+    renderer = Renderer(tokenizer)
+    reader = RowReader(data.source, data.format, data.columns, data.split, data.subset, data.limit)
+    built = _tokenise(reader, tokenizer, renderer, data, progress)
+    _check_something_left(built, data)
+
+    train, eval_rows, warnings = built.rows, None, _warnings(built, data)
+    if data.val_source.strip():
+        val_reader = RowReader(data.val_source, data.format, data.columns, data.split, data.subset)
+        eval_rows = _tokenise(val_reader, tokenizer, renderer, data, None).rows
+        if not len(eval_rows):
+            eval_rows = None
+            warnings.append(f"no row of {data.val_source} fits max_len={data.max_len}: no evaluation data")
+    elif data.val_fraction > 0:
+        train_idx, eval_idx = _split(len(built.rows), data.val_fraction, cfg.train.seed)
+        if eval_idx:
+            train, eval_rows = built.rows.subset(train_idx), built.rows.subset(eval_idx)
+        else:
+            warnings.append("too few rows to hold any out for evaluation")
+    packed = data.packing and reader.format != "text"  # raw text is already cut into full-length blocks
+    train_seq = pack(train, data.max_len) if packed else train
+    stats = DataStats(
+        rows=len(built.lengths), format=reader.format or "", columns=reader.columns, source=data.source,
+        template_is_default=renderer.is_default and reader.format != "text", lengths=built.lengths,
+        max_len=data.max_len, truncated=built.truncated, dropped=built.dropped_long + built.dropped_no_target,
+        trained_tokens=train_seq.trained_tokens(), total_tokens=train_seq.total_tokens(),
+        eval_rows=len(eval_rows) if eval_rows is not None else 0, train_rows=len(train_seq),
+        train_on="all" if reader.format == "text" else data.train_on, packing=packed, warnings=warnings)
+    return Prepared(train=train_seq, eval=eval_rows, stats=stats, samples=built.samples)
+
+
+def _check_something_left(built: _Built, data) -> None:
+    if len(built.rows):
+        return
+    src = data.source
+    if built.dropped_long and built.dropped_long == len(built.lengths):
+        raise DatasetError(f"every row is longer than max_len={data.max_len} tokens (the shortest has "
+                           f"{min(built.lengths)}), so nothing is left to train on",
+                           f"raise data.max_len to at least {min(built.lengths)}, or set data.overlong=truncate",
+                           file=src)
+    if built.dropped_no_target:
+        raise DatasetError(f"after cutting rows to max_len={data.max_len} tokens, no row has any assistant tokens "
+                           "left to train on", "raise data.max_len, or shorten the prompts", file=src)
+    raise DatasetError("no rows to train on", "check the file and data.limit", file=src)
+
+
+def _warnings(built: _Built, data) -> list[str]:
+    out = []
+    if built.truncated:
+        out.append(f"{built.truncated} rows are longer than {data.max_len} tokens and were cut")
+    if built.dropped_long:
+        out.append(f"{built.dropped_long} rows are longer than {data.max_len} tokens and were dropped")
+    if built.dropped_no_target:
+        out.append(f"{built.dropped_no_target} rows had no assistant tokens left within {data.max_len} tokens "
+                   "and were dropped")
+    return out
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random hold-out of round(n * fraction) rows (at least 1, never all)."""
+    k = min(max(1, round(n * fraction)), n - 1) if fraction > 0 else 0
+    if k <= 0:
+        return list(range(n)), []
+    held = set(random.Random(seed).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+# ---------------------------------------------------------------- previews
+
+_TRAINED_STYLE = "background:#c6f6c6;color:#0b3d0b;border-radius:2px"
+_MASKED_STYLE = "color:#8a8a8a"
+
+
+def _samples(obj) -> list:
+    """Preview runs from a Prepared, a list of runs, or raw conversations (from load_rows, before any
+    tokenizer is chosen: then the assistant turns are marked as trained, without the template around them)."""
+    items = obj.samples if isinstance(obj, Prepared) else list(obj or [])
+    return [_conversation_runs(item) if item and isinstance(item[0], dict) else item for item in items]
+
+
+def _conversation_runs(conv: list[dict]) -> list[tuple[str, bool]]:
+    runs = []
+    for m in conv:
+        trained = m["role"] in ("assistant", "text")
+        runs += [(f"{m['role']}: ", False), (m["content"], trained), ("\n", False)]
+    return runs
+
+
+def preview_html(prepared_or_samples, n: int = 3) -> str:
+    """The first n rows as the model sees them: trained tokens highlighted, masked ones greyed out."""
+    parts = ['<div class="lg-preview">',
+             f'<div class="lg-legend"><span class="lg-trained" style="{_TRAINED_STYLE}">trained (loss)</span> '
+             f'<span class="lg-masked" style="{_MASKED_STYLE}">masked (no loss)</span></div>']
+    for i, runs in enumerate(_samples(prepared_or_samples)[:n], 1):
+        body = "".join(
+            f'<span class="{"lg-trained" if trained else "lg-masked"}" '
+            f'style="{_TRAINED_STYLE if trained else _MASKED_STYLE}">{html.escape(text)}</span>'
+            for text, trained in runs)
+        parts.append(f'<div class="lg-example"><div class="lg-example-title">example {i}</div>'
+                     f'<pre style="white-space:pre-wrap;word-break:break-word">{body}</pre></div>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def preview_text(prepared_or_samples, n: int = 2) -> str:
+    """Plain-text preview for the CLI: trained text inside ⟦ ⟧, everything else is masked."""
+    out = []
+    for i, runs in enumerate(_samples(prepared_or_samples)[:n], 1):
+        body = "".join(f"⟦{text}⟧" if trained else text for text, trained in runs)
+        out.append(f"--- example {i} ---\n{body}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the built-in demo's eval set
+
+def demo_eval_set(source: str) -> list[dict] | None:
+    """Held-out prompts for builtin:demo-identity: [{"messages": [...], "expected": str}]; None for others."""
+    if (source or "").strip() != DEMO_ID:
+        return None
+    lines = (BUILTIN_DATA / "demo_identity_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", (text or "").lower()).split())
+
+
+def score_answer(source: str, answer: str, expected: str) -> bool:
+    """Does the answer contain the expected text (case, punctuation and spacing ignored)? `expected` may
+    list alternatives separated by |."""
+    said = f" {_norm(answer)} "
+    return any(f" {_norm(alt)} " in said for alt in (expected or "").split("|") if _norm(alt))
