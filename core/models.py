@@ -88,6 +88,8 @@ def read_config(source: str) -> dict:
         if not (p / "config.json").exists():
             raise ModelError(f"{source} has no config.json", "point at the folder that save_pretrained wrote")
         return json.loads((p / "config.json").read_text())
+    if source.startswith(("/", ".", "~")):
+        raise ModelError(f"model folder not found: {source}", "give a folder that holds config.json")
     from huggingface_hub import hf_hub_download
 
     try:

@@ -171,7 +171,10 @@ def build() -> ChatTab:
 
     gen = [system, max_new, temperature, top_p, rep, seed]
     run_dd.change(on_run, run_dd, [ck_a, ck_b, examples])
-    examples.select(lambda e: e.value, None, prompt)
+    def _pick(evt: gr.SelectData):
+        return evt.value
+
+    examples.select(_pick, None, prompt)
     inputs = [prompt, left, right, run_dd, ck_a, ck_b, mode] + gen
     send_btn.click(send, inputs, [prompt, left, right])
     prompt.submit(send, inputs, [prompt, left, right])

@@ -32,11 +32,12 @@ class RunView:
     chat_btn: gr.Button
     resume_btn: gr.Button
     cache: gr.State
+    charts: gr.Column
 
     @property
     def outputs(self) -> list:
         return [self.status, self.progress, self.loss, self.lr, self.grad, self.tps, self.mem, self.log,
-                self.samples, self.chat_btn, self.resume_btn, self.cache]
+                self.samples, self.chat_btn, self.resume_btn, self.cache, self.charts]
 
 
 def _plot(title: str, y_title: str, height: int = 220) -> gr.LinePlot:
@@ -50,17 +51,19 @@ def build() -> RunView:
     with gr.Row():
         chat_btn = gr.Button("Chat with this adapter", visible=False, variant="primary")
         resume_btn = gr.Button("Resume", visible=False)
-    loss = _plot("Loss", "loss", 260)
-    with gr.Row():
-        lr = _plot("Learning rate", "lr", 180)
-        grad = _plot("Grad norm", "norm", 180)
-    with gr.Row():
-        tps = _plot("Tokens / s (non-padding)", "tokens/s", 180)
-        mem = _plot("Memory vs estimate (GB)", "GB", 180)
-    with gr.Accordion("train.log (tail)", open=False):
-        log = gr.Code(language=None, lines=12, max_lines=20, label="train.log")
-    samples = gr.Markdown()
-    return RunView(status, progress, loss, lr, grad, tps, mem, log, samples, chat_btn, resume_btn, gr.State({}))
+    with gr.Column(visible=False) as charts:  # shown once a run is attached: empty charts say nothing
+        loss = _plot("Loss", "loss", 260)
+        with gr.Row():
+            lr = _plot("Learning rate", "lr", 180)
+            grad = _plot("Grad norm", "norm", 180)
+        with gr.Row():
+            tps = _plot("Tokens / s (non-padding)", "tokens/s", 180)
+            mem = _plot("Memory vs estimate (GB)", "GB", 180)
+        with gr.Accordion("train.log (tail)", open=False):
+            log = gr.Code(language=None, lines=12, max_lines=20, label="train.log")
+        samples = gr.Markdown()
+    return RunView(status, progress, loss, lr, grad, tps, mem, log, samples, chat_btn, resume_btn, gr.State({}),
+                   charts)
 
 
 def refresh(run_id: str | None, cache: dict) -> tuple:
@@ -93,6 +96,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
         gr.update(visible=state in ("stopped", "failed")),
         cache,
+        gr.update(visible=True),
     )
     return values + (not done,)
 
@@ -100,7 +104,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
 def _blank(cache) -> tuple:
     empty = plots._frame([])
     return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, "", "",
-            gr.update(visible=False), gr.update(visible=False), cache or {})
+            gr.update(visible=False), gr.update(visible=False), cache or {}, gr.update(visible=False))
 
 
 def status_md(run_id: str, status: dict) -> str:

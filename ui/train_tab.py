@@ -94,7 +94,7 @@ def inspect_dataset(names: list[str], values: list):
         tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
         prepared = data.prepare(cfg, tok)
     except GarageError as e:
-        return f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", _empty_hist(), ""
+        return f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", gr.update(visible=False), ""
     s = prepared.stats
     cols = ", ".join(f"{k} ← `{v}`" for k, v in s.columns.items()) or "—"
     over = s.truncated + s.dropped
@@ -103,7 +103,7 @@ def inspect_dataset(names: list[str], values: list):
           f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
           f"({s.truncated} truncated, {s.dropped} dropped) · {s.trained_tokens:,} trained tokens per epoch "
           f"of {s.total_tokens:,}{template}")
-    return md, histogram(s.lengths, s.max_len), data.preview_html(prepared, n=3)
+    return md, gr.update(value=histogram(s.lengths, s.max_len), visible=True), data.preview_html(prepared, n=3)
 
 
 def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
@@ -126,12 +126,30 @@ def _empty_hist() -> pd.DataFrame:
 
 # ---------------------------------------------------------------- handlers: presets and VRAM
 
+def preset_md(name: str) -> str:
+    """A preset's header comment as Markdown: who it is for in bold, the launch command as code, prose re-flowed."""
+    lines = presets.header(name).splitlines()
+    if not lines:
+        return ""
+    paragraphs, current = [f"**{html.escape(lines[0])}**"], []
+    for line in lines[1:] + [""]:
+        if line.startswith("python -m core") or not line.strip():
+            if current:
+                paragraphs.append(html.escape(" ".join(current)))
+                current = []
+            if line.strip():
+                paragraphs.append(f"`{line}`")
+        else:
+            current.append(line.strip())
+    return "\n\n".join(paragraphs)
+
+
 def apply_preset(name: str, names: list[str], values: list):
     try:
         cfg = presets.apply(name, train_form.to_config(names, values))
     except GarageError as e:
         raise gr.Error(str(e))
-    return [presets.header(name)] + train_form.values_of(names, cfg)
+    return [preset_md(name)] + train_form.values_of(names, cfg)
 
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:
@@ -157,7 +175,8 @@ def vram_update(target: str, names: list[str], values: list):
     verdict = vram_panel.verdict_text(ests[chosen], total, free)
     suggestions = []
     if total and vram.verdict(ests[chosen], total, free).status != "fits":
-        suggestions = vram.suggest(shape, vram.settings_from_config(cfg), free or total)[:N_SUGGESTIONS]
+        suggestions = [x for x in vram.suggest(shape, vram.settings_from_config(cfg), free or total) if x.changes]
+        suggestions = suggestions[:N_SUGGESTIONS]
         if not suggestions:
             verdict += "  \nNothing we can change makes this model fit this GPU: pick a smaller model."
     gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
@@ -253,7 +272,7 @@ def build() -> TrainTab:
                 subset = gr.Textbox(defaults.data.subset, label="subset", info=C.field_help("data.subset"))
             inspect_btn = gr.Button("Inspect dataset", size="sm")
             data_md = gr.Markdown()
-            hist = gr.BarPlot(_empty_hist(), x="tokens", y="rows", color="length", sort=None,
+            hist = gr.BarPlot(visible=False, value=_empty_hist(), x="tokens", y="rows", color="length", sort=None,
                               title="Token length per row against the cutoff", height=220,
                               color_map={"fits": "#4e79a7", "over the cutoff": "#e15759"})
             with gr.Accordion("Preview: exactly what the model sees (green = trained, grey = masked)", open=False):
@@ -264,7 +283,7 @@ def build() -> TrainTab:
                                         info="Settings by GPU size; every setting below stays editable", scale=2)
                 preset_name = gr.Textbox(label="Save current settings as", placeholder="my-setup", scale=2)
                 save_btn = gr.Button("Save preset", size="sm", scale=1)
-            preset_md = gr.Markdown(presets.header(presets.DEFAULT_PRESET))
+            preset_text = gr.Markdown(preset_md(presets.DEFAULT_PRESET))
             save_md = gr.Markdown()
             leading = [("model.source", model_dd), ("data.source", data_tb), ("data.format", fmt),
                        ("data.columns", cols), ("data.split", split), ("data.subset", subset)]
@@ -290,7 +309,7 @@ def build() -> TrainTab:
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
     inspect_btn.click(lambda *v: inspect_dataset(names, list(v)), widgets, [data_md, hist, preview])
-    preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_md] + widgets)
+    preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_text] + widgets)
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 
     # --- wiring: VRAM panel on every settings change (no queue: it is arithmetic)

@@ -26,8 +26,8 @@ def estimates(cfg, shape) -> dict:
 def gpu_budget(target: str, reading=None) -> tuple[int | None, int | None, str]:
     """(total, free, label) of the detected GPU or a chosen size like '8 GB'."""
     if target and target != "detected":
-        total = int(float(target.split()[0]) * 2**30)
-        return total, total, f"a {target} GPU"
+        total = vram.card_bytes(float(target.split()[0]))
+        return total, total, f"a {target} GPU (usable {gb(total)} after the driver's share)"
     reading = reading or hardware.read()
     if reading.gpus:
         g = reading.gpus[0]
@@ -86,5 +86,7 @@ def verdict_text(e, total, free) -> str:
 
 
 def describe_suggestion(s) -> str:
+    if getattr(s, "summary", ""):
+        return f"{s.summary} → {gb(s.estimate.total_bytes)}"
     changes = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in s.changes.items())
     return f"{changes} → {gb(s.estimate.total_bytes)}"

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+
+from core import config as C
+from core import presets
+from ui import plots, runs_tab, train_form, train_tab
+
+
+def _m(step, loss, **kw):
+    return {"type": "metrics", "step": step, "loss": loss, **kw}
+
+
+def test_loss_frame_has_raw_smoothed_and_eval():
+    events = [_m(1, 4.0), _m(2, 2.0), {"type": "eval", "step": 2, "eval_loss": 2.5}, _m(3, float("nan"))]
+    df = plots.loss_frame(events)
+    assert set(df.series) == {"loss", "smoothed", "eval loss"}
+    assert list(df[df.series == "loss"].value) == [4.0, 2.0]  # NaN is not drawn
+    assert df[df.series == "smoothed"].value.iloc[-1] == pytest.approx(0.8 * 4.0 + 0.2 * 2.0)
+
+
+def test_resume_supersedes_steps_after_the_checkpoint():
+    events = [_m(1, 3.0), _m(2, 2.0), _m(3, 1.5), {"type": "resume", "step": 2}, _m(3, 1.4)]
+    df = plots.loss_frame(events)
+    assert list(df[df.series == "loss"].step) == [1, 2, 3]
+    assert list(df[df.series == "loss"].value) == [3.0, 2.0, 1.4]
+
+
+def test_memory_frame_draws_the_estimate_line():
+    events = [_m(1, 1.0, mem={"rss": 2**30}), _m(5, 1.0, mem={"rss": 2 * 2**30})]
+    df = plots.memory_frame(events, estimate_bytes=3 * 2**30)
+    assert list(df[df.series == "estimate"].value) == [3.0, 3.0]
+    assert list(df[df.series == "process RSS (CPU)"].value) == [1.0, 2.0]
+
+
+def test_overlay_has_one_series_per_run():
+    df = plots.overlay_frame({"a": [_m(1, 2.0)], "b": [_m(1, 3.0), _m(2, 1.0)]})
+    assert set(df.series) == {"a", "b"} and len(df) == 3
+
+
+def test_form_round_trip_through_values():
+    cfg = C.apply_overrides(presets.load("gpu-8gb-qlora"), ["data.columns={prompt: q, response: a}"])
+    names = ["model.source", "data.source", "data.columns"] + [n for g in train_form.GROUPS.values() for n, _ in g]
+    values = train_form.values_of(names, cfg)
+    again = train_form.to_config(names, values)
+    for n in names:
+        section, key = n.split(".")
+        assert getattr(getattr(again, section), key) == getattr(getattr(cfg, section), key), n
+
+
+def test_form_numbers_from_the_browser_become_ints():
+    cfg = train_form.to_config(["lora.r", "train.lr"], [16.0, 0.001])
+    assert cfg.lora.r == 16 and isinstance(cfg.lora.r, int)
+
+
+def test_empty_number_names_the_field():
+    with pytest.raises(C.ConfigError) as e:
+        train_form.to_config(["train.batch_size"], [None])
+    assert e.value.field == "train.batch_size"
+
+
+def test_bad_column_mapping_names_the_field():
+    with pytest.raises(C.ConfigError) as e:
+        train_form.to_config(["data.columns"], ["[1, 2]"])
+    assert e.value.field == "data.columns"
+
+
+def test_histogram_splits_at_the_cutoff():
+    df = train_tab.histogram([10, 20, 300, 400], cutoff=256)
+    assert df[df.length == "over the cutoff"].rows.sum() == 2
+    assert df[df.length == "fits"].rows.sum() == 2
+
+
+def test_cli_command_repeats_the_settings():
+    cfg = C.apply_overrides(C.RunConfig(), ["lora.r=32", "train.lr=1e-4"])
+    cmd = runs_tab.cli_command(cfg)
+    assert cmd.startswith("python -m core train") and "--set lora.r=32" in cmd and "train.lr=0.0001" in cmd
+    again = C.apply_overrides(C.RunConfig(), [s.split(" ", 1)[1] for s in cmd.split(" --set")[1:]])
+    assert again.lora.r == 32 and math.isclose(again.train.lr, 1e-4)

@@ -1,0 +1,125 @@
+"""Handler-level tests: the functions behind each Train page control, called directly (no browser)."""
+
+import json
+
+import gradio as gr
+import pytest
+
+from core import config as C
+from core import presets, runner
+from ui import train_form, train_tab
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def _form(cfg: C.RunConfig):
+    names = ["model.source", "data.source", "data.format", "data.columns"] + [
+        n for g in train_form.GROUPS.values() for n, _ in g]
+    return names, train_form.values_of(names, cfg)
+
+
+@pytest.fixture
+def llama8b(tmp_path):
+    d = tmp_path / "llama-8b-config-only"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA_8B))
+    return str(d)
+
+
+def test_start_validates_first_and_names_the_field():
+    names, values = _form(C.apply_overrides(presets.load("cpu-demo"), ["lora.r=0"]))
+    with pytest.raises(gr.Error, match="lora.r"):
+        train_tab.start(names, values)
+
+
+def test_second_start_is_refused_server_side_naming_the_running_run():
+    fd = runner.acquire_lock("someone-elses-run")
+    try:
+        names, values = _form(presets.load("cpu-demo"))
+        with pytest.raises(gr.Error, match="busy: run someone-elses-run is training"):
+            train_tab.start(names, values)
+    finally:
+        import os
+
+        os.close(fd)
+
+
+def test_vram_panel_shows_three_methods_and_a_verdict():
+    names, values = _form(presets.load("cpu-demo"))
+    panel, verdict, suggestions, eta = train_tab.vram_update("8 GB", names, values)
+    for label in ("Full fine-tune", "LoRA (16-bit base)", "QLoRA (4-bit base)"):
+        assert label in panel
+    assert "fits" in verdict and suggestions == []
+    assert "ETA" in eta and "40 steps" in eta
+
+
+def test_vram_panel_grows_with_batch_size():
+    cfg = presets.load("cpu-demo")
+    small = train_tab.vram_update("8 GB", *_form(cfg))[0]
+    big = train_tab.vram_update("8 GB", *_form(C.apply_overrides(cfg, ["train.batch_size=32"])))[0]
+    assert small != big
+
+
+def test_make_it_fit_suggestions_apply_to_the_form(llama8b):
+    cfg = C.apply_overrides(presets.load("gpu-24gb-lora"), [f"model.source={llama8b}"])
+    names, values = _form(cfg)
+    _, verdict, suggestions, _ = train_tab.vram_update("12 GB", names, values)
+    assert "does not fit" in verdict
+    assert suggestions, "an 8B model fits 12 GB with QLoRA + checkpointing + batch 1"
+    new_values = train_tab.apply_suggestion(0, suggestions, names, values)
+    applied = train_form.to_config(names, new_values)
+    for dotted, value in suggestions[0].changes.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(applied, section), key) == value
+    _, verdict_after, _, _ = train_tab.vram_update("12 GB", names, new_values)
+    assert "does not fit" not in verdict_after
+    assert len(train_tab.suggestion_buttons(suggestions)) == train_tab.N_SUGGESTIONS
+
+
+def test_model_info_for_config_only_and_missing_model(llama8b, tmp_path):
+    assert "LlamaForCausalLM" in train_tab.model_info_md(llama8b)
+    assert "8,030 M parameters" in train_tab.model_info_md(llama8b)
+    msg = train_tab.model_info_md(str(tmp_path / "nope"))
+    assert "Fix" in msg and "not found" in msg
+
+
+def test_inspect_dataset_good_and_bad(tiny_model_dir, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(5)))
+    cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={good}"])
+    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
+    assert "5 rows" in md and "alpaca" in md
+    assert hist["visible"] is True and hist["value"]["rows"].sum() == 5
+    assert "lg-" in preview or "<span" in preview
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    cfg = C.apply_overrides(cfg, [f"data.source={bad}"])
+    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
+    assert "bad.jsonl" in md and "line 2" in md and "Fix" in md and "Traceback" not in md
+
+
+def test_presets_apply_and_save(garage_home):
+    names, values = _form(presets.load("cpu-demo"))
+    out = train_tab.apply_preset("gpu-8gb-qlora", names, values)
+    header, new_values = out[0], out[1:]
+    assert "gpu-8gb-qlora" in header
+    cfg = train_form.to_config(names, new_values)
+    assert cfg.quant.method == "qlora" and cfg.model.source == "builtin:smollm2-135m"
+    assert "Saved" in train_tab.save_preset("mine", names, new_values)
+    assert presets.load("mine").quant.method == "qlora"
+    assert "❌" in train_tab.save_preset("../evil", names, new_values)
+
+
+def test_upload_is_kept_in_the_home(tmp_path, garage_home):
+    f = tmp_path / "up.csv"
+    f.write_text("prompt,completion\na,b\n")
+    kept = train_tab.keep_upload(str(f))
+    assert kept.startswith(str(garage_home)) and open(kept).read() == f.read_text()
+
+
+def test_stop_without_a_run_and_attach_with_none():
+    assert train_tab.stop(None) == "No run to stop."
+    assert train_tab.attach() is None
