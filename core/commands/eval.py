@@ -1,0 +1,34 @@
+"""`python -m core eval RUN`: base model vs adapter on the run's held-out prompts (accuracy where the dataset has
+a checker, else perplexity on the eval split)."""
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help='run id, or "latest" for the most recent completed run')
+    p.add_argument("--checkpoint", type=int, default=None, metavar="N", help="score checkpoint-N instead of the final adapter")
+    p.add_argument("--quant", choices=["4bit"], default=None, help="load the base in 4-bit (less VRAM)")
+    p.add_argument("--limit", type=int, default=200, metavar="N", help="score at most N examples (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer length for checked prompts")
+    p.add_argument("--json", action="store_true", help='print {"base", "adapter", "n", "metric"} as JSON')
+    p.add_argument("--rows", action="store_true", help="also print each prompt with both answers")
+
+
+def run(args) -> int:
+    from core.chat import evaluate
+
+    r = evaluate(args.run, args.checkpoint, quant=args.quant, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.json:
+        print(json.dumps({"base": r["base"], "adapter": r["adapter"], "n": r["n"], "metric": r["metric"]}))
+        return 0
+    better = "higher" if r["higher_is_better"] else "lower"
+    print(f"{r['metric']} on {r['n']} {r['split']} examples ({better} is better)")
+    fmt = "{:.1%}" if r["metric"] == "accuracy" else "{:.3f}"
+    print(f"  base:    {fmt.format(r['base'])}")
+    print(f"  adapter: {fmt.format(r['adapter'])}")
+    if args.rows and r["metric"] == "accuracy":
+        for row in r["rows"]:
+            print(f"\n? {row['prompt']}\n  expected: {row['expected']}")
+            print(f"  base    [{'ok' if row['base_ok'] else '--'}]: {row['base']!r}")
+            print(f"  adapter [{'ok' if row['adapter_ok'] else '--'}]: {row['adapter']!r}")
+    return 0

@@ -1,0 +1,108 @@
+"""Export a run's adapter: merged into its base as a normal safetensors model folder, or the adapter alone as a zip.
+
+Merging happens on the CPU in the base's own dtype (peft does the B@A product in fp32 for 16-bit weights), so it
+never competes with a training run for the GPU. A QLoRA run trained against the 4-bit base, but 4-bit weights cannot
+be merged into exactly; we merge into the 16-bit base, which is what everyone does, and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from core import models
+from core.errors import DiskFull, GarageError
+
+EXPORT_INFO = "lora_garage_export.json"
+
+
+def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
+          log: Callable[[str], None] | None = None) -> Path:
+    """Write base + adapter merged into `out_dir` (must be new or empty). Loads with AutoModelForCausalLM."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core import chat, runs
+
+    log = log or (lambda msg: None)
+    run_dir = chat.resolve_run(run_id)
+    cfg = runs.load_config(run_dir)
+    adapter_dir = runs.adapter_path(run_dir, checkpoint)
+    out = _fresh_target(Path(out_dir))
+    base_path = models.resolve(cfg.model.source)
+    models.check_safetensors(base_path)
+    size = sum(f.stat().st_size for f in base_path.glob("*.safetensors"))
+    _check_space(out.parent, size)
+
+    notes = []
+    if cfg.quant.method in ("qlora", "8bit"):
+        notes.append(f"this run trained on a {'4' if cfg.quant.method == 'qlora' else '8'}-bit base; the adapter is "
+                     "merged into the 16-bit base weights (quantized weights cannot be merged exactly), so answers "
+                     "can differ slightly from chat with the quantized base")
+    for n in notes:
+        log(f"note: {n}")
+    log(f"loading {cfg.model.source} on the CPU")
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype="auto", use_safetensors=True,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    chat.check_adapter(base, adapter_dir, loaded_source=cfg.model.source, trained_on=cfg.model.source)
+    log(f"merging {adapter_dir}")
+    with torch.no_grad():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
+    tok = models.load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    chat.ensure_chat_template(tok)   # the exported model chats with the template the run trained with
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / EXPORT_INFO).write_text(json.dumps({
+        "run": run_dir.name, "checkpoint": checkpoint, "base_model": cfg.model.source, "adapter": str(adapter_dir),
+        "quant_method": cfg.quant.method, "dtype": str(merged.dtype).replace("torch.", ""), "notes": notes}, indent=2))
+    if out.exists():
+        out.rmdir()   # _fresh_target allowed only an empty folder
+    os.replace(tmp, out)
+    log(f"merged model written to {out}")
+    return out
+
+
+def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None, overwrite: bool = False) -> Path:
+    """The adapter folder (plus the run's config.yaml as lora_garage_run.yaml) as a zip. Small: MBs, not GBs."""
+    from core import chat, runs
+
+    run_dir = chat.resolve_run(run_id)
+    adapter_dir = runs.adapter_path(run_dir, checkpoint)
+    out = Path(out_zip).expanduser()
+    if out.suffix.lower() != ".zip":
+        raise GarageError(f"{out} does not end in .zip", "name the file like my-adapter.zip")
+    if out.exists() and not overwrite:
+        raise GarageError(f"{out} already exists", "pick another file name, or delete the old one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(adapter_dir.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(adapter_dir).as_posix())
+        if (run_dir / "config.yaml").exists():
+            z.write(run_dir / "config.yaml", "lora_garage_run.yaml")
+    os.replace(tmp, out)
+    return out
+
+
+def _fresh_target(out: Path) -> Path:
+    out = out.expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GarageError(f"{out} already exists and is not an empty folder", "pick a new folder name for the export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.1 + 50_000_000:
+        raise DiskFull(f"the merged model needs about {needed / 1e9:.1f} GB, {folder} has {free / 1e9:.1f} GB free",
+                       "free some disk space or export to another drive")

@@ -1,0 +1,248 @@
+"""Chat with an adapter on the tiny model: adapter on/off, streaming, stop, switching, refusal, compare, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import BusyError, ConfigError, GarageError, ModelError
+
+MSGS = [{"role": "user", "content": "What is your name?"}]
+GREEDY = {"max_new_tokens": 12, "temperature": 0}
+
+
+def make_run(home: Path, source: Path, run_id: str = "r1", seed: int = 1, checkpoints: dict | None = None,
+             dora: bool = False, quant: str = "lora", data: dict | None = None, model=None) -> Path:
+    """A finished run folder as the runner leaves it: config.yaml, status.json, adapter/ (random non-zero LoRA B,
+    so the adapter really changes the output), and checkpoints/checkpoint-N/ ({N: marked})."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from core.config import RunConfig, save_yaml
+
+    run = home / "runs" / run_id
+    run.mkdir(parents=True)
+    torch.manual_seed(seed)
+    base = model if model is not None else AutoModelForCausalLM.from_pretrained(source)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, use_dora=dora))
+    peft_model.save_pretrained(run / "adapter")
+    for step, marked in (checkpoints or {}).items():
+        ck = run / "checkpoints" / f"checkpoint-{step}"
+        peft_model.save_pretrained(ck)
+        if marked:
+            (ck / "COMPLETE").write_text("")
+    cfg = RunConfig()
+    cfg.model.source = str(source)
+    cfg.quant.method = quant
+    for key, value in (data or {}).items():
+        setattr(cfg.data, key, value)
+    save_yaml(cfg, run / "config.yaml")
+    (run / "status.json").write_text(json.dumps({
+        "state": "completed", "pid": None, "started_at": "2025-01-01T00:00:00", "ended_at": "2025-01-01T00:01:00",
+        "step": 10, "total_steps": 10, "error": None}))
+    return run
+
+
+@pytest.fixture
+def session():
+    from core.chat import ChatSession
+
+    return ChatSession(device="cpu")
+
+
+def _logits(session, adapter):
+    """Next-token logits for MSGS through the session's model: with `adapter`, or with adapters disabled (None)."""
+    import torch
+
+    from core.chat import GenSettings
+
+    ids = torch.tensor([session.encode(MSGS, GenSettings(**GREEDY))])
+    with torch.no_grad():
+        if adapter is None:
+            with session.model.disable_adapter():
+                return session.model(input_ids=ids).logits
+        session.model.set_adapter(adapter)
+        return session.model(input_ids=ids).logits
+
+
+def _last(gen):
+    out = None
+    for out in gen:
+        pass
+    return out
+
+
+def test_adapter_changes_logits_and_disabling_gives_the_base(session, garage_home, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.chat import GenSettings
+
+    make_run(garage_home, tiny_model_dir)
+    name = session.load_run("r1")
+    on, off = _logits(session, name), _logits(session, None)
+    assert (on - off).abs().max() > 1e-3
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([session.encode(MSGS, GenSettings(**GREEDY))])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, off, atol=1e-6)
+
+
+def test_stream_is_incremental_and_stop_ends_it_early(session, garage_home, tiny_model_dir):
+    make_run(garage_home, tiny_model_dir)
+    name = session.load_run("r1")
+    chunks = list(session.stream(MSGS, {"max_new_tokens": 24, "temperature": 0}, adapter=name))
+    assert len(chunks) > 1 and chunks[-1] and len(chunks[-1]) > len(chunks[0])
+    assert session.last_stats["new_tokens"][0] > 1 and session.last_stats["ttft_s"] is not None
+
+    stopped = []
+    for text in session.stream(MSGS, {"max_new_tokens": 500, "temperature": 1.0, "seed": 0}, adapter=name):
+        stopped.append(text)
+        session.stop()   # what the UI's Stop button does, here after the first token
+    assert session.last_stats["new_tokens"][0] < 20
+
+    # a consumer that walks away (Gradio cancel) stops the worker and frees the session at once
+    gen = session.stream(MSGS, {"max_new_tokens": 500}, adapter=name)
+    next(gen)
+    gen.close()
+    assert _last(session.stream(MSGS, GREEDY, adapter=name)) is not None
+
+
+def test_a_failing_generation_raises_in_the_consumer(session, garage_home, tiny_model_dir, monkeypatch):
+    make_run(garage_home, tiny_model_dir)
+    name = session.load_run("r1")
+
+    def boom(**kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(session.model, "generate", boom)
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        list(session.stream(MSGS, GREEDY, adapter=name))
+
+
+def test_two_adapters_and_a_checkpoint_switch_without_reloading_the_base(session, garage_home, tiny_model_dir):
+    import torch
+
+    make_run(garage_home, tiny_model_dir, "r1", seed=1, checkpoints={5: True, 10: False})
+    make_run(garage_home, tiny_model_dir, "r2", seed=2)
+    a = session.load_run("r1")
+    base = session.base
+    first = _logits(session, a)
+    b = session.load_run("r2")
+    c = session.load_run("r1", checkpoint=5)
+    assert session.base is base and session.info()["adapters"] == [a, b, c] == ["r1", "r2", "r1-step5"]
+    assert (_logits(session, b) - first).abs().max() > 1e-3
+    assert torch.equal(_logits(session, a), first)   # switching back is exact: nothing was merged or reloaded
+    with pytest.raises(GarageError):
+        session.load_run("r1", checkpoint=10)        # not marked COMPLETE
+    # the run is resumed and saves a new final adapter: loading it again picks up the new weights
+    import shutil
+
+    shutil.rmtree(garage_home / "runs" / "r1")
+    make_run(garage_home, tiny_model_dir, "r1", seed=3)
+    assert session.load_run("r1") == a and session.base is base
+    assert (_logits(session, a) - first).abs().max() > 1e-3
+
+
+def test_an_adapter_for_another_base_is_refused(session, garage_home, tiny_model_dir, tiny_model_dir_llama3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core import runs
+
+    make_run(garage_home, tiny_model_dir, "r1")
+    other = make_run(garage_home, tiny_model_dir_llama3, "other")
+    session.load_run("r1")
+    with pytest.raises(ModelError, match="trained on"):
+        session.attach(runs.adapter_path(other), "other", trained_on=str(tiny_model_dir_llama3))
+    # same claimed base, different shape (hidden 32 instead of 64): caught by the layer shapes
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    liar = make_run(garage_home, tiny_model_dir, "liar", model=small)
+    with pytest.raises(ModelError, match="expects size"):
+        session.attach(runs.adapter_path(liar), "liar", trained_on=str(tiny_model_dir))
+    assert session.info()["adapters"] == ["r1"]
+    # loading the run itself brings its own base instead
+    session.load_run("other")
+    assert session.source == str(tiny_model_dir_llama3) and session.info()["adapters"] == ["other"]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_compare_gives_the_base_and_the_adapter_answer(session, garage_home, tiny_model_dir, dora):
+    make_run(garage_home, tiny_model_dir, dora=dora)
+    name = session.load_run("r1")
+    pairs = list(session.compare(MSGS, GREEDY, adapter=name))
+    assert len(pairs) > 1
+    base, adapted = pairs[-1]
+    # batched (LoRA) or one after the other (DoRA): the same answers as asking each alone
+    assert base == _last(session.stream(MSGS, GREEDY, adapter=None))
+    assert adapted == _last(session.stream(MSGS, GREEDY, adapter=name))
+    assert base != adapted
+
+
+def test_limits_give_messages_not_crashes(session, garage_home, tiny_model_dir, monkeypatch):
+    make_run(garage_home, tiny_model_dir)
+    name = session.load_run("r1")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        list(session.stream(MSGS, {"max_new_tokens": 5000}, adapter=name))
+    with pytest.raises(GarageError, match="more than this model can take"):   # the tiny model's context is 512 tokens
+        list(session.stream([{"role": "user", "content": "word " * 600}], GREEDY, adapter=name))
+    with pytest.raises(GarageError, match="user message"):
+        list(session.stream([{"role": "assistant", "content": "hi"}], GREEDY))
+    import core.runner
+
+    monkeypatch.setattr(core.runner, "running", lambda: "r9")
+    monkeypatch.setattr(session, "device", "cuda")   # CPU chat is allowed during training, GPU chat is not
+    with pytest.raises(BusyError, match="r9"):
+        list(session.stream(MSGS, GREEDY, adapter=name))
+
+
+def test_4bit_chat_on_cpu(session, garage_home, tiny_model_dir):
+    make_run(garage_home, tiny_model_dir, quant="qlora")
+    name = session.load_run("r1", quant="4bit")
+    assert "4bit" in type(session.base.model.layers[0].self_attn.q_proj.base_layer).__name__.lower()
+    assert _last(session.stream(MSGS, {"max_new_tokens": 4, "temperature": 0}, adapter=name)) is not None
+
+
+def test_evaluate_scores_base_and_adapter(garage_home, tiny_model_dir):
+    from core.chat import evaluate
+
+    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    r = evaluate("r1", max_new_tokens=8, limit=3)
+    assert r["metric"] == "accuracy" and r["n"] == 3 and 0 <= r["base"] <= 1 and 0 <= r["adapter"] <= 1
+    assert {"prompt", "expected", "base", "adapter", "base_ok", "adapter_ok"} <= set(r["rows"][0])
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i}?"},
+                          {"role": "assistant", "content": f"answer {i}."}]} for i in range(8)]
+    data = garage_home / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    make_run(garage_home, tiny_model_dir, "ppl", data={"source": str(data), "val_fraction": 0.25})
+    r = evaluate("ppl")
+    assert r["metric"] == "perplexity" and r["split"] == "eval" and r["n"] == 2
+    assert r["base"] > 1 and r["adapter"] > 1 and r["base"] != r["adapter"]
+
+
+def test_cli_one_shot_prompt_with_compare(garage_home, tiny_model_dir):
+    make_run(garage_home, tiny_model_dir)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "core", "chat", "latest", "--prompt", "What is your name?",
+                           "--compare", "--max-new-tokens", "8", "--temperature", "0"],
+                          cwd=root, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("base: ") and any(line.startswith("adapter: ") for line in lines[1:])
+
+
+def test_cli_eval_json_and_user_errors(garage_home, tiny_model_dir, capsys):
+    from core.__main__ import main
+
+    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    assert main(["eval", "r1", "--json", "--limit", "2", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"base", "adapter", "n"} <= set(out) and out["n"] == 2
+    assert main(["chat", "no-such-run", "--prompt", "hi"]) == 2
+    assert "error:" in capsys.readouterr().err
