@@ -25,11 +25,13 @@ def build_app() -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 chat = chat_tab.build()
             with gr.Tab("Runs", id="runs"):
-                runs_tab.build(tabs=tabs, train=train, chat=chat)
+                runs_load = runs_tab.build(tabs=tabs, train=train, chat=chat)
         # "Chat with this adapter" on the Train page: select the run there, then switch tabs
         train.chat_button.click(chat.refresh[0], train.run_id, chat.refresh[1]).then(
             lambda: gr.Tabs(selected="chat"), None, tabs)
         app.load(*train.on_load)
+        app.load(chat.refresh[0], None, chat.refresh[1])  # runs finished since the app started
+        app.load(*runs_load)
     return app
 
 

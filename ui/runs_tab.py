@@ -118,7 +118,8 @@ def resume(run_id: str | None) -> str:
         raise gr.Error(str(e))
 
 
-def build(tabs: gr.Tabs, train, chat) -> None:
+def build(tabs: gr.Tabs, train, chat) -> tuple:
+    """Lay out the page; returns (fn, inputs, outputs) for the app's load event, which re-lists the runs."""
     refresh_btn = gr.Button("Refresh", size="sm")
     grid = gr.Dataframe(table(), interactive=False, wrap=True, label="Runs (newest first)")
     ids = [r["id"] for r in runs.list_runs()]
@@ -144,6 +145,12 @@ def build(tabs: gr.Tabs, train, chat) -> None:
         ids = [r["id"] for r in runs.list_runs()]
         return table(), gr.update(choices=ids), gr.update(choices=ids)
 
+    def _on_load():
+        ids = [r["id"] for r in runs.list_runs()]
+        first = ids[0] if ids else None
+        return [table(), gr.update(choices=ids, value=first), gr.update(choices=ids, value=ids[:3]),
+                overlay(ids[:3])] + list(open_run(first))
+
     refresh_btn.click(_relist, None, [grid, pick, compare])
     pick.change(open_run, pick, [summary, curve, cfg_yaml, cli])
     compare.change(overlay, compare, overlay_plot)
@@ -156,3 +163,4 @@ def build(tabs: gr.Tabs, train, chat) -> None:
     resume_btn.click(resume, pick, train.run_id).success(
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
     chat_btn.click(chat.refresh[0], pick, chat.refresh[1]).then(lambda: gr.Tabs(selected="chat"), None, tabs)
+    return _on_load, None, [grid, pick, compare, overlay_plot, summary, curve, cfg_yaml, cli]

@@ -243,8 +243,13 @@ def resume(run_id: str | None) -> str:
 
 
 def attach() -> str | None:
-    """On page load: the run that is training now (after a refresh or an app restart), if any."""
-    return runner.running()
+    """On page load: the run that is training now (after a refresh or an app restart), else the newest run,
+    so a refresh after the end still shows how it ended."""
+    rid = runner.running()
+    if rid:
+        return rid
+    newest = runs.list_runs()
+    return newest[0]["id"] if newest else None
 
 
 # ---------------------------------------------------------------- layout

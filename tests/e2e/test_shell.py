@@ -9,6 +9,6 @@ def test_page_shows_three_tabs_and_cpu_only_bar(app_server, page):
     for tab in ("Train", "Chat", "Runs"):
         page.get_by_role("tab", name=tab).wait_for(timeout=30000)
     page.get_by_text("CPU only").first.wait_for(timeout=30000)
-    page.get_by_text("Start training").wait_for()
+    page.get_by_role("button", name="Start training").wait_for()
     shot(page, "01-train-page")
     print(f"app start to first page: {startup_s:.1f} s")

@@ -61,7 +61,7 @@ def test_bad_upload_shows_a_clear_error(app_server, page, tmp_path):
 def test_golden_path_with_reload_mid_run(app_server, page):
     url, home, _ = app_server
     page.goto(url, wait_until="load")
-    page.get_by_text("Start training").wait_for(timeout=60000)
+    page.get_by_role("button", name="Start training").wait_for(timeout=60000)
     steps = _number(page, "max steps")
     steps.fill(str(STEPS))
     steps.press("Enter")

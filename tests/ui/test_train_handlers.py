@@ -123,3 +123,11 @@ def test_upload_is_kept_in_the_home(tmp_path, garage_home):
 def test_stop_without_a_run_and_attach_with_none():
     assert train_tab.stop(None) == "No run to stop."
     assert train_tab.attach() is None
+
+
+def test_attach_shows_the_newest_run_when_none_is_training(garage_home, tiny_model_dir):
+    from tests.test_chat import make_run
+
+    make_run(garage_home, tiny_model_dir, run_id="older")
+    make_run(garage_home, tiny_model_dir, run_id="newer", seed=2)
+    assert train_tab.attach() == "newer"
