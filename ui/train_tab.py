@@ -62,6 +62,8 @@ def _local_facts(source: str) -> tuple[str, str]:
         info = models.info(source) if _on_disk(source) else None
     except GarageError as e:
         return "size unknown", f"({e.message})"
+    if info is None and source == models.BUILTIN_ID:
+        return "ships with the app (converted on first use, about a minute)", "chat template ✓"
     if info is None:
         return "not downloaded yet", "chat template: checked when it loads"
     template = "chat template ✓" if info.has_chat_template else "no chat template: a simple default is used"

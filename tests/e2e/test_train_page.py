@@ -27,7 +27,7 @@ def test_vram_panel_follows_batch_size_and_method(app_server, page):
     page.goto(url, wait_until="load")
     page.get_by_text("LoRA (16-bit base)").first.wait_for(timeout=60000)
     page.get_by_label("Check against").first.click()
-    page.get_by_role("option", name="8 GB").click()
+    page.get_by_role("option", name="8 GB", exact=True).click()
     page.get_by_text("Checked against a 8 GB GPU").wait_for(timeout=20000)
     before = page.inner_text("body")
     lora_before = re.search(r"LoRA \(16-bit base\).*?([\d.]+) GB", before, re.S).group(1)
@@ -46,13 +46,14 @@ def test_vram_panel_follows_batch_size_and_method(app_server, page):
 def test_bad_upload_shows_a_clear_error(app_server, page, tmp_path):
     url, _, _ = app_server
     bad = tmp_path / "broken.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n')
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [oops\n')
     page.goto(url, wait_until="load")
     page.locator("input[type=file]").first.set_input_files(str(bad))
     page.wait_for_function("() => [...document.querySelectorAll('textarea, input')].some(e => e.value.endsWith('broken.jsonl'))",
                            timeout=30000)
     page.get_by_role("button", name="Inspect dataset").click()
-    page.get_by_text("line 2").first.wait_for(timeout=120000)
+    page.get_by_text("line 2").first.wait_for(timeout=300000)  # the first inspect may convert the built-in model
     body = page.inner_text("body")
     assert "broken.jsonl" in body and "Fix:" in body and "Traceback" not in body
     shot(page, "03-bad-upload")
