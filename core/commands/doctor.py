@@ -102,7 +102,7 @@ def run(args) -> int:
             for g in h["gpus"]:
                 print(f"GPU {g['index']}         {g['name']}  {g['free_gb']:.1f} GB free of {g['total_gb']:.1f} GB  driver {g['driver']}")
         else:
-            print(f"GPU           no NVIDIA GPU ({h['nvml_error']}); training runs on the CPU, slowly")
+            print(f"GPU           {h['nvml_error'] or 'no NVIDIA GPU'}; training runs on the CPU, slowly")
         print(f"RAM           {h['ram_available_gb']} GB available of {h['ram_total_gb']} GB, {h['cpu_count']} CPU cores")
     else:
         print(f"hardware      could not read: {h['error']}")
