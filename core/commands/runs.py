@@ -1,0 +1,108 @@
+"""`python -m core runs`: list runs, show one, follow its log, stop, resume or delete it.
+
+  python -m core runs                    # the list, newest first
+  python -m core runs show RUN           # status, last metrics, checkpoints, adapter
+  python -m core runs stop RUN           # SIGTERM: finish the step, save, mark stopped (SIGKILL after --grace)
+  python -m core runs resume RUN [--wait]
+  python -m core runs log RUN            # the end of train.log
+  python -m core runs delete RUN
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+ACTIONS = ("list", "show", "stop", "resume", "log", "delete")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", nargs="?", default="list", choices=ACTIONS)
+    p.add_argument("run_id", nargs="?", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="machine-readable output (list, show)")
+    p.add_argument("--grace", type=float, default=30.0, help="stop: seconds before SIGKILL (default 30)")
+    p.add_argument("--wait", action="store_true", help="resume: wait until the run ends, printing its steps")
+    p.add_argument("--lines", type=int, default=40, help="log: how many lines")
+
+
+def run(args) -> int:
+    from core import runner, runs
+    from core.errors import RunError
+
+    if args.action == "list":
+        return _list(args)
+    if not args.run_id:
+        raise RunError(f"`runs {args.action}` needs a run id", "python -m core runs lists them")
+    if args.action == "show":
+        return _show(args)
+    if args.action == "stop":
+        print(runner.stop(args.run_id, grace_s=args.grace))
+        return 0
+    if args.action == "resume":
+        run_id = runner.resume(args.run_id)
+        print(run_id)
+        return _follow(run_id) if args.wait else 0
+    if args.action == "log":
+        print(runs.tail_log(runs.get(args.run_id), args.lines))
+        return 0
+    runner.delete(args.run_id)
+    print(f"deleted {args.run_id}")
+    return 0
+
+
+def _list(args) -> int:
+    from core import runs
+
+    rows = runs.list_runs()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no runs yet: python -m core train --preset cpu-demo")
+        return 0
+    for r in rows:
+        steps = f"{r.get('step') or 0}/{r.get('total_steps') or '?'}"
+        print(f"{r['id']:<48} {r['state']:<10} {steps:>9}  {r.get('method', '')}  {r.get('model', '')}")
+    return 0
+
+
+def _show(args) -> int:
+    from core import runs
+
+    run_dir = runs.get(args.run_id)
+    st = runs.read_status(run_dir)
+    events, _ = runs.read_events(run_dir)
+    curve = runs.metrics(events)
+    info = {"id": run_dir.name, "path": str(run_dir), **st, "last_metrics": curve[-1] if curve else None,
+            "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
+            "adapter": str(run_dir / "adapter") if (run_dir / "adapter" / "adapter_config.json").is_file() else None}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for key in ("id", "state", "step", "total_steps", "started_at", "ended_at", "checkpoints", "adapter"):
+        print(f"{key:>12}: {info.get(key)}")
+    if curve:
+        print(f"{'last loss':>12}: {curve[-1].get('loss')} at step {curve[-1].get('step')}")
+    if st.get("error"):
+        err = st["error"]
+        print(f"{'error':>12}: [{err.get('kind')}] {err.get('message')}\n{'fix':>12}: {err.get('hint')}")
+    return 0
+
+
+def _follow(run_id: str) -> int:
+    from core import runs
+
+    run_dir = runs.get(run_id)
+    offset = 0
+    while True:
+        events, offset = runs.read_events(run_dir, offset)
+        for e in events:
+            if e.get("type") == "metrics":
+                print(f"step {e['step']}  loss {e.get('loss')}", flush=True)
+            elif e.get("type") == "log":
+                print(f"[{e.get('level')}] {e.get('message')}", flush=True)
+        st = runs.read_status(run_dir)
+        if st.get("state") not in runs.ACTIVE:
+            print(st["state"])
+            return 0 if st["state"] in ("completed", "stopped") else 1
+        time.sleep(1.0)

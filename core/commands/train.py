@@ -1,0 +1,159 @@
+"""`python -m core train`: train a LoRA / QLoRA adapter headless, through the same code as the UI.
+
+  python -m core train --preset cpu-demo                        # a new run, in the foreground
+  python -m core train --config my.yaml --set lora.r=32 --detach  # a new run in the background; prints its id
+  python -m core train --run-dir DIR                            # the child the runner spawns (DIR/config.yaml)
+
+Settings are layered: defaults, then --preset, then --config FILE (only the keys it sets), then --model,
+--dataset, --method, --max-steps, then each --set section.key=value.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from core.config import METHODS, RunConfig, apply_overrides, from_dict
+from core.errors import ConfigError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config (any subset of the sections)")
+    p.add_argument("--preset", metavar="NAME", help="a preset from presets/ or your own (python -m core train --preset cpu-demo)")
+    p.add_argument("--model", metavar="SOURCE", help="model.source: builtin:smollm2-135m, a hub id, or a folder")
+    p.add_argument("--dataset", metavar="SOURCE", help="data.source: a file, a folder, a hub id, or builtin:demo-identity")
+    p.add_argument("--method", choices=METHODS, help="quant.method: lora (16-bit base), qlora (4-bit), 8bit")
+    p.add_argument("--max-steps", type=int, metavar="N", help="train.max_steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set lora.r=32 (repeatable)")
+    p.add_argument("--run-dir", metavar="DIR", help="train the run in DIR (its config.yaml); what the runner spawns")
+    p.add_argument("--detach", action="store_true", help="start in the background via the runner and print the run id")
+
+
+def run(args) -> int:
+    if args.run_dir:
+        return _child(args)
+    cfg = build_config(args)
+    if args.detach:
+        from core import runner
+
+        print(runner.start(cfg))
+        return 0
+    return _foreground(cfg)
+
+
+def build_config(args) -> RunConfig:
+    from core import presets
+
+    cfg = RunConfig()
+    if args.preset:
+        cfg = presets.apply(args.preset, cfg)
+    if args.config:
+        cfg = _overlay_file(cfg, Path(args.config))
+    d = cfg.to_dict()
+    flags = {("model", "source"): args.model, ("data", "source"): args.dataset, ("quant", "method"): args.method,
+             ("train", "max_steps"): args.max_steps}
+    for (section, name), value in flags.items():
+        if value is not None:  # set directly: a path or hub id must not go through YAML parsing
+            d[section][name] = value
+    cfg = apply_overrides(from_dict(d), args.set)  # --set last, so it wins
+    return cfg.validate()
+
+
+def _overlay_file(cfg: RunConfig, path: Path) -> RunConfig:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}", "check the path")
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML: {e}", "fix the YAML syntax at the line shown")
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must be a mapping of sections", "see presets/cpu-demo.yaml")
+    d = cfg.to_dict()
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(d.get(section), dict):
+            d[section].update(values)
+        else:
+            d[section] = values  # from_dict reports unknown sections and bad types, naming them
+    return from_dict(d)
+
+
+def _child(args) -> int:
+    """The process the runner spawns. The folder must be a run under the runs folder: no path escapes."""
+    from core import runs, training
+
+    given = [name for name in ("config", "preset", "model", "dataset", "method", "max_steps") if getattr(args, name)]
+    if given or args.set or args.detach:
+        raise ConfigError("--run-dir", f"takes every setting from DIR/config.yaml; drop --{given[0] if given else 'set'}",
+                          "edit a copy of the config and start a new run instead")
+    wanted = Path(args.run_dir).expanduser().resolve()
+    run_dir = runs.get(wanted.name)
+    if run_dir != wanted:
+        raise ConfigError("--run-dir", f"{args.run_dir} is not a run folder under {run_dir.parent}",
+                          "pass a folder created by LoRA Garage (python -m core runs lists them)")
+    return training.main(run_dir)
+
+
+def _foreground(cfg: RunConfig) -> int:
+    """Create the run and train it in this process; output goes to the terminal and to train.log."""
+    from core import runner, runs, training
+
+    lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
+    run_dir = runs.create(cfg)
+    print(f"run {run_dir.name}\n  folder: {run_dir}", flush=True)
+    t0 = time.time()
+    with _Tee(run_dir / "train.log"):
+        code = training.main(run_dir, lock_fd=lock)
+    _summary(run_dir, time.time() - t0)
+    return code
+
+
+def _summary(run_dir: Path, seconds: float) -> None:
+    from core import runs
+
+    st = runs.read_status(run_dir, reconcile=False)
+    events, _ = runs.read_events(run_dir)
+    curve = runs.metrics(events)
+    loss = f", final loss {curve[-1]['loss']:.4f}" if curve and curve[-1].get("loss") is not None else ""
+    print(f"{st.get('state')} in {seconds:.0f} s after {st.get('step')} steps{loss}")
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        print(f"  adapter: {run_dir / 'adapter'}")
+
+
+class _Tee:
+    """Copy this process's stdout and stderr into train.log too, as the runner does for a background child."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fh = open(self.path, "a", encoding="utf-8", buffering=1)
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Both(sys.stdout, self.fh), _Both(sys.stderr, self.fh)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
+        self.fh.close()
+
+
+class _Both:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def write(self, s):
+        self.a.write(s)
+        self.b.write(s)
+        return len(s)
+
+    def flush(self):
+        self.a.flush()
+        self.b.flush()
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.a, name)

@@ -1,0 +1,374 @@
+"""The run folder contract (see design.md): $LORA_GARAGE_HOME/runs/<run-id>/ with config.yaml, status.json,
+events.jsonl, estimate.json, train.log, checkpoints/ and adapter/.
+
+The child process writes these files, everyone else reads them. status.json is replaced atomically (tmp +
+os.replace) under a small lock file so the runner and the child never lose each other's fields; events.jsonl is
+append-only, one flushed JSON object per line, so a reader can tail it from a byte offset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from core.config import RunConfig, dump_yaml, load_yaml
+from core.errors import RunError
+from core.paths import runs_dir
+
+STATES = ("queued", "running", "stopping", "stopped", "completed", "failed")
+ACTIVE = ("queued", "running", "stopping")      # a process should be alive behind these
+TERMINAL = ("stopped", "completed", "failed")
+COMPLETE = "COMPLETE"                            # the marker written last into a finished checkpoint
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CKPT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+# ---------------------------------------------------------------- creating and finding runs
+
+def create(cfg: RunConfig) -> Path:
+    """A new run folder holding config.yaml (written once), status.json (queued) and an empty events.jsonl."""
+    cfg.validate()
+    base = cfg.output.run_name or _derived_name(cfg)
+    root = runs_dir()
+    for n in range(1, 1000):
+        run_id = base if n == 1 else f"{base}-{n}"
+        run_dir = root / run_id
+        try:
+            run_dir.mkdir()  # atomic: two creators can never get the same folder
+        except FileExistsError:
+            if cfg.output.run_name and n == 1:
+                raise RunError(f"a run named {base!r} already exists",
+                               "pick another output.run_name, or leave it empty for an automatic name")
+            continue
+        break
+    else:
+        raise RunError(f"too many runs named {base}-N", "delete some old runs")
+    header = f"# run {run_id}: the full configuration as resolved at start. Edit a copy, not this file.\n"
+    _write_atomic(run_dir / "config.yaml", dump_yaml(cfg, header))
+    (run_dir / "events.jsonl").touch()
+    write_status(run_dir, state="queued", pid=None, started_at=None, ended_at=None, step=0,
+                 total_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else None, error=None)
+    return run_dir
+
+
+def _derived_name(cfg: RunConfig) -> str:
+    src = cfg.model.source.rstrip("/")
+    short = src.split(":", 1)[1] if src.startswith("builtin:") else src.replace("\\", "/").split("/")[-1]
+    short = re.sub(r"[^A-Za-z0-9._-]+", "-", short).strip("-._")[:40] or "model"
+    return f"{short}-{cfg.quant.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def get(run_id: str) -> Path:
+    """The folder of an existing run. Refuses names that could point outside the runs folder."""
+    run_id = str(run_id or "").strip()
+    if not _ID_RE.fullmatch(run_id) or ".." in run_id:
+        raise RunError(f"{run_id!r} is not a valid run id", "run ids use letters, digits, - _ . (see python -m core runs)")
+    root = runs_dir().resolve()
+    run_dir = (root / run_id).resolve()
+    if run_dir.parent != root:  # a symlink pointing elsewhere is refused too
+        raise RunError(f"run {run_id!r} resolves outside the runs folder", "use a plain run id")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"no run named {run_id!r}", "list runs with: python -m core runs")
+    return run_dir
+
+
+def list_runs() -> list[dict]:
+    """A summary per run, newest first: id, path, state, step, total_steps, times, model, dataset, method, error."""
+    out = []
+    for run_dir in runs_dir().iterdir():
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        try:
+            st = read_status(run_dir)
+            cfg = load_config(run_dir)
+        except Exception as e:  # noqa: BLE001 - one broken run must not hide the others; it is listed as broken
+            out.append({"id": run_dir.name, "path": str(run_dir), "state": "unreadable", "error":
+                        {"kind": "run", "message": f"{type(e).__name__}: {e}", "hint": "inspect or delete this folder"},
+                        "created": run_dir.stat().st_mtime})
+            continue
+        out.append({"id": run_dir.name, "path": str(run_dir), "state": st.get("state"), "step": st.get("step"),
+                    "total_steps": st.get("total_steps"), "started_at": st.get("started_at"),
+                    "ended_at": st.get("ended_at"), "error": st.get("error"), "model": cfg.model.source,
+                    "dataset": cfg.data.source, "method": cfg.quant.method,
+                    "has_adapter": (run_dir / "adapter" / "adapter_config.json").is_file(),
+                    "created": (run_dir / "config.yaml").stat().st_mtime})
+    return sorted(out, key=lambda r: r["created"], reverse=True)
+
+
+def load_config(run_dir: Path) -> RunConfig:
+    return load_yaml(Path(run_dir) / "config.yaml")
+
+
+def delete(run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    get(run_dir.name)  # validates that it is one of ours
+    shutil.rmtree(run_dir)
+
+
+# ---------------------------------------------------------------- status.json
+
+def read_status(run_dir: Path, reconcile: bool = True) -> dict:
+    """status.json as a dict. With reconcile, a run that claims to be active but whose process is gone is marked
+    failed first (the runner checks the pid), so no reader ever shows a dead run as running."""
+    run_dir = Path(run_dir)
+    path = run_dir / "status.json"
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{run_dir.name} has no status.json", "the run folder is incomplete; delete it")
+    if reconcile and st.get("state") in ACTIVE:
+        from core import runner  # runner imports runs: import here, only when a check is needed
+
+        st = runner.reconcile(run_dir, st)
+    return st
+
+
+def write_status(run_dir: Path, durable: bool = True, **fields) -> dict:
+    """Merge `fields` into status.json atomically; returns the new status. durable=False skips the fsync (for
+    frequent step counters; a reader still never sees a half-written file)."""
+    return update_status(run_dir, None, durable=durable, **fields)
+
+
+def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, **fields) -> dict | None:
+    """Like write_status, but only when the current state is in `only_from` (None = always). Returns the new
+    status, or None when the state did not match. The lock makes read-modify-write safe between processes."""
+    run_dir = Path(run_dir)
+    if "state" in fields and fields["state"] not in STATES:
+        raise ValueError(f"unknown state {fields['state']!r}")
+    with _locked(run_dir / ".status.lock"):
+        path = run_dir / "status.json"
+        try:
+            st = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            st = {}
+        if only_from is not None and st.get("state") not in only_from:
+            return None
+        st.update(fields)
+        st["updated_at"] = now()
+        _write_atomic(path, json.dumps(st, indent=1), durable)
+        return st
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextmanager
+def _locked(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- events.jsonl
+
+class EventLog:
+    """The child's writer: one JSON object per line, flushed at once so the UI sees it on its next poll."""
+
+    def __init__(self, run_dir: Path):
+        self.fh = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
+
+    def write(self, event: dict) -> None:
+        event.setdefault("t", round(time.time(), 3))
+        self.fh.write(json.dumps(event, allow_nan=True) + "\n")
+        self.fh.flush()
+
+    def log(self, level: str, message: str) -> None:
+        self.write({"type": "log", "level": level, "message": message})
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events appended since byte `offset`, and the offset to pass next time. A line still being written (no
+    newline yet) is left for the next call. A corrupt line becomes a warning event instead of vanishing."""
+    path = Path(run_dir) / "events.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except ValueError as e:
+            events.append({"type": "log", "level": "warning", "message": f"unreadable event line ({e}): {line[:200]!r}"})
+    return events, offset + end
+
+
+def metrics(events: list[dict]) -> list[dict]:
+    """The metrics events of a run as one curve: a {"type":"resume","step":k} event means the steps after k that
+    were logged before the crash or stop are superseded by the resumed run's."""
+    out: list[dict] = []
+    for e in events:
+        if e.get("type") == "resume":
+            out = [m for m in out if m.get("step", 0) <= e.get("step", 0)]
+        elif e.get("type") == "metrics":
+            out.append(e)
+    return out
+
+
+def tail_log(run_dir: Path, lines: int = 30) -> str:
+    path = Path(run_dir) / "train.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- checkpoints and adapters
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """COMPLETE-marked checkpoints, oldest first. Unmarked folders (a save cut short) are never listed."""
+    found = []
+    d = checkpoints_dir(run_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _CKPT_RE.fullmatch(p.name)
+            if m and (p / COMPLETE).is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    marked = checkpoints(run_dir)
+    return marked[-1] if marked else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_CKPT_RE.fullmatch(Path(path).name).group(1))
+
+
+def set_aside_partial(run_dir: Path) -> list[Path]:
+    """Rename checkpoint folders without a COMPLETE marker to partial-checkpoint-N[-k]: kept for inspection,
+    never loaded, and out of the way of a new save to the same step."""
+    moved = []
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return moved
+    for p in sorted(d.iterdir()):
+        if _CKPT_RE.fullmatch(p.name) and p.is_dir() and not (p / COMPLETE).is_file():
+            target = d / f"partial-{p.name}"
+            k = 1
+            while target.exists():
+                k += 1
+                target = d / f"partial-{p.name}-{k}"
+            os.replace(p, target)
+            moved.append(target)
+    return moved
+
+
+def adapter_path(run_dir: Path, checkpoint: int | str | None = None) -> Path:
+    """The final adapter/ folder, or a marked checkpoint's (by step number or folder name)."""
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        path = run_dir / "adapter"
+        if not (path / "adapter_config.json").is_file():
+            marked = checkpoints(run_dir)
+            hint = (f"pick a checkpoint: {', '.join(str(checkpoint_step(p)) for p in marked)}" if marked
+                    else "train the run to the end (or stop it: stopping saves the adapter)")
+            raise RunError(f"run {run_dir.name} has no final adapter", hint)
+        return path
+    name = checkpoint if isinstance(checkpoint, str) and checkpoint.startswith("checkpoint-") else f"checkpoint-{int(checkpoint)}"
+    path = checkpoints_dir(run_dir) / name
+    if not (path / COMPLETE).is_file():
+        have = ", ".join(str(checkpoint_step(p)) for p in checkpoints(run_dir)) or "none"
+        raise RunError(f"run {run_dir.name} has no complete {name}", f"complete checkpoints: {have}")
+    return path
+
+
+# ---------------------------------------------------------------- fingerprint: what a resume must not change
+
+def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | None = None) -> dict:
+    """What the checkpoints of a run depend on: the base model (source, config.json, weight files), its
+    quantization, the LoRA shape, and the data (source, file contents, and in the child the tokenized rows)."""
+    import hashlib
+
+    def sha(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    model = {"source": cfg.model.source, "quant": f"{cfg.quant.method}/{cfg.quant.quant_type}"}
+    if model_path is not None:
+        model_path = Path(model_path)
+        model["config_sha256"] = sha(model_path / "config.json")
+        model["weights"] = {p.name: p.stat().st_size for p in sorted(model_path.glob("*.safetensors"))}
+    lo = cfg.lora
+    lora = {"r": lo.r, "alpha": lo.alpha, "targets": lo.targets, "use_rslora": lo.use_rslora, "use_dora": lo.use_dora}
+    d = cfg.data
+    data = {"source": d.source, "format": d.format, "max_len": d.max_len, "train_on": d.train_on,
+            "packing": d.packing, "limit": d.limit, "val_fraction": d.val_fraction}
+    src = Path(d.source).expanduser()
+    if not d.source.startswith("builtin:") and src.exists():
+        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + sha(f).encode())
+        data["files_sha256"] = h.hexdigest()
+    if tokens_sha256:
+        data["tokens_sha256"] = tokens_sha256
+    return {"model": model, "lora": lora, "data": data}
+
+
+def write_fingerprint(run_dir: Path, fp: dict) -> None:
+    _write_atomic(Path(run_dir) / "fingerprint.json", json.dumps(fp, indent=1))
+
+
+def read_fingerprint(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "fingerprint.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def compare_fingerprints(saved: dict, now: dict) -> list[str]:
+    """Plain-language differences, e.g. "the LoRA shape changed (r: 16 -> 32)". Keys missing on either side
+    (a cheap check without tokens) are not compared."""
+    labels = {"model": "the base model changed", "lora": "the LoRA shape changed", "data": "the dataset changed"}
+    problems = []
+    for part, label in labels.items():
+        a, b = saved.get(part, {}), now.get(part, {})
+        diffs = [f"{k}: {_short(a[k])} -> {_short(b[k])}" for k in a if k in b and a[k] != b[k]]
+        if diffs:
+            problems.append(f"{label} ({'; '.join(diffs)})")
+    return problems
+
+
+def _short(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 24 else s[:12] + "…"

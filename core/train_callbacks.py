@@ -1,0 +1,385 @@
+"""The pieces core/training.py plugs into transformers' Trainer: a padding collator, a seeded length-grouped
+sampler, a thin Trainer subclass (phase tracking, NaN bookkeeping, test-only fault hooks) and the callback that
+talks to the UI through the run folder (events.jsonl, status.json, COMPLETE markers, stop requests).
+
+Imported only inside the child process, after torch and transformers are already loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from core import runs
+
+FAULT_ENV = "LORA_GARAGE_FAULT"  # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4"
+
+
+def parse_faults(text: str | None) -> dict[str, int]:
+    """LORA_GARAGE_FAULT="nan@step2,oom@step3" -> {"nan": 2, "oom": 3}. Unknown kinds are an error, not ignored."""
+    out = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        kind, _, where = item.partition("@step")
+        if kind not in ("oom", "nan", "disk", "killsave") or not where.isdigit():
+            raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (use e.g. oom@step3)")
+        out[kind] = int(where)
+    return out
+
+
+class Context:
+    """What the child is doing right now, so an error can say in which phase it happened."""
+
+    def __init__(self):
+        self.phase = "setup"
+        self.step = 0
+
+
+class StopFlag:
+    """SIGTERM (the runner's Stop) or a first Ctrl-C: finish the current step, save, exit as stopped.
+    A second Ctrl-C falls through to KeyboardInterrupt for someone who really wants out now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopFlag":
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True)
+
+
+class PadCollator:
+    """Pads each batch to its own longest row: input_ids with the pad id, labels with -100, attention_mask 0.
+    Packed rows (with position_ids) get no attention_mask: transformers then reads the sequence boundaries from
+    position_ids, so packed examples do not attend to each other. Counts the real (non-padding) tokens it hands
+    out, which is what tokens/s reports."""
+
+    def __init__(self, pad_id: int, multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.multiple_of = multiple_of
+        self.tokens = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        lengths = [len(r["input_ids"]) for r in rows]
+        n = -(-max(lengths) // self.multiple_of) * self.multiple_of
+        packed = "position_ids" in rows[0]
+        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        extra = torch.zeros((len(rows), n), dtype=torch.long)  # attention_mask, or position_ids when packed
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            input_ids[i, :length] = torch.tensor(row["input_ids"], dtype=torch.long)
+            labels[i, :length] = torch.tensor(row["labels"], dtype=torch.long)
+            if packed:
+                extra[i, :length] = torch.tensor(row["position_ids"], dtype=torch.long)
+            else:
+                extra[i, :length] = 1
+        self.tokens += sum(lengths)
+        return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """group_by_length whose order depends only on (seed, epoch). The stock sampler draws from the global RNG,
+    which a resumed run restores only after the first batches are drawn, so the resumed run would see other
+    batches. The epoch is read from the trainer state because set_epoch does not reach a sampler behind
+    accelerate's skip-batches wrapper."""
+
+    def __init__(self, batch_size: int, dataset, seed: int, trainer: Trainer):
+        # core.data's token rows know their lengths without building every row
+        lengths = [dataset.length(i) for i in range(len(dataset))] if hasattr(dataset, "length") else None
+        super().__init__(batch_size, dataset=dataset, lengths=lengths)
+        self.seed = seed
+        self.trainer = trainer
+
+    def __iter__(self):
+        epoch = int(self.trainer.state.epoch or 0)
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+        return super().__iter__()
+
+
+class GarageTrainer(Trainer):
+    """Trainer plus: phase tracking for error messages, per-step NaN bookkeeping, grouping by length, and the
+    test-only fault hooks (LORA_GARAGE_FAULT). The training loop itself is the stock one."""
+
+    def __init__(self, *args, ctx: Context, collator: PadCollator, group_by_length: bool,
+                 faults: dict[str, int], **kwargs):
+        super().__init__(*args, data_collator=collator, **kwargs)
+        self.ctx, self.collator, self.group_by_length, self.faults = ctx, collator, group_by_length, faults
+        self.nonfinite = None          # device bool tensor: any non-finite loss since the last optimizer step
+        self.pause_seconds = 0.0       # time spent evaluating and saving, left out of tokens/s and the ETA
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_by_length:
+            return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                              train_dataset or self.train_dataset, self.args.seed, self)
+        return super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step + 1
+        self.ctx.step = step
+        self.ctx.phase = "first step" if step == self._initial_global_step + 1 else "train"
+        if self.faults.get("oom") == step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = ~torch.isfinite(loss)  # no .item() here: one sync per optimizer step is enough
+        self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if "nan" in self.faults and self.state.global_step + 1 >= self.faults["nan"] and model.training:
+            if return_outputs:
+                return out[0] * float("nan"), out[1]
+            return out * float("nan")
+        return out
+
+    def evaluate(self, *args, **kwargs):
+        phase, self.ctx.phase = self.ctx.phase, "eval"
+        tokens, t0 = self.collator.tokens, time.time()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.collator.tokens = tokens
+            self.pause_seconds += time.time() - t0
+            self.ctx.phase = phase
+
+    def _save_checkpoint(self, model, trial):
+        phase, self.ctx.phase, t0 = self.ctx.phase, "save", time.time()
+        super()._save_checkpoint(model, trial)
+        self.ctx.phase = phase
+        self.pause_seconds += time.time() - t0
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # runs after the adapter weights are written: the right moment to leave a partial checkpoint behind
+        step = self.state.global_step
+        if self.faults.get("killsave") == step:
+            print(f"{FAULT_ENV}: SIGKILL in the middle of saving checkpoint-{step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.faults.get("disk") == step:
+            raise OSError(28, f"No space left on device (injected by {FAULT_ENV})", output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+
+class GarageCallback(TrainerCallback):
+    """Writes one metrics event per log step, eval and sample events, status updates; marks checkpoints
+    COMPLETE and rotates them; honours stop requests; stops after nan_patience non-finite losses in a row."""
+
+    def __init__(self, run_dir: Path, cfg, events: runs.EventLog, stop: StopFlag, device: str, tokenizer):
+        self.run_dir, self.cfg, self.events, self.stop, self.device = Path(run_dir), cfg, events, stop, device
+        self.tokenizer = tokenizer
+        self.trainer: GarageTrainer | None = None   # set by the builder right after the trainer exists
+        self.nan_steps: list[int] = []              # the current run of consecutive non-finite steps
+        self.diverged_at: list[int] | None = None
+        self.stop_announced = False
+        self.step_times: deque = deque(maxlen=20)
+        self._status_t = 0.0
+        self._proc = None
+
+    # ---------------------------------------------------------------- start
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last_t = time.time()
+        self.last_tokens = self.trainer.collator.tokens
+        self.last_pause = self.trainer.pause_seconds
+        self.last_step = state.global_step
+        if state.global_step > 0:
+            self.events.write({"type": "resume", "step": state.global_step})
+        runs.write_status(self.run_dir, step=state.global_step, total_steps=state.max_steps)
+        checkpointing = "on" if getattr(kw.get("model"), "is_activation_checkpointing", False) else "off"
+        print(f"training steps {state.global_step + 1}-{state.max_steps}, activation checkpointing {checkpointing}",
+              flush=True)
+
+    # ---------------------------------------------------------------- every optimizer step
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        bad = self.trainer.nonfinite is not None and bool(self.trainer.nonfinite)
+        self.trainer.nonfinite = None
+        if not bad:
+            self.nan_steps = []
+            return
+        # skip the update: Adam would turn the weights into NaN, and the last good weights are worth keeping
+        kw["optimizer"].zero_grad(set_to_none=True)
+        self.nan_steps.append(state.global_step + 1)
+        msg = f"step {state.global_step + 1}: the loss is NaN/inf; update skipped ({len(self.nan_steps)}/{self.cfg.train.nan_patience})"
+        print(msg, file=sys.stderr, flush=True)
+        self.events.log("warning", msg)
+        if len(self.nan_steps) >= self.cfg.train.nan_patience:
+            self.diverged_at = list(self.nan_steps)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.diverged_at is not None:
+            control.should_training_stop = True
+            control.should_save = False
+            return control
+        if self.nan_steps:
+            control.should_save = False  # never store a checkpoint on a step whose loss was not finite
+        if self.stop.requested:
+            if not self.stop_announced:
+                self.stop_announced = True
+                runs.update_status(self.run_dir, ("running", "queued"), state="stopping")
+                self.events.log("info", f"stop requested: saving a checkpoint at step {state.global_step}")
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    # ---------------------------------------------------------------- logging
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.time()
+        paused = self.trainer.pause_seconds - self.last_pause
+        dt = max(now - self.last_t - paused, 1e-9)
+        steps = max(state.global_step - self.last_step, 1)
+        tokens = self.trainer.collator.tokens - self.last_tokens
+        self.step_times.extend([dt / steps] * min(steps, 20))
+        remaining = max(state.max_steps - state.global_step, 0)
+        eta = remaining * (sum(self.step_times) / len(self.step_times))
+        event = {"type": "metrics", "step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                 "loss": _num(logs.get("loss")), "lr": _num(logs.get("learning_rate")),
+                 "grad_norm": _num(logs.get("grad_norm")), "tokens_per_s": round(tokens / dt, 1),
+                 "elapsed": round(now - self.t0, 2), "eta_s": round(eta, 1), "mem": self._memory()}
+        self.events.write(event)
+        self.last_t, self.last_tokens, self.last_step = now, self.trainer.collator.tokens, state.global_step
+        self.last_pause = self.trainer.pause_seconds
+        print(f"step {state.global_step}/{state.max_steps}  loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}  "
+              f"{event['tokens_per_s']:.0f} tok/s  eta {eta:.0f} s", flush=True)
+        if now - self._status_t > 2.0 or remaining == 0:  # status.json is for the runs list: no need per step
+            self._status_t = now
+            runs.write_status(self.run_dir, step=state.global_step, durable=False)
+
+    def on_train_end(self, args, state, control, **kw):
+        runs.write_status(self.run_dir, step=state.global_step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        metrics = metrics or {}
+        self.events.write({"type": "eval", "step": state.global_step, "eval_loss": _num(metrics.get("eval_loss"))})
+
+    def _memory(self) -> dict:
+        if self.device == "cuda":
+            mem = {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+                   "peak": torch.cuda.max_memory_allocated()}
+            mem.update(_nvml_reading())
+            return mem
+        import psutil
+
+        if self._proc is None:
+            self._proc = psutil.Process()
+        return {"rss": self._proc.memory_info().rss}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save(self, args, state, control, **kw):
+        t0 = time.time()
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        mark_complete(ckpt, {"step": state.global_step, "epoch": state.epoch, "t": t0})
+        runs.write_status(self.run_dir, last_checkpoint=ckpt.name)
+        self._rotate()
+        if self.cfg.train.sample_prompts:
+            self._samples(kw["model"], state.global_step)
+        self.trainer.pause_seconds += time.time() - t0
+
+    def _rotate(self):
+        """Keep the last save_total_limit marked checkpoints. Only marked ones count, and the newest is marked
+        before anything older is deleted, so a crash here never leaves zero good checkpoints."""
+        for old in runs.checkpoints(self.run_dir)[:-self.cfg.train.save_total_limit]:
+            try:
+                shutil.rmtree(old)
+            except OSError as e:
+                msg = f"could not delete old checkpoint {old.name}: {e}"
+                print(msg, file=sys.stderr, flush=True)
+                self.events.log("warning", msg)
+
+    def _samples(self, model, step):
+        was_training = model.training
+        model.eval()
+        try:
+            for prompt in self.cfg.train.sample_prompts:
+                text = generate_sample(model, self.tokenizer, prompt)
+                self.events.write({"type": "sample", "step": step, "prompt": prompt, "text": text})
+        finally:
+            model.train(was_training)
+
+
+def mark_complete(ckpt: Path, info: dict) -> None:
+    """fsync every file of the checkpoint, then write COMPLETE (tmp + rename), then fsync the folder: after a
+    crash, COMPLETE exists only if everything before it is on disk."""
+    for f in ckpt.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    tmp = ckpt / f".{runs.COMPLETE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(info))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, ckpt / runs.COMPLETE)
+    fd = os.open(ckpt, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x.item() if hasattr(x, "item") else x)
+    return x  # NaN/inf are kept as such: json writes NaN, and the UI must see them
+
+
+_NVML: dict = {"t": 0.0, "reading": {}}
+
+
+def _nvml_reading() -> dict:
+    """Whole-GPU memory as the driver sees it (includes other processes and the CUDA context). An NVML query can
+    take milliseconds (measured ~5 ms per step on a VM): refreshed at most every 2 s, not per step."""
+    now = time.time()
+    if now - _NVML["t"] < 2.0:
+        return _NVML["reading"]
+    _NVML["t"] = now
+    try:
+        import pynvml
+
+        if "handle" not in _NVML:
+            pynvml.nvmlInit()
+            # by UUID: torch's device 0 is not NVML's device 0 when CUDA_VISIBLE_DEVICES reorders them
+            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+            _NVML["handle"] = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        info = pynvml.nvmlDeviceGetMemoryInfo(_NVML["handle"])
+        _NVML["reading"] = {"gpu_used": int(info.used), "gpu_total": int(info.total)}
+    except Exception as e:  # noqa: BLE001 - a missing reading is reported in the event, not fatal to training
+        _NVML["reading"] = {"nvml_error": f"{type(e).__name__}: {e}"}
+    return _NVML["reading"]

@@ -1,0 +1,176 @@
+"""core/runner.py without training: the lock, noticing dead children, attaching, resume refusals, CLI guards.
+Stand-in processes are plain `python -c` sleepers, so these tests take seconds."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core import runner, runs
+from core.__main__ import main as cli
+from core.config import RunConfig
+from core.errors import BusyError, RunError
+
+
+def _sleeper(*extra_fds) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=extra_fds,
+                            start_new_session=True)
+
+
+def _run(state="running", pid=None, **fields):
+    cfg = RunConfig()
+    cfg.model.source = "/models/tiny"
+    run_dir = runs.create(cfg)
+    runs.write_status(run_dir, state=state, pid=pid, pid_create_time=runner.process_start_time(pid) if pid else None,
+                      **fields)
+    return run_dir
+
+
+def test_second_lock_is_refused_naming_the_holder():
+    fd = runner.acquire_lock("run-a")
+    try:
+        with pytest.raises(BusyError, match="busy: run run-a is training"):
+            runner.acquire_lock("run-b")
+    finally:
+        os.close(fd)
+    os.close(runner.acquire_lock("run-b"))  # free again once closed
+
+
+def test_lock_handed_to_a_child_dies_with_it():
+    fd = runner.acquire_lock("run-a")
+    child = _sleeper(fd)
+    os.close(fd)  # like runner.start: only the child holds it now
+    with pytest.raises(BusyError):
+        runner.acquire_lock("run-b")
+    child.kill()
+    child.wait()
+    os.close(runner.acquire_lock("run-b"))  # the kernel dropped it: no stale lock to clean up
+
+
+def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
+    run_dir = _run()
+    (run_dir / "train.log").write_text("loading...\nSegmentation fault\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    runs.write_status(run_dir, pid=proc.pid, pid_create_time=runner.process_start_time(proc.pid))
+    runner._children[run_dir.name] = proc
+    proc.wait()
+    st = runs.read_status(run_dir)
+    assert st["state"] == "failed" and st["ended_at"]
+    assert st["error"]["kind"] == "crash" and "exit code 3" in st["error"]["message"]
+    assert "Segmentation fault" in st["error"]["log_tail"]
+    assert runs.read_status(run_dir)["state"] == "failed"  # stays so
+
+
+def test_a_killed_child_reports_the_signal():
+    proc = _sleeper()
+    run_dir = _run(pid=proc.pid)
+    runner._children[run_dir.name] = proc
+    assert runs.read_status(run_dir)["state"] == "running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "killed by SIGKILL" in runs.read_status(run_dir)["error"]["message"]
+
+
+def test_a_reused_pid_is_not_taken_for_our_child():
+    run_dir = _run(pid=os.getpid())
+    runs.write_status(run_dir, pid_create_time=1.0)  # same pid, another process start time
+    st = runs.read_status(run_dir)
+    assert st["state"] == "failed" and "exit code unknown" in st["error"]["message"]
+
+
+def test_running_finds_the_live_run_after_a_restart_and_skips_dead_ones():
+    dead = _run(pid=999_999_999 if sys.maxsize > 2**32 else 32767)
+    live_proc = _sleeper()
+    try:
+        live = _run(pid=live_proc.pid)
+        assert runner.running() == live.name  # no _children entry: found from status.json + pid alone
+        assert runs.read_status(dead)["state"] == "failed"
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+    assert runner.running() is None
+
+
+def test_stop_sends_sigterm_then_kills_after_the_grace_period():
+    # a process that ignores SIGTERM, standing in for a child stuck in a long step
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"ready"
+    run_dir = _run(pid=proc.pid)
+    runner._children[run_dir.name] = proc
+    t0 = time.time()
+    assert runner.stop(run_dir.name, grace_s=1.0) == "stopped"
+    assert 1.0 <= time.time() - t0 < 15
+    assert proc.poll() == -signal.SIGKILL
+    assert "did not stop within 1 s" in runs.read_status(run_dir)["error"]["message"]
+    with pytest.raises(RunError, match="not running"):
+        runner.stop(run_dir.name)
+
+
+def test_resume_refusals():
+    done = _run(state="completed")
+    with pytest.raises(RunError, match="already completed"):
+        runner.resume(done.name)
+    no_ckpt = _run(state="stopped")
+    with pytest.raises(RunError, match="no complete checkpoint"):
+        runner.resume(no_ckpt.name)
+    busy_proc = _sleeper()
+    try:
+        busy = _run(pid=busy_proc.pid)
+        with pytest.raises(BusyError, match=f"busy: run {busy.name} is training"):
+            runner.resume(busy.name)
+        with pytest.raises(BusyError):
+            runner.delete(busy.name)
+    finally:
+        busy_proc.kill()
+        busy_proc.wait()
+
+
+def test_resume_refuses_when_the_data_or_lora_shape_changed(tmp_path):
+    model = tmp_path / "model"  # resume checks files only: a stand-in folder is enough
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"0" * 64)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    cfg = RunConfig()
+    cfg.model.source = str(model)
+    cfg.data.source = str(data)
+    run_dir = runs.create(cfg)
+    runs.write_fingerprint(run_dir, runs.fingerprint(cfg, model, "tokens"))
+    runs.write_status(run_dir, state="stopped")
+    ckpt = runs.checkpoints_dir(run_dir) / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / runs.COMPLETE).write_text("{}")
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}\n')
+    with pytest.raises(RunError, match="the dataset changed") as e:
+        runner.resume(run_dir.name)
+    assert "restore" in e.value.hint
+    assert runs.read_status(run_dir)["state"] == "stopped"  # a refused resume changes nothing
+    (model / "model.safetensors").write_bytes(b"0" * 65)
+    with pytest.raises(RunError, match="the base model changed .*weights"):
+        runner.resume(run_dir.name)
+
+
+def test_cli_run_dir_must_be_a_run_folder(tmp_path, capsys):
+    outside = tmp_path / "evil"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("{}")
+    assert cli(["train", "--run-dir", str(outside)]) == 2
+    assert "error:" in capsys.readouterr().err
+    run_dir = _run(state="queued")
+    assert cli(["train", "--run-dir", str(run_dir), "--set", "lora.r=4"]) == 2  # settings come from the folder
+
+
+def test_cli_runs_list_and_show(capsys):
+    run_dir = _run(state="stopped")
+    assert cli(["runs"]) == 0
+    assert run_dir.name in capsys.readouterr().out
+    assert cli(["runs", "show", run_dir.name, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "stopped"
+    assert cli(["runs", "show", "../x"]) == 2
