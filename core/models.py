@@ -179,6 +179,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
+    # the GGUF loader records quant_method "gguf"; the weights we save are plain fp32, and Trainer refuses to
+    # train a model whose config says it is GGUF-quantized
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:

@@ -48,6 +48,7 @@ def test_builtin_converts_once_then_loads_and_answers(garage_home):
     assert models.resolve(models.BUILTIN_ID) == path  # second call: no conversion
     assert time.time() - t < 1 and (path / "model.safetensors").stat().st_mtime == mtime
     assert marker["seconds"] > 0
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())  # plain fp32, trainable
 
     tok = models.load_tokenizer(path)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
