@@ -77,31 +77,44 @@ def _settings(system, max_new, temperature, top_p, rep, seed) -> dict:
 
 
 def _messages(history: list[dict], prompt: str) -> list[dict]:
-    msgs = [{"role": m["role"], "content": m["content"]} for m in history if m.get("role") in ("user", "assistant")]
+    msgs = [{"role": m["role"], "content": "" if m["content"] == EMPTY_REPLY else m["content"]}
+            for m in history if m.get("role") in ("user", "assistant")]
     return msgs + [{"role": "user", "content": prompt}]
+
+
+EMPTY_REPLY = "_(empty reply: the model ended its turn at once)_"
 
 
 def send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
     """Stream replies into both chat windows. Left: base (or checkpoint A); right: adapter (or checkpoint B)."""
+    left, right = list(left or []), list(right or [])
+    for update in _send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
+        yield update
+    for side in (left, right):  # say so when a model answered nothing, rather than showing a blank bubble
+        if side and side[-1]["role"] == "assistant" and not side[-1]["content"].strip():
+            side[-1]["content"] = EMPTY_REPLY
+    yield "", left, right
+
+
+def _send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
     prompt = (prompt or "").strip()
     if not prompt:
         raise gr.Error("Type a message first.")
     if not run_id:
         raise gr.Error("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
     settings = _settings(*gen)
-    left, right = list(left or []), list(right or [])
     try:
         name_a = SESSION.load_run(run_id, _checkpoint(ck_a))
         name_b = SESSION.load_run(run_id, _checkpoint(ck_b)) if mode == MODES[2] else None
         left_msgs, right_msgs = _messages(left, prompt), _messages(right, prompt)
         turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-        right += [dict(m) for m in turn]
+        right.extend(dict(m) for m in turn)
         if mode == MODES[1]:  # adapter only: the right window
             for text in SESSION.stream(right_msgs, settings, adapter=name_a):
                 right[-1]["content"] = text
                 yield "", left, right
             return
-        left += [dict(m) for m in turn]
+        left.extend(dict(m) for m in turn)
         if mode == MODES[0] and left_msgs == right_msgs:  # same history: both grow together in one batch
             for base_text, adapter_text in SESSION.compare(left_msgs, settings, adapter=name_a):
                 left[-1]["content"], right[-1]["content"] = base_text, adapter_text

@@ -1,0 +1,49 @@
+"""Handler-level tests for the Chat page, on a finished tiny-model run."""
+
+import gradio as gr
+import pytest
+
+from ui import chat_tab
+
+
+@pytest.fixture
+def tiny_run(garage_home, tiny_model_dir):
+    from tests.test_chat import make_run
+
+    make_run(garage_home, tiny_model_dir, run_id="tiny-run", checkpoints={3: True, 5: False},
+             data={"source": "builtin:demo-identity"})
+    return "tiny-run"
+
+
+def test_runs_checkpoints_and_eval_prompts_are_listed(tiny_run):
+    assert chat_tab.run_choices() == [tiny_run]
+    assert chat_tab.default_run() == tiny_run
+    assert chat_tab.checkpoint_choices(tiny_run) == ["final adapter", "checkpoint 3"]  # unmarked 5 is not offered
+    ck_a, ck_b, examples = chat_tab.on_run(tiny_run)
+    assert ck_a["value"] == "final adapter" and ck_b["value"] == "checkpoint 3"
+    assert examples["visible"] and len(examples["choices"]) >= 10
+
+
+def test_side_by_side_streams_and_never_shows_a_blank_bubble(tiny_run):
+    gen = ("", 12, 0.0, 1.0, 1.0, 0)
+    updates = list(chat_tab.send("Who are you?", [], [], tiny_run, "final adapter", None, chat_tab.MODES[0], *gen))
+    assert len(updates) >= 3  # streamed, not one final answer
+    _, left, right = updates[-1]
+    assert [m["role"] for m in left] == [m["role"] for m in right] == ["user", "assistant"]
+    assert left[-1]["content"].strip() and right[-1]["content"].strip()
+    assert left[-1]["content"] != right[-1]["content"]  # the adapter changes the answer
+
+
+def test_checkpoint_a_vs_b_and_adapter_only(tiny_run):
+    gen = ("", 6, 0.0, 1.0, 1.0, 0)
+    *_, (_, left, right) = chat_tab.send("hi", [], [], tiny_run, "checkpoint 3", "final adapter", chat_tab.MODES[2], *gen)
+    assert left[-1]["role"] == right[-1]["role"] == "assistant"
+    *_, (_, left, right) = chat_tab.send("hi", [], [], tiny_run, "final adapter", None, chat_tab.MODES[1], *gen)
+    assert left == [] and right[-1]["content"]
+
+
+def test_user_errors_are_messages():
+    with pytest.raises(gr.Error, match="Type a message"):
+        list(chat_tab.send("  ", [], [], "x", None, None, chat_tab.MODES[0], "", 8, 0, 1, 1, 0))
+    with pytest.raises(gr.Error, match="No trained run"):
+        list(chat_tab.send("hi", [], [], None, None, None, chat_tab.MODES[0], "", 8, 0, 1, 1, 0))
