@@ -33,27 +33,42 @@ def app_server(tmp_path_factory, request, shared_models):
     setup = getattr(request.module, "setup_home", None)
     if setup:
         setup(home)
-    port = free_port()
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited early:\n{(home / 'app.log').read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
+    # Gradio's own start-up check (a HEAD request with a 3 s timeout) can fail on a saturated machine; that is
+    # the check failing, not the app, so a second try on a new port is allowed, and only for that message.
+    for attempt in (1, 2):
+        proc, url, t0, log = _start(home, env)
+        if proc is not None:
             break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"app did not start in 120 s:\n{(home / 'app.log').read_text()}")
+        if attempt == 2 or "localhost is not accessible" not in log:
+            raise RuntimeError(f"app did not start:\n{log}")
     yield url, home, time.time() - t0
     os.killpg(proc.pid, 15)
-    proc.wait(timeout=20)
-    log.close()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:  # still busy (e.g. mid-generation): the test is over, end it
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=20)
+
+
+def _start(home, env):
+    """(proc, url, t0, "") once the page answers, or (None, None, t0, app.log text) if the app exited."""
+    port = free_port()
+    log_path = home / f"app-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while time.time() - t0 < 180:
+        if proc.poll() is not None:
+            return None, None, t0, log_path.read_text()
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return proc, url, t0, ""
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    raise RuntimeError(f"app did not answer in 180 s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")
