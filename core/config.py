@@ -53,6 +53,8 @@ class DataConfig:
     overlong: str = _f("truncate", "What to do with rows over max_len.", ("truncate", "drop"))
     train_on: str = _f("assistant", "Which tokens carry the loss.", ("assistant", "all"))
     packing: bool = _f(False, "Pack several short examples into one sequence.")
+    padding_free: bool = _f(True, "Batches without padding: rows laid end to end, kept apart by position_ids "
+                                  "(falls back to padded, length-grouped batches where the model cannot keep them apart).")
     val_fraction: float = _f(0.0, "Share of rows held out for evaluation (0 = none, unless val_source is set).")
     val_source: str = _f("", "A separate file for evaluation (overrides val_fraction).")
     limit: int = _f(0, "Use only the first N rows (0 = all).")

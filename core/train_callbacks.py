@@ -1,4 +1,4 @@
-"""The pieces core/training.py plugs into transformers' Trainer: a padding collator, a seeded length-grouped
+"""The pieces core/training.py plugs into transformers' Trainer (the collators are in core/collate.py): a seeded length-grouped
 sampler, a thin Trainer subclass (phase tracking, NaN bookkeeping, test-only fault hooks) and the callback that
 talks to the UI through the run folder (events.jsonl, status.json, COMPLETE markers, stop requests).
 
@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from core import runs
+from core.collate import PadCollator  # noqa: F401 - re-exported: the collators live in core.collate
 
 FAULT_ENV = "LORA_GARAGE_FAULT"  # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4"
 
@@ -65,35 +66,6 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         print(f"received {signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True)
-
-
-class PadCollator:
-    """Pads each batch to its own longest row: input_ids with the pad id, labels with -100, attention_mask 0.
-    Packed rows (with position_ids) get no attention_mask: transformers then reads the sequence boundaries from
-    position_ids, so packed examples do not attend to each other. Counts the real (non-padding) tokens it hands
-    out, which is what tokens/s reports."""
-
-    def __init__(self, pad_id: int, multiple_of: int = 1):
-        self.pad_id = pad_id
-        self.multiple_of = multiple_of
-        self.tokens = 0
-
-    def __call__(self, rows: list[dict]) -> dict:
-        lengths = [len(r["input_ids"]) for r in rows]
-        n = -(-max(lengths) // self.multiple_of) * self.multiple_of
-        packed = "position_ids" in rows[0]
-        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        extra = torch.zeros((len(rows), n), dtype=torch.long)  # attention_mask, or position_ids when packed
-        for i, (row, length) in enumerate(zip(rows, lengths)):
-            input_ids[i, :length] = torch.tensor(row["input_ids"], dtype=torch.long)
-            labels[i, :length] = torch.tensor(row["labels"], dtype=torch.long)
-            if packed:
-                extra[i, :length] = torch.tensor(row["position_ids"], dtype=torch.long)
-            else:
-                extra[i, :length] = 1
-        self.tokens += sum(lengths)
-        return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -153,11 +125,11 @@ class GarageTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         phase, self.ctx.phase = self.ctx.phase, "eval"
-        tokens, t0 = self.collator.tokens, time.time()
+        tokens, attn_sq, t0 = self.collator.tokens, self.collator.attn_sq, time.time()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.collator.tokens = tokens
+            self.collator.tokens, self.collator.attn_sq = tokens, attn_sq
             self.pause_seconds += time.time() - t0
             self.ctx.phase = phase
 
@@ -192,11 +164,13 @@ class GarageCallback(TrainerCallback):
         self.step_times: deque = deque(maxlen=20)
         self._status_t = 0.0
         self._proc = None
+        self.flops: FlopsModel | None = None      # set by the builder on CUDA: adds "mfu" to the metrics events
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.time()
         self.last_tokens = self.trainer.collator.tokens
+        self.last_attn_sq = self.trainer.collator.attn_sq
         self.last_pause = self.trainer.pause_seconds
         self.last_step = state.global_step
         if state.global_step > 0:
@@ -255,8 +229,11 @@ class GarageCallback(TrainerCallback):
                  "loss": _num(logs.get("loss")), "lr": _num(logs.get("learning_rate")),
                  "grad_norm": _num(logs.get("grad_norm")), "tokens_per_s": round(tokens / dt, 1),
                  "elapsed": round(now - self.t0, 2), "eta_s": round(eta, 1), "mem": self._memory()}
+        if self.flops is not None:
+            event["mfu"] = self.flops.mfu(tokens, self.trainer.collator.attn_sq - self.last_attn_sq, dt)
         self.events.write(event)
         self.last_t, self.last_tokens, self.last_step = now, self.trainer.collator.tokens, state.global_step
+        self.last_attn_sq = self.trainer.collator.attn_sq
         self.last_pause = self.trainer.pause_seconds
         print(f"step {state.global_step}/{state.max_steps}  loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}  "
               f"{event['tokens_per_s']:.0f} tok/s  eta {eta:.0f} s", flush=True)
@@ -314,6 +291,41 @@ class GarageCallback(TrainerCallback):
                 self.events.write({"type": "sample", "step": step, "prompt": prompt, "text": text})
         finally:
             model.train(was_training)
+
+
+class FlopsModel:
+    """Model FLOPs utilisation: the FLOPs a step must do (not what recomputation adds) over the GPU's peak.
+    LoRA trains no base weights, so a token costs ~4N FLOPs in the base linears (2N forward, 2N for the gradient
+    w.r.t. the activations; no weight gradients), N = base parameters excluding the input embedding lookup.
+    Causal attention adds, per example of length L and per layer, 2*d*L^2 forward (QK^T and AV, half the square)
+    and twice that backward: 6*d*L^2. peak: dense bf16 tensor FLOP/s from core.eta.GPU_PEAK_BF16 (vendor spec
+    sheets); an unknown GPU gets no MFU rather than a made-up one."""
+
+    def __init__(self, params: int, layers: int, hidden: int, peak: float):
+        self.params, self.layers, self.hidden, self.peak = params, layers, hidden, peak
+
+    @classmethod
+    def for_model(cls, model, gpu_name: str) -> "FlopsModel | None":
+        from core.eta import GPU_PEAK_BF16
+
+        low = gpu_name.lower()
+        peak = next((f for key, f in GPU_PEAK_BF16.items() if key in low), None)
+        if peak is None:
+            return None
+        config = model.config
+        embed = model.get_input_embeddings().weight
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        n = 0
+        for p in model.parameters():
+            if p is embed and not tied:
+                continue  # a lookup, not a matmul (when tied it is also the lm_head, which is one)
+            # bitsandbytes 4-bit weights are stored two to a byte: numel() is half the real count
+            n += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        return cls(n, int(config.num_hidden_layers), int(config.hidden_size), peak)
+
+    def mfu(self, tokens: int, attn_sq: int, seconds: float) -> float:
+        flops = 4 * self.params * tokens + 6 * self.layers * self.hidden * attn_sq
+        return round(flops / max(seconds, 1e-9) / self.peak, 4)
 
 
 def mark_complete(ckpt: Path, info: dict) -> None:

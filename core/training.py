@@ -74,7 +74,7 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
     models.check_safetensors(model_path)
-    write_estimate(run_dir, cfg, model_path, events)
+    write_estimate(run_dir, cfg, model_path, events, device)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
@@ -127,15 +127,43 @@ def pick_device(events: runs.EventLog) -> str:
 
 
 def compute_dtype(cfg, device: str):
-    """fp32 on the CPU (half precision brings no speed there); on a GPU bf16 where supported, else fp16."""
+    """fp32 on the CPU (half precision brings no speed there); on a GPU bf16 where supported, else fp16 (Trainer
+    then scales the loss). A 4-bit/8-bit base never computes in fp32 on a GPU: the dequantised matmuls would run
+    at a fraction of tensor-core speed for no accuracy a quantised base could use."""
     import torch
 
     want = cfg.quant.compute_dtype
     if device == "cpu":
         return torch.float32
-    if want == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if want == "auto" or (want == "fp32" and cfg.quant.method in ("qlora", "8bit")):
+        return half
+    if want == "bf16" and not torch.cuda.is_bf16_supported():
+        return torch.float16  # pre-Ampere GPUs emulate bf16 slowly; fp16 with loss scaling is the fast path
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[want]
+
+
+def attn_implementation(cfg, device: str) -> str:
+    """The configured kernel, or sdpa where flash_attention_2 cannot run (not installed, no CUDA, pre-Ampere)."""
+    want = cfg.model.attn_implementation
+    if want != "flash_attention_2":
+        return want
+    import importlib.util
+
+    import torch
+
+    why = None
+    if device != "cuda":
+        why = "it needs a CUDA GPU"
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = "the flash-attn package is not installed (pip install flash-attn)"
+    elif torch.cuda.get_device_capability(0)[0] < 8:
+        why = f"{torch.cuda.get_device_name(0)} is older than Ampere (compute capability 8.0)"
+    if why:
+        print(f"WARNING: model.attn_implementation=flash_attention_2 is not available ({why}): using sdpa",
+              file=sys.stderr, flush=True)
+        return "sdpa"
+    return want
 
 
 def load_model(cfg, device: str, model_path: Path | None = None):
@@ -161,12 +189,13 @@ def load_model(cfg, device: str, model_path: Path | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation, device_map={"": 0} if device == "cuda" else None,
+        attn_implementation=attn_implementation(cfg, device), device_map={"": 0} if device == "cuda" else None,
         **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     how = {"lora": f"{str(dtype).removeprefix('torch.')} base", "8bit": "8-bit base",
            "qlora": f"4-bit {q.quant_type} base{' + double quant' if q.double_quant else ''}"}[q.method]
-    print(f"loaded {model_path.name}: {how}, compute in {str(dtype).removeprefix('torch.')}, on {device}", flush=True)
+    print(f"loaded {model_path.name}: {how}, compute in {str(dtype).removeprefix('torch.')}, on {device}, "
+          f"attention {model.config._attn_implementation}", flush=True)
     return model
 
 
@@ -203,7 +232,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from core.train_callbacks import GarageCallback, GarageTrainer, PadCollator
+    from core.train_callbacks import FlopsModel, GarageCallback, GarageTrainer
 
     t = cfg.train
     dtype = compute_dtype(cfg, device)
@@ -223,21 +252,52 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         eval_strategy="steps" if has_eval and t.eval_steps else "no", eval_steps=t.eval_steps or None,
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
         report_to="none", disable_tqdm=True, skip_memory_metrics=True)
-    collator = PadCollator(tokenizer.pad_token_id, multiple_of=8 if device == "cuda" else 1)
+    collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer)
+    if device == "cuda":
+        callback.flops = FlopsModel.for_model(model, torch.cuda.get_device_name(0))
     trainer = GarageTrainer(model=model, args=args, train_dataset=prepared.train,
                             eval_dataset=prepared.eval if has_eval else None, processing_class=tokenizer,
                             callbacks=[callback], ctx=ctx, collator=collator,
-                            group_by_length=t.batch_size * t.grad_accum > 1, faults=faults)
+                            group_by_length=group and t.batch_size * t.grad_accum > 1, faults=faults)
     for cb in (PrinterCallback, ProgressCallback):  # our callback prints one line per step instead
         trainer.remove_callback(cb)
     callback.trainer = trainer
     return trainer, callback
 
 
+def pick_collator(cfg, model, tokenizer, device: str, events: runs.EventLog):
+    """-> (collator, group_by_length). Padding-free batches (data.padding_free, default on) when a check on the
+    real model shows flattened rows stay apart; else padded batches, grouped by length so little padding is
+    left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
+    sdpa/eager get sequences no longer than the batch's longest row (their mask is computed in full), still
+    grouped by length so those sequences come out nearly full."""
+    from core.collate import FlatCollator, PadCollator, isolation_check
+
+    multiple_of = 8 if device == "cuda" else 1
+    if not cfg.data.padding_free:
+        print("batches: padded to the longest row, grouped by length (data.padding_free=false)", flush=True)
+        return PadCollator(tokenizer.pad_token_id, multiple_of), True
+    attn = getattr(model.config, "_attn_implementation", "?")
+    try:
+        ok, detail = isolation_check(model, model.get_input_embeddings().num_embeddings)
+    except Exception as e:  # noqa: BLE001 - a model that cannot take position_ids this way just gets padded batches
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        msg = (f"padding-free batches are off: with attention {attn} this model lets flattened rows see each other "
+               f"({detail}); using padded batches grouped by length instead")
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+        events.log("warning", msg)
+        return PadCollator(tokenizer.pad_token_id, multiple_of), True
+    flash = attn == "flash_attention_2"
+    print(f"batches: padding-free ({'one varlen sequence per batch' if flash else 'rows laid end to end'}, "
+          f"attention {attn} keeps them apart: {detail})", flush=True)
+    return FlatCollator(tokenizer.pad_token_id, multiple_of, capacity=0 if flash else None), not flash
+
+
 # ---------------------------------------------------------------- before training: estimate, resume, disk
 
-def write_estimate(run_dir: Path, cfg, model_path: Path, events: runs.EventLog) -> None:
+def write_estimate(run_dir: Path, cfg, model_path: Path, events: runs.EventLog, device: str = "cuda") -> None:
     """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events."""
     import dataclasses
 
@@ -245,7 +305,7 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: runs.EventLog) 
 
     try:  # only the estimate itself is guarded: a missing core.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))
-        est = vram.estimate(shape, vram.settings_from_config(cfg))
+        est = vram.estimate(shape, vram.settings_from_config(cfg, device=device))  # CPU runs: a RAM estimate
         body = est.to_dict() if hasattr(est, "to_dict") else dataclasses.asdict(est)
     except Exception as e:  # noqa: BLE001 - the estimate is advice, not a reason to refuse training; say why it is missing
         msg = f"no VRAM estimate for this model: {type(e).__name__}: {e}"

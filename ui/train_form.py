@@ -25,6 +25,7 @@ GROUPS = {
                  ("train.seed", "number"), ("train.save_steps", "number"), ("train.save_total_limit", "number"),
                  ("train.eval_steps", "number"), ("train.logging_steps", "number")],
     "Advanced": [("data.train_on", "radio"), ("data.overlong", "radio"), ("data.packing", "check"),
+                 ("data.padding_free", "check"),
                  ("data.val_fraction", "number"), ("data.val_source", "text"), ("data.limit", "number"),
                  ("model.attn_implementation", "dropdown"), ("model.trust_remote_code", "check"),
                  ("train.nan_patience", "number"), ("output.run_name", "text")],

@@ -1,0 +1,153 @@
+"""Padding-free batches: the flattened batch gives every row the same losses as running it alone, the kernel check
+catches a model that would let rows see each other (and training then falls back to padded, length-grouped
+batches, saying so), tokens/s counts only real tokens, and the MFU arithmetic. Timings are in bench/throughput.py."""
+
+import json
+
+import pytest
+import torch
+
+from core.collate import FlatCollator, PadCollator, isolation_check
+
+LENGTHS = [23, 5, 17, 9, 31, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    models = {impl: AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                         attn_implementation=impl).eval()
+              for impl in ("sdpa", "eager")}
+    return models
+
+
+def rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(5, 200, (n,), generator=g).tolist()
+        labels = [t if k >= n // 3 else -100 for k, t in enumerate(ids)]  # a masked prompt, a trained answer
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def token_losses(model, batch) -> torch.Tensor:
+    """Per-token cross-entropy of the batch, shaped like its labels (0 where a label is ignored)."""
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return ce
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("capacity", [None, 0])
+def test_a_flattened_batch_gives_each_row_the_losses_it_has_alone(tiny, impl, capacity):
+    model, data = tiny[impl], rows()
+    flat = FlatCollator(pad_id=0, capacity=capacity)(data)
+    assert "attention_mask" not in flat
+    n_seqs = flat["input_ids"].shape[0]
+    assert n_seqs < len(data)  # rows really were put together
+    flat_ce = token_losses(model, flat)
+    # map every row back to where the collator put it: position 0 starts a row; padding is position 0 too
+    found = 0
+    for b in range(n_seqs):
+        pos = flat["position_ids"][b].tolist()
+        starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+        for s, e in zip(starts, starts[1:]):
+            length = e - s
+            ids = flat["input_ids"][b, s:e].tolist()
+            match = [r for r in data if r["input_ids"] == ids]
+            if not match:
+                assert length == 1  # a pad token alone
+                continue
+            found += 1
+            alone = PadCollator(pad_id=0)([match[0]])
+            alone_ce = token_losses(model, alone)[0]
+            torch.testing.assert_close(flat_ce[b, s:e], alone_ce, atol=2e-5, rtol=1e-4)
+    assert found == len(data)
+
+
+def test_flat_and_padded_batches_give_the_same_model_loss(tiny):
+    """What Trainer optimises: the model's mean loss over the batch, with the same tokens counted."""
+    model, data = tiny["sdpa"], rows(1)
+    with torch.no_grad():
+        padded = model(**PadCollator(pad_id=0)(data), use_cache=False).loss
+        flat = model(**FlatCollator(pad_id=0)(data), use_cache=False).loss
+    torch.testing.assert_close(flat, padded, atol=2e-5, rtol=1e-5)
+
+
+def test_collators_count_only_real_tokens_and_pack_tighter():
+    data = rows()
+    pad, flat = PadCollator(pad_id=0, multiple_of=8), FlatCollator(pad_id=0, multiple_of=8)
+    a, b = pad(data), flat(data)
+    assert pad.tokens == flat.tokens == sum(LENGTHS)
+    assert pad.attn_sq == flat.attn_sq == sum(n * n for n in LENGTHS)
+    assert b["input_ids"].numel() < a["input_ids"].numel()
+    assert b["input_ids"].shape[1] == a["input_ids"].shape[1] == 32  # never longer than the longest row
+    assert (b["labels"] != -100).sum() == (a["labels"] != -100).sum()
+
+
+def test_the_isolation_check_catches_a_leaking_mask(tiny, monkeypatch):
+    ok, detail = isolation_check(tiny["sdpa"], 256)
+    assert ok, detail
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # a kernel without it
+    ok, detail = isolation_check(tiny["sdpa"], 256)
+    assert not ok, detail
+
+
+def _prepared_and_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa")
+    return tok, model
+
+
+class _Events:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, level, message):
+        self.lines.append((level, message))
+
+
+def test_training_defaults_to_padding_free_and_falls_back_with_a_log_line(tiny_model_dir, monkeypatch, capsys):
+    from core.config import RunConfig
+    from core.training import pick_collator
+
+    tok, model = _prepared_and_model(tiny_model_dir)
+    cfg = RunConfig()
+    events = _Events()
+    collator, group = pick_collator(cfg, model, tok, "cpu", events)
+    assert isinstance(collator, FlatCollator) and group
+    assert "padding-free" in capsys.readouterr().out and not events.lines
+
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    collator, group = pick_collator(cfg, model, tok, "cpu", events)
+    assert type(collator) is PadCollator and group
+    assert "padding-free batches are off" in capsys.readouterr().err
+    assert events.lines and events.lines[0][0] == "warning"
+
+
+def test_the_estimate_of_a_cpu_run_is_a_cpu_estimate(tiny_model_dir, tmp_path):
+    from core.config import RunConfig
+    from core.training import write_estimate
+
+    cfg = RunConfig()
+    cfg.model.source = str(tiny_model_dir)
+    write_estimate(tmp_path, cfg, tiny_model_dir, _Events(), "cpu")
+    assert json.loads((tmp_path / "estimate.json").read_text())["settings"]["device"] == "cpu"
+
+
+def test_mfu_arithmetic():
+    from core.train_callbacks import FlopsModel
+
+    f = FlopsModel(params=1_000_000, layers=2, hidden=64, peak=1e12)
+    # 1000 tokens in rows of 100: 4 * 1e6 * 1000 + 6 * 2 * 64 * (10 * 100**2) = 4.0768e9 FLOPs in 1 ms
+    assert f.mfu(1000, 10 * 100 ** 2, 1e-3) == pytest.approx(4.0768e9 / 1e-3 / 1e12, abs=1e-4)
