@@ -14,7 +14,7 @@ import pandas as pd
 from core import config as C
 from core import runner, runs
 from core.errors import GarageError
-from ui import plots
+from ui import plots, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "final loss", "duration", "peak mem / estimate"]
 
@@ -109,15 +109,6 @@ def delete(run_id: str | None, confirmed: bool) -> str:
     return f"Deleted {run_id}."
 
 
-def resume(run_id: str | None) -> str:
-    if not run_id:
-        raise gr.Error("Pick a run first.")
-    try:
-        return runner.resume(run_id)
-    except GarageError as e:
-        raise gr.Error(str(e))
-
-
 def build(tabs: gr.Tabs, train, chat) -> tuple:
     """Lay out the page; returns (fn, inputs, outputs) for the app's load event, which re-lists the runs."""
     refresh_btn = gr.Button("Refresh", size="sm")
@@ -160,7 +151,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     grid.select(_select, None, pick)
     delete_btn.click(delete, [pick, sure], action_md).success(_relist, None, [grid, pick, compare]).then(
         lambda: False, None, sure)
-    resume_btn.click(resume, pick, train.run_id).success(
+    resume_btn.click(train_tab.resume, pick, train.run_id).success(
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
     chat_btn.click(chat.refresh[0], pick, chat.refresh[1]).then(lambda: gr.Tabs(selected="chat"), None, tabs)
     return _on_load, None, [grid, pick, compare, overlay_plot, summary, curve, cfg_yaml, cli]
