@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -232,6 +233,18 @@ def metrics(events: list[dict]) -> list[dict]:
         elif e.get("type") == "metrics":
             out.append(e)
     return out
+
+
+def estimate_bytes(run_dir: Path) -> int | None:
+    """Total bytes of the VRAM estimate written at launch (estimate.json), or None when there is none."""
+    path = Path(run_dir) / "estimate.json"
+    try:
+        return int(json.loads(path.read_text()).get("total_bytes") or 0) or None
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as e:  # a damaged file: the run still shows, without its estimate line
+        print(f"warning: unreadable {path}: {e}", file=sys.stderr)
+        return None
 
 
 def tail_log(run_dir: Path, lines: int = 30) -> str:

@@ -158,3 +158,11 @@ def test_tail_log_and_delete():
     assert runs.tail_log(run_dir, 2) == "line 98\nline 99"
     runs.delete(run_dir)
     assert not os.path.exists(run_dir)
+
+
+def test_estimate_bytes_reads_the_launch_estimate(tmp_path):
+    assert runs.estimate_bytes(tmp_path) is None
+    (tmp_path / "estimate.json").write_text('{"total_bytes": 2048}')
+    assert runs.estimate_bytes(tmp_path) == 2048
+    (tmp_path / "estimate.json").write_text("{not json")
+    assert runs.estimate_bytes(tmp_path) is None

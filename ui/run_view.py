@@ -7,7 +7,6 @@ refresh, a second tab or an app restart shows the same run from its files.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 
 import gradio as gr
@@ -81,7 +80,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
     cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new}
     events = cache["events"]
     state = status.get("state", "?")
-    est = _estimate_bytes(run_dir)
+    est = runs.estimate_bytes(run_dir)
     done = state in runs.TERMINAL
     values = (
         status_md(run_id, status),
@@ -148,16 +147,6 @@ def samples_md(events: list[dict]) -> str:
     parts = [f"**step {e.get('step')}** · _{html.escape(str(e.get('prompt', '')))}_  \n{html.escape(str(e.get('text', '')))}"
              for e in samples]
     return "#### Sample generations\n" + "\n\n".join(parts)
-
-
-def _estimate_bytes(run_dir) -> int | None:
-    path = run_dir / "estimate.json"
-    if not path.exists():
-        return None
-    try:
-        return int(json.loads(path.read_text()).get("total_bytes") or 0) or None
-    except (ValueError, OSError):
-        return None
 
 
 def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:

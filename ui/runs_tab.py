@@ -49,12 +49,7 @@ def _peak_vs_estimate(run_dir, metrics: list[dict]) -> str:
     for e in metrics:
         mem = e.get("mem") or {}
         peak = max(peak, mem.get("peak_reserved") or 0, mem.get("rss") or 0)
-    est = None
-    if (run_dir / "estimate.json").exists():
-        try:
-            est = json.loads((run_dir / "estimate.json").read_text()).get("total_bytes")
-        except ValueError:
-            est = None
+    est = runs.estimate_bytes(run_dir)
     left = f"{peak / 2**30:.2f} GB" if peak else "?"
     return f"{left} / {est / 2**30:.2f} GB" if est else left
 
