@@ -166,6 +166,66 @@ def attn_implementation(cfg, device: str) -> str:
     return want
 
 
+LIGER_MIN_VERSION = "0.3.0"  # transformers' own floor for use_liger_kernel (utils/import_utils.py)
+
+
+def liger_plan(cfg, model, device: str, events: runs.EventLog) -> dict | None:
+    """Which Liger kernels to apply (kwargs for liger's _apply_liger_kernel_to_instance, which Trainer calls on the
+    base model under peft), or None with a train.log line saying why not. Liger only runs where it can be right:
+    - a CUDA GPU (Triton), liger-kernel installed, and kernels for this model type;
+    - the fused linear + cross-entropy reads lm_head.weight directly, so it is off (plain Liger cross-entropy
+      instead) when lm_head carries a LoRA adapter (the fused loss would silently train without it), when lm_head
+      is itself quantized, and on a 4-/8-bit base computing in fp16 (dtype mismatch in the fused loss:
+      linkedin/Liger-Kernel#235). RMSNorm, RoPE and SwiGLU call the peft-wrapped layers, so LoRA and 4-bit
+      linears keep working under them."""
+    if not cfg.model.liger_kernel:
+        return None
+    import importlib.metadata
+
+    import torch
+    from packaging.version import Version
+
+    why = None
+    if device != "cuda":
+        why = "its Triton kernels need a CUDA GPU"
+    else:
+        try:
+            have = importlib.metadata.version("liger-kernel")
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have is None:
+            why = "the liger-kernel package is not installed (pip install liger-kernel)"
+        elif Version(have) < Version(LIGER_MIN_VERSION):
+            why = f"liger-kernel {have} is older than {LIGER_MIN_VERSION} (pip install -U liger-kernel)"
+        else:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+            model_type = getattr(model.config, "model_type", "?")
+            if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                why = f"liger-kernel {have} has no kernels for model type {model_type!r}"
+    if why:
+        msg = f"model.liger_kernel is on but Liger is off: {why}"
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+        events.log("warning", msg)
+        return None
+    plan = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True, "cross_entropy": False}
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    no_fused = None
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        no_fused = "lm_head carries a LoRA adapter, which the fused loss would leave out"
+    elif weight is None or not weight.dtype.is_floating_point:
+        no_fused = "lm_head is quantized"
+    elif cfg.quant.method in ("qlora", "8bit") and compute_dtype(cfg, device) == torch.float16:
+        no_fused = "a 4-/8-bit base computing in fp16 trips a dtype mismatch in it (Liger-Kernel#235)"
+    if no_fused:
+        plan.update(fused_linear_cross_entropy=False, cross_entropy=True)
+    kernels = [k.replace("_", " ") for k, on in plan.items() if on]
+    print(f"kernels: Liger {', '.join(kernels)}"
+          + (f" (fused linear cross-entropy off: {no_fused})" if no_fused else ""), flush=True)
+    return plan
+
+
 def load_model(cfg, device: str, model_path: Path | None = None):
     """The base model for training: 16-bit (lora), 4-bit NF4/FP4 (qlora) or 8-bit, from safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -237,6 +297,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     t = cfg.train
     dtype = compute_dtype(cfg, device)
     has_eval = bool(prepared.eval)
+    liger = liger_plan(cfg, model, device, events)
     args = TrainingArguments(
         output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -251,7 +312,8 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         save_total_limit=None,  # we rotate ourselves, counting only COMPLETE-marked checkpoints
         eval_strategy="steps" if has_eval and t.eval_steps else "no", eval_steps=t.eval_steps or None,
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
-        report_to="none", disable_tqdm=True, skip_memory_metrics=True)
+        report_to="none", disable_tqdm=True, skip_memory_metrics=True,
+        use_liger_kernel=liger is not None, liger_kernel_config=liger)
     collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer)
     if device == "cuda":

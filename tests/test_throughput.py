@@ -151,3 +151,100 @@ def test_mfu_arithmetic():
     f = FlopsModel(params=1_000_000, layers=2, hidden=64, peak=1e12)
     # 1000 tokens in rows of 100: 4 * 1e6 * 1000 + 6 * 2 * 64 * (10 * 100**2) = 4.0768e9 FLOPs in 1 ms
     assert f.mfu(1000, 10 * 100 ** 2, 1e-3) == pytest.approx(4.0768e9 / 1e-3 / 1e12, abs=1e-4)
+
+
+# ---------------------------------------------------------------- Liger kernels: on only where they can be right
+
+def _fake_liger(tmp_path, monkeypatch, version="0.6.0", types=("llama",)):
+    """An installed-looking liger-kernel distribution (metadata + the one table liger_plan reads), so the decision
+    logic can be checked on a machine without Triton. It never patches anything: nothing here runs a kernel."""
+    site = tmp_path / "site"
+    (site / "liger_kernel" / "transformers").mkdir(parents=True)
+    (site / "liger_kernel" / "__init__.py").write_text("")
+    (site / "liger_kernel" / "transformers" / "__init__.py").write_text("")
+    (site / "liger_kernel" / "transformers" / "monkey_patch.py").write_text(
+        f"MODEL_TYPE_TO_APPLY_LIGER_FN = {{t: None for t in {list(types)!r}}}\n")
+    dist = site / f"liger_kernel-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: liger-kernel\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(site))
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("liger_kernel")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def _plan(model, tmp_path, device="cuda", **overrides):
+    from core import config, runs
+    from core.training import liger_plan
+
+    cfg = config.from_dict({"model": {"liger_kernel": True}})
+    for dotted, value in overrides.items():
+        section, name = dotted.split("__")
+        setattr(getattr(cfg, section), name, value)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    plan = liger_plan(cfg, model, device, runs.EventLog(tmp_path))
+    warnings = [e["message"] for e in runs.read_events(tmp_path)[0] if e.get("level") == "warning"]
+    return plan, warnings
+
+
+def _lora(model, targets):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def test_liger_is_off_and_says_why_on_the_cpu_or_when_not_installed(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    plan, warnings = _plan(model, tmp_path, device="cpu")
+    assert plan is None and "need a CUDA GPU" in warnings[0]
+    assert "Liger is off" in capsys.readouterr().err  # the line lands in train.log
+    plan, warnings = _plan(model, tmp_path / "b", device="cuda")
+    assert plan is None and "pip install liger-kernel" in warnings[0]
+
+
+def test_liger_is_off_for_old_versions_and_unsupported_model_types(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    _fake_liger(tmp_path / "old", monkeypatch, version="0.2.1")
+    plan, warnings = _plan(model, tmp_path / "a")
+    assert plan is None and "older than 0.3.0" in warnings[0]
+    _fake_liger(tmp_path / "other", monkeypatch, types=("qwen2",))
+    plan, warnings = _plan(model, tmp_path / "b")
+    assert plan is None and "no kernels for model type 'llama'" in warnings[0]
+
+
+def test_liger_fuses_the_loss_only_when_lm_head_is_a_plain_float_layer(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    _fake_liger(tmp_path, monkeypatch)
+    load = lambda: AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))  # noqa: E731
+    plan, warnings = _plan(_lora(load(), "all-linear"), tmp_path / "a")
+    assert not warnings
+    assert plan == {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
+                    "cross_entropy": False}
+    # LoRA on lm_head: the fused loss reads lm_head.weight and would skip the adapter, so plain Liger CE instead
+    plan, _ = _plan(_lora(load(), ["q_proj", "lm_head"]), tmp_path / "b")
+    assert plan["fused_linear_cross_entropy"] is False and plan["cross_entropy"] is True
+    # a 4-bit base computing in fp16 (a GPU without bf16), then in bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    plan, _ = _plan(_lora(load(), "all-linear"), tmp_path / "c", quant__method="qlora")
+    assert plan["fused_linear_cross_entropy"] is False and plan["swiglu"] is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    plan, _ = _plan(_lora(load(), "all-linear"), tmp_path / "d", quant__method="qlora")
+    assert plan["fused_linear_cross_entropy"] is True
+
+
+def test_liger_setting_off_changes_nothing(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from core import config, runs
+    from core.training import liger_plan
+
+    cfg = config.from_dict({})
+    assert cfg.model.liger_kernel is False
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert liger_plan(cfg, model, "cuda", runs.EventLog(tmp_path)) is None
