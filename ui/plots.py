@@ -8,13 +8,31 @@ from core import runs
 
 SMOOTHING = 0.8  # exponential moving average weight, like TensorBoard's default slider
 
-_EMPTY = {"step": [], "value": [], "series": []}
+_DTYPES = {"step": "int64", "value": "float64", "series": "string"}
 
 
 def _frame(rows: list[tuple]) -> pd.DataFrame:
-    if not rows:
-        return pd.DataFrame(_EMPTY)
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    """Long format, typed even when empty (an empty object column would reach the chart as a number)."""
+    return pd.DataFrame(rows or None, columns=list(_DTYPES)).astype(_DTYPES)
+
+
+def series_of(frame: pd.DataFrame | None, color: str = "series") -> tuple:
+    return () if frame is None else tuple(sorted(set(frame[color])))
+
+
+def live_value(frame: pd.DataFrame, key: str, sent: dict, color: str = "series") -> pd.DataFrame | None:
+    """What to send a chart that is refreshed in place (the live run view). Gradio 6's LinePlot fixes its colour
+    domain to the series present when it builds the chart and afterwards only swaps the data, so a series that
+    appears later (eval loss at the end, the estimate line) would draw nothing. It builds the chart afresh when its
+    value goes from None to data. So when the set of series changes, this sends None once (and records that in
+    `sent`, the caller's per-chart memory) and the frame on the next refresh. An empty frame is sent as None."""
+    names = series_of(frame, color)
+    before = sent.get(key)
+    if before and names != before:
+        sent[key] = None
+        return None
+    sent[key] = names or None
+    return frame if names else None
 
 
 def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:

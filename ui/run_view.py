@@ -40,7 +40,7 @@ class RunView:
 
 
 def _plot(title: str, y_title: str, height: int = 220) -> gr.LinePlot:
-    return gr.LinePlot(plots._frame([]), x="step", y="value", color="series", title=title, y_title=y_title,
+    return gr.LinePlot(None, x="step", y="value", color="series", title=title, y_title=y_title,
                        height=height, x_title="step")
 
 
@@ -74,22 +74,24 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         status = runs.read_status(run_dir)
     except GarageError as e:
         return (f"❌ {html.escape(e.message)}",) + _blank(cache)[1:] + (False,)
+    sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
     if cache.get("run_id") != run_id:
         cache = {"run_id": run_id, "offset": 0, "events": []}
     new, offset = runs.read_events(run_dir, cache["offset"])
-    cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new}
+    cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new, "sent": sent}
     events = cache["events"]
     state = status.get("state", "?")
     est = runs.estimate_bytes(run_dir)
     done = state in runs.TERMINAL
+    frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, "lr", "learning rate"),
+              "grad": plots.series_frame(events, "grad_norm", "grad norm"),
+              "tps": plots.series_frame(events, "tokens_per_s", "tokens/s"), "mem": plots.memory_frame(events, est)}
+    charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
+    pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     values = (
         status_md(run_id, status),
         progress_html(status, events),
-        plots.loss_frame(events),
-        plots.series_frame(events, "lr", "learning rate"),
-        plots.series_frame(events, "grad_norm", "grad norm"),
-        plots.series_frame(events, "tokens_per_s", "tokens/s"),
-        plots.memory_frame(events, est),
+        *charts.values(),
         runs.tail_log(run_dir, lines=60),
         samples_md(events),
         gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
@@ -97,11 +99,13 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         cache,
         gr.update(visible=True),
     )
-    return values + (not done,)
+    return values + (not done or pending,)
 
 
 def _blank(cache) -> tuple:
-    empty = plots._frame([])
+    empty = None  # a chart given None now builds afresh when data comes (plots.live_value)
+    if cache:
+        cache = {**cache, "sent": {}}
     return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, "", "",
             gr.update(visible=False), gr.update(visible=False), cache or {}, gr.update(visible=False))
 

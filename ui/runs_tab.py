@@ -57,13 +57,13 @@ def _peak_vs_estimate(run_dir, metrics: list[dict]) -> str:
 def open_run(run_id: str | None):
     """-> (summary md, loss frame, config yaml, cli command)."""
     if not run_id:
-        return "Pick a run.", plots._frame([]), "", ""
+        return "Pick a run.", None, "", ""
     try:
         run_dir = runs.get(run_id)
         cfg = runs.load_config(run_dir)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        return f"❌ {html.escape(str(e))}", plots._frame([]), "", ""
+        return f"❌ {html.escape(str(e))}", None, "", ""
     events, _ = runs.read_events(run_dir, 0)
     err = status.get("error") or {}
     md = f"**{html.escape(run_id)}**: **{status.get('state')}** · folder: `{run_dir}`"
@@ -84,12 +84,12 @@ def cli_command(cfg: C.RunConfig) -> str:
     return " ".join(["python -m core train"] + sets)
 
 
-def overlay(run_ids: list[str] | None) -> pd.DataFrame:
+def overlay(run_ids: list[str] | None) -> pd.DataFrame | None:
     named = {}
     for rid in run_ids or []:
         events, _ = runs.read_events(runs.get(rid), 0)
         named[rid] = events
-    return plots.overlay_frame(named)
+    return plots.overlay_frame(named) if named else None
 
 
 def delete(run_id: str | None, confirmed: bool) -> str:
@@ -120,8 +120,10 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         delete_btn = gr.Button("Delete run", variant="stop")
     action_md = gr.Markdown()
     with gr.Row():
-        curve = gr.LinePlot(plots._frame([]), x="step", y="value", color="series", title="Loss", height=260)
-        overlay_plot = gr.LinePlot(plots._frame([]), x="step", y="value", color="series",
+        # None until filled, and cleared before each refill: Gradio builds a chart's colours from the series it
+        # has when it goes from None to data, and keeps them (see plots.live_value)
+        curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
+        overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
@@ -138,8 +140,8 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
                 overlay(ids[:3])] + list(open_run(first))
 
     refresh_btn.click(_relist, None, [grid, pick, compare])
-    pick.change(open_run, pick, [summary, curve, cfg_yaml, cli])
-    compare.change(overlay, compare, overlay_plot)
+    pick.change(lambda: None, None, curve, queue=False).then(open_run, pick, [summary, curve, cfg_yaml, cli])
+    compare.change(lambda: None, None, overlay_plot, queue=False).then(overlay, compare, overlay_plot)
     def _select(evt: gr.SelectData):
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
 

@@ -123,7 +123,8 @@ def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
 
 
 def _empty_hist() -> pd.DataFrame:
-    return pd.DataFrame({"tokens": [], "start": [], "rows": [], "length": []})
+    return pd.DataFrame(columns=["tokens", "start", "rows", "length"]).astype(
+        {"tokens": "string", "start": "int64", "rows": "int64", "length": "string"})
 
 
 # ---------------------------------------------------------------- handlers: presets and VRAM
@@ -279,7 +280,7 @@ def build() -> TrainTab:
                 subset = gr.Textbox(defaults.data.subset, label="subset", info=C.field_help("data.subset"))
             inspect_btn = gr.Button("Inspect dataset", size="sm")
             data_md = gr.Markdown()
-            hist = gr.BarPlot(visible=False, value=_empty_hist(), x="tokens", y="rows", color="length", sort=None,
+            hist = gr.BarPlot(visible=False, value=None, x="tokens", y="rows", color="length", sort=None,
                               title="Token length per row against the cutoff", height=220,
                               color_map={"fits": "#4e79a7", "over the cutoff": "#e15759"})
             with gr.Accordion("Preview: exactly what the model sees (green = trained, grey = masked)", open=False):
@@ -315,7 +316,9 @@ def build() -> TrainTab:
     # --- wiring: model, data, presets
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
-    inspect_btn.click(lambda *v: inspect_dataset(names, list(v)), widgets, [data_md, hist, preview])
+    # cleared first: the chart then takes its colours afresh from the new data ("over the cutoff" may be new)
+    inspect_btn.click(lambda: None, None, hist, queue=False).then(
+        lambda *v: inspect_dataset(names, list(v)), widgets, [data_md, hist, preview])
     preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_text] + widgets)
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 

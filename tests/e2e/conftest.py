@@ -96,3 +96,30 @@ def shot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+_CHARTS_JS = """() => Array.from(document.querySelectorAll('svg.marks'))
+  .filter(svg => svg.getBoundingClientRect().width > 0)
+  .map(svg => {
+    const texts = Array.from(svg.querySelectorAll('text')).map(t => t.textContent);
+    const lines = Array.from(svg.querySelectorAll('g.mark-line path'))
+      .filter(p => (p.getAttribute('d') || '').length > 10 && (p.getAttribute('stroke') || 'none') !== 'none');
+    return {title: texts[texts.length - 1], lines: lines.length, broken: texts.some(t => t.includes('Infinity'))};
+  })"""
+
+
+def visible_charts(page) -> dict[str, dict]:
+    """Each visible chart by title: how many coloured lines vega drew, and whether its legend is broken (a colour
+    scale built before its data came shows an 'Infinity' legend and draws no line)."""
+    return {c["title"]: c for c in page.evaluate(_CHARTS_JS)}
+
+
+def wait_for_lines(page, title: str, n: int, timeout_s: float = 30) -> dict:
+    deadline = time.time() + timeout_s
+    while True:
+        chart = visible_charts(page).get(title)
+        if chart and chart["lines"] >= n and not chart["broken"]:
+            return chart
+        if time.time() > deadline:
+            raise AssertionError(f"chart {title!r} did not draw {n} lines: {visible_charts(page)}")
+        time.sleep(0.5)

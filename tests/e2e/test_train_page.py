@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import shot
+from tests.e2e.conftest import shot, wait_for_lines
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 STEPS = 6
@@ -85,7 +85,14 @@ def test_golden_path_with_reload_mid_run(app_server, page):
     page.get_by_text("completed").first.wait_for(timeout=400000)
     assert _progress_step(page) == STEPS
     page.get_by_role("button", name="Chat with this adapter").wait_for()
+    wait_for_lines(page, "Loss", 2)  # loss and smoothed, drawn (not just axes)
     shot(page, "02c-completed")
+    page.reload(wait_until="load")  # (3) the Runs page, filled by the page-load event while its tab is hidden
+    page.get_by_role("button", name="Start training").wait_for(timeout=60000)
+    page.get_by_role("tab", name="Runs").click()
+    wait_for_lines(page, "Loss", 2)
+    wait_for_lines(page, "Loss, smoothed, several runs", 1)
+    shot(page, "02d-runs-page")
     run = next((home / "runs").iterdir())
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed"

@@ -33,6 +33,53 @@ def test_memory_frame_draws_the_estimate_line():
     assert list(df[df.series == "process RSS (CPU)"].value) == [1.0, 2.0]
 
 
+def test_an_empty_chart_still_types_its_series_as_names():
+    """An untyped empty frame reaches the browser with a numeric series column; the chart built on it then has a
+    numeric colour scale and draws no line once the real series arrive."""
+    import gradio as gr
+
+    plot = gr.LinePlot(plots._frame([]), x="step", y="value", color="series")
+    sent = plot.postprocess(plots._frame([]))
+    assert sent.datatypes == {"step": "quantitative", "value": "quantitative", "series": "nominal"}
+    hist = gr.BarPlot(train_tab._empty_hist(), x="tokens", y="rows", color="length")
+    assert hist.postprocess(train_tab._empty_hist()).datatypes["length"] == "nominal"
+
+
+def test_live_chart_is_cleared_once_when_its_series_change_then_filled():
+    """Gradio keeps the colour domain a chart was built with; it rebuilds on None -> data. So a new series (eval
+    loss at the end) costs one refresh with None, and the frame comes on the next."""
+    sent = {}
+    early = plots.loss_frame([_m(1, 4.0), _m(2, 2.0)])
+    late = plots.loss_frame([_m(1, 4.0), _m(2, 2.0), {"type": "eval", "step": 2, "eval_loss": 2.5}])
+    assert plots.live_value(plots._frame([]), "loss", sent) is None  # nothing to draw yet
+    assert plots.live_value(early, "loss", sent) is early
+    assert plots.live_value(early, "loss", sent) is early  # same series: the data is swapped in place
+    assert plots.live_value(late, "loss", sent) is None  # eval loss is new: clear ...
+    assert plots.live_value(late, "loss", sent) is late  # ... and fill on the next refresh
+    assert plots.live_value(late, "loss", sent) is late
+
+
+def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
+    from core import runs
+    from ui import run_view
+
+    cfg = C.RunConfig()
+    cfg.output.run_name = "r1"
+    run_dir = runs.create(cfg)
+    runs.write_status(run_dir, state="completed")
+    log = runs.EventLog(run_dir)
+    for k in (1, 2):
+        log.write(_m(k, 3.0 / k, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0))
+    *values, keep = run_view.refresh("r1", {})
+    assert set(values[2].series) == {"loss", "smoothed"} and not keep
+    log.write({"type": "eval", "step": 2, "eval_loss": 2.5})  # the final eval lands after the last metrics
+    *values, keep = run_view.refresh("r1", values[11])
+    assert values[2] is None and keep  # cleared, so one more tick although the run is over
+    assert set(values[3].series) == {"learning rate"}  # the other charts are untouched
+    *values, keep = run_view.refresh("r1", values[11])
+    assert set(values[2].series) == {"loss", "smoothed", "eval loss"} and not keep
+
+
 def test_overlay_has_one_series_per_run():
     df = plots.overlay_frame({"a": [_m(1, 2.0)], "b": [_m(1, 3.0), _m(2, 1.0)]})
     assert set(df.series) == {"a", "b"} and len(df) == 3
