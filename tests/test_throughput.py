@@ -248,3 +248,48 @@ def test_liger_setting_off_changes_nothing(tiny_model_dir, tmp_path):
     assert cfg.model.liger_kernel is False
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert liger_plan(cfg, model, "cuda", runs.EventLog(tmp_path)) is None
+
+
+# ---------------------------------------------------------------- bench/throughput.py: its arithmetic and --json
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_window_leaves_out_the_warm_up_steps():
+    bench = _bench()
+    # step -> (time, cumulative real tokens): 10 s and 100 tokens per step after a slow first step
+    r = {"log": {1: (100.0, 100), 2: (110.0, 200), 3: (120.0, 300), 4: (130.0, 400)}}
+    assert bench.window(r, warmup=1) == (300, 30.0, 3)
+    assert bench.window(r, warmup=2) == (200, 20.0, 2)
+
+
+def test_bench_json_mode_prints_one_object_as_its_last_line(monkeypatch, capsys, tmp_path):
+    bench = _bench()
+    rates = {"A": 100.0, "B": 150.0, "C": 250.0}
+
+    def fake_arm(arm, args, workdir, k):  # a straight line: rates[arm] tokens per second, 1 s per step
+        log = {s: (float(s), rates[arm] * s) for s in range(1, args.steps + 1)}
+        return {"log": log, "rss_peak": 2**30, "cuda_peak": None, "log_lines": []}
+
+    monkeypatch.setattr(bench, "run_arm", fake_arm)
+    monkeypatch.setattr(bench, "resolve_model", lambda args, workdir: setattr(args, "model_path", tmp_path))
+    monkeypatch.setattr(bench, "tokens_per_word", lambda args: 1.5)
+    monkeypatch.setattr(bench, "data_lengths", lambda args: {})
+    monkeypatch.setattr("sys.argv", ["throughput.py", "--steps", "6", "--warmup", "2", "--json",
+                                     "--out", str(tmp_path / "r.json")])
+    bench.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert set(result) == {"arms", "B_over_A", "C_over_A"}
+    assert result["B_over_A"] == 1.5 and result["C_over_A"] == 2.5
+    assert result["arms"]["A"]["tokens_per_s"] == 100.0 and result["arms"]["A"]["s_per_step"] == 1.0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["B_over_A"] == 1.5 and "machine" in saved
