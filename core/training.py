@@ -198,11 +198,16 @@ def liger_plan(cfg, model, device: str, events: runs.EventLog) -> dict | None:
         elif Version(have) < Version(LIGER_MIN_VERSION):
             why = f"liger-kernel {have} is older than {LIGER_MIN_VERSION} (pip install -U liger-kernel)"
         else:
-            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-            model_type = getattr(model.config, "model_type", "?")
-            if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-                why = f"liger-kernel {have} has no kernels for model type {model_type!r}"
+            try:
+                from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+            except Exception as e:  # noqa: BLE001 - e.g. a liger release written for transformers 4 fails here
+                why = (f"liger-kernel {have} cannot be imported with transformers "
+                       f"{importlib.metadata.version('transformers')} ({type(e).__name__}: {e}); "
+                       f"pip install -U liger-kernel")
+            else:
+                model_type = getattr(model.config, "model_type", "?")
+                if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                    why = f"liger-kernel {have} has no kernels for model type {model_type!r}"
     if why:
         msg = f"model.liger_kernel is on but Liger is off: {why}"
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)

@@ -155,15 +155,25 @@ def test_mfu_arithmetic():
 
 # ---------------------------------------------------------------- Liger kernels: on only where they can be right
 
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """Installs an installed-looking liger-kernel distribution (metadata + the one table liger_plan reads), so the
+    decision logic can be checked on a machine without Triton. It never patches anything: nothing here runs a
+    kernel. Its modules are dropped afterwards."""
+    import sys
+
+    yield lambda tmp_path, **kw: _fake_liger(tmp_path, monkeypatch, **kw)
+    for name in [m for m in sys.modules if m.startswith("liger_kernel")]:
+        del sys.modules[name]
+
+
 def _fake_liger(tmp_path, monkeypatch, version="0.6.0", types=("llama",)):
-    """An installed-looking liger-kernel distribution (metadata + the one table liger_plan reads), so the decision
-    logic can be checked on a machine without Triton. It never patches anything: nothing here runs a kernel."""
     site = tmp_path / "site"
     (site / "liger_kernel" / "transformers").mkdir(parents=True)
     (site / "liger_kernel" / "__init__.py").write_text("")
     (site / "liger_kernel" / "transformers" / "__init__.py").write_text("")
-    (site / "liger_kernel" / "transformers" / "monkey_patch.py").write_text(
-        f"MODEL_TYPE_TO_APPLY_LIGER_FN = {{t: None for t in {list(types)!r}}}\n")
+    table = "BROKEN_NAME" if types == "BROKEN" else f"{{t: None for t in {list(types)!r}}}"
+    (site / "liger_kernel" / "transformers" / "monkey_patch.py").write_text(f"MODEL_TYPE_TO_APPLY_LIGER_FN = {table}\n")
     dist = site / f"liger_kernel-{version}.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: liger-kernel\nVersion: {version}\n")
@@ -194,9 +204,19 @@ def _lora(model, targets):
     return get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
 
 
-def test_liger_is_off_and_says_why_on_the_cpu_or_when_not_installed(tiny_model_dir, tmp_path, capsys):
+def test_liger_is_off_and_says_why_on_the_cpu_or_when_not_installed(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.metadata
+
     from transformers import AutoModelForCausalLM
 
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "liger-kernel":  # as on a machine without it, even where it is installed
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     plan, warnings = _plan(model, tmp_path, device="cpu")
     assert plan is None and "need a CUDA GPU" in warnings[0]
@@ -205,22 +225,26 @@ def test_liger_is_off_and_says_why_on_the_cpu_or_when_not_installed(tiny_model_d
     assert plan is None and "pip install liger-kernel" in warnings[0]
 
 
-def test_liger_is_off_for_old_versions_and_unsupported_model_types(tiny_model_dir, tmp_path, monkeypatch):
+def test_liger_is_off_for_old_versions_and_unsupported_model_types(tiny_model_dir, tmp_path, fake_liger):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    _fake_liger(tmp_path / "old", monkeypatch, version="0.2.1")
+    fake_liger(tmp_path / "old", version="0.2.1")
     plan, warnings = _plan(model, tmp_path / "a")
     assert plan is None and "older than 0.3.0" in warnings[0]
-    _fake_liger(tmp_path / "other", monkeypatch, types=("qwen2",))
+    fake_liger(tmp_path / "other", types=("qwen2",))
     plan, warnings = _plan(model, tmp_path / "b")
     assert plan is None and "no kernels for model type 'llama'" in warnings[0]
+    fake_liger(tmp_path / "broken", types="BROKEN")  # a release whose import fails under this transformers
+    plan, warnings = _plan(model, tmp_path / "c")
+    assert plan is None and "cannot be imported" in warnings[0] and "NameError" in warnings[0]
 
 
-def test_liger_fuses_the_loss_only_when_lm_head_is_a_plain_float_layer(tiny_model_dir, tmp_path, monkeypatch):
+def test_liger_fuses_the_loss_only_when_lm_head_is_a_plain_float_layer(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      fake_liger):
     from transformers import AutoModelForCausalLM
 
-    _fake_liger(tmp_path, monkeypatch)
+    fake_liger(tmp_path)
     load = lambda: AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))  # noqa: E731
     plan, warnings = _plan(_lora(load(), "all-linear"), tmp_path / "a")
     assert not warnings
@@ -283,6 +307,7 @@ def test_bench_json_mode_prints_one_object_as_its_last_line(monkeypatch, capsys,
     monkeypatch.setattr(bench, "resolve_model", lambda args, workdir: setattr(args, "model_path", tmp_path))
     monkeypatch.setattr(bench, "tokens_per_word", lambda args: 1.5)
     monkeypatch.setattr(bench, "data_lengths", lambda args: {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # main() sets it for its arms; keep it from leaking past this test
     monkeypatch.setattr("sys.argv", ["throughput.py", "--steps", "6", "--warmup", "2", "--json",
                                      "--out", str(tmp_path / "r.json")])
     bench.main()

@@ -35,6 +35,20 @@ def live_value(frame: pd.DataFrame, key: str, sent: dict, color: str = "series")
     return frame if names else None
 
 
+def clear_then(fn, chart_at: int | None = None, n: int = 1):
+    """An event handler for a one-shot fill: it first sends None to the chart (output `chart_at` of `n`; None = the
+    only output) and then fn's result, so the chart rebuilds with the new series (see live_value). Both updates
+    belong to one event, and Gradio runs one event per listener at a time, so a quick second event cannot slip
+    its data in between."""
+    import gradio as gr
+
+    def handler(*args):
+        yield None if chart_at is None else tuple(None if i == chart_at else gr.skip() for i in range(n))
+        yield fn(*args)
+
+    return handler
+
+
 def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
     out, last = [], None
     for v in values:

@@ -120,8 +120,8 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         delete_btn = gr.Button("Delete run", variant="stop")
     action_md = gr.Markdown()
     with gr.Row():
-        # None until filled, and cleared before each refill: Gradio builds a chart's colours from the series it
-        # has when it goes from None to data, and keeps them (see plots.live_value)
+        # None until filled, and cleared before each refill (plots.clear_then): Gradio takes a chart's colours from
+        # the series it has when it goes from None to data, and keeps them
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
@@ -140,8 +140,8 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
                 overlay(ids[:3])] + list(open_run(first))
 
     refresh_btn.click(_relist, None, [grid, pick, compare])
-    pick.change(lambda: None, None, curve, queue=False).then(open_run, pick, [summary, curve, cfg_yaml, cli])
-    compare.change(lambda: None, None, overlay_plot, queue=False).then(overlay, compare, overlay_plot)
+    pick.change(plots.clear_then(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
+    compare.change(plots.clear_then(overlay), compare, overlay_plot)
     def _select(evt: gr.SelectData):
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
 

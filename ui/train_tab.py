@@ -317,8 +317,8 @@ def build() -> TrainTab:
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
     # cleared first: the chart then takes its colours afresh from the new data ("over the cutoff" may be new)
-    inspect_btn.click(lambda: None, None, hist, queue=False).then(
-        lambda *v: inspect_dataset(names, list(v)), widgets, [data_md, hist, preview])
+    inspect_btn.click(plots.clear_then(lambda *v: inspect_dataset(names, list(v)), 1, 3), widgets,
+                      [data_md, hist, preview])
     preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_text] + widgets)
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 

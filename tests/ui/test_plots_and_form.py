@@ -59,6 +59,16 @@ def test_live_chart_is_cleared_once_when_its_series_change_then_filled():
     assert plots.live_value(late, "loss", sent) is late
 
 
+def test_one_shot_fills_clear_the_chart_first_in_the_same_event():
+    import gradio as gr
+
+    handler = plots.clear_then(lambda rid: ("md", f"frame {rid}", "yaml"), chart_at=1, n=3)
+    first, second = list(handler("r1"))
+    assert first == (gr.skip(), None, gr.skip())  # only the chart changes, to None
+    assert second == ("md", "frame r1", "yaml")
+    assert list(plots.clear_then(lambda ids: "frame")(["a"])) == [None, "frame"]
+
+
 def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
     from core import runs
     from ui import run_view
