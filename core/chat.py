@@ -478,12 +478,16 @@ class _RowsStreamer:
 
     def __iter__(self):
         while True:
-            item = self.q.get()
-            while item is not None and not self.q.empty():
+            latest, item = None, self.q.get()
+            while item is not None:   # skip to the newest state, but never past the end marker
+                latest = item
+                if self.q.empty():
+                    break
                 item = self.q.get_nowait()
+            if latest is not None:
+                yield latest          # with the end marker right behind it, this is the final text
             if item is None:
                 return
-            yield item
 
     def stats(self, t0: float, prompt_tokens: int) -> dict:
         end = self.end_at or time.perf_counter()

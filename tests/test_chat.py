@@ -255,3 +255,32 @@ def test_cli_eval_json_and_user_errors(garage_home, tiny_model_dir, capsys):
     assert {"base", "adapter", "n"} <= set(out) and out["n"] == 2
     assert main(["chat", "no-such-run", "--prompt", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_slow_reader_still_gets_the_final_text():
+    """The streamer lets a slow reader skip to the newest state; it must not skip the final one. Here generation
+    is all done before the reader looks: the queue holds every state, then the end marker (seen in CI as a reply
+    one token short under load)."""
+    import torch
+
+    from core.chat import _RowsStreamer
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    streamer = _RowsStreamer(Tok(), rows=2, eos={99})
+    streamer.put(torch.tensor([[7, 7, 7]]))  # the prompt, ignored
+    for step in ([0, 3], [1, 99], [2, 4]):
+        streamer.put(torch.tensor(step))
+    streamer.end()
+    seen = list(streamer)
+    assert seen[-1] == ("abc", "d")  # row 2 ended at its end-of-turn token
+    fast = _RowsStreamer(Tok(), rows=1, eos=set())
+    fast.put(torch.tensor([[7]]))
+    fast.put(torch.tensor([0]))
+    it = iter(fast)
+    assert next(it) == ("a",)  # a reader keeping up sees each state
+    fast.put(torch.tensor([1]))
+    fast.end()
+    assert list(it)[-1] == ("ab",)
