@@ -16,17 +16,13 @@ def _frame(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(rows or None, columns=list(_DTYPES)).astype(_DTYPES)
 
 
-def series_of(frame: pd.DataFrame | None, color: str = "series") -> tuple:
-    return () if frame is None else tuple(sorted(set(frame[color])))
-
-
-def live_value(frame: pd.DataFrame, key: str, sent: dict, color: str = "series") -> pd.DataFrame | None:
+def live_value(frame: pd.DataFrame, key: str, sent: dict) -> pd.DataFrame | None:
     """What to send a chart that is refreshed in place (the live run view). Gradio 6's LinePlot fixes its colour
     domain to the series present when it builds the chart and afterwards only swaps the data, so a series that
     appears later (eval loss at the end, the estimate line) would draw nothing. It builds the chart afresh when its
     value goes from None to data. So when the set of series changes, this sends None once (and records that in
     `sent`, the caller's per-chart memory) and the frame on the next refresh. An empty frame is sent as None."""
-    names = series_of(frame, color)
+    names = tuple(sorted(set(frame["series"])))
     before = sent.get(key)
     if before and names != before:
         sent[key] = None

@@ -27,7 +27,8 @@ GROUPS = {
     "Advanced": [("data.train_on", "radio"), ("data.overlong", "radio"), ("data.packing", "check"),
                  ("data.padding_free", "check"),
                  ("data.val_fraction", "number"), ("data.val_source", "text"), ("data.limit", "number"),
-                 ("model.attn_implementation", "dropdown"), ("model.liger_kernel", "check"), ("model.trust_remote_code", "check"),
+                 ("model.attn_implementation", "dropdown"), ("model.liger_kernel", "check"),
+                 ("model.trust_remote_code", "check"),
                  ("train.nan_patience", "number"), ("output.run_name", "text")],
 }
 OPEN = {"Basic"}
