@@ -111,7 +111,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     ids = [r["id"] for r in runs.list_runs()]
     with gr.Row():
         pick = gr.Dropdown(ids, value=ids[0] if ids else None, label="Open run", scale=3)
-        compare = gr.Dropdown(ids, multiselect=True, label="Overlay loss curves of", scale=3)
+        compare = gr.Dropdown(ids, value=ids[:3], multiselect=True, label="Overlay loss curves of", scale=3)
     summary = gr.Markdown()
     with gr.Row():
         chat_btn = gr.Button("Chat with this adapter", variant="primary")
@@ -133,10 +133,16 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         ids = [r["id"] for r in runs.list_runs()]
         return table(), gr.update(choices=ids), gr.update(choices=ids)
 
+    built_with = ids
+
     def _on_load():
         ids = [r["id"] for r in runs.list_runs()]
         first = ids[0] if ids else None
-        return [table(), gr.update(choices=ids, value=first), gr.update(choices=ids, value=ids[:3]),
+        # an update to the pickers fires their .change (the multiselect twice, even with the same value), which
+        # reads and redraws the curves again: update them only when the runs differ from those they were built with
+        same = ids == built_with
+        return [table(), gr.skip() if same else gr.update(choices=ids, value=first),
+                gr.skip() if same else gr.update(choices=ids, value=ids[:3]),
                 overlay(ids[:3])] + list(open_run(first))
 
     refresh_btn.click(_relist, None, [grid, pick, compare])
