@@ -215,6 +215,26 @@ def check_safetensors(path: Path) -> None:
     raise ModelError(f"no .safetensors weights in {path}", "point at a complete model folder")
 
 
+def keep_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for inference while this model trains. On a CPU with
+    AVX512-BF16, a Linear4bit that runs in eval mode under no_grad (our padding-free check, an eval pass, a sample
+    at a checkpoint) permanently converts its weight into a layout that only a forward-only kernel reads: training
+    goes on, but the gradients flowing back through every such layer are wrong, with one warning in the log.
+    Returns how many layers were switched (the repack stays on for chat, where it is the fast path)."""
+    switched = 0
+    for module in model.modules():
+        if vars(module).get("support_avx512bf16_for_cpu"):  # the bnb layer itself, not a wrapper around it
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+def inference_packed_layers(model) -> list[str]:
+    """Names of 4-bit layers whose weight is in bitsandbytes' CPU inference-only layout (no backward)."""
+    return [name for name, module in model.named_modules() if "support_avx512bf16_for_cpu" in vars(module)
+            and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False)]
+
+
 def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

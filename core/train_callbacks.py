@@ -165,6 +165,7 @@ class GarageCallback(TrainerCallback):
         self._status_t = 0.0
         self._proc = None
         self.flops: FlopsModel | None = None      # set by the builder on CUDA: adds "mfu" to the metrics events
+        self.grads_checked = False
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, **kw):
@@ -186,6 +187,9 @@ class GarageCallback(TrainerCallback):
         self.trainer.nonfinite = None
         if not bad:
             self.nan_steps = []
+            if not self.grads_checked:  # the first update of this process, before it touches any weight
+                self.grads_checked = True
+                check_gradients_flow(kw["model"], finite=not args.fp16)
             return
         # skip the update: Adam would turn the weights into NaN, and the last good weights are worth keeping
         kw["optimizer"].zero_grad(set_to_none=True)
@@ -291,6 +295,44 @@ class GarageCallback(TrainerCallback):
                 self.events.write({"type": "sample", "step": step, "prompt": prompt, "text": text})
         finally:
             model.train(was_training)
+
+
+def gradient_problems(model, finite: bool = True) -> list[str]:
+    """What is wrong with the gradients of the trainable tensors right after a backward pass: "name: no gradient",
+    "name: all zero", "name: not finite". A LoRA A matrix whose B is still all zero (peft's initialisation) gets
+    a zero gradient by construction, so it is not a problem. With fp16 loss scaling an inf gradient only makes the
+    scaler skip the step, so `finite=False` leaves that to the NaN bookkeeping."""
+    params = dict(model.named_parameters())
+    out = []
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            out.append(f"{name}: no gradient")
+        elif finite and not bool(torch.isfinite(p.grad).all()):
+            out.append(f"{name}: not finite")
+        elif not bool(p.grad.any()):
+            partner = params.get(name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B"))
+            if partner is None or partner is p or bool(partner.detach().any()):
+                out.append(f"{name}: all zero")
+    return out
+
+
+def check_gradients_flow(model, finite: bool = True) -> None:
+    """The preflight before the first update: every trainable tensor got a finite, non-zero gradient. A base that
+    passes no gradient back through some layers (a wrong kernel, a detached input) fails here, naming them, before
+    a single weight has moved, instead of training a useless adapter for hours."""
+    from core.errors import RunError
+
+    problems = gradient_problems(model, finite)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise RunError(f"gradients do not reach {len(problems)} trainable tensors at the first step: {shown}",
+                       "no weight was changed. This is a bug in a kernel or in the model code: see train.log and "
+                       "report it with `python -m core doctor`; a different quant.method may train meanwhile")
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    print(f"gradients flow: all {trainable} trainable tensors got a finite, non-zero gradient at the first step",
+          flush=True)
 
 
 class FlopsModel:

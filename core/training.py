@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from core import models, runs
@@ -23,6 +24,9 @@ from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # adamw is torch's fused AdamW (transformers' own default on torch >= 2.8): one kernel for all parameters,
 # measured ~3 ms/step faster than the for-each version on the tiny model on CPU
+# A library warning that says results may be wrong ends the run: training on would waste the user's time on
+# weights nobody can trust (bitsandbytes' forward-only 4-bit kernel under backward warns exactly like this).
+WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results may be (wrong|incorrect))"
 OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
@@ -33,6 +37,7 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
 
     run_dir = Path(run_dir)
     stop = StopFlag().install()
+    warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
     lock_fd = runner.hold_lock(run_dir.name, lock_fd)  # BusyError (exit 2) if another run trains
     ctx = Context()
     events = runs.EventLog(run_dir)
@@ -257,6 +262,9 @@ def load_model(cfg, device: str, model_path: Path | None = None):
         attn_implementation=attn_implementation(cfg, device), device_map={"": 0} if device == "cuda" else None,
         **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if q.method == "qlora" and models.keep_training_layout(model):
+        print("4-bit layers keep their training layout (bitsandbytes' AVX512-BF16 inference repack is off while "
+              "training: it has no backward)", flush=True)
     how = {"lora": f"{str(dtype).removeprefix('torch.')} base", "8bit": "8-bit base",
            "qlora": f"4-bit {q.quant_type} base{' + double quant' if q.double_quant else ''}"}[q.method]
     print(f"loaded {model_path.name}: {how}, compute in {str(dtype).removeprefix('torch.')}, on {device}, "
@@ -473,17 +481,16 @@ def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
         return oom_error(ctx, cfg, gpu=True)
     if isinstance(e, MemoryError):
         return oom_error(ctx, cfg, gpu=False)
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        moved = runs.set_aside_partial(run_dir)
-        latest = runs.latest_checkpoint(run_dir)
-        kept = f"{latest.name} is intact; resume continues from it" if latest else "no complete checkpoint was saved yet"
-        extra = f" (the cut-short save was set aside as {moved[0].name})" if moved else ""
-        return DiskFull(f"the disk filled up during {ctx.phase} at step {ctx.step}{extra}: {e}",
-                        f"free up space on {run_dir.anchor or '/'}; {kept}; or lower train.save_total_limit")
+    if disk_full_cause(e) is not None:  # also when a library wraps it (safetensors' SafetensorError)
+        return runs.disk_full_error(run_dir, disk_full_cause(e), ctx.phase, ctx.step)
     if isinstance(e, KeyboardInterrupt):
         err = RunError("interrupted twice: stopped without saving", "resume continues from the last complete checkpoint")
         err.kind = "interrupted"
         return err
+    if isinstance(e, Warning):
+        return RunError(f"stopped during {ctx.phase} at step {ctx.step}: a library warned that the results would be "
+                        f"wrong ({type(e).__name__}: {str(e)[:300]})",
+                        "no adapter was written from it; see train.log, and report it with `python -m core doctor`")
     return RunError(f"{type(e).__name__} during {ctx.phase}: {e}", "see train.log for the full traceback")
 
 
