@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from core.errors import GarageError
+from core.errors import GarageError, disk_full_cause
 
 COMMANDS = {
     "train": "train a LoRA / QLoRA adapter (a run folder under $LORA_GARAGE_HOME/runs)",
@@ -47,6 +47,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        cause = disk_full_cause(e)  # e.g. the built-in model's first-use conversion, wrapped by safetensors
+        if cause is None:
+            raise
+        from core.paths import home
+
+        print(f"error: the disk filled up ({cause})", file=sys.stderr)
+        print(f"fix:   free up space on the disk holding {home()}, or point LORA_GARAGE_HOME at a bigger disk",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

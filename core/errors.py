@@ -68,3 +68,22 @@ class Diverged(GarageError):
 
 class DiskFull(GarageError):
     kind = "disk"
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux numbers; Rust's io::Error prints them as "(os error N)")
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "(os error 28)", "(os error 122)")
+
+
+def disk_full_cause(e: BaseException | None) -> BaseException | None:
+    """The exception in e's chain that says the disk is full, or None. Libraries wrap the OS error: safetensors
+    raises SafetensorError("I/O error: No space left on device (os error 28)"), torch a RuntimeError naming the
+    file; the errno, or failing that the OS's own words, is what they keep."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e
+        if any(text in str(e) for text in DISK_FULL_TEXT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None

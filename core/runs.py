@@ -20,13 +20,15 @@ from datetime import datetime
 from pathlib import Path
 
 from core.config import RunConfig, dump_yaml, load_yaml
-from core.errors import RunError
+from core.errors import DiskFull, RunError
 from core.paths import runs_dir
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed")
 ACTIVE = ("queued", "running", "stopping")      # a process should be alive behind these
 TERMINAL = ("stopped", "completed", "failed")
 COMPLETE = "COMPLETE"                            # the marker written last into a finished checkpoint
+LAUNCHED_BY_CLI = "cli"                          # status.json launched_by: a foreground `python -m core train`
+LAUNCHED_BY_APP = "app"                          # ... or core.runner (the app, or `train --detach`)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
@@ -151,6 +153,10 @@ def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, 
             st = {}
         if only_from is not None and st.get("state") not in only_from:
             return None
+        if fields.get("started_at") and st.get("started_at"):
+            # started_at is the first start, written once; a later start (a resume) is recorded as resumed_at
+            fields = dict(fields)
+            fields["resumed_at"] = fields.pop("started_at")
         st.update(fields)
         st["updated_at"] = now()
         _write_atomic(path, json.dumps(st, indent=1), durable)
@@ -303,6 +309,35 @@ def set_aside_partial(run_dir: Path) -> list[Path]:
             os.replace(p, target)
             moved.append(target)
     return moved
+
+
+def disk_full_error(run_dir: Path, cause: BaseException, phase: str, step: int) -> DiskFull:
+    """The disk filled up while the run wrote something: set the cut-short checkpoint aside at once, and say which
+    checkpoint is intact and how much space to free (one checkpoint's worth, or what the write needed)."""
+    run_dir = Path(run_dir)
+    moved = set_aside_partial(run_dir)
+    latest = latest_checkpoint(run_dir)
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    need_mb = _size(latest) / 2**20 if latest else 0
+    where = f"during {phase}" + (f" at step {step}" if step else "")
+    aside = f"; the cut-short save was set aside as {moved[0].name}" if moved else ""
+    kept = (f"{latest.name} is intact and resume continues from it" if latest
+            else "no complete checkpoint was saved yet")
+    amount = f"at least {max(need_mb, 1):,.0f} MB" if latest else "space"
+    return DiskFull(f"the disk filled up {where}{aside}; {kept} ({cause})",
+                    f"free {amount} on {_mount_point(run_dir)} ({free_mb:,.0f} MB free now), lower "
+                    "train.save_total_limit, or point LORA_GARAGE_HOME at a bigger disk")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _mount_point(path: Path) -> str:
+    p = Path(path).resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
 
 
 def adapter_path(run_dir: Path, checkpoint: int | str | None = None) -> Path:

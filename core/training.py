@@ -481,6 +481,8 @@ def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
         return oom_error(ctx, cfg, gpu=True)
     if isinstance(e, MemoryError):
         return oom_error(ctx, cfg, gpu=False)
+    from core.errors import disk_full_cause
+
     if disk_full_cause(e) is not None:  # also when a library wraps it (safetensors' SafetensorError)
         return runs.disk_full_error(run_dir, disk_full_cause(e), ctx.phase, ctx.step)
     if isinstance(e, KeyboardInterrupt):
