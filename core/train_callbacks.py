@@ -93,8 +93,15 @@ class GarageTrainer(Trainer):
 
     def __init__(self, *args, ctx: Context, collator: PadCollator, group_by_length: bool,
                  faults: dict[str, int], **kwargs):
-        super().__init__(*args, data_collator=collator, **kwargs)
+        super().__init__(*args, data_collator=self._collate, **kwargs)
         self.ctx, self.collator, self.group_by_length, self.faults = ctx, collator, group_by_length, faults
+        # tokens/s counts the batches trained, not those collated: accelerate's loader collates one batch ahead
+        # of the one it yields (to know which is last), except at the end of an epoch. Counted at collation, an
+        # epoch's last step showed 0 tokens/s and the next epoch's first step twice its share. So each batch's
+        # (tokens, attn_sq) waits here, in order, until training_step takes that batch.
+        self.collated: deque = deque()
+        self.trained_tokens = 0        # real tokens of the batches trained so far (tokens/s, MFU)
+        self.trained_attn_sq = 0
         self.nonfinite = None          # device bool tensor: any non-finite loss since the last optimizer step
         self.pause_seconds = 0.0       # time spent evaluating and saving, left out of tokens/s and the ETA
 
@@ -104,7 +111,16 @@ class GarageTrainer(Trainer):
                                               train_dataset or self.train_dataset, self.args.seed, self)
         return super()._get_train_sampler(train_dataset)
 
+    def _collate(self, rows):
+        tokens, attn_sq = self.collator.tokens, self.collator.attn_sq
+        batch = self.collator(rows)
+        self.collated.append((self.collator.tokens - tokens, self.collator.attn_sq - attn_sq))
+        return batch
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        tokens, attn_sq = self.collated.popleft()  # this batch's counts: batches are trained in collation order
+        self.trained_tokens += tokens
+        self.trained_attn_sq += attn_sq
         step = self.state.global_step + 1
         self.ctx.step = step
         self.ctx.phase = "first step" if step == self._initial_global_step + 1 else "train"
@@ -125,11 +141,13 @@ class GarageTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         phase, self.ctx.phase = self.ctx.phase, "eval"
-        tokens, attn_sq, t0 = self.collator.tokens, self.collator.attn_sq, time.time()
+        t0 = time.time()
+        waiting = len(self.collated)   # the train batch collated ahead stays; the eval batches' counts go
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.collator.tokens, self.collator.attn_sq = tokens, attn_sq
+            while len(self.collated) > waiting:
+                self.collated.pop()
             self.pause_seconds += time.time() - t0
             self.ctx.phase = phase
 
@@ -170,8 +188,8 @@ class GarageCallback(TrainerCallback):
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.time()
-        self.last_tokens = self.trainer.collator.tokens
-        self.last_attn_sq = self.trainer.collator.attn_sq
+        self.last_tokens = self.trainer.trained_tokens
+        self.last_attn_sq = self.trainer.trained_attn_sq
         self.last_pause = self.trainer.pause_seconds
         self.last_step = state.global_step
         if state.global_step > 0:
@@ -225,7 +243,7 @@ class GarageCallback(TrainerCallback):
         paused = self.trainer.pause_seconds - self.last_pause
         dt = max(now - self.last_t - paused, 1e-9)
         steps = max(state.global_step - self.last_step, 1)
-        tokens = self.trainer.collator.tokens - self.last_tokens
+        tokens = self.trainer.trained_tokens - self.last_tokens
         self.step_times.extend([dt / steps] * min(steps, 20))
         remaining = max(state.max_steps - state.global_step, 0)
         eta = remaining * (sum(self.step_times) / len(self.step_times))
@@ -234,10 +252,10 @@ class GarageCallback(TrainerCallback):
                  "grad_norm": _num(logs.get("grad_norm")), "tokens_per_s": round(tokens / dt, 1),
                  "elapsed": round(now - self.t0, 2), "eta_s": round(eta, 1), "mem": self._memory()}
         if self.flops is not None:
-            event["mfu"] = self.flops.mfu(tokens, self.trainer.collator.attn_sq - self.last_attn_sq, dt)
+            event["mfu"] = self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt)
         self.events.write(event)
-        self.last_t, self.last_tokens, self.last_step = now, self.trainer.collator.tokens, state.global_step
-        self.last_attn_sq = self.trainer.collator.attn_sq
+        self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step
+        self.last_attn_sq = self.trainer.trained_attn_sq
         self.last_pause = self.trainer.pause_seconds
         print(f"step {state.global_step}/{state.max_steps}  loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}  "
               f"{event['tokens_per_s']:.0f} tok/s  eta {eta:.0f} s", flush=True)
