@@ -21,12 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-from core import paths, runs
+from core import access, paths, runs
 from core.config import RunConfig
 from core.errors import BusyError, RunError
 
 LOCK_FD_ENV = "LORA_GARAGE_LOCK_FD"
 _children: dict[str, subprocess.Popen] = {}  # the children this process started, to reap them and read exit codes
+_exited_at: dict[str, str] = {}              # run id -> when that child ended (runs.now() format)
 
 
 # ---------------------------------------------------------------- the public API (the UI and the CLI call these)
@@ -35,6 +36,7 @@ def start(cfg: RunConfig) -> str:
     """Create a run folder and start training it in the background. Returns the run id. BusyError if a run is
     already training on this machine."""
     cfg.validate()
+    access.check_config(cfg)  # a shared app (--allow-dir) reads no dataset or model outside its folders
     fd = acquire_lock("(starting)")
     try:
         run_dir = runs.create(cfg)
@@ -106,13 +108,15 @@ def resume(run_id: str) -> str:
     if latest is None:
         raise RunError(f"run {run_id} has no complete checkpoint to resume from",
                        "start it again as a new run; checkpoints are written every train.save_steps steps")
+    access.check_config(runs.load_config(run_dir))
     problems = _changes_since_start(run_dir)
     if problems:
         raise RunError(f"cannot resume {run_id}: " + "; ".join(problems),
                        "restore what changed, or start a new run with the new settings")
     fd = acquire_lock(run_id)
     try:
-        runs.write_status(run_dir, state="queued", error=None, ended_at=None, resumed_from=latest.name)
+        runs.write_status(run_dir, state="queued", error=None, ended_at=None, noticed_at=None,
+                          resumed_from=latest.name)
         _spawn(run_dir, fd)
     finally:
         os.close(fd)
@@ -133,18 +137,44 @@ def lock_path() -> Path:
     return paths.home() / "train.lock"
 
 
+EXIT_GRACE_S = 60.0  # how long a run that has written its final state may take to exit and let go of the lock
+
+
 def acquire_lock(run_id: str) -> int:
-    """Take the training lock without waiting; returns its file descriptor. BusyError naming the holder."""
+    """Take the training lock; returns its file descriptor. BusyError naming the holder when a run is training.
+    A holder whose status.json already says stopped / completed / failed is not training: its process is only
+    exiting (freeing the model, joining threads), so wait for the kernel to drop its lock instead of calling the
+    machine busy."""
     fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = _lock_holder() or "another run"
-        raise BusyError(f"busy: run {holder} is training",
-                        f"one training run at a time: wait for it, or stop it (python -m core runs stop {holder})")
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _lock_holder()
+            ended = _holder_state(holder) in runs.TERMINAL
+            if ended and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            if ended:
+                raise BusyError(f"busy: run {holder} has ended but its process still holds the training lock "
+                                f"after {EXIT_GRACE_S:.0f} s", f"end that process (pid in {lock_path()}) and try again")
+            holder = holder or "another run"
+            raise BusyError(f"busy: run {holder} is training",
+                            f"one training run at a time: wait for it, or stop it (python -m core runs stop {holder})")
     _write_holder(fd, run_id)
     return fd
+
+
+def _holder_state(run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    try:
+        return runs.read_status(runs.get(run_id), reconcile=False).get("state")
+    except RunError:
+        return None
 
 
 def hold_lock(run_id: str, fd: int | None = None) -> int:
@@ -193,8 +223,17 @@ def _spawn(run_dir: Path, lock_fd: int) -> subprocess.Popen:
     finally:
         log.close()
     _children[run_dir.name] = proc
-    runs.update_status(run_dir, ("queued",), pid=proc.pid, pid_create_time=process_start_time(proc.pid))
+    _exited_at.pop(run_dir.name, None)
+    threading.Thread(target=_note_exit, args=(run_dir.name, proc), daemon=True).start()
+    runs.update_status(run_dir, ("queued",), pid=proc.pid, pid_create_time=process_start_time(proc.pid),
+                       launched_by=runs.LAUNCHED_BY_APP)
     return proc
+
+
+def _note_exit(run_id: str, proc: subprocess.Popen) -> None:
+    """Remember when a child we started ended, so a crash records the time of death, not the time it was noticed."""
+    proc.wait()
+    _exited_at[run_id] = runs.now()
 
 
 def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
@@ -236,7 +275,7 @@ def reconcile(run_dir: Path, st: dict) -> dict:
     else:
         code = _reap(run_dir.name, pid, timeout=0)
     if code is None:
-        how = "exit code unknown (it was started by an earlier app session)" if pid else "it never started"
+        how = f"exit code unknown: {_started_by(st)}" if pid else "it never started"
     elif code < 0:
         how = f"killed by {signal.Signals(-code).name}"
         if code == -signal.SIGKILL:
@@ -244,13 +283,37 @@ def reconcile(run_dir: Path, st: dict) -> dict:
     else:
         how = f"exit code {code}"
     tail = runs.tail_log(run_dir, 15)
+    noticed = runs.now()
+    ended = _exited_at.get(run_dir.name) if proc is not None and proc.pid == pid else None
+    when = {"ended_at": ended} if ended else {"ended_at": _last_sign_of_life(run_dir), "noticed_at": noticed}
+    if not ended:
+        how += f"; its last output was at {when['ended_at']}, the end was noticed at {noticed}"
     error = {"kind": "crash", "message": f"the training process ended without a word ({how})",
              "hint": "see the end of train.log; resume continues from the last complete checkpoint",
              "exit_code": code, "log_tail": tail}
     # asked to stop and then gone (e.g. SIGTERM before its handler was installed): stopped, with the reason kept
     state = "stopped" if st.get("state") == "stopping" else "failed"
-    new = runs.update_status(run_dir, runs.ACTIVE, state=state, ended_at=runs.now(), error=error)
+    new = runs.update_status(run_dir, runs.ACTIVE, state=state, error=error, **when)
     return new if new is not None else runs.read_status(run_dir, reconcile=False)
+
+
+def _started_by(st: dict) -> str:
+    """Why this process cannot know the exit code: the run is not its child."""
+    if st.get("launched_by") == runs.LAUNCHED_BY_CLI:
+        return "it was started in a terminal by python -m core train, not by this process"
+    if st.get("launched_by") == runs.LAUNCHED_BY_APP:
+        return "it was started by another LoRA Garage process (an earlier app session or train --detach)"
+    return "it was not started by this process"
+
+
+def _last_sign_of_life(run_dir: Path) -> str:
+    """When the process last wrote to its run folder: the end is at or after this (the exact time is unknown)."""
+    from datetime import datetime
+
+    stamps = [p.stat().st_mtime for p in (run_dir / "train.log", run_dir / "events.jsonl") if p.exists()]
+    if not stamps:
+        return runs.now()
+    return datetime.fromtimestamp(max(stamps)).astimezone().isoformat(timespec="seconds")
 
 
 def _reap(run_id: str, pid: int, timeout: float) -> int | None:

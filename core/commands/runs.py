@@ -79,7 +79,10 @@ def _show(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    for key in ("id", "state", "step", "total_steps", "started_at", "ended_at", "checkpoints", "adapter"):
+    for key in ("id", "state", "step", "total_steps", "started_at", "resumed_at", "ended_at", "noticed_at",
+                "checkpoints", "adapter"):
+        if key in ("resumed_at", "noticed_at") and not info.get(key):
+            continue  # only for runs that were resumed / whose end was noticed after the fact
         print(f"{key:>12}: {info.get(key)}")
     if curve:
         print(f"{'last loss':>12}: {curve[-1].get('loss')} at step {curve[-1].get('step')}")
