@@ -80,9 +80,24 @@ def _table(e) -> str:
 
 def verdict_text(e, total, free) -> str:
     if not total:
-        return "No GPU to check against: training will run on the CPU (slow but it works). Pick a GPU size above to plan."
+        return "No GPU to check against. Pick a GPU size above to plan."
     v = vram.verdict(e, total, free)
     return f"**{v.status}**: {v.message}" if getattr(v, "message", "") else f"**{v.status}**"
+
+
+def cpu_verdict_text(cfg, shape, method: str, reading) -> str:
+    """No GPU: training runs on the CPU in fp32, so hold the CPU estimate against the RAM, as the GPU verdict
+    holds the VRAM estimate against the card."""
+    e = vram.estimate(shape, vram.settings_from_config(cfg, method=method, device="cpu"))
+    v = vram.verdict(e, reading.ram_total, reading.ram_available)
+    where = "in RAM (no GPU: training runs on the CPU, slowly)"
+    if v.status == "does not fit":
+        return (f"**does not fit** {where}: needs {gb(v.needed)}, {gb(v.usable)} of RAM available "
+                f"({gb(-v.margin)} short). Lower train.batch_size, data.max_len or lora.r, or pick a smaller model")
+    if v.status == "tight":
+        return (f"**tight** {where}: {gb(v.needed)} of {gb(v.usable)} available, only {gb(v.margin)} to spare: "
+                "close other programs or lower train.batch_size")
+    return f"**fits** {where}: {gb(v.needed)} of {gb(v.usable)} available"
 
 
 def describe_suggestion(s) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -36,6 +38,9 @@ def run(args) -> int:
     if args.run_dir:
         return _child(args)
     cfg = build_config(args)
+    from core import limits
+
+    limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
     if args.detach:
         from core import runner
 
@@ -96,18 +101,43 @@ def _child(args) -> int:
     return training.main(run_dir)
 
 
+# a failed run whose error is one of these was the user's to fix (exit 2, as for any GarageError); others are 1
+USER_ERROR_KINDS = ("config", "model", "dataset", "disk", "oom", "nan", "busy")
+
+
 def _foreground(cfg: RunConfig) -> int:
-    """Create the run and train it in this process; output goes to the terminal and to train.log."""
+    """Create the run and train it in this process; output goes to the terminal and to train.log. A failure shows
+    as its `error:` / `fix:` lines; its traceback goes to train.log only."""
     from core import runner, runs, training
 
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
+    runs.write_status(run_dir, launched_by=runs.LAUNCHED_BY_CLI)
     print(f"run {run_dir.name}\n  folder: {run_dir}", flush=True)
     t0 = time.time()
-    with _Tee(run_dir / "train.log"):
+    with _Tee(run_dir / "train.log") as tee, _tracebacks_to(tee.fh):
         code = training.main(run_dir, lock_fd=lock)
     _summary(run_dir, time.time() - t0)
+    error = runs.read_status(run_dir, reconcile=False).get("error") or {}
+    if code == 1 and error.get("kind") in USER_ERROR_KINDS:
+        return 2
     return code
+
+
+@contextmanager
+def _tracebacks_to(fh):
+    """training.main prints the traceback of a failure with traceback.print_exc() on stderr, which the terminal
+    shares here; send it to train.log alone (the error and fix lines it prints next still reach both)."""
+    saved = traceback.print_exc
+
+    def to_log(limit=None, file=None, chain=True):
+        saved(limit=limit, file=fh, chain=chain)
+
+    traceback.print_exc = to_log
+    try:
+        yield
+    finally:
+        traceback.print_exc = saved
 
 
 def _summary(run_dir: Path, seconds: float) -> None:
