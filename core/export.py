@@ -25,7 +25,7 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     """Write base + adapter merged into `out_dir` (must be new or empty). Loads with AutoModelForCausalLM."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from core import chat, runs
 
@@ -47,7 +47,11 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     for n in notes:
         log(f"note: {n}")
     log(f"loading {cfg.model.source} on the CPU")
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype="auto", use_safetensors=True,
+    config = AutoConfig.from_pretrained(str(base_path), trust_remote_code=cfg.model.trust_remote_code)
+    if models.drop_gguf_quantization(config):  # as training did; the merged folder is plain safetensors
+        log("note: the base's config.json says GGUF-quantized over plain safetensors weights; "
+            "the marker is left out of the merged model")
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), config=config, dtype="auto", use_safetensors=True,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     chat.check_adapter(base, adapter_dir, loaded_source=cfg.model.source, trained_on=cfg.model.source)
     log(f"merging {adapter_dir}")

@@ -179,10 +179,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
-    # the GGUF loader records quant_method "gguf"; the weights we save are plain fp32, and Trainer refuses to
-    # train a model whose config says it is GGUF-quantized
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
+    drop_gguf_quantization(config)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
@@ -192,6 +189,21 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def drop_gguf_quantization(config) -> bool:
+    """Remove a GGUF `quantization_config` from a loaded config (PretrainedConfig); True if there was one.
+
+    The GGUF loader records quant_method "gguf", and a folder saved from such a model keeps it over plain float
+    safetensors. Left in, transformers treats the model as GGUF-quantized: Trainer refuses to train it and
+    save_pretrained refuses to save it ("quantized with gguf and is not serializable"). Other quantization
+    configs (bitsandbytes, GPTQ, ...) describe real weights and stay."""
+    stale = getattr(config, "quantization_config", None)
+    method = stale.get("quant_method") if isinstance(stale, dict) else getattr(stale, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    del config.quantization_config
+    return True
 
 
 @contextmanager

@@ -65,3 +65,23 @@ def test_adapter_zip(garage_home, tiny_model_dir, tmp_path, capsys):
         export.zip_adapter("r1", target)
     with pytest.raises(GarageError, match=".zip"):
         export.zip_adapter("r1", tmp_path / "adapter.tar")
+
+
+def test_merged_export_of_a_base_folder_still_marked_gguf_quantized(garage_home, tiny_model_dir, tmp_path, capsys):
+    # a folder saved from a GGUF-loaded model keeps quantization_config {"quant_method": "gguf"} over plain
+    # float weights; training ignores the marker, so export must too, and must not pass it on
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from core.__main__ import main
+
+    base = tmp_path / "from-gguf"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gguf"}}))
+    make_run(garage_home, base, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert main(["export", "r1", "--merged", str(tmp_path / "m")]) == 0, capsys.readouterr()
+    assert "GGUF-quantized over plain safetensors" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=_ids()).logits.isfinite().all()
