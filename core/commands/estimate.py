@@ -25,7 +25,8 @@ COLUMNS = (("full", "full"), ("lora", "LoRA"), ("qlora", "QLoRA"))
 def add_arguments(p) -> None:
     p.add_argument("--model", default="builtin:smollm2-135m",
                    help="builtin:smollm2-135m, a hub id (only config.json is fetched) or a folder with config.json")
-    p.add_argument("--method", default="lora", choices=vram.METHODS, help="the method the verdict and --json are for")
+    p.add_argument("--method", default="lora", choices=vram.METHODS,
+                   help="the method the verdict, the [marked] column and --json are for")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (the longest in a batch)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=1, help="kept when suggestions shrink the batch")
@@ -37,7 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attn", default="sdpa", choices=vram.ATTN_IMPLEMENTATIONS)
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="check against a card of this size (6, 8, 12, 16, 24, 48, 80) instead of the detected GPU")
-    p.add_argument("--cpu", action="store_true", help="estimate RAM for training on the CPU (fp32) instead")
+    p.add_argument("--cpu", action="store_true",
+                   help="estimate RAM for training on this machine's CPU (fp32) and check it against the free RAM, "
+                        "instead of GPU memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -59,27 +62,30 @@ def _settings(args, method: str) -> vram.Settings:
                          attn=args.attn, device="cpu" if args.cpu else "cuda")
 
 
-def _target(args) -> tuple[dict | None, int | None, str]:
-    """(gpu dict for --json, usable bytes, one line for people)."""
+def _target(args) -> tuple[dict | None, int | None, str, str]:
+    """(gpu dict for --json, usable bytes or None when there is nothing to check against, one line for people
+    saying what was estimated for, and how to get a verdict when there is none)."""
     if args.cpu:
         from core import hardware
 
         r = hardware.read()
-        return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}"
+        return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}", ""
     if args.gpu_gb:
         usable = vram.card_bytes(args.gpu_gb)
         gpu = {"source": "chosen", "name": f"{args.gpu_gb:g} GB card", "total": int(args.gpu_gb * vram.K.GiB),
                "free": usable}
-        return gpu, usable, f"GPU: a {args.gpu_gb:g} GB card ({vram.gb(usable)} usable)"
+        return gpu, usable, f"GPU: a {args.gpu_gb:g} GB card ({vram.gb(usable)} usable)", ""
     from core import hardware
 
     r = hardware.read()
     if not r.gpus:
-        return None, None, f"GPU: none ({r.nvml_error}); pass --gpu-gb 8 (or 6 12 16 24 48 80) to check a card size"
+        return None, None, f"Estimated for: GPU memory on a CUDA card of unknown size (this machine: {r.nvml_error})", (
+            f"To check: --gpu-gb 8 (or 6 12 16 24 48 80) for a card of that size, or --cpu for RAM when training "
+            f"on this CPU ({vram.gb(r.ram_available)} available)")
     g = r.gpus[0]
     gpu = {"source": "detected", "index": g.index, "name": g.name, "total": g.total, "free": g.free, "used": g.used,
            "other_procs_used": g.other_procs_used}
-    return gpu, g.free, f"GPU {g.index}: {g.name}, {vram.gb(g.free)} free of {vram.gb(g.total)}"
+    return gpu, g.free, f"GPU {g.index}: {g.name}, {vram.gb(g.free)} free of {vram.gb(g.total)}", ""
 
 
 def _fmt(n: int) -> str:
@@ -95,23 +101,24 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1", "e.g. --seq-len 512 --batch-size 1")
     shape = vram.shape_from_config(read_model_config(args.model))
-    gpu, usable, where = _target(args)
+    gpu, usable, where, to_check = _target(args)
     chosen = vram.estimate(shape, _settings(args, args.method))
-    v = vram.verdict(chosen, usable) if usable else None
+    v = vram.verdict(chosen, usable) if usable is not None else None
     suggestions = vram.suggest(shape, chosen.settings, usable) if v and v.status != "fits" else []
     if args.json:
-        out = {"model": args.model, "method": args.method, "total_bytes": chosen.total_bytes,
+        out = {"model": args.model, "method": args.method, "device": "cpu" if args.cpu else "cuda",
+               "total_bytes": chosen.total_bytes,
                "components": chosen.components, "details": chosen.details, "params": shape.total_params,
                "trainable_params": chosen.trainable_params, "gpu": gpu, "fits": v.fits if v else None,
                "verdict": v.status if v else None, "margin_bytes": v.margin if v else None,
                "suggestions": [s.to_dict() for s in suggestions if s.changes], "notes": chosen.notes}
         print(json.dumps(out))
         return 0
-    _print_table(args, shape, where, usable, suggestions, chosen)
+    _print_table(args, shape, where, usable, suggestions, chosen, to_check)
     return 0
 
 
-def _print_table(args, shape, where, usable, suggestions, chosen) -> None:
+def _print_table(args, shape, where, usable, suggestions, chosen, to_check="") -> None:
     w = sys.stdout.write
     w(f"Model: {args.model} ({shape.model_type or '?'}, {shape.total_params / 1e9:.2f} B params: "
       f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab}"
@@ -122,11 +129,12 @@ def _print_table(args, shape, where, usable, suggestions, chosen) -> None:
     w(where + "\n\n")
     methods = list(COLUMNS) + ([("8bit", "8-bit")] if args.method == "8bit" else [])
     ests = [vram.estimate(shape, _settings(args, m)) for m, _ in methods]
-    w(f"{'':12}" + "".join(f"{label:>14}" for _, label in methods) + "\n")
+    # the chosen method's column is marked, so --method shows in the table even when there is no verdict row
+    w(f"{'':12}" + "".join(f"{f'[{label}]' if m == args.method else label:>14}" for m, label in methods) + "\n")
     for comp in vram.COMPONENTS:
         w(f"{comp:12}" + "".join(f"{_fmt(e.components[comp]):>14}" for e in ests) + "\n")
     w(f"{'total':12}" + "".join(f"{_fmt(e.total_bytes):>14}" for e in ests) + "\n")
-    if usable:
+    if usable is not None:  # a full GPU (0 free) still gets its verdict
         w(f"{'verdict':12}" + "".join(f"{vram.verdict(e, usable).status:>14}" for e in ests) + "\n")
         v = vram.verdict(chosen, usable)
         w(f"\n{args.method}: {v.status}: {v.message}\n")
@@ -140,6 +148,9 @@ def _print_table(args, shape, where, usable, suggestions, chosen) -> None:
                 low = vram.smallest(shape, chosen.settings)
                 w(f"Nothing fits in {vram.gb(usable)}: even the leanest settings we would suggest need "
                   f"{vram.gb(low.total_bytes)}. Pick a smaller model or a bigger GPU.\n")
+    else:
+        w(f"\n{args.method}: about {_fmt(chosen.total_bytes)} of GPU memory; no verdict without a card size.\n"
+          f"{to_check}\n")
     for note in chosen.notes:
         w(f"note: {note}\n")
     w("Estimates are for transformers + peft + bitsandbytes as LoRA Garage runs them; expect +-10-15%.\n")
