@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         auth = access.parse_auth(args.auth, args.auth_file)
+        os.environ.pop(access.PASSWORD_ENV, None)  # read once; the training children need not carry it
         shared = args.host not in access.LOOPBACK
         if shared and not auth:
             print(f"refusing to listen on {args.host} without --auth USER:PASSWORD: anyone on your network could "
