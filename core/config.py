@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,6 +22,7 @@ METHODS = ("lora", "qlora", "8bit")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+_PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data_turns.PLACEHOLDER reads them
 
 
 def _f(default, help: str, choices=None):
@@ -60,6 +62,8 @@ class DataConfig:
     val_fraction: float = _f(0.0, "Share of rows held out for evaluation (0 = none, unless val_source is set).")
     val_source: str = _f("", "A separate file for evaluation (overrides val_fraction).")
     limit: int = _f(0, "Use only the first N rows (0 = all).")
+    fill: dict = _f({}, "Values for {{placeholders}} in the data, e.g. {name: Garage, author: Ann}: each {{name}} "
+                        "is replaced before training (Inspect lists the placeholders a file has).")
 
 
 @dataclass
@@ -245,8 +249,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ConfigError(item, "override must look like section.key=value", "e.g. --set lora.r=32")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key.count(".") == 2 and isinstance(_default_of(key.rsplit(".", 1)[0]), dict):
+            section, name, sub = key.split(".")  # one entry of a mapping: --set data.fill.name=Garage
+            entries = d.setdefault(section, {}).get(name) or {}
+            d[section][name] = {**entries, sub: raw}
+            continue
         if key.count(".") != 1:
-            raise ConfigError(key, "override key must be section.key", "e.g. --set train.lr=1e-4")
+            raise ConfigError(key, "override key must be section.key (or section.mapping.key for data.fill and "
+                              "data.columns)", "e.g. --set train.lr=1e-4 or --set data.fill.name=Garage")
         section, name = key.split(".")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -256,6 +266,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = float(raw) if any(c in raw for c in ".eE") else int(raw)
         d.setdefault(section, {})[name] = value
     return from_dict(d)
+
+
+def _default_of(dotted: str):
+    section, _, name = dotted.partition(".")
+    typ = _section_types().get(section)
+    return getattr(typ(), name, None) if typ else None
 
 
 def _looks_numeric(s: str) -> bool:
@@ -288,6 +304,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.val_fraction", f"must be in [0, 0.9), got {d.val_fraction}", "use 0.1 for 10%")
     if d.limit < 0:
         raise ConfigError("data.limit", "must be 0 (all rows) or positive", "set data.limit=0")
+    for key, value in d.fill.items():
+        if not _PLACEHOLDER_NAME.fullmatch(key):
+            raise ConfigError("data.fill", f"{key!r} is not a placeholder name",
+                              "names are letters, digits and _, as in {{name}} or {{author}}")
+        if not str(value).strip():
+            raise ConfigError("data.fill", f"no value given for {{{{{key}}}}}", f"give {key} a value, or remove it")
     if lo.r < 1:
         raise ConfigError("lora.r", f"rank must be a positive integer, got {lo.r}", "use 8, 16 or 32")
     if lo.alpha <= 0:

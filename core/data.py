@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from core.data_formats import FORMATS, detect, normalise
+from core.data_formats import FORMATS, check_meaning, detect, ignored_columns, normalise
 from core.data_read import BUILTIN_DATA, Where, estimate_total, iter_records
 from core.data_tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenRows, chat_template, encode,
                                  loss_mask, pack, segments)
@@ -32,6 +32,7 @@ __all__ = ["DataStats", "Prepared", "RowReader", "FORMATS", "DEFAULT_CHAT_TEMPLA
 DEMO_ID = "builtin:demo-identity"
 _BATCH = 512        # rows per tokenizer call: big enough to amortise, small enough to stream
 _SAMPLES = 5        # rendered examples kept for previews
+_MEDIA_MARKER = re.compile(r"<(image|video|audio)>")
 
 
 @dataclass
@@ -52,6 +53,14 @@ class DataStats:
     train_on: str = "assistant"
     packing: bool = False
     warnings: list[str] = field(default_factory=list)
+    ignored_columns: list[str] = field(default_factory=list)  # columns of the file no role uses
+    placeholders: dict = field(default_factory=dict)          # {{name}} -> rows holding it
+    filled: dict = field(default_factory=dict)                # the data.fill values that were used
+    tools: str = ""                # how tool calls were rendered: "" (none in the data), "template", "plain text"
+    reasoning: str = ""            # where reasoning went: "" (none), the template's field name, or "dropped"
+    loss_weight_zero: int = 0      # assistant turns with loss_weight 0 (masked)
+    notes: list[str] = field(default_factory=list)  # how the file was read: columns left out, placeholders,
+                                                    # tool and reasoning rendering (also in warnings)
 
     def tokens(self) -> dict:
         """Token lengths against the cutoff, for the CLI and the UI."""
@@ -83,20 +92,30 @@ class RowReader:
     """Iterates (conversation, where) over a source; `format` and `columns` are known after the first row."""
 
     def __init__(self, source: str, format: str = "auto", columns: dict | None = None, split: str = "train",
-                 subset: str = "", limit: int = 0):
+                 subset: str = "", limit: int = 0, fill: dict | None = None):
         self.source, self.want_format, self.want_columns = source, format or "auto", dict(columns or {})
-        self.split, self.subset, self.limit = split, subset, limit
+        self.split, self.subset, self.limit, self.fill = split, subset, limit, dict(fill or {})
         self.format: str | None = None
         self.columns: dict = {}
+        self.ignored: dict[str, None] = {}       # ordered set of unused columns, over all rows
+        self.placeholders: dict[str, int] = {}   # {{name}} -> rows holding it
+        self.media_markers = 0                   # rows with <image> / <video> / <audio> in their text
 
     def __iter__(self) -> Iterator[tuple[list[dict], Where]]:
         count = 0
         for record, where in iter_records(self.source, self.split, self.subset):
             if self.format is None:
                 self.format, self.columns = detect(record, where, self.want_format, self.want_columns)
-            conv = normalise(record, self.format, self.columns, where)
+            else:
+                check_meaning(record, self.columns, where)
+            self.ignored.update(dict.fromkeys(ignored_columns(record, self.columns)))
+            conv = normalise(record, self.format, self.columns, where, self.fill)
             if not conv:
                 continue
+            for name in getattr(conv, "placeholders", ()):
+                self.placeholders[name] = self.placeholders.get(name, 0) + 1
+            if any(_MEDIA_MARKER.search(m["content"]) for m in conv):
+                self.media_markers += 1
             yield conv, where
             count += 1
             if self.limit and count >= self.limit:
@@ -104,9 +123,10 @@ class RowReader:
 
 
 def load_rows(source: str, format: str = "auto", columns: dict | None = None, split: str = "train",
-              subset: str = "", limit: int = 0) -> tuple[list[list[dict]], str, dict]:
-    """(conversations, detected format, column mapping). Raw text rows are [{"role": "text", "content": ...}]."""
-    reader = RowReader(source, format, columns, split, subset, limit)
+              subset: str = "", limit: int = 0, fill: dict | None = None) -> tuple[list[list[dict]], str, dict]:
+    """(conversations, detected format, column mapping). Raw text rows are [{"role": "text", "content": ...}];
+    conversations are Conversations (lists that also carry .tools and .placeholders)."""
+    reader = RowReader(source, format, columns, split, subset, limit, fill)
     rows = [conv for conv, _ in reader]
     return rows, reader.format or "", reader.columns
 
@@ -156,7 +176,7 @@ def _tokenise(reader: RowReader, tokenizer, renderer: Renderer, data, progress: 
 
 def _add_chat(batch, tokenizer, renderer: Renderer, built: _Built, data) -> None:
     if data.train_on == "all":
-        rendered = [(renderer.render(conv), []) for conv, _ in batch]
+        rendered = [(renderer.text(conv, where), []) for conv, where in batch]
     else:
         rendered = [renderer.spans(conv, where) for conv, where in batch]
     for (text, spans), enc in zip(rendered, encode(tokenizer, [t for t, _ in rendered])):
@@ -199,13 +219,13 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) 
     """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`."""
     data = cfg.data
     renderer = Renderer(tokenizer)
-    reader = RowReader(data.source, data.format, data.columns, data.split, data.subset, data.limit)
+    reader = RowReader(data.source, data.format, data.columns, data.split, data.subset, data.limit, data.fill)
     built = _tokenise(reader, tokenizer, renderer, data, progress)
     _check_something_left(built, data)
 
     train, eval_rows, warnings = built.rows, None, _warnings(built, data)
     if data.val_source.strip():
-        val_reader = RowReader(data.val_source, data.format, data.columns, data.split, data.subset)
+        val_reader = RowReader(data.val_source, data.format, data.columns, data.split, data.subset, fill=data.fill)
         eval_rows = _tokenise(val_reader, tokenizer, renderer, data, None).rows
         if not len(eval_rows):
             eval_rows = None
@@ -224,7 +244,13 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) 
         max_len=data.max_len, truncated=built.truncated, dropped=built.dropped_long + built.dropped_no_target,
         trained_tokens=train_seq.trained_tokens(), total_tokens=train_seq.total_tokens(),
         eval_rows=len(eval_rows) if eval_rows is not None else 0, train_rows=len(train_seq),
-        train_on="all" if reader.format == "text" else data.train_on, packing=packed, warnings=warnings)
+        train_on="all" if reader.format == "text" else data.train_on, packing=packed, warnings=warnings,
+        ignored_columns=list(reader.ignored), placeholders=dict(reader.placeholders),
+        filled={k: v for k, v in data.fill.items() if k in reader.placeholders},
+        tools=renderer.used.get("tools", ""), reasoning=renderer.used.get("reasoning", ""),
+        loss_weight_zero=renderer.used.get("loss_weight_zero", 0))
+    stats.notes = _data_notes(reader, stats)
+    stats.warnings += [n for n in stats.notes if not n.startswith(_INFO)]
     return Prepared(train=train_seq, eval=eval_rows, stats=stats, samples=built.samples)
 
 
@@ -255,6 +281,37 @@ def _warnings(built: _Built, data) -> list[str]:
     return out
 
 
+_INFO = ("tool calls rendered with", "reasoning goes to", "assistant turns with loss_weight 0")
+
+
+def _data_notes(reader: RowReader, stats: DataStats) -> list[str]:
+    """What the user must know about how the file was read (the UI shows these; the CLI shows the warnings
+    among them, the lines not starting with an _INFO prefix)."""
+    out = []
+    if stats.tools == "template":
+        out.append("tool calls rendered with the model's own chat template (its tool support)")
+    if stats.reasoning not in ("", "dropped"):
+        out.append(f"reasoning goes to the chat template's {stats.reasoning!r} field")
+    if stats.loss_weight_zero:
+        out.append(f"assistant turns with loss_weight 0 are masked (no loss): {stats.loss_weight_zero}")
+    if stats.ignored_columns:
+        out.append(f"columns not used for training: {', '.join(stats.ignored_columns)}")
+    unfilled = [n for n in stats.placeholders if n not in stats.filled]
+    if unfilled:
+        out.append("placeholders not filled, trained as literal text: "
+                   + ", ".join(f"{{{{{n}}}}} ({stats.placeholders[n]} rows)" for n in unfilled)
+                   + " (fill them with data.fill, e.g. --set data.fill." + unfilled[0] + "=...)")
+    if stats.tools == "plain text":
+        out.append("tool calls rendered as plain text (<tool_call> / <tool_response> tags): the model's chat "
+                   "template has no tool support")
+    if stats.reasoning == "dropped":
+        out.append("reasoning parts dropped: the model's chat template has no thinking field")
+    if reader.media_markers:
+        out.append(f"{reader.media_markers} rows contain <image> / <video> / <audio> markers, trained as literal "
+                   "text (this app trains text models)")
+    return out
+
+
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded random hold-out of round(n * fraction) rows (at least 1, never all)."""
     k = min(max(1, round(n * fraction)), n - 1) if fraction > 0 else 0
@@ -280,8 +337,10 @@ def _samples(obj) -> list:
 def _conversation_runs(conv: list[dict]) -> list[tuple[str, bool]]:
     runs = []
     for m in conv:
-        trained = m["role"] in ("assistant", "text")
-        runs += [(f"{m['role']}: ", False), (m["content"], trained), ("\n", False)]
+        trained = m["role"] in ("assistant", "text") and m.get("train", True) is not False
+        calls = "".join(f"\n[tool call] {c['function']['name']}({json.dumps(c['function']['arguments'])})"
+                        for c in m.get("tool_calls") or [])
+        runs += [(f"{m['role']}: ", False), (m["content"] + calls, trained), ("\n", False)]
     return runs
 
 

@@ -1,14 +1,18 @@
 """Row formats: detect which one a record is in, and turn it into chat messages.
 
-Every format becomes a list of {"role": system|user|assistant, "content": str}; raw text becomes
-[{"role": "text", "content": ...}]. The column mapping maps our role names to the file's column names
+Every format becomes a list of {"role": system|user|assistant|tool, "content": str} (a Conversation, which also
+carries the tool schemas; assistant turns may carry tool_calls and reasoning_content: see data_turns.py); raw
+text becomes [{"role": "text", "content": ...}]. The column mapping maps our role names to the file's column names
 (e.g. {"prompt": "question", "response": "answer"}); it is shown to the user and can be overridden
 (data.columns). We never guess: columns we cannot place are an error listing what we found and what we accept.
 """
 
 from __future__ import annotations
 
+import json
+
 from core.data_read import Where, kind_of
+from core.data_turns import Conversation, content_of, fill_placeholders, loss_weight, tool_calls, tools_list
 from core.errors import DatasetError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "pairs", "text")
@@ -17,21 +21,31 @@ PROMPT_KEYS = ("prompt", "question", "instruction", "query", "input", "user", "h
 RESPONSE_KEYS = ("completion", "response", "answer", "output", "assistant", "gpt", "target", "solution", "reply")
 CONTEXT_KEYS = ("context", "input", "passage", "document")
 SYSTEM_KEYS = ("system", "system_prompt")
+TOOLS_KEYS = ("tools", "functions")
 TEXT_KEYS = ("text", "content", "body")
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+         # tool use: ShareGPT's function_call is an assistant turn that calls a tool; observation (ShareGPT),
+         # tool (OpenAI), function (OpenAI's older name) and ipython (Llama 3) are tool results.
+         "function_call": "assistant", "tool_call": "assistant", "observation": "tool", "tool": "tool",
+         "function": "tool", "ipython": "tool"}
+# Columns that change what a row means: training it as plain chat without them would be silently wrong.
+PREFERENCE_KEYS = ("chosen", "rejected")
+LABEL_KEYS = ("label", "kto_tag")
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 # data.columns keys: our role names, plus the names people naturally write for them.
 ROLE_ALIASES = {"instruction": "prompt", "question": "prompt", "query": "prompt", "input": "context",
                 "output": "response", "completion": "response", "answer": "response",
                 "conversations": "messages"}
 FORMAT_ROLES = {
-    "messages": ("messages",), "sharegpt": ("messages",),
+    "messages": ("messages", "system", "tools"), "sharegpt": ("messages", "system", "tools"),
     "alpaca": ("prompt", "response", "context", "system", "history"),
     "pairs": ("prompt", "response", "context", "system"),
     "text": ("text",),
 }
-ACCEPTED = ("messages or conversations: a list of {role, content} (system/user/assistant); "
-            "ShareGPT conversations: a list of {from, value} (human/gpt/system); "
+ACCEPTED = ("messages or conversations: a list of {role, content} (system/user/assistant/tool, with tool_calls; "
+            "optional tools column); ShareGPT conversations: a list of {from, value} (human/gpt/system/"
+            "function_call/observation; optional tools column); "
             "Alpaca: instruction, input, output (optional system, history); "
             "pairs: prompt/completion, question/answer, instruction/response, input/output (optional context, system); "
             "raw text: a text column")
@@ -40,6 +54,7 @@ ACCEPTED = ("messages or conversations: a list of {role, content} (system/user/a
 def detect(record: dict, where: Where, format: str = "auto", columns: dict | None = None) -> tuple[str, dict]:
     """(format, mapping) for a record; `format`/`columns` override what we would detect."""
     mapping = _normalise_columns(columns or {})
+    check_meaning(record, mapping, where)
     for role, col in mapping.items():
         if col not in record:
             raise where.error(f"column {col!r} (given for {role}) is not in the data; columns found: "
@@ -70,7 +85,7 @@ def _normalise_columns(columns: dict) -> dict:
         role = ROLE_ALIASES.get(str(role).strip().lower(), str(role).strip().lower())
         if role not in {r for roles in FORMAT_ROLES.values() for r in roles}:
             raise DatasetError(f"data.columns: unknown role {role!r}",
-                               "roles: messages, prompt, response, context, system, history, text")
+                               "roles: messages, prompt, response, context, system, history, tools, text")
         out[role] = str(col)
     return out
 
@@ -119,6 +134,8 @@ def _detect_columns(record: dict, format: str) -> dict:
     found = {}
     if format in ("messages", "sharegpt"):
         found["messages"] = first(CONVERSATION_KEYS)
+        found["system"] = first(SYSTEM_KEYS)
+        found["tools"] = first(TOOLS_KEYS)
     elif format == "text":
         found["text"] = first(TEXT_KEYS)
     else:
@@ -154,19 +171,59 @@ def _cols(record: dict) -> str:
     return ", ".join(names[:30]) + (" ..." if len(names) > 30 else "") if names else "(none)"
 
 
+# ---------------------------------------------------------------- columns we do not use
+
+def ignored_columns(record: dict, mapping: dict) -> list[str]:
+    """The record's columns that no role maps to (listed to the user: nothing is dropped in silence)."""
+    used = set(mapping.values())
+    return [str(k) for k in record if k not in used and not str(k).startswith("_")]
+
+
+def check_meaning(record: dict, mapping: dict, where: Where) -> None:
+    """Refuse a row whose unused columns change what it means: preference pairs, KTO good/bad labels, and
+    images / video / audio (this app trains text models)."""
+    used = set(mapping.values())
+    keys = {str(k).lower(): k for k in record if k not in used}
+    chose = any(str(c).lower() in PREFERENCE_KEYS for c in used)  # the user mapped one side: their choice
+    if any(k in keys for k in PREFERENCE_KEYS) and not chose:
+        raise where.error(f"this is a file of preference pairs (chosen / rejected): train them with DPO / ORPO "
+                          f"(not built yet in this version); columns found: {_cols(record)}",
+                          "for supervised fine-tuning give one reply per prompt, or map the preferred reply "
+                          "yourself (data.columns {prompt: prompt, response: chosen}; the rejected replies are "
+                          "then left out)")
+    for k in LABEL_KEYS:
+        if k in keys and isinstance(record[keys[k]], bool):
+            raise where.error(f"column {keys[k]!r} marks each row good (true) or bad (false), as KTO files do: "
+                              "trained as plain chat, the replies labelled false would be learnt as good ones",
+                              f"keep only the rows with {keys[k]}=true and remove the {keys[k]!r} column (KTO "
+                              "training is not built yet in this version)")
+    for k in MEDIA_KEYS:
+        if k in keys and record[keys[k]] not in (None, "", [], {}):
+            raise where.error(f"column {keys[k]!r} holds {k}: this app trains text models only, and the "
+                              f"<{k.rstrip('s')}> markers would be trained as literal text",
+                              f"remove the {keys[k]!r} column (and the <{k.rstrip('s')}> markers) to train on "
+                              "the text alone, or use a tool that trains vision / audio models")
+
+
 # ---------------------------------------------------------------- normalising one record
 
-def normalise(record: dict, format: str, mapping: dict, where: Where) -> list[dict]:
-    """The record as chat messages (or one text item). Raises DatasetError naming the row."""
+def normalise(record: dict, format: str, mapping: dict, where: Where, fill: dict | None = None) -> list[dict]:
+    """The record as chat messages (a Conversation) or one text item; {{placeholders}} replaced from `fill`.
+    Raises DatasetError naming the row."""
     if format == "text":
         text = _text(record, mapping["text"], where, required=False)
         return [{"role": "text", "content": text, "eos": bool(record.get("_eos", True))}] if text.strip() else []
     if format in ("messages", "sharegpt"):
-        conv = _turns(record.get(mapping["messages"]), format, mapping["messages"], where)
+        conv = Conversation(_turns(record.get(mapping["messages"]), format, mapping["messages"], where),
+                            tools=tools_list(record.get(mapping["tools"]), mapping["tools"], where)
+                            if "tools" in mapping else None)
+        system = _text(record, mapping["system"], where, required=False) if "system" in mapping else ""
+        if system.strip() and not (conv and conv[0]["role"] == "system"):
+            conv.insert(0, {"role": "system", "content": system})
     else:
-        conv = _pair(record, format, mapping, where)
+        conv = Conversation(_pair(record, format, mapping, where))
     _check_conversation(conv, where)
-    return conv
+    return fill_placeholders(conv, fill or {})
 
 
 def _pair(record: dict, format: str, mapping: dict, where: Where) -> list[dict]:
@@ -221,23 +278,53 @@ def _turns(turns, format: str, column: str, where: Where) -> list[dict]:
         if not isinstance(turn, dict):
             raise where.error(f"turn {i} must be an object, got {kind_of(turn)}", f"each turn needs {role_key} and {content_key}")
         raw_role = turn.get(role_key)
-        role = ROLES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+        name = raw_role.strip().lower() if isinstance(raw_role, str) else None
+        role = ROLES.get(name) if name else None
         if role is None:
             raise where.error(f"turn {i} has unknown role {raw_role!r}",
                               f"use one of: {', '.join(ROLES)} (in the {role_key!r} key)")
-        conv.append({"role": role, "content": _content(turn.get(content_key), i, content_key, where)})
+        if name in ("function_call", "tool_call"):  # ShareGPT: the turn's text is the call, as JSON
+            text, reasoning, calls = "", "", tool_calls(turn.get(content_key), i, where)
+        elif role == "tool" and isinstance(turn.get(content_key), (dict, list)) and not _is_parts(turn[content_key]):
+            text, reasoning, calls = json.dumps(turn[content_key], ensure_ascii=False), "", []  # a JSON result
+        else:
+            text, reasoning, calls = content_of(turn.get(content_key), i, content_key, where)
+            if role == "assistant" and turn.get("tool_calls"):
+                calls += tool_calls(turn["tool_calls"], i, where)
+        reasoning = reasoning or _reasoning_key(turn, i, where)
+        message = {"role": role, "content": text}
+        if role == "tool":
+            message.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
+        elif role == "assistant":
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if loss_weight(turn, i, where) is False:
+                message["train"] = False
+        if calls and role != "assistant":
+            raise where.error(f"turn {i} is a {role} turn with tool calls", "only assistant turns call tools")
+        if calls and conv and conv[-1]["role"] == "assistant" and not conv[-1].get("tool_calls") \
+                and name in ("function_call", "tool_call"):
+            conv[-1]["tool_calls"] = calls  # ShareGPT writes "text, then the call" as two turns: one reply
+            continue
+        if calls:
+            message["tool_calls"] = calls
+        conv.append(message)
     return conv
 
 
-def _content(value, turn: int, key: str, where: Where) -> str:
-    if isinstance(value, str):
+def _is_parts(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
+def _reasoning_key(turn: dict, n: int, where: Where) -> str:
+    for key in ("reasoning_content", "reasoning", "thinking"):
+        value = turn.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise where.error(f"turn {n}: {key!r} must be text, got {kind_of(value)}", "fix that turn")
         return value
-    # OpenAI-style content parts: keep the text parts, refuse anything else (images, audio) clearly.
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-            return "".join(p["text"] for p in value)
-        raise where.error(f"turn {turn} has non-text content parts", "only text content can be trained here")
-    raise where.error(f"turn {turn}: {key!r} must be text, got {kind_of(value)}", "fix that turn")
+    return ""
 
 
 def _check_conversation(conv: list[dict], where: Where) -> None:
@@ -249,5 +336,12 @@ def _check_conversation(conv: list[dict], where: Where) -> None:
     if first == "assistant":
         raise where.error("the conversation starts with an assistant turn",
                           "start each conversation with a user turn (after an optional system turn)")
-    if any(not m["content"].strip() for m in conv if m["role"] == "assistant"):
-        raise where.error("an assistant turn is empty", "remove the empty reply or fill it in")
+    for i, m in enumerate(conv, 1):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise where.error("an assistant turn is empty", "remove the empty reply or fill it in")
+        if m["role"] == "tool" and not any(p.get("tool_calls") for p in conv[:i - 1] if p["role"] == "assistant"):
+            raise where.error(f"turn {i} is a tool result (observation), but no tool call comes before it",
+                              "put the assistant's tool call (function_call / tool_calls) before its result")
+    if all(m.get("train") is False for m in conv if m["role"] == "assistant"):
+        raise where.error("every assistant turn has loss_weight 0, so there is nothing to learn",
+                          "give at least one assistant turn loss_weight 1, or remove the row")

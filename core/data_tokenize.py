@@ -12,6 +12,8 @@ boundary cannot shift the mask by a token.
 
 from __future__ import annotations
 
+import json
+import re
 from array import array
 from collections.abc import Sequence
 
@@ -39,7 +41,12 @@ def chat_template(tokenizer) -> tuple[str, bool]:
 
 
 class Renderer:
-    """Renders conversations with a tokenizer's chat template and finds the assistant spans."""
+    """Renders conversations with a tokenizer's chat template and finds the assistant spans.
+
+    Tool use goes through the template's own tool support where it has one (the conversation's tool schemas
+    as `tools`, assistant `tool_calls`, `role: tool` results); otherwise through the plain-text rendering in
+    plain_tools(). Reasoning goes to the template's thinking field where it has one, else it is dropped.
+    `used` records which of these happened, for the stats."""
 
     def __init__(self, tokenizer):
         self.template, self.is_default = chat_template(tokenizer)
@@ -49,43 +56,84 @@ class Renderer:
         self._compiled = _compile(self.template)
         self._tokenizer = tokenizer
         self.eos = getattr(tokenizer, "eos_token", None) or ""
+        self.tool_support = supports_tools(self.template)
+        self.thinking_field = thinking_field(self.template)
+        self.used: dict = {}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
         if self._compiled is not None:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.kwargs)
-        return self._tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                   add_generation_prompt=add_generation_prompt)
+                                         tools=tools, documents=None, **self.kwargs)
+        return self._tokenizer.apply_chat_template(messages, tools=tools, chat_template=self.template,
+                                                   tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def for_template(self, conv: list[dict]) -> tuple[list[dict], list | None, list[bool]]:
+        """(messages as the template takes them, tools for its `tools` variable, trained flag per message)."""
+        tools = getattr(conv, "tools", None)
+        has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in conv)
+        if has_tools:
+            self.used["tools"] = "template" if self.tool_support else "plain text"
+        messages = []
+        for m in conv:
+            m = dict(m)
+            if m.pop("train", True) is False:
+                self.used["loss_weight_zero"] = self.used.get("loss_weight_zero", 0) + 1
+                m["_masked"] = True
+            reasoning = m.pop("reasoning_content", "")
+            if reasoning:
+                if self.thinking_field:
+                    m[self.thinking_field] = reasoning
+                    self.used["reasoning"] = self.thinking_field
+                else:
+                    self.used["reasoning"] = "dropped"
+            messages.append(m)
+        if has_tools and not self.tool_support:
+            messages, tools = plain_tools(messages, tools), None
+        trained = [m["role"] == "assistant" and not m.pop("_masked", False) for m in messages]
+        return messages, tools, trained
+
+    def text(self, conv: list[dict], where: Where) -> str:
+        """The whole conversation rendered (train_on=all)."""
+        messages, tools, _ = self.for_template(conv)
+        return self._guarded(lambda: self.render(messages, tools=tools), where)
 
     def spans(self, conv: list[dict], where: Where) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the (start, end) character span of every assistant turn."""
-        try:
-            full = self.render(conv)
-            spans, cursor = [], 0
-            for i, message in enumerate(conv):
-                if message["role"] != "assistant":
-                    cursor = _advance(full, message["content"], cursor)
-                    continue
-                before = self.render(conv[:i], add_generation_prompt=True)
-                after = full if i == len(conv) - 1 else self.render(conv[: i + 1])
-                start, end = _common_prefix(before, after), len(after.rstrip())
-                if not (full.startswith(after) and cursor <= start < end):
-                    start, end = self._search_span(full, message["content"], cursor, where)
+        """The rendered conversation and the (start, end) character span of every trained assistant turn."""
+        messages, tools, trained = self.for_template(conv)
+        return self._guarded(lambda: self._spans(messages, tools, trained, where), where)
+
+    def _spans(self, conv, tools, trained, where) -> tuple[str, list[tuple[int, int]]]:
+        full = self.render(conv, tools=tools)
+        spans, cursor = [], 0
+        for i, message in enumerate(conv):
+            if message["role"] != "assistant":
+                cursor = _advance(full, _anchor(message), cursor)
+                continue
+            before = self.render(conv[:i], add_generation_prompt=True, tools=tools)
+            after = full if i == len(conv) - 1 else self.render(conv[: i + 1], tools=tools)
+            start, end = _common_prefix(before, after), len(after.rstrip())
+            if not (full.startswith(after) and cursor <= start < end):
+                start, end = self._search_span(full, _anchor(message), cursor, where)
+            if trained[i]:
                 spans.append((start, end))
-                cursor = end
+            cursor = end
+        return full, spans
+
+    def _guarded(self, fn, where: Where):
+        try:
+            return fn()
         except DatasetError:
             raise
         except Exception as e:  # noqa: BLE001 - a template can raise anything (raise_exception, TypeError ...)
             raise where.error(f"the model's chat template rejected this row: {type(e).__name__}: {str(e)[:200]}",
                               "the template may need alternating user/assistant turns or no system turn")
-        return full, spans
 
     def _search_span(self, full: str, content: str, cursor: int, where: Where) -> tuple[int, int]:
         """For a turn that renders differently once later turns follow (reasoning templates drop old thoughts):
         find its text after the previous turn, and extend the span over the end-of-turn token after it."""
         content = content.strip()
         start = full.find(content, cursor)
-        if start < 0:
+        if start < 0 or not content:
             raise where.error("the chat template changes the text of this row, so we cannot tell which "
                               "tokens are the assistant's", "set data.train_on=all to train on every token")
         end = start + len(content)
@@ -98,6 +146,77 @@ class Renderer:
     def _end_tokens(self) -> list[str]:
         tokens = set(getattr(self._tokenizer, "all_special_tokens", None) or [])
         return [t for t in tokens | {self.eos} if t]
+
+
+def _anchor(message: dict) -> str:
+    """Text that must appear in the render for this message: its content, else its first tool call's name."""
+    content = message.get("content") or ""
+    if content.strip():
+        return content
+    calls = message.get("tool_calls") or []
+    return calls[0]["function"]["name"] if calls else ""
+
+
+# ---------------------------------------------------------------- tools and thinking, by template
+
+def supports_tools(template: str) -> bool:
+    """Does the template read the `tools` variable and render assistant tool calls?"""
+    try:
+        import jinja2
+        from jinja2 import meta
+
+        variables = meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except Exception:  # noqa: BLE001 - an unparsable template fails later, with the row named
+        return False
+    return "tools" in variables and "tool_calls" in template
+
+
+def thinking_field(template: str) -> str | None:
+    """The message field a template renders reasoning from (Qwen3 and DeepSeek: reasoning_content; gpt-oss:
+    thinking), or None."""
+    if "reasoning_content" in template:
+        return "reasoning_content"
+    if re.search(r"""(message|m)(\.thinking\b|\[['"]thinking['"]\])""", template):
+        return "thinking"
+    return None
+
+
+PLAIN_TOOLS_HEADER = ("You can call these tools (JSON schemas):\n<tools>\n{tools}\n</tools>\n"
+                      'To call a tool, reply with <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>; '
+                      "its result comes back inside <tool_response></tool_response>.")
+
+
+def plain_tools(messages: list[dict], tools: list | None) -> list[dict]:
+    """Tool use as plain text, for templates without tool support (the Hermes / Qwen convention, written out):
+    the tool schemas go into the system turn inside <tools>, each assistant tool call is appended to its reply
+    as <tool_call>{"name", "arguments"}</tool_call>, and consecutive tool results become one user turn of
+    <tool_response> blocks (so user / assistant turns still alternate)."""
+    out = []
+    if tools:
+        header = PLAIN_TOOLS_HEADER.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if messages and messages[0]["role"] == "system":
+            first = dict(messages[0])
+            first["content"] = f"{first['content']}\n\n{header}" if first["content"].strip() else header
+            messages = [first] + messages[1:]
+        else:
+            messages = [{"role": "system", "content": header}] + messages
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+            continue
+        calls = m.pop("tool_calls", None)
+        if calls:
+            text = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments":
+                             c["function"]["arguments"]}, ensure_ascii=False) + "\n</tool_call>" for c in calls)
+            m["content"] = f"{m['content']}\n{text}" if m["content"].strip() else text
+        out.append(m)
+    for m in out:
+        m.pop("_tool_results", None)
+    return out
 
 
 def _compile(template: str):

@@ -21,6 +21,7 @@ from ui import plots, run_view, train_form, vram_panel
 
 TICK_S = 1.0
 N_SUGGESTIONS = 3
+N_FILL = 4  # boxes for {{placeholders}} (identity files have two: name and author)
 
 
 @dataclass
@@ -89,6 +90,25 @@ def keep_upload(file_path: str | None) -> str:
 
 def inspect_dataset(names: list[str], values: list):
     """-> (summary markdown, histogram frame, preview html). Errors become the summary, never a traceback."""
+    return inspect_page(names, values)[:3]
+
+
+def inspect_page(names: list[str], values: list) -> tuple:
+    """inspect_dataset's three outputs, then the {{placeholder}} names found and an update for each fill box."""
+    md, hist, preview, stats = _inspect(names, values)
+    found = list(stats.placeholders) if stats else []
+    fill = dict(zip(names, values)).get("data.fill") or {}
+    boxes = [gr.update(visible=True, label=f"fill {{{{{found[i]}}}}}", value=fill.get(found[i], ""))
+             if i < len(found) else gr.update(visible=False, value="") for i in range(N_FILL)]
+    return (md, hist, preview, found[:N_FILL], *boxes)
+
+
+def fill_from_boxes(found: list[str], *texts) -> dict:
+    """data.fill from the fill boxes: {placeholder: value} for the boxes that have a value."""
+    return {name: text.strip() for name, text in zip(found or [], texts) if (text or "").strip()}
+
+
+def _inspect(names: list[str], values: list):
     from core import data
 
     try:
@@ -96,7 +116,8 @@ def inspect_dataset(names: list[str], values: list):
         tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
         prepared = data.prepare(cfg, tok)
     except GarageError as e:
-        return f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", gr.update(visible=False), ""
+        return (f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", gr.update(visible=False), "",
+                None)
     s = prepared.stats
     cols = ", ".join(f"{k} ← `{v}`" for k, v in s.columns.items()) or "—"
     over = s.truncated + s.dropped
@@ -104,8 +125,20 @@ def inspect_dataset(names: list[str], values: list):
     md = (f"**{s.rows:,} rows** · format **{s.format}** · columns: {cols}  \n"
           f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
           f"({s.truncated} truncated, {s.dropped} dropped) · {s.trained_tokens:,} trained tokens per epoch "
-          f"of {s.total_tokens:,}{template}")
-    return md, gr.update(value=histogram(s.lengths, s.max_len), visible=True), data.preview_html(prepared, n=3)
+          f"of {s.total_tokens:,}{template}" + _notes_md(s))
+    return md, gr.update(value=histogram(s.lengths, s.max_len), visible=True), data.preview_html(prepared, n=3), s
+
+
+def _notes_md(s) -> str:
+    """How the file was read: columns left out, placeholders and their fill, tool and reasoning rendering."""
+    lines = [html.escape(n) for n in s.notes if not n.startswith("placeholders not filled")]
+    for name, rows in s.placeholders.items():
+        state = (f"filled with “{html.escape(s.filled[name])}”" if name in s.filled
+                 else "**not filled**: type a value in its box below, or it is trained as literal text")
+        lines.append(f"placeholder `{{{{{html.escape(name)}}}}}` in {rows:,} rows: {state}")
+    if len(s.placeholders) > N_FILL:
+        lines.append(f"more than {N_FILL} placeholders: fill the others with data.fill in a config file")
+    return "".join(f"  \n**Note:** {line}" for line in lines)
 
 
 def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
@@ -280,6 +313,11 @@ def build() -> TrainTab:
                 subset = gr.Textbox(defaults.data.subset, label="subset", info=C.field_help("data.subset"))
             inspect_btn = gr.Button("Inspect dataset", size="sm")
             data_md = gr.Markdown()
+            with gr.Row():  # shown by Inspect, one per {{placeholder}} the file holds
+                fill_boxes = [gr.Textbox(visible=False, label="fill", info=C.field_help("data.fill"))
+                              for _ in range(N_FILL)]
+            fill_found = gr.State([])
+            fill = gr.State(dict(defaults.data.fill))
             hist = gr.BarPlot(visible=False, value=None, x="tokens", y="rows", color="length", sort=None,
                               title="Token length per row against the cutoff", height=220,
                               color_map={"fits": "#4e79a7", "over the cutoff": "#e15759"})
@@ -294,7 +332,7 @@ def build() -> TrainTab:
             preset_text = gr.Markdown(preset_md(presets.DEFAULT_PRESET))
             save_md = gr.Markdown()
             leading = [("model.source", model_dd), ("data.source", data_tb), ("data.format", fmt),
-                       ("data.columns", cols), ("data.split", split), ("data.subset", subset)]
+                       ("data.columns", cols), ("data.split", split), ("data.subset", subset), ("data.fill", fill)]
             form = train_form.build(defaults, leading)
         with gr.Column(scale=2):
             gr.Markdown("### VRAM")
@@ -317,8 +355,10 @@ def build() -> TrainTab:
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
     # cleared first: the chart then takes its colours afresh from the new data ("over the cutoff" may be new)
-    inspect_btn.click(plots.clear_then(lambda *v: inspect_dataset(names, list(v)), 1, 3), widgets,
-                      [data_md, hist, preview])
+    inspect_btn.click(plots.clear_then(lambda *v: inspect_page(names, list(v)), 1, 4 + N_FILL), widgets,
+                      [data_md, hist, preview, fill_found] + fill_boxes)
+    for box in fill_boxes:
+        box.change(fill_from_boxes, [fill_found] + fill_boxes, fill, queue=False, show_progress="hidden")
     preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_text] + widgets)
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 

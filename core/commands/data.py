@@ -27,12 +27,14 @@ def add_arguments(p) -> None:
     p.add_argument("--overlong", default="truncate", choices=("truncate", "drop"), help="rows over --max-len")
     p.add_argument("--packing", action="store_true", help="pack short rows into --max-len sequences")
     p.add_argument("--limit", type=int, default=0, help="read only the first N rows (0 = all)")
+    p.add_argument("--set", action="append", default=[], metavar="data.fill.NAME=VALUE",
+                   help="fill a {{placeholder}} (data.fill.name=Garage), or set any other data.* setting")
     p.add_argument("--examples", type=int, default=2, help="rendered examples to print")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
-    from core.config import RunConfig
+    from core.config import RunConfig, apply_overrides
     from core.data import prepare, preview_text
     from core.models import BUILTIN_ID, load_tokenizer
 
@@ -42,6 +44,11 @@ def run(args) -> int:
     d.source, d.max_len, d.format, d.columns = args.source, args.max_len, args.format, _columns(args.column)
     d.split, d.subset, d.train_on, d.overlong = args.split, args.subset, args.train_on, args.overlong
     d.packing, d.limit = args.packing, args.limit
+    for item in args.set:
+        if not item.strip().startswith("data."):
+            raise ConfigError(item.split("=", 1)[0], "the data command takes only data.* settings",
+                              "e.g. --set data.fill.name=Garage")
+    cfg = apply_overrides(cfg, args.set)
     cfg.validate()
 
     if args.model == BUILTIN_ID and sys.stderr.isatty():
@@ -54,7 +61,9 @@ def run(args) -> int:
         out = {"format": stats.format, "rows": stats.rows, "columns": stats.columns, "tokens": stats.tokens(),
                "source": stats.source, "model": args.model, "template_is_default": stats.template_is_default,
                "train_on": stats.train_on, "train_rows": stats.train_rows, "packing": stats.packing,
-               "warnings": stats.warnings, "examples": [[[t, m] for t, m in s] for s in prepared.samples[:args.examples]]}
+               "warnings": stats.warnings, "ignored_columns": stats.ignored_columns,
+               "placeholders": stats.placeholders, "filled": stats.filled, "tools": stats.tools,
+               "reasoning": stats.reasoning, "loss_weight_zero": stats.loss_weight_zero, "examples": [[[t, m] for t, m in s] for s in prepared.samples[:args.examples]]}
         print(json.dumps(out, ensure_ascii=False))
         return 0
     print(_report(stats, args))
@@ -92,6 +101,15 @@ def _report(stats, args) -> str:
         + (f" ({t['truncated']:,} cut, {t['dropped']:,} dropped)" if stats.format != "text" else " (text is chunked)"),
         f"loss on   {stats.train_on}: {t['trained']:,} of {t['total']:,} tokens per epoch ({share})",
     ]
+    if stats.tools:
+        lines.append("tools     " + ("the chat template's own tool support" if stats.tools == "template" else
+                                     "plain text: <tool_call> / <tool_response> tags (the template has no tool support)"))
+    if stats.reasoning:
+        lines.append("reasoning " + (f"the template's {stats.reasoning!r} field" if stats.reasoning != "dropped"
+                                     else "dropped (the template has no thinking field)"))
+    if stats.placeholders:
+        lines.append("fill      " + ", ".join(f"{{{{{n}}}}} in {rows} rows: " + (repr(stats.filled[n]) if n in stats.filled
+                                                else "not filled") for n, rows in stats.placeholders.items()))
     lines += [f"warning   {w}" for w in stats.warnings]
     return "\n".join(lines)
 

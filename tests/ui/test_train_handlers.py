@@ -131,3 +131,33 @@ def test_attach_shows_the_newest_run_when_none_is_training(garage_home, tiny_mod
     make_run(garage_home, tiny_model_dir, run_id="older")
     make_run(garage_home, tiny_model_dir, run_id="newer", seed=2)
     assert train_tab.attach() == "newer"
+
+
+def test_inspect_lists_placeholders_and_fills_them_from_the_boxes(tiny_model_dir, tmp_path):
+    data = tmp_path / "identity.jsonl"
+    data.write_text(json.dumps({"instruction": "Who are you?", "output": "I am {{name}} by {{author}}.", "id": 1}) + "\n")
+    cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
+    names, values = _form(cfg)
+    names, values = names + ["data.fill"], values + [{}]
+    md, _, preview, found, *boxes = train_tab.inspect_page(names, values)
+    assert found == ["name", "author"] and "columns not used for training: id" in md
+    assert "`{{name}}` in 1 rows: **not filled**" in md and "{{name}}" in preview
+    assert [b["visible"] for b in boxes] == [True, True, False, False] and boxes[1]["label"] == "fill {{author}}"
+    fill = train_tab.fill_from_boxes(found, "Garage", "  ", "", "")
+    assert fill == {"name": "Garage"}
+    md, _, preview, found, *boxes = train_tab.inspect_page(names, values[:-1] + [fill])
+    assert "`{{name}}` in 1 rows: filled with “Garage”" in md and "I am Garage by {{author}}." in preview
+    assert boxes[0]["value"] == "Garage"
+
+
+def test_inspect_says_how_tool_calls_are_rendered_and_refuses_preference_pairs(tiny_model_dir, tmp_path):
+    from tests.test_data_wild import PREFERENCE, SHAREGPT_TOOLS
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(SHAREGPT_TOOLS) + "\n")
+    cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
+    md, *_ = train_tab.inspect_dataset(*_form(cfg))
+    assert "format **sharegpt**" in md and "tool calls rendered as plain text" in md
+    data.write_text(json.dumps(PREFERENCE[0]) + "\n")
+    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
+    assert "preference pairs (chosen / rejected): train them with DPO / ORPO" in md and "Fix" in md
