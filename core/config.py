@@ -23,6 +23,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data_turns.PLACEHOLDER reads them
+RUN_NAME_MAX = 100
 
 
 def _f(default, help: str, choices=None):
@@ -347,6 +348,9 @@ def validate(cfg: RunConfig) -> None:
         which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"
         raise ConfigError(which, "4-bit / 8-bit needs the bitsandbytes package, which is not installed",
                           "pip install bitsandbytes (make run installs it), or use quant.method=lora with train.optimizer=adamw")
+    if len(cfg.output.run_name) > RUN_NAME_MAX:
+        raise ConfigError("output.run_name", f"is {len(cfg.output.run_name)} characters long; the limit is {RUN_NAME_MAX}",
+                          "pick a shorter name like my-first-run")
     if cfg.output.run_name and not _safe_name(cfg.output.run_name):
         raise ConfigError("output.run_name", f"{cfg.output.run_name!r} may only use letters, digits, - _ .",
                           "pick a simple name like my-first-run")
@@ -361,7 +365,7 @@ def _section_name(obj) -> str:
 
 def _safe_name(name: str) -> bool:
     import re
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name)) and ".." not in name
+    return bool(re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{RUN_NAME_MAX - 1}}}", name)) and ".." not in name
 
 
 def bnb_available() -> bool:

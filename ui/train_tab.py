@@ -5,7 +5,9 @@ Handlers are plain functions (tested directly in tests/ui); `build()` lays out w
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from core import config as C
-from core import eta, hardware, models, paths, presets, runner, runs, vram
+from core import access, eta, hardware, limits, models, paths, presets, runner, runs, vram
 from core.errors import GarageError
 from ui import plots, run_view, train_form, vram_panel
 
@@ -40,12 +42,19 @@ def model_choices() -> list[str]:
     return [models.BUILTIN_ID] + models.list_cached_models()
 
 
-@lru_cache(maxsize=32)
 def _shape(source: str):
+    access.check_source("model.source", source)  # before the cache: a shared app reads no folder outside its own
+    return _cached_shape(source)
+
+
+@lru_cache(maxsize=32)
+def _cached_shape(source: str):
     return vram.shape_from_config(models.read_config(source))
 
 
 def model_info_md(source: str) -> str:
+    if not isinstance(source, str):  # only a hand-made API call sends anything else
+        return "⚠️ Base model: expected builtin:smollm2-135m, a hub id or a folder, as text"
     try:
         shape = _shape(source)
         cfg = models.read_config(source)
@@ -78,13 +87,23 @@ def _on_disk(source: str) -> bool:
 
 
 def keep_upload(file_path: str | None) -> str:
-    """Copy an uploaded file into the home folder (Gradio's temp copy can vanish) and return its path."""
+    """Copy an uploaded file into the home folder (Gradio's temp copy can vanish) and return its path:
+    uploads/<content hash>/<its name>, so a later upload under the same name never replaces the file a run trained
+    on (its resume checks the data did not change), and the name the user knows stays as it was."""
     if not file_path:
         return gr.update()
-    dest_dir = paths.home() / "uploads"
-    dest_dir.mkdir(exist_ok=True)
-    dest = dest_dir / Path(file_path).name
-    shutil.copyfile(file_path, dest)
+    src = Path(file_path)
+    digest = hashlib.sha256()
+    with open(src, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    dest_dir = paths.home() / "uploads" / digest.hexdigest()[:16]
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / src.name
+    if not dest.exists():  # same name means same bytes: an existing copy is already this upload
+        tmp = dest_dir / f".{dest.name}.tmp-{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
     return str(dest)
 
 
@@ -113,6 +132,7 @@ def _inspect(names: list[str], values: list):
 
     try:
         cfg = train_form.to_config(names, values)
+        access.check_config(cfg)
         tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
         prepared = data.prepare(cfg, tok)
     except GarageError as e:
@@ -189,6 +209,8 @@ def apply_preset(name: str, names: list[str], values: list):
 
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:
+    if not isinstance(preset_name, str) or not preset_name.strip():
+        return "❌ Type a name for the preset first (letters, digits, - _)."
     try:
         path = presets.save_user_preset(preset_name.strip(), train_form.to_config(names, values))
     except GarageError as e:
@@ -209,6 +231,8 @@ def vram_update(target: str, names: list[str], values: list):
     total, free, label = vram_panel.gpu_budget(target, reading)
     panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen)
     verdict = vram_panel.verdict_text(ests[chosen], total, free)
+    if total is None and not reading.gpus:
+        verdict = vram_panel.cpu_verdict_text(cfg, shape, chosen, reading)
     suggestions = []
     if total and vram.verdict(ests[chosen], total, free).status != "fits":
         suggestions = [x for x in vram.suggest(shape, vram.settings_from_config(cfg), free or total) if x.changes]
@@ -254,6 +278,8 @@ def start(names: list[str], values: list) -> str:
     """Validate, then start the child process. Returns the run id; errors name the field."""
     try:
         cfg = train_form.to_config(names, values).validate()
+        access.check_config(cfg)
+        limits.check(cfg)
         return runner.start(cfg)
     except GarageError as e:
         raise gr.Error(str(e))
