@@ -1,22 +1,27 @@
-"""Model sources: the built-in model, a hub id (or its HF cache copy), or a local folder.
+"""Model sources: the built-in model, a hub id (or its HF cache copy), a local folder, or a local .gguf file.
 
-`resolve(source)` turns any source into a local folder with config.json. `read_config(source)` reads the shape
-only (config.json), which is all the VRAM estimator needs. `load_for_training` / `load_tokenizer` load for real.
-Weights load from safetensors only: pickle .bin files can run code, so we refuse them.
+`resolve(source)` turns any source into a local folder with config.json; a GGUF (the built-in model's, or a
+user's own) is converted once into a safetensors folder under the models dir. `read_config(source)` reads the
+shape only (config.json, or a GGUF's metadata), which is all the VRAM estimator needs. `load_tokenizer` loads
+for real. Weights load from safetensors only: pickle .bin files can run code, so we refuse them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from core.errors import ModelError
+from core.errors import DiskFull, ModelError
 from core.paths import models_dir
 
 BUILTIN_ID = "builtin:smollm2-135m"
@@ -38,19 +43,22 @@ class ModelInfo:
 
 # ---------------------------------------------------------------- resolving a source
 
-def resolve(source: str, allow_download: bool = True) -> Path:
-    """A local folder holding config.json for `source`. Converts the built-in model on first use."""
+def resolve(source: str, allow_download: bool = True, progress: Callable[[str], None] | None = None) -> Path:
+    """A local folder holding config.json for `source`. Converts a GGUF (the built-in model's, or a .gguf file
+    given as the source) on first use; `progress` receives the conversion's messages (they also go to stderr)."""
     source = (source or "").strip()
     if not source:
-        raise ModelError("no model chosen", f"use {BUILTIN_ID}, a hub id like Qwen/Qwen2.5-0.5B-Instruct, or a folder")
+        raise ModelError("no model chosen", f"use {BUILTIN_ID}, a hub id like Qwen/Qwen2.5-0.5B-Instruct, a folder "
+                         "or a .gguf file")
     if source == BUILTIN_ID or source.startswith("builtin:"):
         if source != BUILTIN_ID:
             raise ModelError(f"unknown built-in model {source!r}", f"the built-in model is {BUILTIN_ID}")
-        return ensure_builtin()
+        return ensure_builtin(progress)
     p = Path(source).expanduser()
-    if p.exists() or source.startswith(("/", ".", "~")):
-        if not p.is_dir():
-            raise ModelError(f"model folder not found: {source}", "give a folder that holds config.json and *.safetensors")
+    if p.exists() or source.startswith(("/", ".", "~")) or _is_gguf_name(source):
+        if p.is_file() and _is_gguf_name(source):
+            return ensure_gguf(p, progress)
+        _check_local(source, p)
         if not (p / "config.json").exists():
             raise ModelError(f"{source} has no config.json", "point at the folder that save_pretrained wrote")
         return p
@@ -76,7 +84,9 @@ def _resolve_hub(repo_id: str, allow_download: bool) -> Path:
 
 
 def read_config(source: str) -> dict:
-    """config.json of a source, without loading (or for a hub id, downloading) any weights."""
+    """config.json of a source, without loading (or for a hub id, downloading) any weights. For a .gguf file:
+    its converted folder's config.json if it was converted already, else the config transformers reads from the
+    file's metadata (seconds, no weights read), so the estimate never waits for a conversion."""
     source = (source or "").strip()
     p = Path(source).expanduser()
     if source == BUILTIN_ID:
@@ -84,12 +94,14 @@ def read_config(source: str) -> dict:
         return json.loads(_BUILTIN_CONFIG.read_text())
     if source.startswith("builtin:"):
         resolve(source)  # raises the unknown-built-in error
+    if p.is_file() and _is_gguf_name(source):
+        return gguf_config(p)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelError(f"{source} has no config.json", "point at the folder that save_pretrained wrote")
         return json.loads((p / "config.json").read_text())
-    if source.startswith(("/", ".", "~")):
-        raise ModelError(f"model folder not found: {source}", "give a folder that holds config.json")
+    if p.exists() or source.startswith(("/", ".", "~")) or _is_gguf_name(source):
+        _check_local(source, p)
     from huggingface_hub import hf_hub_download
 
     try:
@@ -152,41 +164,148 @@ def builtin_gguf() -> Path:
     return files[0]
 
 
-def ensure_builtin() -> Path:
+def ensure_builtin(progress: Callable[[str], None] | None = None) -> Path:
     """Convert the shipped GGUF into a safetensors folder once; later calls return the folder at once."""
     target = models_dir() / _BUILTIN_FOLDER
     if (target / _MARKER).exists():
         return target
-    with _lock(models_dir() / f".{_BUILTIN_FOLDER}.lock"):
+    return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress)
+
+
+# ---------------------------------------------------------------- a user's own .gguf file
+
+_GGUF_HINT = ("transformers reads GGUF files of the llama, mistral, qwen2/3, phi3, gemma2/3, starcoder2, ... "
+              "families; use a safetensors folder of this model instead")
+
+
+def _is_gguf_name(source: str) -> bool:
+    return source.lower().endswith(".gguf")
+
+
+def _check_local(source: str, p: Path) -> None:
+    """A local path that is not a usable folder or .gguf file: say which, and what to give instead."""
+    if not p.exists():
+        if _is_gguf_name(source):
+            raise ModelError(f"model file not found: {source}", "check the path of the .gguf file")
+        raise ModelError(f"model folder not found: {source}",
+                         "give a folder that holds config.json and *.safetensors, or a .gguf file")
+    if not p.is_dir():
+        raise ModelError(f"{source} is a file, not a model folder",
+                         "give the folder that holds config.json and *.safetensors, or a .gguf file")
+
+
+def gguf_folder_name(gguf: Path) -> str:
+    """The models-dir folder a .gguf file converts into: its name plus a key of its size and modification time,
+    so a changed (re-downloaded, re-quantized) file converts again instead of reusing the old weights."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"gguf-{re.sub(r'[^A-Za-z0-9._-]+', '_', gguf.stem)[:80]}-{key}"
+
+
+def ensure_gguf(gguf: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """A .gguf file as a safetensors model folder under the models dir, converted on first use."""
+    gguf = gguf.expanduser().resolve()
+    folder = gguf_folder_name(gguf)
+    if (models_dir() / folder / _MARKER).exists():
+        return models_dir() / folder
+    return _convert_once(gguf, folder, progress)
+
+
+def gguf_config(gguf: Path) -> dict:
+    """The config a .gguf file converts into, without converting: the converted folder's config.json when
+    there is one, else what transformers reads from the GGUF metadata (no tensors), GGUF marker removed."""
+    gguf = gguf.expanduser().resolve()
+    converted = models_dir() / gguf_folder_name(gguf)
+    if (converted / _MARKER).exists():
+        return json.loads((converted / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - re-raised as a user error naming the file and the cause
+        raise ModelError(f"cannot read the model settings in {gguf.name}: {type(e).__name__}: {e}", _GGUF_HINT) from e
+    drop_gguf_quantization(config)
+    out = config.to_dict()
+    if not out.get("architectures"):  # as the converted config.json will say (save_pretrained writes it)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(out.get("model_type"))
+        out["architectures"] = [arch] if arch else None
+    return out
+
+
+def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | None) -> Path:
+    """Convert `gguf` into models_dir()/folder exactly once, also across processes: a file lock, a temporary
+    folder renamed into place, and a marker written last (a folder without it is a crashed conversion)."""
+    target = models_dir() / folder
+    models_dir().mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(msg)
+
+    with _lock(models_dir() / f".{folder}.lock"):
         if (target / _MARKER).exists():  # another process converted it while we waited
             return target
-        tmp = models_dir() / f".{_BUILTIN_FOLDER}.tmp-{os.getpid()}"
+        needed = _converted_bytes(gguf)
+        free = shutil.disk_usage(models_dir()).free
+        if free < needed * 1.05 + 50_000_000:
+            raise DiskFull(f"converting {gguf.name} writes about {needed / 1e9:.1f} GB of fp32 safetensors; "
+                           f"{models_dir()} has {free / 1e9:.1f} GB free",
+                           "free some disk space, or point $LORA_GARAGE_HOME at a bigger drive")
+        say(f"converting {gguf.name} ({gguf.stat().st_size / 1e6:,.0f} MB) to safetensors (once): about "
+            f"{needed / 1e9:.1f} GB of fp32 weights into {target} ...")
+        tmp = models_dir() / f".{folder}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.time()
-        convert_gguf(builtin_gguf(), tmp)
-        (tmp / _MARKER).write_text(json.dumps({"seconds": round(time.time() - t0, 1), "gguf": builtin_gguf().name}))
+        try:
+            convert_gguf(gguf, tmp, say)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder helps nobody; the error goes on up
+            raise
+        st = gguf.stat()
+        (tmp / _MARKER).write_text(json.dumps({"seconds": round(time.time() - t0, 1), "gguf": gguf.name,
+                                               "path": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
         shutil.rmtree(target, ignore_errors=True)  # a half-converted folder from a crash, never the marked one
         os.replace(tmp, target)
+        say(f"converted {gguf.name} in {time.time() - t0:.0f} s; later uses read {target}")
     return target
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """GGUF -> safetensors folder. save_pretrained refuses a GGUF-loaded model, so copy into a fresh one."""
+def _converted_bytes(gguf: Path) -> int:
+    """Size of the fp32 safetensors a GGUF converts into (4 bytes a parameter)."""
+    from core import vram
+
+    return 4 * vram.shape_from_config(gguf_config(gguf)).total_params
+
+
+def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None) -> None:
+    """GGUF -> safetensors folder (fp32 weights, the tokenizer and its chat template). save_pretrained refuses a
+    GGUF-loaded model, so its tensors move into a fresh model built on the meta device (no second copy)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    say = say or (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    say(f"reading and dequantizing the weights of {gguf.name}")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:  # the file or its format; not memory
+        raise ModelError(f"cannot convert {gguf.name}: {type(e).__name__}: {e}", _GGUF_HINT) from e
     config = loaded.config
     drop_gguf_quantization(config)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if unexpected or [k for k in missing if not (tied and "lm_head" in k)]:
         raise ModelError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}",
                          "report this with the output of `python -m core doctor`")
     fresh.tie_weights()
     fresh.generation_config = loaded.generation_config
+    say(f"writing safetensors for {gguf.name}")
     fresh.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 
@@ -247,10 +366,25 @@ def inference_packed_layers(model) -> list[str]:
             and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False)]
 
 
-def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False):
+def saved_chat_template(folder: Path | str | None) -> str | None:
+    """The chat template saved in a tokenizer folder (an adapter or checkpoint: the run's own), or None."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False,
+                   progress: Callable[[str], None] | None = None):
+    """The tokenizer of a source (resolved first: a GGUF converts on first use, saying so to `progress`)."""
     from transformers import AutoTokenizer
 
-    path = source_or_path if isinstance(source_or_path, Path) else resolve(str(source_or_path))
+    path = source_or_path if isinstance(source_or_path, Path) else resolve(str(source_or_path), progress=progress)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

