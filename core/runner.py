@@ -28,6 +28,7 @@ from core.errors import BusyError, RunError
 LOCK_FD_ENV = "LORA_GARAGE_LOCK_FD"
 _children: dict[str, subprocess.Popen] = {}  # the children this process started, to reap them and read exit codes
 _exited_at: dict[str, str] = {}              # run id -> when that child ended (runs.now() format)
+_exit_codes: dict[int, int] = {}             # pid -> exit code of a child we started and reaped
 
 
 # ---------------------------------------------------------------- the public API (the UI and the CLI call these)
@@ -224,6 +225,7 @@ def _spawn(run_dir: Path, lock_fd: int) -> subprocess.Popen:
         log.close()
     _children[run_dir.name] = proc
     _exited_at.pop(run_dir.name, None)
+    _exit_codes.pop(proc.pid, None)  # a pid seen before belonged to an earlier child
     threading.Thread(target=_note_exit, args=(run_dir.name, proc), daemon=True).start()
     runs.update_status(run_dir, ("queued",), pid=proc.pid, pid_create_time=process_start_time(proc.pid),
                        launched_by=runs.LAUNCHED_BY_APP)
@@ -231,8 +233,10 @@ def _spawn(run_dir: Path, lock_fd: int) -> subprocess.Popen:
 
 
 def _note_exit(run_id: str, proc: subprocess.Popen) -> None:
-    """Remember when a child we started ended, so a crash records the time of death, not the time it was noticed."""
-    proc.wait()
+    """Remember when a child we started ended, so a crash records the time of death, not the time it was noticed.
+    This wait reaps the child, so its exit code is kept by pid: run ids repeat across homes (tests, two apps)."""
+    code = proc.wait()
+    _exit_codes[proc.pid] = code
     _exited_at[run_id] = runs.now()
 
 
@@ -318,6 +322,8 @@ def _last_sign_of_life(run_dir: Path) -> str:
 
 def _reap(run_id: str, pid: int, timeout: float) -> int | None:
     """Exit code of a child we started (reaping it so it does not linger as a zombie); None if not ours."""
+    if pid in _exit_codes:
+        return _exit_codes[pid]
     proc = _children.get(run_id)
     if proc is not None and proc.pid == pid:
         try:
