@@ -147,13 +147,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Give the tokenizer the template the run trained with: its own, or core.data's default when it has none
-    (so an exported model chats the same way). Returns True when that is the default."""
-    from core import data
+def ensure_chat_template(tokenizer, adapter_dir: Path | None = None) -> str | None:
+    """Give the tokenizer the template the run trained with: the one saved with the adapter, else the model's
+    own, else the fallback (so an exported model chats the same way). Returns the fallback notice for a model
+    without a template of its own (data_tokenize.fallback_notice), None when it has one."""
+    from core import data_tokenize
 
-    tokenizer.chat_template, is_default = data.chat_template(tokenizer)
-    return is_default
+    notice = data_tokenize.fallback_notice(tokenizer)
+    saved = models.saved_chat_template(adapter_dir) if adapter_dir is not None else None
+    tokenizer.chat_template = saved or data_tokenize.chat_template(tokenizer)[0]
+    return notice
 
 
 # ---------------------------------------------------------------- the session
@@ -166,6 +169,8 @@ class ChatSession:
         self.source = self.quant = None
         self.base = self.model = self.tokenizer = None   # base: the transformers model; model: the PeftModel
         self.renderer = None                              # core.data's chat-template renderer: as in training
+        self.template_notice: str | None = None           # set when the base has no chat template of its own
+        self.stop_texts: list[str] = []                   # end-of-turn markers that are plain text in this vocabulary
         self.adapters: dict[str, dict] = {}             # name -> {run, checkpoint, path, trained_on, dora}
         self.context = 2048
         self.last_stats: dict = {}
@@ -193,6 +198,7 @@ class ChatSession:
         cfg = runs.load_config(run_dir)
         path = runs.adapter_path(run_dir, checkpoint)
         self.load_base(cfg.model.source, quant, cfg.model.trust_remote_code, cfg.quant)
+        self.use_template_of(path)
         return self.attach(path, adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
                            run=run_dir.name, checkpoint=checkpoint)
 
@@ -202,6 +208,7 @@ class ChatSession:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
         if self.base is not None and self.quant == quant and same_source(source, self.source):
             return
+        from core import data_tokenize
         from core.data_tokenize import Renderer
 
         with self._locked(timeout=30):
@@ -209,10 +216,22 @@ class ChatSession:
             self.device = self.device or default_device()
             self._check_gpu_free()
             self.base, self.tokenizer = _load_model(source, quant, trust_remote_code, quant_cfg, self.device)
+            self.stop_texts = data_tokenize.stop_strings(self.tokenizer)
+            self.template_notice = ensure_chat_template(self.tokenizer)
             self.renderer = Renderer(self.tokenizer)
             self.source, self.quant = source, quant
             c = self.base.config
             self.context = int(getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions", 0) or 2048)
+
+    def use_template_of(self, adapter_dir: Path) -> None:
+        """Chat with the template saved with a run's adapter (what it trained with), where it saved one."""
+        from core.data_tokenize import Renderer
+
+        saved = models.saved_chat_template(adapter_dir)
+        if saved and saved != self.tokenizer.chat_template:
+            with self._locked():
+                self.tokenizer.chat_template = saved
+                self.renderer = Renderer(self.tokenizer)
 
     def attach(self, adapter_dir: Path, name: str, trained_on: str | None = None, run: str = "",
                checkpoint: int | None = None) -> str:
@@ -252,7 +271,7 @@ class ChatSession:
 
     def info(self) -> dict:
         return {"source": self.source, "quant": self.quant, "device": self.device, "context": self.context,
-                "adapters": list(self.adapters)}
+                "adapters": list(self.adapters), "template_notice": self.template_notice}
 
     # ------------------------------------------------------------ generation
     def stop(self) -> None:
@@ -377,12 +396,12 @@ class ChatSession:
             budget = min(s.max_new_tokens, self.context - len(ids))
             gen = GenerationConfig(max_new_tokens=budget, do_sample=sampling, eos_token_id=eos,
                                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
-                                   repetition_penalty=float(s.repetition_penalty),
+                                   repetition_penalty=float(s.repetition_penalty), stop_strings=self.stop_texts or None,
                                    **({"temperature": float(s.temperature), "top_p": float(s.top_p)} if sampling else {}))
             batch = torch.tensor([ids] * len(rows), device=self.base.device)
             kwargs = {"adapter_names": rows} if len(rows) > 1 else {}
             ctx = self._adapter_ctx(rows[0]) if len(rows) == 1 else nullcontext()
-            streamer = _RowsStreamer(tok, len(rows), set(eos))
+            streamer = _RowsStreamer(tok, len(rows), set(eos), self.stop_texts)
             errors: list[BaseException] = []
 
             def work():
@@ -392,7 +411,8 @@ class ChatSession:
                     with ctx, torch.inference_mode():
                         (self.model or self.base).generate(
                             input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=gen,
-                            streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]), **kwargs)
+                            streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
+                            tokenizer=tok if self.stop_texts else None, **kwargs)
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer below, re-raised there
                     errors.append(e)
                 finally:
@@ -443,8 +463,8 @@ class _RowsStreamer:
     """Streamer for a batch of rows: collects each row's tokens until its end-of-turn, hands out the texts so far.
     A slow consumer skips intermediate states (each one is the full text), so it never lags behind."""
 
-    def __init__(self, tokenizer, rows: int, eos: set[int]):
-        self.tok, self.eos = tokenizer, eos
+    def __init__(self, tokenizer, rows: int, eos: set[int], stop_texts: list[str] | None = None):
+        self.tok, self.eos, self.stop_texts = tokenizer, eos, list(stop_texts or [])
         self.ids = [[] for _ in range(rows)]
         self.done = [False] * rows
         self.texts = [""] * rows
@@ -467,12 +487,18 @@ class _RowsStreamer:
                 continue
             self.ids[i].append(tid)
             # hold back a trailing half-decoded character (byte-level BPE splits UTF-8 across tokens)
-            self.texts[i] = self.tok.decode(self.ids[i], skip_special_tokens=True).rstrip("\ufffd")
+            text, ended = self._cut(self.tok.decode(self.ids[i], skip_special_tokens=True))
+            self.texts[i], self.done[i] = (text if ended else text.rstrip("\ufffd")), ended
         self.q.put(tuple(self.texts))
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        """The text before the first end-of-turn marker written as plain text, and whether there was one."""
+        cuts = [text.find(t) for t in self.stop_texts if t in text]
+        return (text[:min(cuts)], True) if cuts else (text, False)
 
     def end(self) -> None:
         self.end_at = time.perf_counter()
-        self.texts = [self.tok.decode(r, skip_special_tokens=True) for r in self.ids]
+        self.texts = [self._cut(self.tok.decode(r, skip_special_tokens=True))[0] for r in self.ids]
         self.q.put(tuple(self.texts))
         self.q.put(None)
 
@@ -499,14 +525,16 @@ class _RowsStreamer:
 
 def _load_model(source: str, quant, trust_remote_code: bool, quant_cfg, device: str):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = models.resolve(source)
     models.check_safetensors(path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    models.drop_gguf_quantization(config)  # as training does: the folder holds plain floats
     dtype = torch.float32
     if device == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
+    kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
               "device_map": {"": 0 if device == "cuda" else "cpu"}}
     if quant == "4bit":
         from transformers import BitsAndBytesConfig

@@ -38,7 +38,7 @@ def _f(default, help: str, choices=None):
 
 @dataclass
 class ModelConfig:
-    source: str = _f("builtin:smollm2-135m", "Base model: builtin:smollm2-135m, a hub id, or a local folder.")
+    source: str = _f("builtin:smollm2-135m", "Base model: builtin:smollm2-135m, a hub id, a local folder, or a .gguf file.")
     trust_remote_code: bool = _f(False, "Run the model's own Python code. Only for models you trust.")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2.",
                                   ("sdpa", "eager", "flash_attention_2"))
@@ -296,7 +296,7 @@ def validate(cfg: RunConfig) -> None:
                 name = f"{_section_name(section)}.{f.name}"
                 raise ConfigError(name, f"{value!r} is not one of {', '.join(choices)}", f"set {name} to one of those")
     if not m.source.strip():
-        raise ConfigError("model.source", "no model chosen", "use builtin:smollm2-135m, a hub id or a local folder")
+        raise ConfigError("model.source", "no model chosen", "use builtin:smollm2-135m, a hub id, a local folder or a .gguf file")
     if not d.source.strip():
         raise ConfigError("data.source", "no dataset chosen", "use builtin:demo-identity or a path to your file")
     if d.max_len < 16:

@@ -21,7 +21,9 @@ from core.data_read import Where
 from core.errors import DatasetError
 
 # The fallback for models without a chat template: plain ChatML. Assistant turns end with the model's own
-# end-of-sequence token as well, so a base model learns to stop.
+# end-of-sequence token as well, so a base model learns to stop. fallback_template() puts the tokenizer's BOS in
+# front where the tokenizer itself would (rows are tokenised without adding special tokens).
+FALLBACK_END = "<|im_end|>"
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
     "{% if message['role'] == 'assistant' and eos_token and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}"
@@ -31,13 +33,51 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def chat_template(tokenizer) -> tuple[str, bool]:
-    """(template, is_default): the model's own template, or DEFAULT_CHAT_TEMPLATE when it has none."""
+    """(template, is_default): the model's own template, or the fallback (fallback_template) when it has none."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # some tokenizers ship named templates; "default" is the chat one
         template = template.get("default") or next(iter(template.values()), None)
     if isinstance(template, str) and template.strip():
         return template, False
-    return DEFAULT_CHAT_TEMPLATE, True
+    return fallback_template(tokenizer), True
+
+
+def fallback_template(tokenizer) -> str:
+    """ChatML, with the BOS token first for tokenizers that start every text with it (Llama 2, Gemma)."""
+    return ("{{ bos_token }}" if _adds_bos(tokenizer) else "") + DEFAULT_CHAT_TEMPLATE
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == getattr(tokenizer, "eos_token_id", None):
+        return False  # GPT-2 / GPT-NeoX style: one <|endoftext|> for both, never put in front of a text
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say gets no BOS, as before
+        return False
+    return ids[:1] == [bos]
+
+
+def stop_strings(tokenizer) -> list[str]:
+    """End-of-turn markers of the fallback that this vocabulary has no token for: written out as several plain
+    tokens, they can only be caught as text (generation stops on them, and they are cut from the reply)."""
+    template, is_default = chat_template(tokenizer)
+    if not is_default:
+        return []
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return [] if FALLBACK_END in vocab else [FALLBACK_END]
+
+
+def fallback_notice(tokenizer) -> str | None:
+    """What to tell a user wherever a model without a chat template is used; None when it has its own."""
+    if not chat_template(tokenizer)[1]:
+        return None
+    how = ("its vocabulary has no <|im_end|> token, so the marker is plain text and replies are cut at it"
+           if stop_strings(tokenizer) else "<|im_end|> is a token of its vocabulary")
+    return ("this model has no chat template of its own: LoRA Garage formats chats in ChatML "
+            "(<|im_start|>role ... <|im_end|>, then the end-of-text token after each reply; " + how + "). "
+            "A trained adapter learns this format and is saved with it; the base model alone never saw it and "
+            "may ramble until the token limit")
 
 
 class Renderer:

@@ -58,7 +58,9 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     with torch.no_grad():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
     tok = models.load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
-    chat.ensure_chat_template(tok)   # the exported model chats with the template the run trained with
+    notice = chat.ensure_chat_template(tok, adapter_dir)  # the exported model chats with the run's template
+    if notice:
+        log(f"note: {notice}; the merged model carries that template")
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

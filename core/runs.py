@@ -189,6 +189,15 @@ def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
 
 # ---------------------------------------------------------------- events.jsonl
 
+TEMPLATE_TOPIC = "template"  # the log event that says a run trained with the fallback chat template
+
+
+def template_notice(events: list[dict]) -> str | None:
+    """The run's fallback-template notice (written by training at start), or None when the model has its own."""
+    notes = [e.get("message") for e in events if e.get("type") == "log" and e.get("topic") == TEMPLATE_TOPIC]
+    return notes[-1] if notes else None
+
+
 class EventLog:
     """The child's writer: one JSON object per line, flushed at once so the UI sees it on its next poll."""
 

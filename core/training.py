@@ -9,7 +9,6 @@ status `failed` with {kind, message, hint}; the traceback goes to train.log.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -90,6 +89,7 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
     stats = prepared.stats.to_dict()
     stats.pop("lengths", None)
     events.write({"type": "data", **stats})
+    use_run_template(tokenizer, events)
     resume_from = prepare_resume(run_dir, cfg, model_path, prepared, events)
     if stop.requested:
         return "stopped"
@@ -112,6 +112,19 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
     if os.environ.get(PROBE_ENV) == "1":
         save_probe(trainer.model, prepared.train[0], run_dir)
     return "stopped" if stop.requested else "completed"
+
+
+def use_run_template(tokenizer, events: runs.EventLog) -> None:
+    """Give the tokenizer the chat template the rows were rendered with, so every checkpoint and the adapter carry
+    it (Trainer saves the tokenizer into each checkpoint) and chat, eval and export use the same one. A model
+    without a template of its own gets the fallback, and train.log and the run page say so."""
+    from core import data_tokenize
+
+    notice = data_tokenize.fallback_notice(tokenizer)
+    if notice:  # a model with a template of its own saves it already (named templates included)
+        tokenizer.chat_template = data_tokenize.chat_template(tokenizer)[0]
+        print(f"template: {notice}", flush=True)
+        events.write({"type": "log", "level": "info", "topic": runs.TEMPLATE_TOPIC, "message": notice})
 
 
 # ---------------------------------------------------------------- device, model, LoRA
@@ -245,11 +258,7 @@ def load_model(cfg, device: str, model_path: Path | None = None):
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
     config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.model.trust_remote_code)
-    stale = getattr(config, "quantization_config", None)
-    if isinstance(stale, dict) and stale.get("quant_method") == "gguf":
-        # a model converted from GGUF can keep this marker although its safetensors hold plain floats; left in,
-        # transformers treats the model as GGUF-quantized and Trainer refuses to train it
-        del config.quantization_config
+    models.drop_gguf_quantization(config)  # a folder saved from a GGUF-loaded model keeps the marker over plain floats
     kwargs = {"config": config}
     if q.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(

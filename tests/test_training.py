@@ -270,6 +270,8 @@ def test_qlora_learns_and_the_adapter_reloads_with_the_same_logits(launched):
     assert curve[8] < 0.9 * curve[1], curve
     log = (run.run_dir / "train.log").read_text()
     assert "4-bit nf4 base + double quant" in log and "activation checkpointing on" in log
+    assert "gradients flow: all 28 trainable tensors" in log  # the preflight ran before the first update
+    assert "silently incorrect" not in log and "kernels-community" not in log
     events, _ = runs.read_events(run.run_dir)
     assert [e["step"] for e in events if e["type"] == "eval"] == [4, 8]
     assert all(e["eval_loss"] > 0 for e in events if e["type"] == "eval")
@@ -321,7 +323,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(launched):
     assert st["state"] == "failed", runs.tail_log(run.run_dir, 40)
     err = st["error"]
     assert err["kind"] == "disk" and "disk filled up during save at step 4" in err["message"]
-    assert "checkpoint-2 is intact" in err["hint"]
+    assert "checkpoint-2 is intact" in err["message"] and "MB" in err["hint"]
     assert runs.latest_checkpoint(run.run_dir).name == "checkpoint-2"
     assert sorted(p.name for p in runs.checkpoints_dir(run.run_dir).iterdir()) == ["checkpoint-2", "partial-checkpoint-4"]
 

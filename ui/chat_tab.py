@@ -59,7 +59,16 @@ def on_run(run_id: str | None):
     b = choices[1] if len(choices) > 1 else a
     examples = eval_prompts(run_id)
     return (gr.update(choices=choices, value=a), gr.update(choices=choices, value=b),
-            gr.update(choices=examples, value=None, visible=bool(examples)))
+            gr.update(choices=examples, value=None, visible=bool(examples)), template_note(run_id))
+
+
+def template_note(run_id: str | None) -> str:
+    """The run's fallback-template notice (a base model without a chat template), read from its events."""
+    if not run_id:
+        return ""
+    events, _ = runs.read_events(runs.get(run_id))
+    notice = runs.template_notice(events)
+    return f"**Note:** {notice}." if notice else ""
 
 
 def eval_prompts(run_id: str | None) -> list[str]:
@@ -170,6 +179,7 @@ def build() -> ChatTab:
         send_btn = gr.Button("Send", variant="primary", scale=1)
         stop_btn = gr.Button("Stop", variant="stop", scale=1)
         clear_btn = gr.Button("Clear", scale=1)
+    note = gr.Markdown(template_note(first))
     examples = gr.Radio([], label="Held-out eval prompts (click to use)", visible=False)
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
@@ -183,7 +193,7 @@ def build() -> ChatTab:
     score_md = gr.Markdown()
 
     gen = [system, max_new, temperature, top_p, rep, seed]
-    run_dd.change(on_run, run_dd, [ck_a, ck_b, examples])
+    run_dd.change(on_run, run_dd, [ck_a, ck_b, examples, note])
     def _pick(evt: gr.SelectData):
         return evt.value
 
@@ -200,4 +210,4 @@ def build() -> ChatTab:
         value = selected if selected in choices else (default_run() if choices else None)
         return [gr.update(choices=choices, value=value)] + list(on_run(value))
 
-    return ChatTab(run_dd=run_dd, refresh=(_refresh, [run_dd, ck_a, ck_b, examples]))
+    return ChatTab(run_dd=run_dd, refresh=(_refresh, [run_dd, ck_a, ck_b, examples, note]))

@@ -90,7 +90,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
     pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     values = (
         status_md(run_id, status),
-        progress_html(status, events),
+        progress_html(status, events) + template_html(events),
         *charts.values(),
         runs.tail_log(run_dir, lines=60),
         samples_md(events),
@@ -142,6 +142,12 @@ def progress_html(status: dict, events: list[dict]) -> str:
         bits.append(f"loss {last['loss']:.4f}")
     return (f"<div style='background:#eee;border-radius:4px;height:14px'><div style='width:{pct:.1f}%;height:100%;"
             f"background:#4e79a7;border-radius:4px'></div></div><div>{' · '.join(bits)}</div>")
+
+
+def template_html(events: list[dict]) -> str:
+    """The run's fallback-template notice under the progress bar, where the model has no chat template."""
+    notice = runs.template_notice(events)
+    return f"<div style='margin-top:4px;color:#8a5a00'>Note: {html.escape(notice)}</div>" if notice else ""
 
 
 def samples_md(events: list[dict]) -> str:

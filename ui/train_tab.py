@@ -74,6 +74,10 @@ def _local_facts(source: str) -> tuple[str, str]:
         return "size unknown", f"({e.message})"
     if info is None and source == models.BUILTIN_ID:
         return "ships with the app (converted on first use, about a minute)", "chat template ✓"
+    if info is None and source.lower().endswith(".gguf"):
+        size = Path(source).expanduser().stat().st_size / 2**30
+        return f"{size:.2f} GB .gguf file (converted to safetensors once, on first use)", \
+            "chat template: read from the file when converted"
     if info is None:
         return "not downloaded yet", "chat template: checked when it loads"
     template = "chat template ✓" if info.has_chat_template else "no chat template: a simple default is used"

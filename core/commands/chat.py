@@ -27,6 +27,11 @@ def run(args) -> int:
                                "top_p": args.top_p, "seed": args.seed, "system": args.system})
     session = ChatSession()
     name = session.load_run(args.run, args.checkpoint, args.quant)
+    if session.template_notice:
+        print(f"note: {session.template_notice}", file=sys.stderr)
+        if args.compare:
+            print("note: the base side answers without ever having seen this format: expect it to run on to "
+                  f"--max-new-tokens ({args.max_new_tokens}); the adapter learned where a reply ends", file=sys.stderr)
     if args.prompt is not None:
         _answer(session, [{"role": "user", "content": args.prompt}], settings, name, args.compare)
         return 0

@@ -2,6 +2,7 @@
 a checker, else perplexity on the eval split)."""
 
 import json
+import sys
 
 
 def add_arguments(p) -> None:
@@ -17,7 +18,13 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from core.chat import evaluate
 
-    r = evaluate(args.run, args.checkpoint, quant=args.quant, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    from core.chat import ChatSession
+
+    session = ChatSession()
+    r = evaluate(args.run, args.checkpoint, session=session, quant=args.quant, max_new_tokens=args.max_new_tokens,
+                 limit=args.limit)
+    if session.template_notice:
+        print(f"note: {session.template_notice}", file=sys.stderr)
     if args.json:
         print(json.dumps({"base": r["base"], "adapter": r["adapter"], "n": r["n"], "metric": r["metric"]}))
         return 0

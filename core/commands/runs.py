@@ -75,7 +75,8 @@ def _show(args) -> int:
     curve = runs.metrics(events)
     info = {"id": run_dir.name, "path": str(run_dir), **st, "last_metrics": curve[-1] if curve else None,
             "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
-            "adapter": str(run_dir / "adapter") if (run_dir / "adapter" / "adapter_config.json").is_file() else None}
+            "adapter": str(run_dir / "adapter") if (run_dir / "adapter" / "adapter_config.json").is_file() else None,
+            "template_notice": runs.template_notice(events)}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -86,6 +87,9 @@ def _show(args) -> int:
         print(f"{key:>12}: {info.get(key)}")
     if curve:
         print(f"{'last loss':>12}: {curve[-1].get('loss')} at step {curve[-1].get('step')}")
+    notice = runs.template_notice(events)
+    if notice:
+        print(f"{'template':>12}: {notice}")
     if st.get("error"):
         err = st["error"]
         print(f"{'error':>12}: [{err.get('kind')}] {err.get('message')}\n{'fix':>12}: {err.get('hint')}")

@@ -25,7 +25,7 @@ from core.errors import ConfigError
 def add_arguments(p) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="a YAML config (any subset of the sections)")
     p.add_argument("--preset", metavar="NAME", help="a preset from presets/ or your own (python -m core train --preset cpu-demo)")
-    p.add_argument("--model", metavar="SOURCE", help="model.source: builtin:smollm2-135m, a hub id, or a folder")
+    p.add_argument("--model", metavar="SOURCE", help="model.source: builtin:smollm2-135m, a hub id, a folder, or a .gguf file")
     p.add_argument("--dataset", metavar="SOURCE", help="data.source: a file, a folder, a hub id, or builtin:demo-identity")
     p.add_argument("--method", choices=METHODS, help="quant.method: lora (16-bit base), qlora (4-bit), 8bit")
     p.add_argument("--max-steps", type=int, metavar="N", help="train.max_steps")

@@ -19,7 +19,8 @@ def test_runs_checkpoints_and_eval_prompts_are_listed(tiny_run):
     assert chat_tab.run_choices() == [tiny_run]
     assert chat_tab.default_run() == tiny_run
     assert chat_tab.checkpoint_choices(tiny_run) == ["final adapter", "checkpoint 3"]  # unmarked 5 is not offered
-    ck_a, ck_b, examples = chat_tab.on_run(tiny_run)
+    ck_a, ck_b, examples, note = chat_tab.on_run(tiny_run)
+    assert note == ""  # the tiny model has a chat template of its own
     assert ck_a["value"] == "final adapter" and ck_b["value"] == "checkpoint 3"
     assert examples["visible"] and len(examples["choices"]) >= 10
 
