@@ -27,10 +27,10 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core import chat, runs
+    from core import run_files, runs
 
     log = log or (lambda msg: None)
-    run_dir = chat.resolve_run(run_id)
+    run_dir = run_files.resolve_run(run_id)
     cfg = runs.load_config(run_dir)
     adapter_dir = runs.adapter_path(run_dir, checkpoint)
     out = _fresh_target(Path(out_dir))
@@ -53,12 +53,12 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
             "the marker is left out of the merged model")
     base = AutoModelForCausalLM.from_pretrained(str(base_path), config=config, dtype="auto", use_safetensors=True,
                                                 trust_remote_code=cfg.model.trust_remote_code)
-    chat.check_adapter(base, adapter_dir, loaded_source=cfg.model.source, trained_on=cfg.model.source)
+    run_files.check_adapter(base, adapter_dir, loaded_source=cfg.model.source, trained_on=cfg.model.source)
     log(f"merging {adapter_dir}")
     with torch.no_grad():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
     tok = models.load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
-    notice = chat.ensure_chat_template(tok, adapter_dir)  # the exported model chats with the run's template
+    notice = run_files.ensure_chat_template(tok, adapter_dir)  # the exported model chats with the run's template
     if notice:
         log(f"note: {notice}; the merged model carries that template")
 
@@ -78,9 +78,9 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
 
 def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None, overwrite: bool = False) -> Path:
     """The adapter folder (plus the run's config.yaml as lora_garage_run.yaml) as a zip. Small: MBs, not GBs."""
-    from core import chat, runs
+    from core import run_files, runs
 
-    run_dir = chat.resolve_run(run_id)
+    run_dir = run_files.resolve_run(run_id)
     adapter_dir = runs.adapter_path(run_dir, checkpoint)
     out = Path(out_zip).expanduser()
     if out.suffix.lower() != ".zip":
