@@ -28,15 +28,6 @@ def list_presets() -> list[str]:
     return list(_all_files())
 
 
-def describe(name: str) -> str:
-    """The first comment line of a preset: who it is for."""
-    path = _path(name)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#") and line.strip("# ").strip():
-            return line.lstrip("# ").strip()
-    return name
-
-
 def header(name: str) -> str:
     """All leading comment lines of a preset, without the '#'."""
     lines = []

@@ -90,11 +90,6 @@ def running() -> str | None:
     return None
 
 
-def status(run_id: str) -> dict:
-    """status.json of a run, with a dead child noticed and marked failed."""
-    return runs.read_status(runs.get(run_id))
-
-
 def resume(run_id: str) -> str:
     """Continue a stopped or failed run from its last COMPLETE checkpoint, in the background. Refuses when the
     base model, the LoRA shape or the dataset changed since the run started, saying which."""

@@ -42,7 +42,7 @@ def test_user_preset_round_trip(garage_home):
     assert path.parent == garage_home / "presets"
     assert "my-setup" in presets.list_presets()
     assert presets.load("my-setup") == cfg
-    assert presets.describe("my-setup").startswith("my-setup: for my laptop")
+    assert presets.header("my-setup").splitlines()[0].startswith("my-setup: for my laptop")
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "cpu-demo", "a b"])
