@@ -11,6 +11,9 @@ compare() runs base and adapter as ONE batch of two rows with peft's mixed-adapt
 (adapter_names=["__base__", name]), so both answers grow together at about the cost of one (CPU and GPU alike).
 peft refuses DoRA adapters in mixed batches, so for those compare runs the base first, then the adapter.
 The streamer is our own small batch-aware one: transformers' TextIteratorStreamer only takes batch size 1.
+
+Which run and adapter to load, and whether an adapter fits the base, is core.run_files'; the base model loads
+through core.models.load_base; scoring base vs adapter is core.evaluate's.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import queue
-import re
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from core import models
+from core import models, run_files
+from core.config import QuantConfig
 from core.errors import BusyError, ConfigError, GarageError, ModelError, OutOfMemory
 
 MAX_NEW_TOKENS = 1024
@@ -79,84 +81,10 @@ class GenSettings:
         return self
 
 
-# ---------------------------------------------------------------- runs and their adapters
-
-def resolve_run(run: str) -> Path:
-    """A run folder from a run id, or "latest" = the most recently finished completed run."""
-    from core import runs
-
-    if run != "latest":
-        return runs.get(run)
-    done = [r for r in runs.list_runs() if r.get("state") == "completed"]
-    if not done:
-        raise GarageError("there is no completed run yet", "train one first: python -m core train --preset cpu-demo")
-    newest = max(done, key=lambda r: (str(r.get("ended_at") or ""), str(r.get("started_at") or "")))
-    return runs.get(newest["id"])
-
-
-def adapter_name(run_id: str, checkpoint: int | None = None) -> str:
-    # peft uses the name as a module key, where "." is not allowed
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)
-    return f"{name}-step{int(checkpoint)}" if checkpoint is not None else name
-
-
-def check_adapter(base_model, adapter_dir: Path, *, loaded_source: str, trained_on: str | None) -> None:
-    """Refuse an adapter made for another base: by the run's model.source, then by every adapted layer's shape."""
-    adapter_dir = Path(adapter_dir)
-    cfg_file = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not cfg_file.exists() or not weights.exists():
-        raise ModelError(f"{adapter_dir} is not a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
-                         "pick a finished run or a checkpoint marked COMPLETE")
-    claimed = trained_on or json.loads(cfg_file.read_text()).get("base_model_name_or_path") or ""
-    if claimed and not same_source(claimed, loaded_source):
-        raise ModelError(f"this adapter was trained on {claimed}, but the loaded base model is {loaded_source}",
-                         "load the run itself (it brings its own base model), or pick an adapter trained on this base")
-    from safetensors import safe_open
-
-    modules = dict(base_model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-            if not m:
-                continue
-            mod = modules.get(m.group(1))
-            if mod is None:
-                raise ModelError(f"the adapter changes layer {m.group(1)}, which the loaded base model does not have",
-                                 "this adapter belongs to a different base model; load its own run")
-            shape = f.get_slice(key).get_shape()
-            want = getattr(mod, "in_features", None) if m.group(2) == "A" else getattr(mod, "out_features", None)
-            got = shape[1] if m.group(2) == "A" else shape[0]
-            if want is not None and got != want:
-                raise ModelError(f"the adapter's {m.group(1)} expects size {got}, the loaded base model has {want}",
-                                 "this adapter belongs to a different base model; load its own run")
-
-
-def same_source(a: str, b: str) -> bool:
-    if a.strip() == b.strip():
-        return True
-    try:
-        return models.resolve(a, allow_download=False).resolve() == models.resolve(b, allow_download=False).resolve()
-    except ModelError:
-        return False  # one of them is not on this machine, so it cannot be the loaded one
-
-
 def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ensure_chat_template(tokenizer, adapter_dir: Path | None = None) -> str | None:
-    """Give the tokenizer the template the run trained with: the one saved with the adapter, else the model's
-    own, else the fallback (so an exported model chats the same way). Returns the fallback notice for a model
-    without a template of its own (data_tokenize.fallback_notice), None when it has one."""
-    from core import data_tokenize
-
-    notice = data_tokenize.fallback_notice(tokenizer)
-    saved = models.saved_chat_template(adapter_dir) if adapter_dir is not None else None
-    tokenizer.chat_template = saved or data_tokenize.chat_template(tokenizer)[0]
-    return notice
 
 
 # ---------------------------------------------------------------- the session
@@ -178,35 +106,22 @@ class ChatSession:
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ loading
-    def render(self, messages: list[dict], system: str = "") -> str:
-        """The prompt text the model sees (for a "show prompt" view in the UI)."""
-        return self.tokenizer.decode(self.encode(messages, GenSettings(system=system)))
-
-    def load(self, target: str, checkpoint: int | None = None, quant: str | None = None) -> str | None:
-        """A run id ("latest" too) -> its base + adapter, returns the adapter name; a model source -> base only."""
-        from core.paths import runs_dir
-
-        if target == "latest" or ("/" not in target and (runs_dir() / target / "config.yaml").is_file()):
-            return self.load_run(target, checkpoint, quant)
-        self.load_base(target, quant)
-        return None
-
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
         from core import runs
 
-        run_dir = resolve_run(run)
+        run_dir = run_files.resolve_run(run)
         cfg = runs.load_config(run_dir)
         path = runs.adapter_path(run_dir, checkpoint)
         self.load_base(cfg.model.source, quant, cfg.model.trust_remote_code, cfg.quant)
         self.use_template_of(path)
-        return self.attach(path, adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
+        return self.attach(path, run_files.adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
                            run=run_dir.name, checkpoint=checkpoint)
 
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
         """Load (or keep, when source and quant match) the base model. Frees a different one first."""
         if quant not in QUANTS:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
-        if self.base is not None and self.quant == quant and same_source(source, self.source):
+        if self.base is not None and self.quant == quant and run_files.same_source(source, self.source):
             return
         from core import data_tokenize
         from core.data_tokenize import Renderer
@@ -215,9 +130,10 @@ class ChatSession:
             self.unload()
             self.device = self.device or default_device()
             self._check_gpu_free()
-            self.base, self.tokenizer = _load_model(source, quant, trust_remote_code, quant_cfg, self.device)
+            self.base, self.tokenizer = _load_model(source, quant, trust_remote_code, quant_cfg or QuantConfig(),
+                                                    self.device)
             self.stop_texts = data_tokenize.stop_strings(self.tokenizer)
-            self.template_notice = ensure_chat_template(self.tokenizer)
+            self.template_notice = run_files.ensure_chat_template(self.tokenizer)
             self.renderer = Renderer(self.tokenizer)
             self.source, self.quant = source, quant
             c = self.base.config
@@ -244,7 +160,7 @@ class ChatSession:
         stamp = weights.stat().st_mtime_ns if weights.exists() else None
         if name in self.adapters and self.adapters[name]["stamp"] == stamp:
             return name
-        check_adapter(self.base, adapter_dir, loaded_source=self.source, trained_on=trained_on)
+        run_files.check_adapter(self.base, adapter_dir, loaded_source=self.source, trained_on=trained_on)
         with self._locked():
             if name in self.adapters:   # the run was resumed and saved a new adapter since: swap the weights
                 self.model.delete_adapter(name)
@@ -282,10 +198,6 @@ class ChatSession:
         """Yield the reply so far. adapter: a name, True = the last attached one, None/False = the base model."""
         for texts in self._generate(messages, settings, [self._row(adapter)]):
             yield texts[0]
-
-    def generate(self, messages: list[dict], settings=None, adapter: str | bool | None = True) -> Iterator[str]:
-        """docs/interfaces.md's name: stream() with the last attached adapter by default."""
-        return self.stream(messages, settings, adapter)
 
     def compare(self, messages: list[dict], settings=None, adapter: str | bool = True) -> Iterator[tuple[str, str]]:
         """Yield (base_text, adapter_text) as both grow, for the same prompt and settings."""
@@ -358,7 +270,7 @@ class ChatSession:
         """The prompt exactly as the model sees it: chat template + generation prompt, length-checked."""
         if self.tokenizer is None:
             raise ModelError("no model is loaded", "load a run first")
-        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages or []]
+        msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages or []]
         if not msgs or msgs[-1]["role"] != "user":
             raise GarageError("the conversation must end with a user message", "type a message first")
         if settings.system and msgs[0]["role"] != "system":
@@ -440,7 +352,7 @@ class ChatSession:
             self.last_stats = streamer.stats(t0, len(ids))
 
 
-def _text(content) -> str:
+def message_text(content) -> str:
     """Message content as text; Gradio may hand a list of parts ({"type": "text", "text": ...})."""
     if isinstance(content, str):
         return content
@@ -523,77 +435,18 @@ class _RowsStreamer:
                 "tokens_per_s": round((self.steps - 1) / decode, 2) if self.steps > 1 and decode > 0 else None}
 
 
-def _load_model(source: str, quant, trust_remote_code: bool, quant_cfg, device: str):
+def _load_model(source: str, quant, trust_remote_code: bool, quant_cfg: QuantConfig, device: str):
+    """The base model and tokenizer for chat, loaded by models.load_base (16-bit, or 4-bit with the run's
+    quant_type / double_quant when quant="4bit")."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = models.resolve(source)
-    models.check_safetensors(path)
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    models.drop_gguf_quantization(config)  # as training does: the folder holds plain floats
-    dtype = torch.float32
-    if device == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
-              "device_map": {"": 0 if device == "cuda" else "cpu"}}
-    if quant == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=getattr(quant_cfg, "quant_type", "nf4"),
-            bnb_4bit_use_double_quant=getattr(quant_cfg, "double_quant", True), bnb_4bit_compute_dtype=dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = models.load_base(path, method="qlora" if quant == "4bit" else "lora", quant_type=quant_cfg.quant_type,
+                                 double_quant=quant_cfg.double_quant, device=device,
+                                 trust_remote_code=trust_remote_code)
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(f"the GPU ran out of memory loading {source} for chat",
                           "load it in 4-bit (quant=4bit), close other GPU programs, or chat on the CPU") from e
-    model.eval()
     tok = models.load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model, tok
-
-
-# ---------------------------------------------------------------- evaluation
-
-def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | None = None,
-             quant: str | None = None, max_new_tokens: int = 64, limit: int = 200) -> dict:
-    """Score base vs adapter on the run's held-out data: the dataset's checker if it has one (accuracy),
-    else perplexity on the eval split (or, with none, on the first training rows: said in "split")."""
-    from core import data, runs
-
-    session = session or ChatSession()
-    run_dir = resolve_run(run_id)
-    name = session.load_run(run_dir.name, checkpoint, quant)
-    cfg = runs.load_config(run_dir)
-    items = data.demo_eval_set(cfg.data.source)
-    if items:
-        settings = GenSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-        rows = []
-        for item in items[:limit]:
-            base = adapted = ""
-            for base, adapted in session.compare(item["messages"], settings, adapter=name):
-                pass
-            rows.append({"prompt": _text(item["messages"][-1]["content"]), "expected": item["expected"],
-                         "base": base, "adapter": adapted,
-                         "base_ok": bool(data.score_answer(cfg.data.source, base, item["expected"])),
-                         "adapter_ok": bool(data.score_answer(cfg.data.source, adapted, item["expected"]))})
-        n = len(rows)
-        return {"metric": "accuracy", "higher_is_better": True, "split": "eval", "n": n, "rows": rows,
-                "base": sum(r["base_ok"] for r in rows) / n, "adapter": sum(r["adapter_ok"] for r in rows) / n}
-    prepared = data.prepare(cfg, session.tokenizer)
-    split = "eval" if prepared.eval else "train (the run has no held-out split)"
-    # packed training sequences hold several examples: score the unpacked rows, one example each
-    examples = (prepared.eval or getattr(prepared.train, "rows", prepared.train))[:limit]
-    if not examples:
-        raise GarageError("the run's dataset has no rows to evaluate on", "check data.source of the run")
-    rows, totals = [], {BASE: [0.0, 0], name: [0.0, 0]}
-    for ex in examples:
-        row = {}
-        for key in (BASE, name):
-            loss, n = session.loss(ex["input_ids"], ex["labels"], None if key == BASE else name)
-            totals[key][0] += loss
-            totals[key][1] += n
-            row["base_loss" if key == BASE else "adapter_loss"] = loss / max(n, 1)
-        rows.append(row)
-    base_loss, ad_loss = (totals[k][0] / max(totals[k][1], 1) for k in (BASE, name))
-    return {"metric": "perplexity", "higher_is_better": False, "split": split, "n": len(rows), "rows": rows,
-            "base": math.exp(base_loss), "adapter": math.exp(ad_loss), "base_loss": base_loss, "adapter_loss": ad_loss}

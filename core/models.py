@@ -2,8 +2,10 @@
 
 `resolve(source)` turns any source into a local folder with config.json; a GGUF (the built-in model's, or a
 user's own) is converted once into a safetensors folder under the models dir. `read_config(source)` reads the
-shape only (config.json, or a GGUF's metadata), which is all the VRAM estimator needs. `load_tokenizer` loads
-for real. Weights load from safetensors only: pickle .bin files can run code, so we refuse them.
+shape only (config.json, or a GGUF's metadata), which is all the VRAM estimator needs. `load_base(path, ...)`
+loads a base model for any use (training and chat): dtype, bitsandbytes 4-/8-bit, device, attention kernel;
+`load_tokenizer` loads its tokenizer. Weights load from safetensors only: pickle .bin files can run code, so we
+refuse them.
 """
 
 from __future__ import annotations
@@ -164,10 +166,28 @@ def builtin_gguf() -> Path:
     return files[0]
 
 
+def builtin_folder() -> Path:
+    """Where the built-in model's safetensors folder is (or will be, once converted)."""
+    return models_dir() / _BUILTIN_FOLDER
+
+
+def builtin_converted() -> bool:
+    """Whether the built-in model was converted already (its first use then takes no minute)."""
+    return (builtin_folder() / _MARKER).exists()
+
+
+def on_disk(source: str) -> bool:
+    """Whether `source` is a model folder on this machine now: the converted built-in model or a local folder
+    (never downloads, never converts; a hub id in the HF cache counts as not on disk)."""
+    if source == BUILTIN_ID:
+        return builtin_converted()
+    return Path(source).expanduser().is_dir()
+
+
 def ensure_builtin(progress: Callable[[str], None] | None = None) -> Path:
     """Convert the shipped GGUF into a safetensors folder once; later calls return the folder at once."""
-    target = models_dir() / _BUILTIN_FOLDER
-    if (target / _MARKER).exists():
+    target = builtin_folder()
+    if builtin_converted():
         return target
     return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress)
 
@@ -389,3 +409,92 @@ def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def dtype_for(device: str, want: str = "auto", method: str = "lora"):
+    """The dtype a base computes in, for training and chat alike: fp32 on the CPU (half precision brings no speed
+    there); on a GPU bf16 where supported, else fp16 (Trainer then scales the loss). A 4-bit/8-bit base never
+    computes in fp32 on a GPU: the dequantised matmuls would run at a fraction of tensor-core speed for no accuracy
+    a quantised base could use. want: quant.compute_dtype (auto | bf16 | fp16 | fp32); method: quant.method."""
+    import torch
+
+    if device == "cpu":
+        return torch.float32
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if want == "auto" or (want == "fp32" and method in ("qlora", "8bit")):
+        return half
+    if want == "bf16" and not torch.cuda.is_bf16_supported():
+        return torch.float16  # pre-Ampere GPUs emulate bf16 slowly; fp16 with loss scaling is the fast path
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[want]
+
+
+def attn_implementation(want: str, device: str) -> str:
+    """The asked-for attention kernel, or sdpa where flash_attention_2 cannot run (not installed, no CUDA,
+    pre-Ampere), said on stderr."""
+    if want != "flash_attention_2":
+        return want
+    import importlib.util
+
+    import torch
+
+    why = None
+    if device != "cuda":
+        why = "it needs a CUDA GPU"
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = "the flash-attn package is not installed (pip install flash-attn)"
+    elif torch.cuda.get_device_capability(0)[0] < 8:
+        why = f"{torch.cuda.get_device_name(0)} is older than Ampere (compute capability 8.0)"
+    if why:
+        print(f"WARNING: model.attn_implementation=flash_attention_2 is not available ({why}): using sdpa",
+              file=sys.stderr, flush=True)
+        return "sdpa"
+    return want
+
+
+def quantization_config(method: str, quant_type: str = "nf4", double_quant: bool = True, dtype=None):
+    """bitsandbytes settings for a 4-bit (qlora: NF4/FP4, optional double quant) or 8-bit base; None for 16-bit."""
+    if method not in ("qlora", "8bit"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if method == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", double_quant: bool = True,
+              compute_dtype: str = "auto", device: str = "cpu", attn: str | None = None,
+              trust_remote_code: bool = False, for_training: bool = False):
+    """A base model from a resolved folder, for training or chat: safetensors only, the GGUF marker dropped,
+    16-bit (method lora), 4-bit (qlora) or 8-bit, computing in dtype_for(device, compute_dtype, method), placed on `device`.
+    attn: an attention kernel (None = transformers' choice). for_training: no KV cache, and 4-bit layers keep
+    their training layout (keep_training_layout); otherwise the model is put in eval mode.
+    Returns the model; `model.dtype` is the compute dtype for a 16-bit base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    check_safetensors(path)
+    dtype = dtype_for(device, compute_dtype, method)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    drop_gguf_quantization(config)  # a folder saved from a GGUF-loaded model keeps the marker over plain floats
+    kwargs = {"config": config, "dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    quant = quantization_config(method, quant_type, double_quant, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if attn is not None:
+        kwargs["attn_implementation"] = attn_implementation(attn, device)
+    # on the CPU, training leaves placement to Trainer; chat pins the whole model to the CPU
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    elif not for_training:
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not for_training:
+        model.eval()
+        return model
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if method == "qlora" and keep_training_layout(model):
+        print("4-bit layers keep their training layout (bitsandbytes' AVX512-BF16 inference repack is off while "
+              "training: it has no backward)", flush=True)
+    return model

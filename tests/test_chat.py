@@ -217,24 +217,6 @@ def test_4bit_chat_on_cpu(session, garage_home, tiny_model_dir):
     assert _last(session.stream(MSGS, {"max_new_tokens": 4, "temperature": 0}, adapter=name)) is not None
 
 
-def test_evaluate_scores_base_and_adapter(garage_home, tiny_model_dir):
-    from core.chat import evaluate
-
-    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
-    r = evaluate("r1", max_new_tokens=8, limit=3)
-    assert r["metric"] == "accuracy" and r["n"] == 3 and 0 <= r["base"] <= 1 and 0 <= r["adapter"] <= 1
-    assert {"prompt", "expected", "base", "adapter", "base_ok", "adapter_ok"} <= set(r["rows"][0])
-
-    rows = [{"messages": [{"role": "user", "content": f"question {i}?"},
-                          {"role": "assistant", "content": f"answer {i}."}]} for i in range(8)]
-    data = garage_home / "qa.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    make_run(garage_home, tiny_model_dir, "ppl", data={"source": str(data), "val_fraction": 0.25})
-    r = evaluate("ppl")
-    assert r["metric"] == "perplexity" and r["split"] == "eval" and r["n"] == 2
-    assert r["base"] > 1 and r["adapter"] > 1 and r["base"] != r["adapter"]
-
-
 def test_cli_one_shot_prompt_with_compare(garage_home, tiny_model_dir):
     make_run(garage_home, tiny_model_dir)
     root = Path(__file__).resolve().parent.parent
@@ -246,13 +228,9 @@ def test_cli_one_shot_prompt_with_compare(garage_home, tiny_model_dir):
     assert lines[0].startswith("base: ") and any(line.startswith("adapter: ") for line in lines[1:])
 
 
-def test_cli_eval_json_and_user_errors(garage_home, tiny_model_dir, capsys):
+def test_cli_chat_names_a_missing_run(capsys):
     from core.__main__ import main
 
-    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
-    assert main(["eval", "r1", "--json", "--limit", "2", "--max-new-tokens", "4"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert {"base", "adapter", "n"} <= set(out) and out["n"] == 2
     assert main(["chat", "no-such-run", "--prompt", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
 

@@ -8,6 +8,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
+from core import events as ev
 from core import runs
 from tests.test_training import Launch, losses, tiny_config, write_dataset
 
@@ -86,8 +87,8 @@ def test_lora_and_qlora_train_and_save_the_template_with_every_adapter(neox_runs
         assert st["state"] == "completed", runs.tail_log(run.run_dir, 40)
         log = (run.run_dir / "train.log").read_text()
         assert "gradients flow: all" in log and "template: this model has no chat template" in log, name
-        events, _ = runs.read_events(run.run_dir)
-        assert "no <|im_end|> token" in runs.template_notice(events)
+        events, _ = ev.read(run.run_dir)
+        assert "no <|im_end|> token" in ev.template_notice(events)
         folders = [run.run_dir / "adapter"] + runs.checkpoints(run.run_dir)
         assert len(folders) == 3
         for folder in folders:  # the template travels with the adapter and with every checkpoint
@@ -105,6 +106,7 @@ def test_chat_eval_and_export_on_another_architecture(neox_runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core import chat, export
+    from core.evaluate import evaluate
     from core.__main__ import main
 
     run = neox_runs["lora"]
@@ -119,7 +121,7 @@ def test_chat_eval_and_export_on_another_architecture(neox_runs, tmp_path):
         assert reply.startswith("My name is Garage"), reply  # the adapter learned the answer on a NeoX
         assert session.last_stats["new_tokens"][0] < 48  # it stopped at the marker, not at the token limit
 
-        scores = chat.evaluate(run.run_id, session=session, limit=8)
+        scores = evaluate(run.run_id, session=session, limit=8)
         assert scores["metric"] == "perplexity" and scores["adapter"] < scores["base"]
 
         out = io.StringIO()

@@ -16,9 +16,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core.chat import evaluate
-
     from core.chat import ChatSession
+    from core.evaluate import evaluate
 
     session = ChatSession()
     r = evaluate(args.run, args.checkpoint, session=session, quant=args.quant, max_new_tokens=args.max_new_tokens,

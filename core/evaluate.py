@@ -1,0 +1,60 @@
+"""Score a run's adapter against its base model on the run's held-out data.
+
+Where the dataset has a checker (the built-in demo data: core.data.score_answer), both answer each held-out prompt
+greedily and the metric is accuracy; otherwise it is perplexity on the eval split (or, with none, on the first
+training rows, said in "split"). Both sides run in one ChatSession, so the base model loads once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from core import run_files
+from core.chat import BASE, ChatSession, GenSettings, message_text
+from core.errors import GarageError
+
+def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | None = None,
+             quant: str | None = None, max_new_tokens: int = 64, limit: int = 200) -> dict:
+    """Score base vs adapter on the run's held-out data: the dataset's checker if it has one (accuracy),
+    else perplexity on the eval split (or, with none, on the first training rows: said in "split")."""
+    from core import data, runs
+    from core.data_tokenize import PackedRows
+
+    session = session or ChatSession()
+    run_dir = run_files.resolve_run(run_id)
+    name = session.load_run(run_dir.name, checkpoint, quant)
+    cfg = runs.load_config(run_dir)
+    items = data.demo_eval_set(cfg.data.source)
+    if items:
+        settings = GenSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+        rows = []
+        for item in items[:limit]:
+            base = adapted = ""
+            for base, adapted in session.compare(item["messages"], settings, adapter=name):
+                pass
+            rows.append({"prompt": message_text(item["messages"][-1]["content"]), "expected": item["expected"],
+                         "base": base, "adapter": adapted,
+                         "base_ok": bool(data.score_answer(cfg.data.source, base, item["expected"])),
+                         "adapter_ok": bool(data.score_answer(cfg.data.source, adapted, item["expected"]))})
+        n = len(rows)
+        return {"metric": "accuracy", "higher_is_better": True, "split": "eval", "n": n, "rows": rows,
+                "base": sum(r["base_ok"] for r in rows) / n, "adapter": sum(r["adapter_ok"] for r in rows) / n}
+    prepared = data.prepare(cfg, session.tokenizer)
+    split = "eval" if prepared.eval else "train (the run has no held-out split)"
+    # packed training sequences hold several examples: score the unpacked rows, one example each
+    train = prepared.train.rows if isinstance(prepared.train, PackedRows) else prepared.train
+    examples = (prepared.eval or train)[:limit]
+    if not examples:
+        raise GarageError("the run's dataset has no rows to evaluate on", "check data.source of the run")
+    rows, totals = [], {BASE: [0.0, 0], name: [0.0, 0]}
+    for ex in examples:
+        row = {}
+        for key in (BASE, name):
+            loss, n = session.loss(ex["input_ids"], ex["labels"], None if key == BASE else name)
+            totals[key][0] += loss
+            totals[key][1] += n
+            row["base_loss" if key == BASE else "adapter_loss"] = loss / max(n, 1)
+        rows.append(row)
+    base_loss, ad_loss = (totals[k][0] / max(totals[k][1], 1) for k in (BASE, name))
+    return {"metric": "perplexity", "higher_is_better": False, "split": split, "n": len(rows), "rows": rows,
+            "base": math.exp(base_loss), "adapter": math.exp(ad_loss), "base_loss": base_loss, "adapter_loss": ad_loss}
