@@ -24,12 +24,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, help_text in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"core.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"core.commands.{name}":
-                raise
-            continue  # command not built yet: it is simply not listed
+        mod = importlib.import_module(f"core.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         modules[name] = mod

@@ -323,6 +323,8 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------- previews
 
+# the one place the trained / masked colours are set: inline, so the preview HTML carries its own colours
+# wherever it is shown (the page's stylesheet has no rule for these classes)
 _TRAINED_STYLE = "background:#c6f6c6;color:#0b3d0b;border-radius:2px"
 _MASKED_STYLE = "color:#8a8a8a"
 

@@ -18,13 +18,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from core import vram_constants as K
+from core.config import ATTENTION_TARGETS, ATTN_IMPLEMENTATIONS, OPTIMIZERS
 from core.errors import ModelError
+from core.units import gb
 
 COMPONENTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead")
 METHODS = ("full", "lora", "qlora", "8bit")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Model types whose config class ties input and output embeddings when config.json does not say.
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_neo", "phi")
 
@@ -209,7 +208,7 @@ def targeted(shape: ModelShape, targets: str) -> list[Linear]:
     if t == "all-linear":
         return mods
     # exact names, as peft matches them: on Phi-3's fused qkv_proj, "attention" adapts o_proj only
-    names = set(ATTENTION) if t == "attention" else {x.strip() for x in t.split(",") if x.strip()}
+    names = set(ATTENTION_TARGETS) if t == "attention" else {x.strip() for x in t.split(",") if x.strip()}
     return [m for m in mods if m.name in names]
 
 
@@ -406,7 +405,7 @@ def _optimizer(tensors: Counter, optimizer: str) -> int:
 def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     """Peak memory of a training step. Components sum to the peak; `details` shows the parts behind them."""
     s, d = settings, _dtypes(settings)
-    for name, value, allowed in (("method", s.method, METHODS), ("optimizer", s.optimizer, OPTIMIZERS),
+    for name, value, allowed in (("method", s.method, METHODS), ("optimizer", s.optimizer, tuple(OPTIMIZERS)),
                                  ("attn", s.attn, ATTN_IMPLEMENTATIONS), ("device", s.device, ("cuda", "cpu"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -487,11 +486,6 @@ class Verdict:
     @property
     def fits(self) -> bool:
         return self.status != "does not fit"
-
-
-def gb(n: float) -> str:
-    """Bytes as GiB with one decimal, labelled GB as GPU sizes are."""
-    return f"{n / K.GiB:.1f} GB"
 
 
 def card_bytes(size_gb: float) -> int:

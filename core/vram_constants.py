@@ -6,8 +6,10 @@ checks it against tensors on the CPU. "Judgement" means nobody has measured it f
 (bench/vram_accuracy.py, run on a GPU) is how to correct it.
 """
 
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+from core import units
+
+GiB = units.GiB  # the estimator reads its units as K.GiB / K.MiB
+MiB = units.MiB
 
 # ---------------------------------------------------------------- bytes per element of each dtype
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

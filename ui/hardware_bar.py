@@ -5,6 +5,7 @@ import html
 import gradio as gr
 
 from core import hardware
+from core.units import GiB, gb
 
 POLL_S = 5
 
@@ -16,12 +17,12 @@ def render() -> str:
     else:
         parts = []
         for g in r.gpus:
-            used = (g.total - g.free) / 2**30
+            used = (g.total - g.free) / GiB
             extra = "".join(f" · {v}" for v in (f"{g.util}%" if g.util is not None else None,
                                                  f"{g.temp}°C" if g.temp is not None else None) if v)
-            parts.append(f"<b>{html.escape(g.name)}</b> {used:.1f} / {g.total / 2**30:.1f} GB{extra}")
+            parts.append(f"<b>{html.escape(g.name)}</b> {used:.1f} / {gb(g.total)}{extra}")
         gpu = " | ".join(parts)
-    ram = f"RAM {(r.ram_total - r.ram_available) / 2**30:.1f} / {r.ram_total / 2**30:.1f} GB · {r.cpu_count} CPU cores"
+    ram = f"RAM {(r.ram_total - r.ram_available) / GiB:.1f} / {gb(r.ram_total)} · {r.cpu_count} CPU cores"
     return f"<div class='lg-bar'><span class='lg-brand'>🔧 LoRA Garage</span><span>{gpu}</span><span class='lg-dim'>{ram}</span></div>"
 
 

@@ -9,7 +9,6 @@ CSS = """
          background:var(--block-background-fill); border:1px solid var(--border-color-primary)}
 .lg-brand {font-weight:700; font-size:1.1em}
 .lg-dim {opacity:.7}
-.lg-trained {background:#c8f7c5; color:#000} .lg-masked {color:#888}
 .lg-verdict-fits {color:#1a7f37; font-weight:700} .lg-verdict-tight {color:#b08800; font-weight:700}
 .lg-verdict-no {color:#cf222e; font-weight:700}
 """

@@ -3,19 +3,18 @@ a verdict, and "make it fit" suggestions. Pure formatting over core.vram; fast e
 
 from __future__ import annotations
 
+import functools
 import html
 
-from core import hardware, vram
-
-COMPONENTS = ["weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead"]
+from core import hardware, units, vram
+from core.vram import COMPONENTS
 COLORS = {"weights": "#4e79a7", "adapter": "#f28e2b", "gradients": "#e15759", "optimizer": "#76b7b2",
           "activations": "#59a14f", "logits": "#edc948", "overhead": "#b07aa1"}
 METHODS = [("full", "Full fine-tune"), ("lora", "LoRA (16-bit base)"), ("qlora", "QLoRA (4-bit base)")]
 TARGET_SIZES_GB = [6, 8, 12, 16, 24, 48, 80]
 
 
-def gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GB"
+gb = functools.partial(units.gb, digits=2)  # the panel compares close sizes: two decimals
 
 
 def estimates(cfg, shape) -> dict:
@@ -82,7 +81,7 @@ def verdict_text(e, total, free) -> str:
     if not total:
         return "No GPU to check against. Pick a GPU size above to plan."
     v = vram.verdict(e, total, free)
-    return f"**{v.status}**: {v.message}" if getattr(v, "message", "") else f"**{v.status}**"
+    return f"**{v.status}**: {v.message}" if v.message else f"**{v.status}**"
 
 
 def cpu_verdict_text(cfg, shape, method: str, reading) -> str:
@@ -101,7 +100,7 @@ def cpu_verdict_text(cfg, shape, method: str, reading) -> str:
 
 
 def describe_suggestion(s) -> str:
-    if getattr(s, "summary", ""):
+    if s.summary:
         return f"{s.summary} → {gb(s.estimate.total_bytes)}"
     changes = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in s.changes.items())
     return f"{changes} → {gb(s.estimate.total_bytes)}"

@@ -7,6 +7,7 @@ import shutil
 import sys
 
 from core import paths
+from core.units import GiB
 
 
 def add_arguments(p):
@@ -50,24 +51,23 @@ def _gpus():
 
     r = hardware.read()
     return {"ok": True, "summary": r.summary(), "nvml_error": r.nvml_error,
-            "gpus": [{"index": g.index, "name": g.name, "total_gb": round(g.total / 2**30, 2),
-                      "free_gb": round(g.free / 2**30, 2), "driver": g.driver} for g in r.gpus],
-            "ram_total_gb": round(r.ram_total / 2**30, 1), "ram_available_gb": round(r.ram_available / 2**30, 1),
+            "gpus": [{"index": g.index, "name": g.name, "total_gb": round(g.total / GiB, 2),
+                      "free_gb": round(g.free / GiB, 2), "driver": g.driver} for g in r.gpus],
+            "ram_total_gb": round(r.ram_total / GiB, 1), "ram_available_gb": round(r.ram_available / GiB, 1),
             "cpu_count": r.cpu_count}
 
 
 def _home():
     home = paths.home()
     free = shutil.disk_usage(home).free
-    return {"ok": free > 5 * 2**30, "path": str(home), "free_disk_gb": round(free / 2**30, 1)}
+    return {"ok": free > 5 * GiB, "path": str(home), "free_disk_gb": round(free / GiB, 1)}
 
 
 def _builtin():
     from core import models
 
-    target = paths.models_dir() / "smollm2-135m-instruct"
     return {"ok": True, "gguf": str(models.builtin_gguf()),
-            "converted": (target / "CONVERTED").exists(), "folder": str(target)}
+            "converted": models.builtin_converted(), "folder": str(models.builtin_folder())}
 
 
 def collect() -> dict:

