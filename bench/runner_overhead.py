@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core import events as ev  # noqa: E402 - after the path is set
+
 
 def settings(args) -> dict:
     return {"model": {"source": str(args.model_dir)},
@@ -52,8 +54,7 @@ def run_ours(args, workdir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"ours failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     run_dir = next((home / "runs").iterdir())
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    times = {e["step"]: e["t"] for e in events if e["type"] == "metrics"}
+    times = {e[ev.STEP]: e[ev.T] for e in ev.metrics(ev.read(run_dir)[0])}
     return {"times": times}
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core import events as ev  # noqa: E402 - after the path is set
+
 WORDS = ("the model learns to answer short questions about data training memory speed tokens batch padding "
          "sequence attention layer weight adapter rank alpha loss gradient step epoch sample prompt reply user "
          "assistant system garage home card python file folder run stop start chat base quick brown fox jumps "
@@ -123,16 +125,16 @@ def baseline_child(spec_path: str) -> None:
 
 def ours_result(run_dir: Path) -> dict:
     """Tokens per step from the metrics events: tokens_per_s x the callback's interval (t between events)."""
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    metrics = [e for e in events if e["type"] == "metrics"]
+    events = ev.read(run_dir)[0]
+    metrics = ev.metrics(events)
     log, total, prev_t = {}, 0.0, None
     for e in metrics:
         if prev_t is not None:
-            total += e["tokens_per_s"] * (e["t"] - prev_t)
-        log[e["step"]] = (e["t"], total)
-        prev_t = e["t"]
-    peak = metrics[-1]["mem"].get("peak") if metrics else None
-    return {"log": log, "cuda_peak": peak}
+            total += e[ev.TOKENS_PER_S] * (e[ev.T] - prev_t)
+        log[e[ev.STEP]] = (e[ev.T], total)
+        prev_t = e[ev.T]
+    peak = ev.peak_memory(events)
+    return {"log": log, "cuda_peak": peak[0] if peak and peak[1] == ev.MEM_GPU_PEAK else None}
 
 
 # ---------------------------------------------------------------- running the arms

@@ -1,11 +1,12 @@
 """How close is the VRAM estimate to the real peak? A matrix of training steps on a CUDA GPU, each row in its own
-process: models built from real configs with random weights, LoRA and QLoRA, seq 512/2048, batch 1/4,
+process: models built from real configs with random weights, LoRA, QLoRA and 8-bit, seq 512/2048, batch 1/4,
 checkpointing off/on. Each row loads the model the way LoRA Garage does (core.training.load_model + add_lora),
 runs 3 optimizer steps under bf16/fp16 autocast (what Trainer's mixed precision does), and measures:
 
   reserved  torch.cuda.max_memory_reserved over the steps (the caching allocator's peak)
-  nvml      this process's memory as NVML sees it after the steps (reserved + CUDA context), the number the
-            estimate's total is meant to predict
+  nvml      this process's memory as NVML sees it after the steps (reserved + CUDA context: the caching
+            allocator keeps its peak reserve, so this is the process peak), the number the estimate's total is
+            meant to predict and the one a user sees in nvidia-smi
   context   nvml - torch.cuda.memory_reserved() at the same moment (calibrates CUDA_CONTEXT_BYTES)
 
     .venv/bin/python bench/vram_accuracy.py                    # the whole matrix (~48 rows)
@@ -118,7 +119,7 @@ def one_row(row: dict) -> dict:
 
 
 def matrix(args) -> list[dict]:
-    combos = itertools.product(args.models, ("lora", "qlora"), args.seq, args.batch, (False, True))
+    combos = itertools.product(args.models, args.methods, args.seq, args.batch, (False, True))
     rows = [dict(model=m, method=q, seq=s, batch=b, ckpt=c) for m, q, s, b, c in combos]
     return rows[::5] if args.quick else rows      # every 5th: a spread over every axis
 
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--seq", nargs="+", type=int, default=[512, 2048])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--methods", nargs="+", default=["lora", "qlora", "8bit"], choices=["lora", "qlora", "8bit"])
     p.add_argument("--quick", action="store_true", help="every 5th row of the matrix")
     p.add_argument("--json", action="store_true")
     p.add_argument("--weights-dir", default=None, help="where the random-weight checkpoints go (default: a temp dir)")
@@ -173,7 +175,10 @@ def main(argv=None) -> int:
         results.append(res)
         if not args.json:
             print(format_row(res), flush=True)
-    summary = {"gpu": gpu, "total": reading.gpus[0].total, "rows": results,
+    summary = {"gpu": gpu, "total": reading.gpus[0].total, "driver": reading.gpus[0].driver,
+               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": results,
+               "median_abs_err_vs_reserved": _median([abs(r["estimate"] - r["reserved"]) / r["reserved"]
+                                                      for r in results if r.get("reserved")]),
                "median_abs_err_vs_nvml": _median([abs(r["estimate"] - r["nvml"]) / r["nvml"] for r in results
                                                   if r.get("nvml")])}
     out = ROOT / "bench" / "results" / f"vram_accuracy-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
@@ -186,6 +191,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def format_row(r: dict) -> str:
     head = f"{r['model']:13} {r['method']:6} seq {r['seq']:5} batch {r['batch']} ckpt {'on ' if r['ckpt'] else 'off'}"
     if r.get("oom"):
@@ -193,7 +210,8 @@ def format_row(r: dict) -> str:
     ctx = f"{r['context'] / GiB:.2f}" if r.get("context") is not None else "?"
     nvml = f"{r['nvml'] / GiB:6.2f}" if r.get("nvml") else "     ?"
     return (f"{head}  est {r['estimate'] / GiB:6.2f} GiB  reserved {r['reserved'] / GiB:6.2f}  nvml {nvml}"
-            f"  (context {ctx})  err vs nvml {err(r['estimate'], r.get('nvml'))}")
+            f"  (context {ctx})  err vs nvml {err(r['estimate'], r.get('nvml'))}"
+            f"  vs reserved {err(r['estimate'], r.get('reserved'))}")
 
 
 def _median(xs):

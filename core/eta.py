@@ -1,12 +1,11 @@
-"""Time to finish a run, before it starts (from tokens per epoch and a measured or assumed throughput) and
-while it runs (from the steps done so far)."""
+"""Time to finish a run before it starts: the tokens it will train on, over a throughput measured on an earlier
+run with the same model and method, else assumed from the device's peak FLOP/s (core.gpu_specs)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from core import paths
+from core import gpu_specs, paths
 
 # Assumed sustained training throughput when nothing was measured yet, as FLOP/s. LoRA costs about
 # 4 * params FLOPs per trained token (forward 2N, backward through activations 2N; no weight gradients).
@@ -14,12 +13,7 @@ from core import paths
 # batch 4 x ~100 tokens, ~2 s/step). GPU: 35% of the card's dense bf16 peak, a typical hobbyist MFU.
 CPU_ASSUMED_FLOPS = 1.0e11
 GPU_ASSUMED_MFU = 0.35
-GPU_PEAK_BF16 = {  # dense (no sparsity) bf16 tensor TFLOP/s, vendor spec sheets
-    "4090": 165e12, "4080": 97e12, "4070": 58e12, "4060": 30e12, "3090": 71e12, "3080": 59e12,
-    "3070": 40e12, "3060": 25e12, "a100": 312e12, "h100": 989e12, "h200": 989e12, "l4": 121e12,
-    "t4": 65e12, "a10": 125e12, "v100": 125e12,
-}
-GPU_DEFAULT_PEAK = 50e12
+GPU_DEFAULT_PEAK = 50e12  # a card not in core.gpu_specs' table
 
 
 @dataclass
@@ -44,18 +38,16 @@ def format_duration(s: float) -> str:
 def peak_flops(gpu_name: str | None) -> float:
     if not gpu_name:
         return CPU_ASSUMED_FLOPS
-    low = gpu_name.lower()
-    for key, flops in GPU_PEAK_BF16.items():
-        if key in low:
-            return flops * GPU_ASSUMED_MFU
-    return GPU_DEFAULT_PEAK * GPU_ASSUMED_MFU
+    return (gpu_specs.peak_bf16(gpu_name) or GPU_DEFAULT_PEAK) * GPU_ASSUMED_MFU
 
 
 def measured_tokens_per_s(model_source: str, method: str) -> tuple[float, str] | None:
     """Median tokens/s of the newest run on this machine with the same model and method, if any."""
-    runs = sorted(paths.runs_dir().glob("*/events.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for ev in runs:
-        cfg_path = ev.parent / "config.yaml"
+    from core import events as ev
+
+    logs = sorted(paths.runs_dir().glob(f"*/{ev.FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for log in logs:
+        cfg_path = log.parent / "config.yaml"
         if not cfg_path.exists():
             continue
         from core.config import load_yaml
@@ -66,17 +58,10 @@ def measured_tokens_per_s(model_source: str, method: str) -> tuple[float, str] |
             continue
         if cfg.model.source != model_source or cfg.quant.method != method:
             continue
-        rates = []
-        for line in ev.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if e.get("type") == "metrics" and e.get("tokens_per_s"):
-                rates.append(float(e["tokens_per_s"]))
+        rates = [float(e[ev.TOKENS_PER_S]) for e in ev.metrics(ev.read(log.parent)[0]) if e.get(ev.TOKENS_PER_S)]
         if len(rates) >= 3:
             rates = sorted(rates[1:])  # the first step includes warm-up
-            return rates[len(rates) // 2], f"measured on run {ev.parent.name}"
+            return rates[len(rates) // 2], f"measured on run {log.parent.name}"
     return None
 
 
@@ -88,3 +73,14 @@ def before_start(total_tokens: int, params: int, model_source: str, method: str,
         tps = peak_flops(gpu_name) / max(1, 4 * params)
         source = f"assumed for {'the ' + gpu_name if gpu_name else 'the CPU'}; measured after your first run"
     return Eta(total_tokens / max(tps, 1e-9), tps, source)
+
+
+def for_config(cfg, params: int, gpu_name: str | None) -> Eta | None:
+    """The ETA of a run's settings before its dataset was read: train.max_steps optimizer steps, each
+    batch_size x grad_accum rows of about half the data.max_len cutoff (rows are rarely all at the cutoff).
+    None when the step count depends on the dataset (max_steps <= 0: epochs)."""
+    t = cfg.train
+    if t.max_steps <= 0:
+        return None
+    tokens = t.max_steps * t.batch_size * t.grad_accum * cfg.data.max_len // 2
+    return before_start(tokens, params, cfg.model.source, cfg.quant.method, gpu_name)

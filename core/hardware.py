@@ -177,3 +177,107 @@ def read() -> HardwareReading:
 def reset() -> None:
     """Forget NVML's cached state so the next read() initialises again."""
     _NVML.reset()
+
+
+# ---------------------------------------------------------------- this process's GPU memory (training child)
+
+def _torch_device_handle(pynvml):
+    """NVML's handle for torch's current device, found by UUID: torch's device 0 is not NVML's device 0 when
+    CUDA_VISIBLE_DEVICES reorders them."""
+    import torch
+
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+
+
+def nvml_device_used(handle) -> int:
+    import pynvml
+
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def nvml_process_used(handle, pid: int) -> int | None:
+    """This process's memory on the device as the driver counts it (what nvidia-smi lists), or None where the
+    driver does not say (a container's own pid namespace, no permission)."""
+    import pynvml
+
+    for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+        for p in query(handle):
+            if p.pid == pid and p.usedGpuMemory is not None:
+                return int(p.usedGpuMemory)
+    return None
+
+
+def _create_cuda_context() -> None:
+    import torch
+
+    torch.zeros(1, device="cuda")  # the context exists from here on
+    torch.cuda.synchronize()
+
+
+class GpuProcessMemory:
+    """The training process's GPU memory, for the metrics events (core.events MEM_*). Made in the child before
+    the model loads: it creates the CUDA context and measures it (NVML process memory then: context, cuBLAS and
+    kernel images), which estimate.json records beside the estimate's assumed constant. Each reading has torch's
+    own counters and the NVML process total; NVML is queried at most every `every_s` (a query costs ms), so the
+    reported peak is the larger of the sampled NVML peak and torch's peak reserved plus the measured context."""
+
+    def __init__(self, every_s: float = 2.0):
+        import time
+
+        self.every_s, self.pid, self._time = every_s, os.getpid(), time.monotonic
+        self.handle, self.nvml_error = None, None
+        baseline = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = _torch_device_handle(pynvml)
+            baseline = nvml_device_used(self.handle)
+        except Exception as e:  # noqa: BLE001 - no NVML reading: torch's counters still go into the events
+            self.nvml_error = f"{type(e).__name__}: {e}"
+        _create_cuda_context()
+        self._baseline = baseline
+        self.context_bytes = self._process(baseline)
+        self.peak = self.context_bytes or 0
+        self._last_t, self._last = -1e9, None
+
+    def _process(self, baseline: int | None) -> int | None:
+        if self.handle is None:
+            return None
+        try:
+            used = nvml_process_used(self.handle, self.pid)
+            if used is None and baseline is not None:  # no per-process figure: what the device gained since start
+                used = max(nvml_device_used(self.handle) - baseline, 0)
+            return used
+        except Exception as e:  # noqa: BLE001 - reported in the event, never fatal to training
+            self.nvml_error = f"{type(e).__name__}: {e}"
+            return None
+
+    def reading(self) -> dict:
+        import torch
+
+        from core import events as ev
+
+        now = self._time()
+        if now - self._last_t >= self.every_s:
+            self._last_t, self._last = now, self._process(self._baseline)
+        peak_reserved = int(torch.cuda.max_memory_reserved())
+        mem = {ev.MEM_TORCH_RESERVED: int(torch.cuda.memory_reserved()), ev.MEM_TORCH_PEAK_RESERVED: peak_reserved,
+               ev.MEM_TORCH_PEAK_ALLOCATED: int(torch.cuda.max_memory_allocated())}
+        self.peak = max(self.peak, self._last or 0, peak_reserved + (self.context_bytes or 0))
+        mem[ev.MEM_GPU_PEAK] = self.peak
+        if self._last is not None:
+            mem[ev.MEM_GPU_PROCESS] = self._last
+        if self.nvml_error:
+            mem[ev.MEM_NVML_ERROR] = self.nvml_error
+        return mem
+
+
+def process_rss_reading() -> dict:
+    """The CPU run's memory for the metrics events: this process's resident set size."""
+    import psutil
+
+    from core import events as ev
+
+    return {ev.MEM_RSS: int(psutil.Process().memory_info().rss)}

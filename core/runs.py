@@ -14,11 +14,11 @@ import os
 import re
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from core import procs
 from core.config import RunConfig, dump_yaml, load_yaml
 from core.errors import DiskFull, RunError
 from core.paths import runs_dir
@@ -27,8 +27,6 @@ STATES = ("queued", "running", "stopping", "stopped", "completed", "failed")
 ACTIVE = ("queued", "running", "stopping")      # a process should be alive behind these
 TERMINAL = ("stopped", "completed", "failed")
 COMPLETE = "COMPLETE"                            # the marker written last into a finished checkpoint
-LAUNCHED_BY_CLI = "cli"                          # status.json launched_by: a foreground `python -m core train`
-LAUNCHED_BY_APP = "app"                          # ... or core.runner (the app, or `train --detach`)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
@@ -127,10 +125,32 @@ def read_status(run_dir: Path, reconcile: bool = True) -> dict:
     except FileNotFoundError:
         raise RunError(f"{run_dir.name} has no status.json", "the run folder is incomplete; delete it")
     if reconcile and st.get("state") in ACTIVE:
-        from core import runner  # runner imports runs: import here, only when a check is needed
-
-        st = runner.reconcile(run_dir, st)
+        st = _record_death(run_dir, st)
     return st
+
+
+def _record_death(run_dir: Path, st: dict) -> dict:
+    """A run that claims to be active: if its process is gone (core.procs.check), mark it failed (stopped when a
+    stop was asked for) with how it ended and the tail of train.log. Returns the (possibly new) status."""
+    death = procs.check(run_dir, st)
+    if death is None:
+        return st
+    error = {"kind": "crash", "message": f"the training process ended without a word ({death.how})",
+             "hint": "see the end of train.log; resume continues from the last complete checkpoint",
+             "exit_code": death.exit_code, "log_tail": tail_log(run_dir, 15)}
+    when = {"ended_at": death.ended_at, **({"noticed_at": death.noticed_at} if death.noticed_at else {})}
+    # asked to stop and then gone (e.g. SIGTERM before its handler was installed): stopped, with the reason kept
+    state = "stopped" if st.get("state") == "stopping" else "failed"
+    new = update_status(run_dir, ACTIVE, state=state, error=error, **when)
+    return new if new is not None else read_status(run_dir, reconcile=False)
+
+
+def run_ended(run_id: str) -> bool:
+    """Whether the run's status says it is over (stopped / completed / failed), without checking its process."""
+    try:
+        return read_status(get(run_id), reconcile=False).get("state") in TERMINAL
+    except RunError:
+        return False
 
 
 def write_status(run_dir: Path, durable: bool = True, **fields) -> dict:
@@ -163,8 +183,7 @@ def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, 
         return st
 
 
-def now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+now = procs.now
 
 
 @contextmanager
@@ -187,74 +206,19 @@ def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- events.jsonl
-
-TEMPLATE_TOPIC = "template"  # the log event that says a run trained with the fallback chat template
-
-
-def template_notice(events: list[dict]) -> str | None:
-    """The run's fallback-template notice (written by training at start), or None when the model has its own."""
-    notes = [e.get("message") for e in events if e.get("type") == "log" and e.get("topic") == TEMPLATE_TOPIC]
-    return notes[-1] if notes else None
-
-
-class EventLog:
-    """The child's writer: one JSON object per line, flushed at once so the UI sees it on its next poll."""
-
-    def __init__(self, run_dir: Path):
-        self.fh = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
-
-    def write(self, event: dict) -> None:
-        event.setdefault("t", round(time.time(), 3))
-        self.fh.write(json.dumps(event, allow_nan=True) + "\n")
-        self.fh.flush()
-
-    def log(self, level: str, message: str) -> None:
-        self.write({"type": "log", "level": level, "message": message})
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Events appended since byte `offset`, and the offset to pass next time. A line still being written (no
-    newline yet) is left for the next call. A corrupt line becomes a warning event instead of vanishing."""
-    path = Path(run_dir) / "events.jsonl"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    events = []
-    for line in data[:end].splitlines():
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except ValueError as e:
-            events.append({"type": "log", "level": "warning", "message": f"unreadable event line ({e}): {line[:200]!r}"})
-    return events, offset + end
-
-
-def metrics(events: list[dict]) -> list[dict]:
-    """The metrics events of a run as one curve: a {"type":"resume","step":k} event means the steps after k that
-    were logged before the crash or stop are superseded by the resumed run's."""
-    out: list[dict] = []
-    for e in events:
-        if e.get("type") == "resume":
-            out = [m for m in out if m.get("step", 0) <= e.get("step", 0)]
-        elif e.get("type") == "metrics":
-            out.append(e)
-    return out
-
+# ---------------------------------------------------------------- estimate.json, train.log
 
 def estimate_bytes(run_dir: Path) -> int | None:
-    """Total bytes of the VRAM estimate written at launch (estimate.json), or None when there is none."""
+    """Total bytes of the VRAM estimate written at launch (estimate.json), or None when there is none. Where the
+    run measured its CUDA context at start (measured_context_bytes), that replaces the estimate's assumed one:
+    held against the measured peak, the difference is then only what the estimator could have known."""
     path = Path(run_dir) / "estimate.json"
     try:
-        return int(json.loads(path.read_text()).get("total_bytes") or 0) or None
+        body = json.loads(path.read_text())
+        total = int(body.get("total_bytes") or 0)
+        if total and body.get("measured_context_bytes") is not None:
+            total += int(body["measured_context_bytes"]) - int((body.get("details") or {}).get("cuda_context", 0))
+        return total or None
     except FileNotFoundError:
         return None
     except (ValueError, OSError) as e:  # a damaged file: the run still shows, without its estimate line

@@ -20,8 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from core import runs
-from core.collate import PadCollator  # noqa: F401 - re-exported: the collators live in core.collate
+from core import events as ev
+from core import hardware, runs
+from core.collate import PadCollator
 
 FAULT_ENV = "LORA_GARAGE_FAULT"  # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4"
 
@@ -172,7 +173,8 @@ class GarageCallback(TrainerCallback):
     """Writes one metrics event per log step, eval and sample events, status updates; marks checkpoints
     COMPLETE and rotates them; honours stop requests; stops after nan_patience non-finite losses in a row."""
 
-    def __init__(self, run_dir: Path, cfg, events: runs.EventLog, stop: StopFlag, device: str, tokenizer):
+    def __init__(self, run_dir: Path, cfg, events: ev.EventLog, stop: StopFlag, device: str, tokenizer,
+                 memory=None):
         self.run_dir, self.cfg, self.events, self.stop, self.device = Path(run_dir), cfg, events, stop, device
         self.tokenizer = tokenizer
         self.trainer: GarageTrainer | None = None   # set by the builder right after the trainer exists
@@ -181,7 +183,8 @@ class GarageCallback(TrainerCallback):
         self.stop_announced = False
         self.step_times: deque = deque(maxlen=20)
         self._status_t = 0.0
-        self._proc = None
+        # the metrics events' "mem": hardware.GpuProcessMemory.reading on CUDA, the process RSS on the CPU
+        self.memory = memory or hardware.process_rss_reading
         self.flops: FlopsModel | None = None      # set by the builder on CUDA: adds "mfu" to the metrics events
         self.grads_checked = False
 
@@ -193,7 +196,7 @@ class GarageCallback(TrainerCallback):
         self.last_pause = self.trainer.pause_seconds
         self.last_step = state.global_step
         if state.global_step > 0:
-            self.events.write({"type": "resume", "step": state.global_step})
+            self.events.resume(state.global_step)
         runs.write_status(self.run_dir, step=state.global_step, total_steps=state.max_steps)
         checkpointing = "on" if getattr(kw.get("model"), "is_activation_checkpointing", False) else "off"
         print(f"training steps {state.global_step + 1}-{state.max_steps}, activation checkpointing {checkpointing}",
@@ -247,18 +250,17 @@ class GarageCallback(TrainerCallback):
         self.step_times.extend([dt / steps] * min(steps, 20))
         remaining = max(state.max_steps - state.global_step, 0)
         eta = remaining * (sum(self.step_times) / len(self.step_times))
-        event = {"type": "metrics", "step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                 "loss": _num(logs.get("loss")), "lr": _num(logs.get("learning_rate")),
-                 "grad_norm": _num(logs.get("grad_norm")), "tokens_per_s": round(tokens / dt, 1),
-                 "elapsed": round(now - self.t0, 2), "eta_s": round(eta, 1), "mem": self._memory()}
-        if self.flops is not None:
-            event["mfu"] = self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt)
-        self.events.write(event)
+        event = self.events.metrics(
+            step=state.global_step, epoch=round(state.epoch or 0.0, 4), loss=_num(logs.get("loss")),
+            lr=_num(logs.get("learning_rate")), grad_norm=_num(logs.get("grad_norm")),
+            tokens_per_s=round(tokens / dt, 1), elapsed=round(now - self.t0, 2), eta_s=round(eta, 1),
+            mem=self.memory(),
+            mfu=None if self.flops is None else self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt))
         self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step
         self.last_attn_sq = self.trainer.trained_attn_sq
         self.last_pause = self.trainer.pause_seconds
-        print(f"step {state.global_step}/{state.max_steps}  loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}  "
-              f"{event['tokens_per_s']:.0f} tok/s  eta {eta:.0f} s", flush=True)
+        print(f"step {state.global_step}/{state.max_steps}  loss {event[ev.LOSS]:.4f}  lr {event[ev.LR] or 0:.2e}  "
+              f"{event[ev.TOKENS_PER_S]:.0f} tok/s  eta {eta:.0f} s", flush=True)
         if now - self._status_t > 2.0 or remaining == 0:  # status.json is for the runs list: no need per step
             self._status_t = now
             runs.write_status(self.run_dir, step=state.global_step, durable=False)
@@ -268,19 +270,7 @@ class GarageCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         metrics = metrics or {}
-        self.events.write({"type": "eval", "step": state.global_step, "eval_loss": _num(metrics.get("eval_loss"))})
-
-    def _memory(self) -> dict:
-        if self.device == "cuda":
-            mem = {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-                   "peak": torch.cuda.max_memory_allocated()}
-            mem.update(_nvml_reading())
-            return mem
-        import psutil
-
-        if self._proc is None:
-            self._proc = psutil.Process()
-        return {"rss": self._proc.memory_info().rss}
+        self.events.eval(state.global_step, _num(metrics.get("eval_loss")))
 
     # ---------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kw):
@@ -310,7 +300,7 @@ class GarageCallback(TrainerCallback):
         try:
             for prompt in self.cfg.train.sample_prompts:
                 text = generate_sample(model, self.tokenizer, prompt)
-                self.events.write({"type": "sample", "step": step, "prompt": prompt, "text": text})
+                self.events.sample(step, prompt, text)
         finally:
             model.train(was_training)
 
@@ -358,7 +348,7 @@ class FlopsModel:
     LoRA trains no base weights, so a token costs ~4N FLOPs in the base linears (2N forward, 2N for the gradient
     w.r.t. the activations; no weight gradients), N = base parameters excluding the input embedding lookup.
     Causal attention adds, per example of length L and per layer, 2*d*L^2 forward (QK^T and AV, half the square)
-    and twice that backward: 6*d*L^2. peak: dense bf16 tensor FLOP/s from core.eta.GPU_PEAK_BF16 (vendor spec
+    and twice that backward: 6*d*L^2. peak: dense bf16 tensor FLOP/s from core.gpu_specs (vendor spec
     sheets); an unknown GPU gets no MFU rather than a made-up one."""
 
     def __init__(self, params: int, layers: int, hidden: int, peak: float):
@@ -366,10 +356,9 @@ class FlopsModel:
 
     @classmethod
     def for_model(cls, model, gpu_name: str) -> "FlopsModel | None":
-        from core.eta import GPU_PEAK_BF16
+        from core.gpu_specs import peak_bf16
 
-        low = gpu_name.lower()
-        peak = next((f for key, f in GPU_PEAK_BF16.items() if key in low), None)
+        peak = peak_bf16(gpu_name)
         if peak is None:
             return None
         config = model.config
@@ -430,28 +419,3 @@ def _num(x):
         return None
     x = float(x.item() if hasattr(x, "item") else x)
     return x  # NaN/inf are kept as such: json writes NaN, and the UI must see them
-
-
-_NVML: dict = {"t": 0.0, "reading": {}}
-
-
-def _nvml_reading() -> dict:
-    """Whole-GPU memory as the driver sees it (includes other processes and the CUDA context). An NVML query can
-    take milliseconds (measured ~5 ms per step on a VM): refreshed at most every 2 s, not per step."""
-    now = time.time()
-    if now - _NVML["t"] < 2.0:
-        return _NVML["reading"]
-    _NVML["t"] = now
-    try:
-        import pynvml
-
-        if "handle" not in _NVML:
-            pynvml.nvmlInit()
-            # by UUID: torch's device 0 is not NVML's device 0 when CUDA_VISIBLE_DEVICES reorders them
-            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-            _NVML["handle"] = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        info = pynvml.nvmlDeviceGetMemoryInfo(_NVML["handle"])
-        _NVML["reading"] = {"gpu_used": int(info.used), "gpu_total": int(info.total)}
-    except Exception as e:  # noqa: BLE001 - a missing reading is reported in the event, not fatal to training
-        _NVML["reading"] = {"nvml_error": f"{type(e).__name__}: {e}"}
-    return _NVML["reading"]

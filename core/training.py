@@ -17,33 +17,31 @@ import traceback
 import warnings
 from pathlib import Path
 
-from core import models, runs
+from core import events as ev
+from core import models, procs, runs
+from core.config import OPTIMIZERS
 from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
-# adamw is torch's fused AdamW (transformers' own default on torch >= 2.8): one kernel for all parameters,
-# measured ~3 ms/step faster than the for-each version on the tiny model on CPU
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
 # weights nobody can trust (bitsandbytes' forward-only 4-bit kernel under backward warns exactly like this).
 WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results may be (wrong|incorrect))"
-OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
 def main(run_dir: Path, lock_fd: int | None = None) -> int:
     """The child entry. Returns the process exit code (0 completed or stopped, 1 failed)."""
-    from core import runner
     from core.train_callbacks import Context, StopFlag
 
     run_dir = Path(run_dir)
     stop = StopFlag().install()
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
-    lock_fd = runner.hold_lock(run_dir.name, lock_fd)  # BusyError (exit 2) if another run trains
+    lock_fd = procs.hold_lock(run_dir.name, lock_fd, runs.run_ended)  # BusyError (exit 2) if another run trains
     ctx = Context()
-    events = runs.EventLog(run_dir)
+    events = ev.EventLog(run_dir)
     if runs.read_status(run_dir, reconcile=False).get("state") == "stopping":
         stop.requested = True  # Stop was pressed while this process was still starting
     runs.write_status(run_dir, state="stopping" if stop.requested else "running", pid=os.getpid(),
-                      pid_create_time=runner.process_start_time(os.getpid()), started_at=runs.now(), ended_at=None,
+                      pid_create_time=procs.process_start_time(os.getpid()), started_at=runs.now(), ended_at=None,
                       error=None)
     cfg = None
     try:
@@ -53,7 +51,7 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
         traceback.print_exc()
         error = classify(e, ctx, cfg, run_dir)
         print(f"error: {error.message}\nfix:   {error.hint}", file=sys.stderr, flush=True)
-        events.write({"type": "log", "level": "error", "message": error.message, "hint": error.hint})
+        events.log("error", error.message, hint=error.hint)
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
         runs.write_status(run_dir, state=state, ended_at=runs.now(), error=error.to_dict())
         return 130 if isinstance(e, KeyboardInterrupt) else 1
@@ -64,7 +62,7 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     return 0  # the lock goes with the process
 
 
-def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
+def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx) -> str:
     """Straight-line: device, model files, data, model + LoRA, trainer, train, adapter. -> completed|stopped."""
     from transformers import set_seed
 
@@ -73,12 +71,17 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
     device = pick_device(events)
+    memory = None
+    if device == "cuda":  # before the model loads: creates the CUDA context and measures it
+        from core import hardware
+
+        memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
 
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
     models.check_safetensors(model_path)
-    write_estimate(run_dir, cfg, model_path, events, device)
+    write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
@@ -88,7 +91,7 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
                        "check data.source, data.max_len and data.overlong (drop may have removed every row)")
     stats = prepared.stats.to_dict()
     stats.pop("lengths", None)
-    events.write({"type": "data", **stats})
+    events.data(stats)
     use_run_template(tokenizer, events)
     resume_from = prepare_resume(run_dir, cfg, model_path, prepared, events)
     if stop.requested:
@@ -98,7 +101,8 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
     model = load_model(cfg, device, model_path)
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
-    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults)
+    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                      memory=memory.reading if memory else None)
 
     ctx.phase = "first step"
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -114,7 +118,7 @@ def train(run_dir: Path, cfg, events: runs.EventLog, stop, ctx) -> str:
     return "stopped" if stop.requested else "completed"
 
 
-def use_run_template(tokenizer, events: runs.EventLog) -> None:
+def use_run_template(tokenizer, events: ev.EventLog) -> None:
     """Give the tokenizer the chat template the rows were rendered with, so every checkpoint and the adapter carry
     it (Trainer saves the tokenizer into each checkpoint) and chat, eval and export use the same one. A model
     without a template of its own gets the fallback, and train.log and the run page say so."""
@@ -124,12 +128,12 @@ def use_run_template(tokenizer, events: runs.EventLog) -> None:
     if notice:  # a model with a template of its own saves it already (named templates included)
         tokenizer.chat_template = data_tokenize.chat_template(tokenizer)[0]
         print(f"template: {notice}", flush=True)
-        events.write({"type": "log", "level": "info", "topic": runs.TEMPLATE_TOPIC, "message": notice})
+        events.log("info", notice, topic=ev.TOPIC_TEMPLATE)
 
 
 # ---------------------------------------------------------------- device, model, LoRA
 
-def pick_device(events: runs.EventLog) -> str:
+def pick_device(events: ev.EventLog) -> str:
     import torch
 
     if torch.cuda.is_available():
@@ -145,49 +149,14 @@ def pick_device(events: runs.EventLog) -> str:
 
 
 def compute_dtype(cfg, device: str):
-    """fp32 on the CPU (half precision brings no speed there); on a GPU bf16 where supported, else fp16 (Trainer
-    then scales the loss). A 4-bit/8-bit base never computes in fp32 on a GPU: the dequantised matmuls would run
-    at a fraction of tensor-core speed for no accuracy a quantised base could use."""
-    import torch
-
-    want = cfg.quant.compute_dtype
-    if device == "cpu":
-        return torch.float32
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if want == "auto" or (want == "fp32" and cfg.quant.method in ("qlora", "8bit")):
-        return half
-    if want == "bf16" and not torch.cuda.is_bf16_supported():
-        return torch.float16  # pre-Ampere GPUs emulate bf16 slowly; fp16 with loss scaling is the fast path
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[want]
-
-
-def attn_implementation(cfg, device: str) -> str:
-    """The configured kernel, or sdpa where flash_attention_2 cannot run (not installed, no CUDA, pre-Ampere)."""
-    want = cfg.model.attn_implementation
-    if want != "flash_attention_2":
-        return want
-    import importlib.util
-
-    import torch
-
-    why = None
-    if device != "cuda":
-        why = "it needs a CUDA GPU"
-    elif importlib.util.find_spec("flash_attn") is None:
-        why = "the flash-attn package is not installed (pip install flash-attn)"
-    elif torch.cuda.get_device_capability(0)[0] < 8:
-        why = f"{torch.cuda.get_device_name(0)} is older than Ampere (compute capability 8.0)"
-    if why:
-        print(f"WARNING: model.attn_implementation=flash_attention_2 is not available ({why}): using sdpa",
-              file=sys.stderr, flush=True)
-        return "sdpa"
-    return want
+    """The run's compute dtype (models.dtype_for owns the choice)."""
+    return models.dtype_for(device, cfg.quant.compute_dtype, cfg.quant.method)
 
 
 LIGER_MIN_VERSION = "0.3.0"  # transformers' own floor for use_liger_kernel (utils/import_utils.py)
 
 
-def liger_plan(cfg, model, device: str, events: runs.EventLog) -> dict | None:
+def liger_plan(cfg, model, device: str, events: ev.EventLog) -> dict | None:
     """Which Liger kernels to apply (kwargs for liger's _apply_liger_kernel_to_instance, which Trainer calls on the
     base model under peft), or None with a train.log line saying why not. Liger only runs where it can be right:
     - a CUDA GPU (Triton), liger-kernel installed, and kernels for this model type;
@@ -250,30 +219,14 @@ def liger_plan(cfg, model, device: str, events: runs.EventLog) -> dict | None:
 
 
 def load_model(cfg, device: str, model_path: Path | None = None):
-    """The base model for training: 16-bit (lora), 4-bit NF4/FP4 (qlora) or 8-bit, from safetensors only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
+    """The base model for training: 16-bit (lora), 4-bit NF4/FP4 (qlora) or 8-bit, from safetensors only
+    (models.load_base does the loading; this says what was loaded)."""
     model_path = model_path or models.resolve(cfg.model.source)
-    models.check_safetensors(model_path)
-    dtype = compute_dtype(cfg, device)
     q = cfg.quant
-    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.model.trust_remote_code)
-    models.drop_gguf_quantization(config)  # a folder saved from a GGUF-loaded model keeps the marker over plain floats
-    kwargs = {"config": config}
-    if q.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=dtype)
-    elif q.method == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=attn_implementation(cfg, device), device_map={"": 0} if device == "cuda" else None,
-        **kwargs)
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    if q.method == "qlora" and models.keep_training_layout(model):
-        print("4-bit layers keep their training layout (bitsandbytes' AVX512-BF16 inference repack is off while "
-              "training: it has no backward)", flush=True)
+    dtype = compute_dtype(cfg, device)
+    model = models.load_base(model_path, method=q.method, quant_type=q.quant_type, double_quant=q.double_quant,
+                             compute_dtype=q.compute_dtype, device=device, attn=cfg.model.attn_implementation,
+                             trust_remote_code=cfg.model.trust_remote_code, for_training=True)
     how = {"lora": f"{str(dtype).removeprefix('torch.')} base", "8bit": "8-bit base",
            "qlora": f"4-bit {q.quant_type} base{' + double quant' if q.double_quant else ''}"}[q.method]
     print(f"loaded {model_path.name}: {how}, compute in {str(dtype).removeprefix('torch.')}, on {device}, "
@@ -309,7 +262,7 @@ def add_lora(model, cfg):
     return model
 
 
-def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults):
+def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, memory=None):
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -337,7 +290,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         report_to="none", disable_tqdm=True, skip_memory_metrics=True,
         use_liger_kernel=liger is not None, liger_kernel_config=liger)
     collator, group = pick_collator(cfg, model, tokenizer, device, events)
-    callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer)
+    callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer, memory=memory)
     if device == "cuda":
         callback.flops = FlopsModel.for_model(model, torch.cuda.get_device_name(0))
     trainer = GarageTrainer(model=model, args=args, train_dataset=prepared.train,
@@ -350,7 +303,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     return trainer, callback
 
 
-def pick_collator(cfg, model, tokenizer, device: str, events: runs.EventLog):
+def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog):
     """-> (collator, group_by_length). Padding-free batches (data.padding_free, default on) when a check on the
     real model shows flattened rows stay apart; else padded batches, grouped by length so little padding is
     left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
@@ -381,8 +334,11 @@ def pick_collator(cfg, model, tokenizer, device: str, events: runs.EventLog):
 
 # ---------------------------------------------------------------- before training: estimate, resume, disk
 
-def write_estimate(run_dir: Path, cfg, model_path: Path, events: runs.EventLog, device: str = "cuda") -> None:
-    """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events."""
+def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, device: str = "cuda",
+                   context_bytes: int | None = None) -> None:
+    """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events. On
+    CUDA it also records the context measured in this process before the model loaded (context_bytes), which the
+    estimate can only assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
     import dataclasses
 
     from core import vram
@@ -396,10 +352,12 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: runs.EventLog, 
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
         events.log("warning", msg)
         return
+    if context_bytes is not None:
+        body["measured_context_bytes"] = int(context_bytes)
     runs._write_atomic(run_dir / "estimate.json", json.dumps(body, indent=1, default=str))
 
 
-def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: runs.EventLog) -> Path | None:
+def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.EventLog) -> Path | None:
     """On a fresh run, record the fingerprint. On a resume, set partial checkpoints aside and refuse to continue
     if the model, LoRA shape or data differ from what the checkpoints were trained with."""
     for p in runs.set_aside_partial(run_dir):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import access, limits, runner, runs
+from core import access, limits, procs, runner, runs
 from core.__main__ import main as cli
 from core.config import RunConfig
 from core.errors import BusyError, ConfigError
@@ -170,7 +170,8 @@ def test_a_shared_app_reads_datasets_and_models_only_from_its_home_and_allowed_f
     cfg = RunConfig()
     cfg.data.source = "/etc/passwd"
     form = _form(cfg)
-    md, _, preview = train_tab.inspect_dataset(*form)
+    r = train_tab.inspect_page(*form)
+    md, preview = r.summary, r.preview
     assert "outside the folders this shared app may read" in md and "root:" not in md + preview
     assert "outside the folders" in train_tab.model_info_md("/etc")
 
@@ -273,7 +274,7 @@ def test_run_name_length_cli_crash_message_end_time_and_first_start(tmp_path):
     # a run started in a terminal dies unseen: it is not called an app session, and its end is its last output
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    run_dir = _run(pid=dead.pid, launched_by=runs.LAUNCHED_BY_CLI)
+    run_dir = _run(pid=dead.pid, launched_by=procs.LAUNCHED_BY_CLI)
     (run_dir / "train.log").write_text("step 3\n")
     (run_dir / "events.jsonl").write_text("")
     for name in ("train.log", "events.jsonl"):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from core import runner, runs
+from core import procs, runner, runs
 from core.__main__ import main as cli
 from core.config import RunConfig
 from core.errors import BusyError, RunError
@@ -25,7 +25,7 @@ def _run(state="running", pid=None, **fields):
     cfg = RunConfig()
     cfg.model.source = "/models/tiny"
     run_dir = runs.create(cfg)
-    runs.write_status(run_dir, state=state, pid=pid, pid_create_time=runner.process_start_time(pid) if pid else None,
+    runs.write_status(run_dir, state=state, pid=pid, pid_create_time=procs.process_start_time(pid) if pid else None,
                       **fields)
     return run_dir
 
@@ -55,8 +55,8 @@ def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
     run_dir = _run()
     (run_dir / "train.log").write_text("loading...\nSegmentation fault\n")
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
-    runs.write_status(run_dir, pid=proc.pid, pid_create_time=runner.process_start_time(proc.pid))
-    runner._children[run_dir.name] = proc
+    runs.write_status(run_dir, pid=proc.pid, pid_create_time=procs.process_start_time(proc.pid))
+    procs.adopt(run_dir.name, proc)
     proc.wait()
     st = runs.read_status(run_dir)
     assert st["state"] == "failed" and st["ended_at"]
@@ -68,7 +68,7 @@ def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
 def test_a_killed_child_reports_the_signal():
     proc = _sleeper()
     run_dir = _run(pid=proc.pid)
-    runner._children[run_dir.name] = proc
+    procs.adopt(run_dir.name, proc)
     assert runs.read_status(run_dir)["state"] == "running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -102,7 +102,7 @@ def test_stop_sends_sigterm_then_kills_after_the_grace_period():
                             stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout.readline().strip() == b"ready"
     run_dir = _run(pid=proc.pid)
-    runner._children[run_dir.name] = proc
+    procs.adopt(run_dir.name, proc)
     t0 = time.time()
     assert runner.stop(run_dir.name, grace_s=1.0) == "stopped"
     assert 1.0 <= time.time() - t0 < 15

@@ -67,32 +67,6 @@ def test_write_status_merges_fields_and_update_status_checks_the_state():
         runs.write_status(run_dir, state="exploded")
 
 
-def test_read_events_tails_from_an_offset_and_waits_for_whole_lines():
-    run_dir = runs.create(_cfg())
-    log = runs.EventLog(run_dir)
-    log.write({"type": "metrics", "step": 1, "loss": 2.0})
-    events, off = runs.read_events(run_dir)
-    assert [e["step"] for e in events] == [1] and events[0]["t"] > 0
-    with open(run_dir / "events.jsonl", "a") as fh:  # a writer caught mid-line
-        fh.write('{"type": "metrics", "st')
-    events, off2 = runs.read_events(run_dir, off)
-    assert events == [] and off2 == off
-    with open(run_dir / "events.jsonl", "a") as fh:
-        fh.write('ep": 2}\nnot json\n')
-    events, off3 = runs.read_events(run_dir, off2)
-    assert events[0]["step"] == 2
-    assert events[1]["type"] == "log" and events[1]["level"] == "warning"  # reported, not dropped silently
-    assert runs.read_events(run_dir, off3) == ([], off3)
-    log.close()
-
-
-def test_metrics_drops_steps_superseded_by_a_resume():
-    events = [{"type": "metrics", "step": s, "loss": 10 - s} for s in (1, 2, 3, 4, 5)]
-    events += [{"type": "resume", "step": 2}, {"type": "log", "message": "x"}]
-    events += [{"type": "metrics", "step": s, "loss": 20 - s} for s in (3, 4)]
-    assert [(m["step"], m["loss"]) for m in runs.metrics(events)] == [(1, 9), (2, 8), (3, 17), (4, 16)]
-
-
 def _checkpoint(run_dir, step, complete=True):
     d = runs.checkpoints_dir(run_dir) / f"checkpoint-{step}"
     d.mkdir(parents=True)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from core import events as ev
 from core.collate import FlatCollator, PadCollator, isolation_check
 
 LENGTHS = [23, 5, 17, 9, 31, 12]
@@ -185,7 +186,7 @@ def _fake_liger(tmp_path, monkeypatch, version="0.6.0", types=("llama",)):
 
 
 def _plan(model, tmp_path, device="cuda", **overrides):
-    from core import config, runs
+    from core import config
     from core.training import liger_plan
 
     cfg = config.from_dict({"model": {"liger_kernel": True}})
@@ -193,8 +194,8 @@ def _plan(model, tmp_path, device="cuda", **overrides):
         section, name = dotted.split("__")
         setattr(getattr(cfg, section), name, value)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    plan = liger_plan(cfg, model, device, runs.EventLog(tmp_path))
-    warnings = [e["message"] for e in runs.read_events(tmp_path)[0] if e.get("level") == "warning"]
+    plan = liger_plan(cfg, model, device, ev.EventLog(tmp_path))
+    warnings = [e["message"] for e in ev.read(tmp_path)[0] if e.get("level") == "warning"]
     return plan, warnings
 
 
@@ -265,13 +266,13 @@ def test_liger_fuses_the_loss_only_when_lm_head_is_a_plain_float_layer(tiny_mode
 def test_liger_setting_off_changes_nothing(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from core import config, runs
+    from core import config
     from core.training import liger_plan
 
     cfg = config.from_dict({})
     assert cfg.model.liger_kernel is False
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    assert liger_plan(cfg, model, "cuda", runs.EventLog(tmp_path)) is None
+    assert liger_plan(cfg, model, "cuda", ev.EventLog(tmp_path)) is None
 
 
 # ---------------------------------------------------------------- bench/throughput.py: its arithmetic and --json

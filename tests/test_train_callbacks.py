@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from core import models, runs, training
+from core import events as ev
+from core import models, training
 from core.config import RunConfig
 from core.errors import RunError
 from core.train_callbacks import Context, check_gradients_flow, gradient_problems
@@ -61,7 +62,7 @@ def test_4bit_lora_gradients_are_the_same_with_and_without_the_start_up_check(ti
     plain = _grads(trained_model())
 
     checked = trained_model()
-    events = runs.EventLog(tmp_path)
+    events = ev.EventLog(tmp_path)
     training.pick_collator(cfg, checked, tok, "cpu", events)      # the padding-free check: eval + no_grad
     checked.eval()
     with torch.no_grad():                                           # an eval pass / a sample at a checkpoint

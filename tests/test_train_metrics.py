@@ -1,5 +1,6 @@
 """Metrics events of a real run: tokens/s is counted for the batches each step trained, epoch boundaries included."""
 
+from core import events as ev
 from core import runner, runs
 from tests.test_training import tiny_config, wait_until_done, write_dataset
 
@@ -14,9 +15,9 @@ def test_every_metrics_event_has_tokens_per_s_across_epoch_boundaries(tiny_model
     run_dir = runs.get(runner.start(cfg))
     st = wait_until_done(run_dir)
     assert st["state"] == "completed", runs.tail_log(run_dir, 40)
-    events = runs.read_events(run_dir)[0]
+    events = ev.read(run_dir)[0]
     assert [e["step"] for e in events if e["type"] == "eval"][:2] == [3, 6], events
-    metrics = runs.metrics(events)
+    metrics = ev.metrics(events)
     assert [m["step"] for m in metrics] == list(range(1, 9)), metrics   # 8 rows / batch 2 = 4 steps, 2 epochs
     assert {round(m["epoch"], 4) for m in metrics} >= {1.0, 2.0}          # both epoch-end steps are among them
     assert all(m["tokens_per_s"] > 0 for m in metrics), [(m["step"], m["tokens_per_s"]) for m in metrics]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from core import events as ev
 from core import runner, runs
 from core.config import RunConfig
 from core.errors import BusyError
@@ -96,8 +97,8 @@ def wait_until_done(run_dir: Path, timeout: float = 300) -> dict:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    events, _ = runs.read_events(run_dir)
-    return {m["step"]: m["loss"] for m in runs.metrics(events)}
+    events, _ = ev.read(run_dir)
+    return {m["step"]: m["loss"] for m in ev.metrics(events)}
 
 
 def sha256(path: Path) -> str:
@@ -199,7 +200,7 @@ def test_sigterm_stops_cleanly_and_a_second_start_is_refused(launched):
     ckpt = runs.latest_checkpoint(run_dir)
     assert ckpt is not None and runs.checkpoint_step(ckpt) == st["step"] >= 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    events, _ = runs.read_events(run_dir)
+    events, _ = ev.read(run_dir)
     assert any("stop requested" in e.get("message", "") for e in events)
 
 
@@ -241,8 +242,8 @@ def test_lora_learns_and_the_adapter_reloads_with_the_same_logits(launched, tiny
     curve = losses(run.run_dir)
     assert list(curve) == list(range(1, 11))
     assert curve[10] < 0.88 * curve[1], curve  # an easy dataset: the loss must fall clearly
-    events, _ = runs.read_events(run.run_dir)
-    m = runs.metrics(events)[-1]
+    events, _ = ev.read(run.run_dir)
+    m = ev.metrics(events)[-1]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed", "eta_s", "mem", "t"} <= set(m)
     assert m["tokens_per_s"] > 0 and m["mem"]["rss"] > 0 and m["eta_s"] == 0
     assert any(e["type"] == "log" and e["level"] == "warning" and "CPU" in e["message"] for e in events)
@@ -272,7 +273,7 @@ def test_qlora_learns_and_the_adapter_reloads_with_the_same_logits(launched):
     assert "4-bit nf4 base + double quant" in log and "activation checkpointing on" in log
     assert "gradients flow: all 28 trainable tensors" in log  # the preflight ran before the first update
     assert "silently incorrect" not in log and "kernels-community" not in log
-    events, _ = runs.read_events(run.run_dir)
+    events, _ = ev.read(run.run_dir)
     assert [e["step"] for e in events if e["type"] == "eval"] == [4, 8]
     assert all(e["eval_loss"] > 0 for e in events if e["type"] == "eval")
     samples = [e for e in events if e["type"] == "sample"]
@@ -312,7 +313,7 @@ def test_nan_loss_stops_after_patience_and_keeps_the_last_good_checkpoint(launch
     assert [p.name for p in runs.checkpoints(run.run_dir)] == ["checkpoint-1", "checkpoint-2"]
     curve = losses(run.run_dir)
     assert math.isfinite(curve[2]) and math.isnan(curve[3]) and math.isnan(curve[4]) and 5 not in curve
-    events, _ = runs.read_events(run.run_dir)
+    events, _ = ev.read(run.run_dir)
     assert sum("update skipped" in e.get("message", "") for e in events) == 2
     assert not (run.run_dir / "adapter").exists()
 

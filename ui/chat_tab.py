@@ -1,14 +1,19 @@
 """Chat page: talk to a trained adapter, side by side with the base model (or checkpoint A | checkpoint B),
-with the demo eval prompts as one-click examples and "score on eval split"."""
+with the demo eval prompts as one-click examples and "score on eval split".
+
+Sending is two steps chained with .success(): start_turn shows the user's message at once, then reply loads the
+model (the first time: seconds) and streams the answers into the waiting bubbles."""
 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
 
-from core import chat, runs
+from core import events as ev
+from core import chat, evaluate, run_files, runs
 from core.errors import GarageError
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
@@ -26,13 +31,12 @@ class ChatTab:
 
 def run_choices() -> list[str]:
     """Runs that have something to chat with (a final adapter or a marked checkpoint), newest first."""
-    return [r["id"] for r in runs.list_runs()
-            if r.get("has_adapter") or runs.latest_checkpoint(runs.get(r["id"]))]
+    return [r["id"] for r in runs.list_runs() if run_files.chattable(runs.get(r["id"]))]
 
 
 def default_run() -> str | None:
     try:
-        return chat.resolve_run("latest").name
+        return run_files.resolve_run("latest").name
     except GarageError:
         choices = run_choices()
         return choices[0] if choices else None
@@ -43,7 +47,7 @@ def checkpoint_choices(run_id: str | None) -> list[str]:
         return []
     run_dir = runs.get(run_id)
     steps = [f"checkpoint {runs.checkpoint_step(p)}" for p in reversed(runs.checkpoints(run_dir))]
-    final = [FINAL] if (run_dir / "adapter" / "adapter_config.json").is_file() else []
+    final = [FINAL] if run_files.has_adapter(run_dir) else []
     return final + steps
 
 
@@ -53,21 +57,30 @@ def _checkpoint(label: str | None) -> int | None:
     return int(label.split()[-1])
 
 
-def on_run(run_id: str | None):
+@dataclass
+class RunPick:
+    """What picking a run changes: both checkpoint dropdowns, the eval-prompt examples, the template note."""
+    ck_a: dict
+    ck_b: dict
+    examples: dict
+    note: str
+
+
+def on_run(run_id: str | None) -> RunPick:
     choices = checkpoint_choices(run_id)
     a = choices[0] if choices else None
     b = choices[1] if len(choices) > 1 else a
     examples = eval_prompts(run_id)
-    return (gr.update(choices=choices, value=a), gr.update(choices=choices, value=b),
-            gr.update(choices=examples, value=None, visible=bool(examples)), template_note(run_id))
+    return RunPick(gr.update(choices=choices, value=a), gr.update(choices=choices, value=b),
+                   gr.update(choices=examples, value=None, visible=bool(examples)), template_note(run_id))
 
 
 def template_note(run_id: str | None) -> str:
     """The run's fallback-template notice (a base model without a chat template), read from its events."""
     if not run_id:
         return ""
-    events, _ = runs.read_events(runs.get(run_id))
-    notice = runs.template_notice(events)
+    events, _ = ev.read(runs.get(run_id))
+    notice = ev.template_notice(events)
     return f"**Note:** {notice}." if notice else ""
 
 
@@ -85,56 +98,74 @@ def _settings(system, max_new, temperature, top_p, rep, seed) -> dict:
             "top_p": float(top_p), "repetition_penalty": float(rep), "seed": int(seed) if seed not in (None, "") and int(seed) >= 0 else None}
 
 
-def _messages(history: list[dict], prompt: str) -> list[dict]:
-    msgs = [{"role": m["role"], "content": "" if m["content"] == EMPTY_REPLY else m["content"]}
-            for m in history if m.get("role") in ("user", "assistant")]
-    return msgs + [{"role": "user", "content": prompt}]
-
-
 EMPTY_REPLY = "_(empty reply: the model ended its turn at once)_"
 
 
-def send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
-    """Stream replies into both chat windows. Left: base (or checkpoint A); right: adapter (or checkpoint B)."""
-    left, right = list(left or []), list(right or [])
-    for update in _send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
-        yield update
-    for side in (left, right):  # say so when a model answered nothing, rather than showing a blank bubble
-        if side and side[-1]["role"] == "assistant" and not side[-1]["content"].strip():
-            side[-1]["content"] = EMPTY_REPLY
-    yield "", left, right
+def _messages(history: list[dict]) -> list[dict]:
+    """A chat window's history as messages for the model (it ends with the user's new message)."""
+    return [{"role": m["role"], "content": "" if m["content"] == EMPTY_REPLY else m["content"]}
+            for m in history if m.get("role") in ("user", "assistant")]
 
 
-def _send(prompt, left, right, run_id, ck_a, ck_b, mode, *gen):
-    prompt = (prompt or "").strip()
+def start_turn(prompt, left, right, run_id, mode) -> tuple[str, list, list]:
+    """Step 1 of sending, before any model loads: -> (the message, left, right) with the user's message and an
+    empty reply bubble added to each window that answers (the right one only in adapter-only mode)."""
+    prompt = (prompt or "").strip() if isinstance(prompt, str) else ""
     if not prompt:
         raise gr.Error("Type a message first.")
     if not run_id:
         raise gr.Error("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
+    turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    left, right = list(left or []), list(right or [])
+    if mode != MODES[1]:
+        left += [dict(m) for m in turn]
+    right += [dict(m) for m in turn]
+    return prompt, left, right
+
+
+def undo_turn(history: list | None, prompt: str) -> list:
+    """The window without the turn start_turn added (when the reply failed: the message goes back in the box)."""
+    history = list(history or [])
+    if (len(history) >= 2 and history[-1] == {"role": "assistant", "content": ""}
+            and history[-2].get("role") == "user" and history[-2].get("content") == prompt):
+        return history[:-2]
+    return history
+
+
+def reply(prompt, left, right, run_id, ck_a, ck_b, mode, *gen) -> Iterator[tuple[list, list]]:
+    """Step 2: stream the replies into the bubbles start_turn added; yields (left, right). Left: base (or
+    checkpoint A); right: adapter (or checkpoint B)."""
+    left, right = [dict(m) for m in left or []], [dict(m) for m in right or []]
+    yield from _reply(left, right, run_id, ck_a, ck_b, mode, *gen)
+    for side in (left, right):  # say so when a model answered nothing, rather than showing a blank bubble
+        if side and side[-1]["role"] == "assistant" and not side[-1]["content"].strip():
+            side[-1]["content"] = EMPTY_REPLY
+    yield left, right
+
+
+def _reply(left, right, run_id, ck_a, ck_b, mode, *gen):
     settings = _settings(*gen)
     try:
         name_a = SESSION.load_run(run_id, _checkpoint(ck_a))
         name_b = SESSION.load_run(run_id, _checkpoint(ck_b)) if mode == MODES[2] else None
-        left_msgs, right_msgs = _messages(left, prompt), _messages(right, prompt)
-        turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-        right.extend(dict(m) for m in turn)
+        right_msgs = _messages(right[:-1])
         if mode == MODES[1]:  # adapter only: the right window
             for text in SESSION.stream(right_msgs, settings, adapter=name_a):
                 right[-1]["content"] = text
-                yield "", left, right
+                yield left, right
             return
-        left.extend(dict(m) for m in turn)
+        left_msgs = _messages(left[:-1])
         if mode == MODES[0] and left_msgs == right_msgs:  # same history: both grow together in one batch
             for base_text, adapter_text in SESSION.compare(left_msgs, settings, adapter=name_a):
                 left[-1]["content"], right[-1]["content"] = base_text, adapter_text
-                yield "", left, right
+                yield left, right
             return
         # histories differ, or A | B: one side after the other, each with its own history
         sides = ((left, left_msgs, name_a if mode == MODES[2] else None), (right, right_msgs, name_b or name_a))
         for side, msgs, adapter in sides:
             for text in SESSION.stream(msgs, settings, adapter=adapter):
                 side[-1]["content"] = text
-                yield "", left, right
+                yield left, right
     except GarageError as e:
         raise gr.Error(str(e))
 
@@ -147,7 +178,7 @@ def score(run_id: str | None, ck_a: str | None) -> str:
     if not run_id:
         raise gr.Error("Pick a run first.")
     try:
-        r = chat.evaluate(run_id, _checkpoint(ck_a), session=SESSION)
+        r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION)
     except GarageError as e:
         raise gr.Error(str(e))
     if r["metric"] == "accuracy":
@@ -193,21 +224,41 @@ def build() -> ChatTab:
     score_md = gr.Markdown()
 
     gen = [system, max_new, temperature, top_p, rep, seed]
-    run_dd.change(on_run, run_dd, [ck_a, ck_b, examples, note])
+    pending = gr.State("")  # the message being answered: the box is cleared at once, and refilled on an error
+
+    def _picked(run_id):
+        r = on_run(run_id)
+        return {ck_a: r.ck_a, ck_b: r.ck_b, examples: r.examples, note: r.note}
+
+    run_dd.change(_picked, run_dd, [ck_a, ck_b, examples, note])
+
     def _pick(evt: gr.SelectData):
         return evt.value
 
     examples.select(_pick, None, prompt)
-    inputs = [prompt, left, right, run_dd, ck_a, ck_b, mode] + gen
-    send_btn.click(send, inputs, [prompt, left, right])
-    prompt.submit(send, inputs, [prompt, left, right])
+
+    def _start(text, l, r, run_id, m):
+        message, l, r = start_turn(text, l, r, run_id, m)
+        return {prompt: "", pending: message, left: l, right: r}
+
+    def _reply(message, l, r, *rest):
+        try:
+            for lv, rv in reply(message, l, r, *rest):
+                yield {left: lv, right: rv}
+        except gr.Error:
+            yield {prompt: message, left: undo_turn(l, message), right: undo_turn(r, message)}
+            raise
+
+    for trigger in (send_btn.click, prompt.submit):
+        trigger(_start, [prompt, left, right, run_dd, mode], [prompt, pending, left, right]).success(
+            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen, [prompt, left, right])
     stop_btn.click(stop_generation, None, None, queue=False)
-    clear_btn.click(lambda: ([], []), None, [left, right])
+    clear_btn.click(lambda: {left: [], right: []}, None, [left, right])
     score_btn.click(score, [run_dd, ck_a], score_md)
 
     def _refresh(selected=None):
         choices = run_choices()
         value = selected if selected in choices else (default_run() if choices else None)
-        return [gr.update(choices=choices, value=value)] + list(on_run(value))
+        return {run_dd: gr.update(choices=choices, value=value), **_picked(value)}
 
     return ChatTab(run_dd=run_dd, refresh=(_refresh, [run_dd, ck_a, ck_b, examples, note]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from core import runs
+from core import events as ev
 
 SMOOTHING = 0.8  # exponential moving average weight, like TensorBoard's default slider
 
@@ -53,33 +53,24 @@ def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def metrics(events: list[dict]) -> list[dict]:
-    """One curve per run: after a resume, the steps it superseded are dropped (core.runs decides)."""
-    return [e for e in runs.metrics(events) if e.get("step") is not None]
-
-
 def loss_frame(events: list[dict]) -> pd.DataFrame:
-    m = [e for e in metrics(events) if _finite(e.get("loss"))]
-    rows = [(e["step"], e["loss"], "loss") for e in m]
-    rows += [(e["step"], s, "smoothed") for e, s in zip(m, ema([e["loss"] for e in m]))]
-    rows += [(e["step"], e["eval_loss"], "eval loss") for e in events
-             if e.get("type") == "eval" and _finite(e.get("eval_loss"))]
+    m = [e for e in ev.metrics(events) if _finite(e.get(ev.LOSS))]
+    rows = [(e[ev.STEP], e[ev.LOSS], "loss") for e in m]
+    rows += [(e[ev.STEP], s, "smoothed") for e, s in zip(m, ema([e[ev.LOSS] for e in m]))]
+    rows += [(e[ev.STEP], e[ev.EVAL_LOSS], "eval loss") for e in ev.of_type(events, ev.EVAL)
+             if _finite(e.get(ev.EVAL_LOSS))]
     return _frame(rows)
 
 
 def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:
-    return _frame([(e["step"], e[key], label) for e in metrics(events) if _finite(e.get(key))])
+    """One metrics field (an ev.* name) as a labelled series."""
+    return _frame([(e[ev.STEP], e[key], label) for e in ev.metrics(events) if _finite(e.get(key))])
 
 
 def memory_frame(events: list[dict], estimate_bytes: int | None) -> pd.DataFrame:
-    """Measured memory (GPU peak reserved on CUDA, process RSS on CPU) in GB, with the estimate as a flat line."""
-    rows = []
-    for e in metrics(events):
-        mem = e.get("mem") or {}
-        for key, label in (("peak_reserved", "GPU peak reserved"), ("reserved", "GPU reserved"),
-                           ("nvml_used", "GPU used (nvml)"), ("rss", "process RSS (CPU)")):
-            if _finite(mem.get(key)):
-                rows.append((e["step"], mem[key] / 2**30, label))
+    """Measured memory in GB (on CUDA the GPU process peak and torch's peak reserved, on the CPU the process
+    RSS: core.events.MEM_SERIES) with the estimate as a flat line across the measured steps."""
+    rows = [(step, value / 2**30, ev.MEM_SERIES[key]) for step, key, value in ev.memory_points(events)]
     if estimate_bytes and rows:
         steps = sorted({r[0] for r in rows})
         rows += [(steps[0], estimate_bytes / 2**30, "estimate"), (steps[-1], estimate_bytes / 2**30, "estimate")]
@@ -90,9 +81,9 @@ def overlay_frame(named_events: dict[str, list[dict]], smoothed: bool = True) ->
     """Loss curves of several runs on one chart, one series per run."""
     rows = []
     for name, events in named_events.items():
-        m = [e for e in metrics(events) if _finite(e.get("loss"))]
-        values = ema([e["loss"] for e in m]) if smoothed else [e["loss"] for e in m]
-        rows += [(e["step"], v, name) for e, v in zip(m, values)]
+        m = [e for e in ev.metrics(events) if _finite(e.get(ev.LOSS))]
+        values = ema([e[ev.LOSS] for e in m]) if smoothed else [e[ev.LOSS] for e in m]
+        rows += [(e[ev.STEP], v, name) for e, v in zip(m, values)]
     return _frame(rows)
 
 

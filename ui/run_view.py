@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from core import events as ev
 from core import eta, runs
 from core.errors import GarageError
 from ui import plots
@@ -77,15 +78,15 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
     sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
     if cache.get("run_id") != run_id:
         cache = {"run_id": run_id, "offset": 0, "events": []}
-    new, offset = runs.read_events(run_dir, cache["offset"])
+    new, offset = ev.read(run_dir, cache["offset"])
     cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new, "sent": sent}
     events = cache["events"]
     state = status.get("state", "?")
     est = runs.estimate_bytes(run_dir)
     done = state in runs.TERMINAL
-    frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, "lr", "learning rate"),
-              "grad": plots.series_frame(events, "grad_norm", "grad norm"),
-              "tps": plots.series_frame(events, "tokens_per_s", "tokens/s"), "mem": plots.memory_frame(events, est)}
+    frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, ev.LR, "learning rate"),
+              "grad": plots.series_frame(events, ev.GRAD_NORM, "grad norm"),
+              "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
     pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     values = (
@@ -129,33 +130,33 @@ def status_md(run_id: str, status: dict) -> str:
 
 def progress_html(status: dict, events: list[dict]) -> str:
     step, total = status.get("step") or 0, status.get("total_steps") or 0
-    m = plots.metrics(events)
+    m = ev.metrics(events)
     last = m[-1] if m else {}
-    step = max(step, last.get("step") or 0)
+    step = max(step, last.get(ev.STEP) or 0)
     pct = 100 * step / total if total else 0
     bits = [f"step {step} / {total or '?'}"]
-    if last.get("epoch") is not None:
-        bits.append(f"epoch {last['epoch']:.2f}")
-    if last.get("eta_s") is not None and status.get("state") == "running":
-        bits.append(f"ETA {eta.format_duration(last['eta_s'])}")
-    if last.get("loss") is not None:
-        bits.append(f"loss {last['loss']:.4f}")
+    if last.get(ev.EPOCH) is not None:
+        bits.append(f"epoch {last[ev.EPOCH]:.2f}")
+    if last.get(ev.ETA_S) is not None and status.get("state") == "running":
+        bits.append(f"ETA {eta.format_duration(last[ev.ETA_S])}")
+    if last.get(ev.LOSS) is not None:
+        bits.append(f"loss {last[ev.LOSS]:.4f}")
     return (f"<div style='background:#eee;border-radius:4px;height:14px'><div style='width:{pct:.1f}%;height:100%;"
             f"background:#4e79a7;border-radius:4px'></div></div><div>{' · '.join(bits)}</div>")
 
 
 def template_html(events: list[dict]) -> str:
     """The run's fallback-template notice under the progress bar, where the model has no chat template."""
-    notice = runs.template_notice(events)
+    notice = ev.template_notice(events)
     return f"<div style='margin-top:4px;color:#8a5a00'>Note: {html.escape(notice)}</div>" if notice else ""
 
 
 def samples_md(events: list[dict]) -> str:
-    samples = [e for e in events if e.get("type") == "sample"][-3:]
+    samples = ev.of_type(events, ev.SAMPLE)[-3:]
     if not samples:
         return ""
-    parts = [f"**step {e.get('step')}** · _{html.escape(str(e.get('prompt', '')))}_  \n{html.escape(str(e.get('text', '')))}"
-             for e in samples]
+    parts = [f"**step {e.get(ev.STEP)}** · _{html.escape(str(e.get(ev.PROMPT, '')))}_  \n"
+             f"{html.escape(str(e.get(ev.TEXT, '')))}" for e in samples]
     return "#### Sample generations\n" + "\n\n".join(parts)
 
 

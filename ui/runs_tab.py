@@ -11,6 +11,7 @@ import shlex
 import gradio as gr
 import pandas as pd
 
+from core import events as ev
 from core import config as C
 from core import runner, runs
 from core.errors import GarageError
@@ -23,12 +24,12 @@ def table() -> pd.DataFrame:
     rows = []
     for r in runs.list_runs():
         run_dir = runs.get(r["id"])
-        events, _ = runs.read_events(run_dir, 0)
-        m = plots.metrics(events)
+        events, _ = ev.read(run_dir, 0)
+        loss = ev.last_metric(events, ev.LOSS)
         rows.append([r["id"], r.get("state"), r.get("model", ""), r.get("dataset", ""), r.get("method", ""),
                      f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
-                     f"{m[-1]['loss']:.4f}" if m and m[-1].get("loss") is not None else "",
-                     _duration(r.get("started_at"), r.get("ended_at")), _peak_vs_estimate(run_dir, m)])
+                     f"{loss:.4f}" if loss is not None else "",
+                     _duration(r.get("started_at"), r.get("ended_at")), peak_vs_estimate(run_dir, events)])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -44,14 +45,21 @@ def _duration(start: str | None, end: str | None) -> str:
     return f"{s // 60} min {s % 60:02d} s" + ("" if end else " (running)")
 
 
-def _peak_vs_estimate(run_dir, metrics: list[dict]) -> str:
-    peak = 0
-    for e in metrics:
-        mem = e.get("mem") or {}
-        peak = max(peak, mem.get("peak_reserved") or 0, mem.get("rss") or 0)
+def peak_vs_estimate(run_dir, events: list[dict]) -> str:
+    """The measured peak (the GPU process total on CUDA, the RSS on the CPU: core.events.peak_memory) against the
+    estimate made at launch, with the error; on CUDA torch's own peak reserved beside it."""
+    peak = ev.peak_memory(events)
     est = runs.estimate_bytes(run_dir)
-    left = f"{peak / 2**30:.2f} GB" if peak else "?"
-    return f"{left} / {est / 2**30:.2f} GB" if est else left
+    if peak is None:
+        return f"? / {est / 2**30:.2f} GB" if est else "?"
+    text = f"{peak[0] / 2**30:.2f} GB"
+    if est:
+        text += f" / {est / 2**30:.2f} GB ({100 * (peak[0] - est) / est:+.0f}%)"
+    if peak[1] == ev.MEM_GPU_PEAK:
+        torch_peak = max((v for _, key, v in ev.memory_points(events) if key == ev.MEM_TORCH_PEAK_RESERVED), default=0)
+        if torch_peak:
+            text += f" · torch {torch_peak / 2**30:.2f} GB"
+    return text
 
 
 def open_run(run_id: str | None):
@@ -64,7 +72,7 @@ def open_run(run_id: str | None):
         status = runs.read_status(run_dir)
     except GarageError as e:
         return f"❌ {html.escape(str(e))}", None, "", ""
-    events, _ = runs.read_events(run_dir, 0)
+    events, _ = ev.read(run_dir, 0)
     err = status.get("error") or {}
     md = f"**{html.escape(run_id)}**: **{status.get('state')}** · folder: `{run_dir}`"
     if err:
@@ -87,7 +95,7 @@ def cli_command(cfg: C.RunConfig) -> str:
 def overlay(run_ids: list[str] | None) -> pd.DataFrame | None:
     named = {}
     for rid in run_ids or []:
-        events, _ = runs.read_events(runs.get(rid), 0)
+        events, _ = ev.read(runs.get(rid), 0)
         named[rid] = events
     return plots.overlay_frame(named) if named else None
 

@@ -1,6 +1,7 @@
 """Train page: pick model, data and preset; see the VRAM cost; start, watch live curves, stop, resume.
 
-Handlers are plain functions (tested directly in tests/ui); `build()` lays out widgets and wires them.
+Handlers are plain functions (tested directly in tests/ui) that return named results (dataclasses); `build()` lays
+out widgets and wires them, turning each result into {component: value}.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import hashlib
 import html
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from core import config as C
-from core import access, eta, hardware, limits, models, paths, presets, runner, runs, vram
+from core import access, eta, hardware, limits, models, paths, presets, runner, runs, units, vram
 from core.errors import GarageError
 from ui import plots, run_view, train_form, vram_panel
 
@@ -69,25 +70,19 @@ def model_info_md(source: str) -> str:
 def _local_facts(source: str) -> tuple[str, str]:
     """Size on disk and chat template, where the model is already on disk (never downloads)."""
     try:
-        info = models.info(source) if _on_disk(source) else None
+        info = models.info(source) if models.on_disk(source) else None
     except GarageError as e:
         return "size unknown", f"({e.message})"
     if info is None and source == models.BUILTIN_ID:
         return "ships with the app (converted on first use, about a minute)", "chat template ✓"
     if info is None and source.lower().endswith(".gguf"):
-        size = Path(source).expanduser().stat().st_size / 2**30
-        return f"{size:.2f} GB .gguf file (converted to safetensors once, on first use)", \
+        size = units.gb(Path(source).expanduser().stat().st_size, 2)
+        return f"{size} .gguf file (converted to safetensors once, on first use)", \
             "chat template: read from the file when converted"
     if info is None:
         return "not downloaded yet", "chat template: checked when it loads"
     template = "chat template ✓" if info.has_chat_template else "no chat template: a simple default is used"
-    return f"{info.size_on_disk / 2**30:.2f} GB on disk", template
-
-
-def _on_disk(source: str) -> bool:
-    if source == models.BUILTIN_ID:
-        return (paths.models_dir() / "smollm2-135m-instruct" / "CONVERTED").exists()
-    return Path(source).expanduser().is_dir()
+    return f"{units.gb(info.size_on_disk, 2)} on disk", template
 
 
 def keep_upload(file_path: str | None) -> str:
@@ -111,19 +106,24 @@ def keep_upload(file_path: str | None) -> str:
     return str(dest)
 
 
-def inspect_dataset(names: list[str], values: list):
-    """-> (summary markdown, histogram frame, preview html). Errors become the summary, never a traceback."""
-    return inspect_page(names, values)[:3]
+@dataclass
+class Inspection:
+    """What Inspect shows: the summary (or the error, never a traceback), the length histogram update, the
+    preview html, the {{placeholder}} names found and an update for each fill box."""
+    summary: str
+    histogram: dict
+    preview: str
+    placeholders: list = field(default_factory=list)
+    fill_boxes: list = field(default_factory=list)
 
 
-def inspect_page(names: list[str], values: list) -> tuple:
-    """inspect_dataset's three outputs, then the {{placeholder}} names found and an update for each fill box."""
+def inspect_page(names: list[str], values: list) -> Inspection:
     md, hist, preview, stats = _inspect(names, values)
     found = list(stats.placeholders) if stats else []
     fill = dict(zip(names, values)).get("data.fill") or {}
     boxes = [gr.update(visible=True, label=f"fill {{{{{found[i]}}}}}", value=fill.get(found[i], ""))
              if i < len(found) else gr.update(visible=False, value="") for i in range(N_FILL)]
-    return (md, hist, preview, found[:N_FILL], *boxes)
+    return Inspection(md, hist, preview, found[:N_FILL], boxes)
 
 
 def fill_from_boxes(found: list[str], *texts) -> dict:
@@ -204,12 +204,13 @@ def preset_md(name: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-def apply_preset(name: str, names: list[str], values: list):
+def apply_preset(name: str, names: list[str], values: list) -> tuple[str, list]:
+    """-> (the preset's header as Markdown, the form's values with the preset applied, in `names` order)."""
     try:
         cfg = presets.apply(name, train_form.to_config(names, values))
     except GarageError as e:
         raise gr.Error(str(e))
-    return [preset_md(name)] + train_form.values_of(names, cfg)
+    return preset_md(name), train_form.values_of(names, cfg)
 
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:
@@ -222,13 +223,22 @@ def save_preset(preset_name: str, names: list[str], values: list) -> str:
     return f"Saved as **{preset_name.strip()}** ({path}). It is now in the preset list."
 
 
-def vram_update(target: str, names: list[str], values: list):
-    """-> (panel html, verdict markdown, suggestions, ETA markdown). Pure arithmetic: fast, no queue."""
+@dataclass
+class VramView:
+    """The VRAM column: the panel html, the verdict, the "make it fit" suggestions and the ETA."""
+    panel: str
+    verdict: str = ""
+    suggestions: list = field(default_factory=list)
+    eta: str = ""
+
+
+def vram_update(target: str, names: list[str], values: list) -> VramView:
+    """Pure arithmetic: fast, no queue."""
     try:
         cfg = train_form.to_config(names, values)
         shape = _shape(cfg.model.source)
     except GarageError as e:
-        return f"<div class='lg-dim'>{html.escape(e.message)}</div>", "", [], ""
+        return VramView(f"<div class='lg-dim'>{html.escape(e.message)}</div>")
     chosen = cfg.quant.method if cfg.quant.method in ("lora", "qlora") else "lora"
     ests = vram_panel.estimates(cfg, shape)
     reading = hardware.read()
@@ -244,29 +254,24 @@ def vram_update(target: str, names: list[str], values: list):
         if not suggestions:
             verdict += "  \nNothing we can change makes this model fit this GPU: pick a smaller model."
     gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
-    return panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name)
+    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name))
 
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None) -> str:
-    steps = cfg.train.max_steps
-    if steps <= 0:
+    e = eta.for_config(cfg, shape.total_params, gpu_name)
+    if e is None:
         return "ETA: inspect the dataset to know the steps per epoch."
-    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.max_len // 2  # ~half the cutoff
-    e = eta.before_start(tokens, shape.total_params, cfg.model.source, cfg.quant.method, gpu_name)
-    return f"**ETA** for {steps} steps: {e.text()}"
+    return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
 
 
-def suggestion_buttons(suggestions: list):
-    out = []
-    for i in range(N_SUGGESTIONS):
-        if i < len(suggestions):
-            out.append(gr.update(value=f"Apply: {vram_panel.describe_suggestion(suggestions[i])}", visible=True))
-        else:
-            out.append(gr.update(visible=False))
-    return out
+def suggestion_buttons(suggestions: list) -> list:
+    """An update for each of the N_SUGGESTIONS buttons: the suggestion it applies, or hidden."""
+    return [gr.update(value=f"Apply: {vram_panel.describe_suggestion(suggestions[i])}", visible=True)
+            if i < len(suggestions) else gr.update(visible=False) for i in range(N_SUGGESTIONS)]
 
 
 def apply_suggestion(i: int, suggestions: list, names: list[str], values: list) -> list:
+    """The form's values (in `names` order) with suggestion i applied."""
     if i >= len(suggestions):
         return values
     d = train_form.to_config(names, values).to_dict()
@@ -385,23 +390,34 @@ def build() -> TrainTab:
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
     # cleared first: the chart then takes its colours afresh from the new data ("over the cutoff" may be new)
-    inspect_btn.click(plots.clear_then(lambda *v: inspect_page(names, list(v)), 1, 4 + N_FILL), widgets,
+    def _inspect_clicked(*v):
+        r = inspect_page(names, list(v))
+        return {data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
+                **dict(zip(fill_boxes, r.fill_boxes))}
+
+    inspect_btn.click(plots.clear_then(_inspect_clicked, 1, 4 + N_FILL), widgets,
                       [data_md, hist, preview, fill_found] + fill_boxes)
     for box in fill_boxes:
         box.change(fill_from_boxes, [fill_found] + fill_boxes, fill, queue=False, show_progress="hidden")
-    preset_dd.change(lambda p, *v: apply_preset(p, names, list(v)), [preset_dd] + widgets, [preset_text] + widgets)
+    def _preset_picked(p, *v):
+        header, new_values = apply_preset(p, names, list(v))
+        return {preset_text: header, **dict(zip(widgets, new_values))}
+
+    preset_dd.change(_preset_picked, [preset_dd] + widgets, [preset_text] + widgets)
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 
     # --- wiring: VRAM panel on every settings change (no queue: it is arithmetic)
     def _vram(t, *v):
-        panel, verdict, sugg, eta_text = vram_update(t, names, list(v))
-        return [panel, verdict, sugg, eta_text] + suggestion_buttons(sugg)
+        r = vram_update(t, names, list(v))
+        return {vram_html: r.panel, verdict_md: r.verdict, suggestions: r.suggestions, eta_md: r.eta,
+                **dict(zip(sugg_btns, suggestion_buttons(r.suggestions)))}
 
     vram_outputs = [vram_html, verdict_md, suggestions, eta_md] + sugg_btns
     for w in [target] + widgets:
         w.change(_vram, [target] + widgets, vram_outputs, queue=False, show_progress="hidden")
     for i, b in enumerate(sugg_btns):
-        b.click(lambda s, *v, i=i: apply_suggestion(i, s, names, list(v)), [suggestions] + widgets, widgets)
+        b.click(lambda s, *v, i=i: dict(zip(widgets, apply_suggestion(i, s, names, list(v)))),
+                [suggestions] + widgets, widgets)
 
     # --- wiring: start / stop / live view
     start_btn.click(lambda *v: start(names, list(v)), widgets, run_id).success(
@@ -412,7 +428,7 @@ def build() -> TrainTab:
 
     def _on_load(*v):
         rid = attach()
-        return [rid, gr.Timer(active=bool(rid))] + _vram(*v)
+        return {run_id: rid, timer: gr.Timer(active=bool(rid)), **_vram(*v)}
 
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
                     on_load=(_on_load, [target] + widgets, [run_id, timer] + vram_outputs))

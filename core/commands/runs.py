@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import time
 
+from core import events as ev
+
 ACTIONS = ("list", "show", "stop", "resume", "log", "delete")
 
 
@@ -71,12 +73,12 @@ def _show(args) -> int:
 
     run_dir = runs.get(args.run_id)
     st = runs.read_status(run_dir)
-    events, _ = runs.read_events(run_dir)
-    curve = runs.metrics(events)
+    events, _ = ev.read(run_dir)
+    curve = ev.metrics(events)
     info = {"id": run_dir.name, "path": str(run_dir), **st, "last_metrics": curve[-1] if curve else None,
             "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
             "adapter": str(run_dir / "adapter") if (run_dir / "adapter" / "adapter_config.json").is_file() else None,
-            "template_notice": runs.template_notice(events)}
+            "template_notice": ev.template_notice(events)}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -86,8 +88,13 @@ def _show(args) -> int:
             continue  # only for runs that were resumed / whose end was noticed after the fact
         print(f"{key:>12}: {info.get(key)}")
     if curve:
-        print(f"{'last loss':>12}: {curve[-1].get('loss')} at step {curve[-1].get('step')}")
-    notice = runs.template_notice(events)
+        print(f"{'last loss':>12}: {curve[-1].get(ev.LOSS)} at step {curve[-1].get(ev.STEP)}")
+    peak = ev.peak_memory(events)
+    if peak:
+        est = runs.estimate_bytes(run_dir)
+        vs = f" (estimate {est / 2**30:.2f} GB, {100 * (peak[0] - est) / est:+.0f}%)" if est else ""
+        print(f"{'peak memory':>12}: {peak[0] / 2**30:.2f} GB {ev.MEM_SERIES[peak[1]]}{vs}")
+    notice = ev.template_notice(events)
     if notice:
         print(f"{'template':>12}: {notice}")
     if st.get("error"):
@@ -102,12 +109,12 @@ def _follow(run_id: str) -> int:
     run_dir = runs.get(run_id)
     offset = 0
     while True:
-        events, offset = runs.read_events(run_dir, offset)
+        events, offset = ev.read(run_dir, offset)
         for e in events:
-            if e.get("type") == "metrics":
-                print(f"step {e['step']}  loss {e.get('loss')}", flush=True)
-            elif e.get("type") == "log":
-                print(f"[{e.get('level')}] {e.get('message')}", flush=True)
+            if e.get(ev.TYPE) == ev.METRICS:
+                print(f"step {e[ev.STEP]}  loss {e.get(ev.LOSS)}", flush=True)
+            elif e.get(ev.TYPE) == ev.LOG:
+                print(f"[{e.get(ev.LEVEL)}] {e.get(ev.MESSAGE)}", flush=True)
         st = runs.read_status(run_dir)
         if st.get("state") not in runs.ACTIVE:
             print(st["state"])

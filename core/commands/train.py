@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from core import events as ev
+from core import procs
 from core.config import METHODS, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 
@@ -112,7 +114,7 @@ def _foreground(cfg: RunConfig) -> int:
 
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
-    runs.write_status(run_dir, launched_by=runs.LAUNCHED_BY_CLI)
+    runs.write_status(run_dir, launched_by=procs.LAUNCHED_BY_CLI)
     print(f"run {run_dir.name}\n  folder: {run_dir}", flush=True)
     t0 = time.time()
     with _Tee(run_dir / "train.log") as tee, _tracebacks_to(tee.fh):
@@ -144,9 +146,9 @@ def _summary(run_dir: Path, seconds: float) -> None:
     from core import runs
 
     st = runs.read_status(run_dir, reconcile=False)
-    events, _ = runs.read_events(run_dir)
-    curve = runs.metrics(events)
-    loss = f", final loss {curve[-1]['loss']:.4f}" if curve and curve[-1].get("loss") is not None else ""
+    events, _ = ev.read(run_dir)
+    last = ev.last_metric(events, ev.LOSS)
+    loss = f", final loss {last:.4f}" if last is not None else ""
     print(f"{st.get('state')} in {seconds:.0f} s after {st.get('step')} steps{loss}")
     if (run_dir / "adapter" / "adapter_config.json").is_file():
         print(f"  adapter: {run_dir / 'adapter'}")

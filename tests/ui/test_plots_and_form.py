@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from core import events as ev
 from core import config as C
 from core import presets
 from ui import plots, runs_tab, train_form, train_tab
@@ -77,7 +78,7 @@ def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
     cfg.output.run_name = "r1"
     run_dir = runs.create(cfg)
     runs.write_status(run_dir, state="completed")
-    log = runs.EventLog(run_dir)
+    log = ev.EventLog(run_dir)
     for k in (1, 2):
         log.write(_m(k, 3.0 / k, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0))
     *values, keep = run_view.refresh("r1", {})

@@ -48,24 +48,25 @@ def test_second_start_is_refused_server_side_naming_the_running_run():
 
 def test_vram_panel_shows_three_methods_and_a_verdict():
     names, values = _form(presets.load("cpu-demo"))
-    panel, verdict, suggestions, eta = train_tab.vram_update("8 GB", names, values)
+    r = train_tab.vram_update("8 GB", names, values)
     for label in ("Full fine-tune", "LoRA (16-bit base)", "QLoRA (4-bit base)"):
-        assert label in panel
-    assert "fits" in verdict and suggestions == []
-    assert "ETA" in eta and "40 steps" in eta
+        assert label in r.panel
+    assert "fits" in r.verdict and r.suggestions == []
+    assert "ETA" in r.eta and "40 steps" in r.eta
 
 
 def test_vram_panel_grows_with_batch_size():
     cfg = presets.load("cpu-demo")
-    small = train_tab.vram_update("8 GB", *_form(cfg))[0]
-    big = train_tab.vram_update("8 GB", *_form(C.apply_overrides(cfg, ["train.batch_size=32"])))[0]
+    small = train_tab.vram_update("8 GB", *_form(cfg)).panel
+    big = train_tab.vram_update("8 GB", *_form(C.apply_overrides(cfg, ["train.batch_size=32"]))).panel
     assert small != big
 
 
 def test_make_it_fit_suggestions_apply_to_the_form(llama8b):
     cfg = C.apply_overrides(presets.load("gpu-24gb-lora"), [f"model.source={llama8b}"])
     names, values = _form(cfg)
-    _, verdict, suggestions, _ = train_tab.vram_update("12 GB", names, values)
+    r = train_tab.vram_update("12 GB", names, values)
+    verdict, suggestions = r.verdict, r.suggestions
     assert "does not fit" in verdict
     assert suggestions, "an 8B model fits 12 GB with QLoRA + checkpointing + batch 1"
     new_values = train_tab.apply_suggestion(0, suggestions, names, values)
@@ -73,8 +74,7 @@ def test_make_it_fit_suggestions_apply_to_the_form(llama8b):
     for dotted, value in suggestions[0].changes.items():
         section, key = dotted.split(".")
         assert getattr(getattr(applied, section), key) == value
-    _, verdict_after, _, _ = train_tab.vram_update("12 GB", names, new_values)
-    assert "does not fit" not in verdict_after
+    assert "does not fit" not in train_tab.vram_update("12 GB", names, new_values).verdict
     assert len(train_tab.suggestion_buttons(suggestions)) == train_tab.N_SUGGESTIONS
 
 
@@ -89,22 +89,21 @@ def test_inspect_dataset_good_and_bad(tiny_model_dir, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(5)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={good}"])
-    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
-    assert "5 rows" in md and "alpaca" in md
-    assert hist["visible"] is True and hist["value"]["rows"].sum() == 5
-    assert "lg-" in preview or "<span" in preview
+    r = train_tab.inspect_page(*_form(cfg))
+    assert "5 rows" in r.summary and "alpaca" in r.summary
+    assert r.histogram["visible"] is True and r.histogram["value"]["rows"].sum() == 5
+    assert "lg-" in r.preview or "<span" in r.preview
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
     cfg = C.apply_overrides(cfg, [f"data.source={bad}"])
-    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
+    md = train_tab.inspect_page(*_form(cfg)).summary
     assert "bad.jsonl" in md and "line 2" in md and "Fix" in md and "Traceback" not in md
 
 
 def test_presets_apply_and_save(garage_home):
     names, values = _form(presets.load("cpu-demo"))
-    out = train_tab.apply_preset("gpu-8gb-qlora", names, values)
-    header, new_values = out[0], out[1:]
+    header, new_values = train_tab.apply_preset("gpu-8gb-qlora", names, values)
     assert "gpu-8gb-qlora" in header
     cfg = train_form.to_config(names, new_values)
     assert cfg.quant.method == "qlora" and cfg.model.source == "builtin:smollm2-135m"
@@ -139,13 +138,15 @@ def test_inspect_lists_placeholders_and_fills_them_from_the_boxes(tiny_model_dir
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
     names, values = _form(cfg)
     names, values = names + ["data.fill"], values + [{}]
-    md, _, preview, found, *boxes = train_tab.inspect_page(names, values)
+    r = train_tab.inspect_page(names, values)
+    md, preview, found, boxes = r.summary, r.preview, r.placeholders, r.fill_boxes
     assert found == ["name", "author"] and "columns not used for training: id" in md
     assert "`{{name}}` in 1 rows: **not filled**" in md and "{{name}}" in preview
     assert [b["visible"] for b in boxes] == [True, True, False, False] and boxes[1]["label"] == "fill {{author}}"
     fill = train_tab.fill_from_boxes(found, "Garage", "  ", "", "")
     assert fill == {"name": "Garage"}
-    md, _, preview, found, *boxes = train_tab.inspect_page(names, values[:-1] + [fill])
+    r = train_tab.inspect_page(names, values[:-1] + [fill])
+    md, preview, boxes = r.summary, r.preview, r.fill_boxes
     assert "`{{name}}` in 1 rows: filled with “Garage”" in md and "I am Garage by {{author}}." in preview
     assert boxes[0]["value"] == "Garage"
 
@@ -156,8 +157,8 @@ def test_inspect_says_how_tool_calls_are_rendered_and_refuses_preference_pairs(t
     data = tmp_path / "tools.jsonl"
     data.write_text(json.dumps(SHAREGPT_TOOLS) + "\n")
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
-    md, *_ = train_tab.inspect_dataset(*_form(cfg))
+    md = train_tab.inspect_page(*_form(cfg)).summary
     assert "format **sharegpt**" in md and "tool calls rendered as plain text" in md
     data.write_text(json.dumps(PREFERENCE[0]) + "\n")
-    md, hist, preview = train_tab.inspect_dataset(*_form(cfg))
+    md = train_tab.inspect_page(*_form(cfg)).summary
     assert "preference pairs (chosen / rejected): train them with DPO / ORPO" in md and "Fix" in md

@@ -1,0 +1,184 @@
+"""The event schema of a run's events.jsonl: every event type and field name, with its unit, and the one writer
+(the training child) and reader (the UI, the CLI, the ETA). No other module spells an event field name: they
+import these constants and helpers, so a renamed field breaks loudly in one place instead of emptying a chart.
+
+One JSON object per line, flushed per line; "t" (unix seconds) on every event.
+
+    metrics  step, epoch, loss, lr, grad_norm, tokens_per_s (non-padding tokens / s), elapsed (s since the run's
+             first step in this process), eta_s (s), mfu (fraction, CUDA only), mem {...} (bytes, see MEM_*)
+    eval     step, eval_loss
+    sample   step, prompt, text
+    log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
+    data     the dataset's stats at start (core.data.DataStats.to_dict: format, rows, tokens, ...)
+    resume   step (metrics after it, logged before a crash or stop, are superseded)
+
+Memory ("mem"), in bytes. "Peak" means what a user sees: the whole process on the GPU as the driver counts it
+(NVML, what nvidia-smi shows: CUDA context + allocator cache + tensors), never less than torch's own peak reserved
+plus the context measured at start, since NVML is only sampled. torch's peak reserved / allocated sit beside it.
+On the CPU: the process's resident set size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+FILE = "events.jsonl"
+
+# event types
+TYPE, T = "type", "t"
+METRICS, EVAL, SAMPLE, LOG, DATA, RESUME = "metrics", "eval", "sample", "log", "data", "resume"
+
+# metrics fields
+STEP, EPOCH, LOSS, LR, GRAD_NORM = "step", "epoch", "loss", "lr", "grad_norm"
+TOKENS_PER_S, ELAPSED, ETA_S, MFU, MEM = "tokens_per_s", "elapsed", "eta_s", "mfu", "mem"
+EVAL_LOSS = "eval_loss"
+PROMPT, TEXT = "prompt", "text"
+LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
+
+# mem fields (bytes)
+MEM_RSS = "rss"                                    # CPU: process resident set size now
+MEM_GPU_PEAK = "gpu_peak"                          # CUDA: process total on the GPU, peak so far (see above)
+MEM_GPU_PROCESS = "gpu_process"                    # CUDA: process total on the GPU at this step (NVML)
+MEM_TORCH_PEAK_RESERVED = "torch_peak_reserved"    # CUDA: torch.cuda.max_memory_reserved()
+MEM_TORCH_PEAK_ALLOCATED = "torch_peak_allocated"  # CUDA: torch.cuda.max_memory_allocated()
+MEM_TORCH_RESERVED = "torch_reserved"              # CUDA: torch.cuda.memory_reserved() now
+MEM_GPU_TOTAL = "gpu_total"                        # CUDA: the card's memory
+MEM_NVML_ERROR = "nvml_error"                      # CUDA: why there is no NVML reading (text)
+
+# The memory series the pages draw, in order, with their labels. The Runs table's "peak" is the first present.
+MEM_SERIES = {MEM_GPU_PEAK: "GPU peak (process, NVML)", MEM_TORCH_PEAK_RESERVED: "torch peak reserved",
+              MEM_RSS: "process RSS (CPU)"}
+
+TOPIC_TEMPLATE = "template"  # a log event saying the run trained with the fallback chat template
+
+LEVELS = ("info", "warning", "error")
+
+
+class EventLog:
+    """The child's writer: one JSON object per line, flushed at once so the UI sees it on its next poll."""
+
+    def __init__(self, run_dir: Path):
+        self.fh = open(Path(run_dir) / FILE, "a", encoding="utf-8")
+
+    def write(self, event: dict) -> None:
+        event.setdefault(T, round(time.time(), 3))
+        self.fh.write(json.dumps(event, allow_nan=True) + "\n")
+        self.fh.flush()
+
+    def metrics(self, *, step: int, epoch: float, loss, lr, grad_norm, tokens_per_s: float, elapsed: float,
+                eta_s: float, mem: dict, mfu: float | None = None) -> dict:
+        event = {TYPE: METRICS, STEP: step, EPOCH: epoch, LOSS: loss, LR: lr, GRAD_NORM: grad_norm,
+                 TOKENS_PER_S: tokens_per_s, ELAPSED: elapsed, ETA_S: eta_s, MEM: mem}
+        if mfu is not None:
+            event[MFU] = mfu
+        self.write(event)
+        return event
+
+    def eval(self, step: int, eval_loss) -> None:
+        self.write({TYPE: EVAL, STEP: step, EVAL_LOSS: eval_loss})
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        self.write({TYPE: SAMPLE, STEP: step, PROMPT: prompt, TEXT: text})
+
+    def log(self, level: str, message: str, hint: str | None = None, topic: str | None = None) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
+        event = {TYPE: LOG, LEVEL: level, MESSAGE: message}
+        if hint is not None:
+            event[HINT] = hint
+        if topic is not None:
+            event[TOPIC] = topic
+        self.write(event)
+
+    def data(self, stats: dict) -> None:
+        self.write({TYPE: DATA, **stats})
+
+    def resume(self, step: int) -> None:
+        self.write({TYPE: RESUME, STEP: step})
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------- reading
+
+def read(run_dir: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events appended since byte `offset`, and the offset to pass next time. A line still being written (no
+    newline yet) is left for the next call. A corrupt line becomes a warning event instead of vanishing."""
+    path = Path(run_dir) / FILE
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            out.append({TYPE: LOG, LEVEL: "warning", MESSAGE: f"unreadable event line ({e}): {line[:200]!r}"})
+    return out, offset + end
+
+
+def metrics(events: list[dict]) -> list[dict]:
+    """The metrics events of a run as one curve: after a resume event at step k, the steps after k that were
+    logged before the crash or stop are superseded by the resumed run's."""
+    out: list[dict] = []
+    for e in events:
+        if e.get(TYPE) == RESUME:
+            out = [m for m in out if m.get(STEP, 0) <= e.get(STEP, 0)]
+        elif e.get(TYPE) == METRICS and e.get(STEP) is not None:
+            out.append(e)
+    return out
+
+
+def of_type(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e.get(TYPE) == kind]
+
+
+def logs(events: list[dict]) -> list[dict]:
+    return of_type(events, LOG)
+
+
+def template_notice(events: list[dict]) -> str | None:
+    """The run's fallback-template notice (written by training at start), or None when the model has its own."""
+    notes = [e.get(MESSAGE) for e in logs(events) if e.get(TOPIC) == TOPIC_TEMPLATE]
+    return notes[-1] if notes else None
+
+
+def memory_points(events: list[dict]) -> list[tuple[int, str, int]]:
+    """(step, mem key, bytes) for every MEM_SERIES value the metrics events carry."""
+    out = []
+    for e in metrics(events):
+        mem = e.get(MEM) or {}
+        for key in MEM_SERIES:
+            v = mem.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                out.append((e[STEP], key, int(v)))
+    return out
+
+
+def peak_memory(events: list[dict]) -> tuple[int, str] | None:
+    """(bytes, mem key) of the run's measured peak to hold against the estimate: the GPU process peak on CUDA
+    (torch's peak reserved where NVML gave nothing), else the largest CPU RSS. None before the first step."""
+    best: dict[str, int] = {}
+    for _, key, value in memory_points(events):
+        best[key] = max(best.get(key, 0), value)
+    for key in MEM_SERIES:
+        if key in best:
+            return best[key], key
+    return None
+
+
+def last_metric(events: list[dict], field: str):
+    """The newest value of a metrics field (None when no metrics event has it)."""
+    for e in reversed(metrics(events)):
+        if e.get(field) is not None:
+            return e[field]
+    return None

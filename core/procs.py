@@ -1,0 +1,232 @@
+"""Process identity and the training lock: who is training, is that process still the one that wrote the run's
+status, how did it end. core.runs (status reads) and core.runner (start / stop) both import this; it imports
+neither, so there is no circle, and a status read never calls up into the runner.
+
+The lock is an fcntl lock on $LORA_GARAGE_HOME/train.lock, taken with LOCK_NB and handed to the training child as
+an inherited file descriptor: the child holds it for its whole life and the kernel drops it when the child exits
+or is killed, so a lock can never go stale. The file's content (run id, pid) only names the holder.
+
+A run's process is identified by pid plus its start time (pids are reused). The children this process spawned
+are kept here so their exit codes can be read: a thread waits on each and records when it ended.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from core import paths
+from core.errors import BusyError, RunError
+
+LOCK_FD_ENV = "LORA_GARAGE_LOCK_FD"
+EXIT_GRACE_S = 60.0  # how long a run that has written its final state may take to exit and let go of the lock
+LAUNCHED_BY_CLI = "cli"   # status.json launched_by: a foreground `python -m core train`
+LAUNCHED_BY_APP = "app"   # ... or core.runner (the app, or `train --detach`)
+
+_children: dict[str, subprocess.Popen] = {}  # run id -> the child this process started
+_exited_at: dict[str, str] = {}              # run id -> when that child ended (now() format)
+_exit_codes: dict[int, int] = {}             # pid -> exit code of a child we started and reaped
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- the lock
+
+def lock_path() -> Path:
+    return paths.home() / "train.lock"
+
+
+def acquire_lock(run_id: str, holder_ended: Callable[[str], bool] | None = None) -> int:
+    """Take the training lock; returns its file descriptor. BusyError naming the holder when a run is training.
+    A holder whose run has already ended (holder_ended(run_id): its status says stopped / completed / failed) is
+    only exiting (freeing the model, joining threads), so wait for the kernel to drop its lock instead of calling
+    the machine busy."""
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = lock_holder()
+            ended = bool(holder and holder_ended and holder_ended(holder))
+            if ended and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            if ended:
+                raise BusyError(f"busy: run {holder} has ended but its process still holds the training lock "
+                                f"after {EXIT_GRACE_S:.0f} s", f"end that process (pid in {lock_path()}) and try again")
+            holder = holder or "another run"
+            raise BusyError(f"busy: run {holder} is training",
+                            f"one training run at a time: wait for it, or stop it (python -m core runs stop {holder})")
+    _write_holder(fd, run_id)
+    return fd
+
+
+def hold_lock(run_id: str, fd: int | None = None, holder_ended: Callable[[str], bool] | None = None) -> int:
+    """In the child: keep the lock the runner handed over (LORA_GARAGE_LOCK_FD), or take it now."""
+    if fd is None and os.environ.get(LOCK_FD_ENV):
+        fd = int(os.environ.pop(LOCK_FD_ENV))
+        # make sure the descriptor really is the lock on our home's lock file, held by us
+        if os.fstat(fd).st_ino != os.stat(lock_path()).st_ino:
+            raise RunError(f"{LOCK_FD_ENV} does not point at {lock_path()}", "start runs through core.runner")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours: succeeds at once
+    if fd is None:
+        fd = acquire_lock(run_id, holder_ended)
+    _write_holder(fd, run_id)
+    return fd
+
+
+def _write_holder(fd: int, run_id: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), 0)
+
+
+def lock_holder() -> str | None:
+    """The run id written by the lock's holder (None when unknown or a run still being created)."""
+    try:
+        info = json.loads(lock_path().read_text() or "{}")
+    except (FileNotFoundError, ValueError):
+        return None
+    rid = info.get("run_id")
+    return rid if rid and not rid.startswith("(") else None
+
+
+# ---------------------------------------------------------------- identity
+
+def process_start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def is_alive(pid: int, create_time: float | None) -> bool:
+    """Alive, not a zombie, and the same process that wrote the status (start time matches; pids get reused).
+    Without a recorded start time, a `core ... train` command line stands in for it."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if create_time is not None:
+            return abs(p.create_time() - float(create_time)) < 1.0
+        cmd = " ".join(p.cmdline())
+        return "core" in cmd and "train" in cmd
+    except psutil.Error:
+        return False
+
+
+# ---------------------------------------------------------------- children this process started
+
+def adopt(run_id: str, proc: subprocess.Popen) -> None:
+    """Keep a child we just spawned, and note when it ends (so a crash records its time of death)."""
+    _children[run_id] = proc
+    _exited_at.pop(run_id, None)
+    _exit_codes.pop(proc.pid, None)  # a pid seen before belonged to an earlier child
+    threading.Thread(target=_note_exit, args=(run_id, proc), daemon=True).start()
+
+
+def child(run_id: str, pid: int | None) -> subprocess.Popen | None:
+    proc = _children.get(run_id)
+    return proc if proc is not None and pid is not None and proc.pid == pid else None
+
+
+def _note_exit(run_id: str, proc: subprocess.Popen) -> None:
+    """This wait reaps the child, so its exit code is kept by pid: run ids repeat across homes (tests, two apps)."""
+    code = proc.wait()
+    _exit_codes[proc.pid] = code
+    _exited_at[run_id] = now()
+
+
+def reap(run_id: str, pid: int, timeout: float) -> int | None:
+    """Exit code of a child we started (reaping it so it does not linger as a zombie); None if not ours."""
+    if pid in _exit_codes:
+        return _exit_codes[pid]
+    proc = child(run_id, pid)
+    if proc is not None:
+        try:
+            return proc.wait(timeout=timeout) if timeout else proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+# ---------------------------------------------------------------- a run whose process is gone
+
+@dataclass
+class Death:
+    """How a run's process ended, as far as this process can know."""
+    how: str                  # "killed by SIGKILL (...)", "exit code 1", "exit code unknown: ...", "it never started"
+    exit_code: int | None
+    ended_at: str             # the child's end where we saw it, else its last sign of life
+    noticed_at: str | None    # set when ended_at is only the last sign of life
+
+
+def check(run_dir: Path, st: dict) -> Death | None:
+    """None while the run's process lives (or may still be starting); else how it ended. `st` is its status."""
+    import signal
+
+    pid = st.get("pid")
+    proc = child(run_dir.name, pid)
+    if proc is not None:
+        code = proc.poll()
+        if code is None:
+            return None
+    elif pid is None:
+        # between runs.create and the spawn (or the foreground child's first write): give it a minute
+        if time.time() - os.stat(run_dir / "status.json").st_mtime < 60:
+            return None
+        code = None
+    elif is_alive(pid, st.get("pid_create_time")):
+        return None
+    else:
+        code = reap(run_dir.name, pid, timeout=0)
+    if code is None:
+        how = f"exit code unknown: {_started_by(st)}" if pid else "it never started"
+    elif code < 0:
+        how = f"killed by {signal.Signals(-code).name}"
+        if code == -signal.SIGKILL:
+            how += " (if nobody stopped it, the system may have run out of RAM)"
+    else:
+        how = f"exit code {code}"
+    ended = _exited_at.get(run_dir.name) if proc is not None else None
+    if ended:
+        return Death(how, code, ended, None)
+    noticed, last = now(), _last_sign_of_life(run_dir)
+    return Death(f"{how}; its last output was at {last}, the end was noticed at {noticed}", code, last, noticed)
+
+
+def _started_by(st: dict) -> str:
+    """Why this process cannot know the exit code: the run is not its child."""
+    if st.get("launched_by") == LAUNCHED_BY_CLI:
+        return "it was started in a terminal by python -m core train, not by this process"
+    if st.get("launched_by") == LAUNCHED_BY_APP:
+        return "it was started by another LoRA Garage process (an earlier app session or train --detach)"
+    return "it was not started by this process"
+
+
+def _last_sign_of_life(run_dir: Path) -> str:
+    """When the process last wrote to its run folder: the end is at or after this (the exact time is unknown)."""
+    stamps = [p.stat().st_mtime for p in (run_dir / "train.log", run_dir / "events.jsonl") if p.exists()]
+    if not stamps:
+        return now()
+    return datetime.fromtimestamp(max(stamps)).astimezone().isoformat(timespec="seconds")
