@@ -33,7 +33,7 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     run_dir = run_files.resolve_run(run_id)
     cfg = runs.load_config(run_dir)
     adapter_dir = runs.adapter_path(run_dir, checkpoint)
-    out = _fresh_target(Path(out_dir))
+    out = fresh_target(Path(out_dir))
     base_path = models.resolve(cfg.model.source)
     models.check_safetensors(base_path)
     size = sum(f.stat().st_size for f in base_path.glob("*.safetensors"))
@@ -70,7 +70,7 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
         "run": run_dir.name, "checkpoint": checkpoint, "base_model": cfg.model.source, "adapter": str(adapter_dir),
         "quant_method": cfg.quant.method, "dtype": str(merged.dtype).replace("torch.", ""), "notes": notes}, indent=2))
     if out.exists():
-        out.rmdir()   # _fresh_target allowed only an empty folder
+        out.rmdir()   # fresh_target allowed only an empty folder
     os.replace(tmp, out)
     log(f"merged model written to {out}")
     return out
@@ -99,7 +99,7 @@ def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None,
     return out
 
 
-def _fresh_target(out: Path) -> Path:
+def fresh_target(out: Path) -> Path:
     out = out.expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GarageError(f"{out} already exists and is not an empty folder", "pick a new folder name for the export")
