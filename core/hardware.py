@@ -12,7 +12,8 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 
-_GIB = 1024 ** 3
+from core.units import GiB, gb
+
 NO_GPU = "no NVIDIA GPU found"
 
 
@@ -30,7 +31,7 @@ class GpuReading:
     driver: str = ""
 
     def summary(self) -> str:
-        parts = [self.name, f"{self.used / _GIB:.1f} / {self.total / _GIB:.1f} GB used"]
+        parts = [self.name, f"{self.used / GiB:.1f} / {gb(self.total)} used"]
         if self.util is not None:
             parts.append(f"{self.util}%")
         if self.temp is not None:

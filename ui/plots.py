@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from core import events as ev
+from core.units import GiB
 
 SMOOTHING = 0.8  # exponential moving average weight, like TensorBoard's default slider
 
@@ -70,10 +71,10 @@ def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:
 def memory_frame(events: list[dict], estimate_bytes: int | None) -> pd.DataFrame:
     """Measured memory in GB (on CUDA the GPU process peak and torch's peak reserved, on the CPU the process
     RSS: core.events.MEM_SERIES) with the estimate as a flat line across the measured steps."""
-    rows = [(step, value / 2**30, ev.MEM_SERIES[key]) for step, key, value in ev.memory_points(events)]
+    rows = [(step, value / GiB, ev.MEM_SERIES[key]) for step, key, value in ev.memory_points(events)]
     if estimate_bytes and rows:
         steps = sorted({r[0] for r in rows})
-        rows += [(steps[0], estimate_bytes / 2**30, "estimate"), (steps[-1], estimate_bytes / 2**30, "estimate")]
+        rows += [(steps[0], estimate_bytes / GiB, "estimate"), (steps[-1], estimate_bytes / GiB, "estimate")]
     return _frame(rows)
 
 

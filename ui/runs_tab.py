@@ -15,7 +15,8 @@ from core import events as ev
 from core import config as C
 from core import runner, runs
 from core.errors import GarageError
-from ui import plots, train_tab
+from core.units import gb
+from ui import export_panel, plots, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "final loss", "duration", "peak mem / estimate"]
 
@@ -51,14 +52,14 @@ def peak_vs_estimate(run_dir, events: list[dict]) -> str:
     peak = ev.peak_memory(events)
     est = runs.estimate_bytes(run_dir)
     if peak is None:
-        return f"? / {est / 2**30:.2f} GB" if est else "?"
-    text = f"{peak[0] / 2**30:.2f} GB"
+        return f"? / {gb(est, 2)}" if est else "?"
+    text = gb(peak[0], 2)
     if est:
-        text += f" / {est / 2**30:.2f} GB ({100 * (peak[0] - est) / est:+.0f}%)"
+        text += f" / {gb(est, 2)} ({100 * (peak[0] - est) / est:+.0f}%)"
     if peak[1] == ev.MEM_GPU_PEAK:
         torch_peak = max((v for _, key, v in ev.memory_points(events) if key == ev.MEM_TORCH_PEAK_RESERVED), default=0)
         if torch_peak:
-            text += f" · torch {torch_peak / 2**30:.2f} GB"
+            text += f" · torch {gb(torch_peak, 2)}"
     return text
 
 
@@ -133,6 +134,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
+    export_panel.build(pick)
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")
