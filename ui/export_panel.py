@@ -1,0 +1,86 @@
+"""The Export panel of the Runs page: a run's adapter as GGUF files with an Ollama Modelfile (core.gguf_export),
+and the parity table that says whether each file answers like the adapter."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import gguf_tools, paths
+from core.errors import GarageError
+
+COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
+           "same answer", "score GGUF vs adapter", "stops", "check"]
+
+
+def default_folder(run_id: str | None) -> str:
+    return str(paths.home() / "exports" / f"{run_id or 'run'}-gguf")
+
+
+def parity_table(report: dict) -> pd.DataFrame:
+    rows = []
+    for r in report.get("parity") or []:
+        f = report["files"][r["quant"]]
+        t = r["threshold"]
+        rows.append([r["quant"], f"{f['bytes'] / 1e6:.1f} MB", f"{f['bits_per_weight']:.2f}",
+                     f"{r['prompt_tokens_same']}/{r['prompts']}",
+                     f"{r['top1_agreement']:.3f} (at least {t['top1_at_least']})",
+                     f"{r['max_logit_diff']:.2f} (at most {t['max_logit_diff_at_most']})",
+                     f"{r['same_answer']}/{r['prompts']}",
+                     f"{r['score_gguf']:.2f} vs {r['score_adapter']:.2f}" if "score_gguf" in r else "no checker",
+                     f"{r['stops']}/{r['prompts']}", "passed" if r["passed"] else "FAILED: " + "; ".join(r["problems"])])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def export(run_id: str | None, folder: str, quants: list[str], check: bool, progress=gr.Progress()):
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    if not quants:
+        raise gr.Error("Tick at least one GGUF type (q8_0 is a good start).")
+    if not (folder or "").strip():
+        raise gr.Error("Give a folder for the export (a new one, or an empty one).")
+    from core import gguf_export
+
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        progress(None, desc=msg[:160])
+
+    try:
+        report = gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check)
+    except GarageError as e:
+        raise gr.Error(f"{e} Fix: {e.hint}" if getattr(e, "hint", None) else str(e))
+    out = Path(folder.strip()).expanduser()
+    passed = all(r["passed"] for r in report["parity"])
+    md = [f"**Written to** `{html.escape(str(out))}`: " + ", ".join(f"`{f['file']}`" for f in report["files"].values())
+          + ", `Modelfile`, `README.txt`, `export.json`.",
+          f"Run it: `cd {html.escape(str(out))} && ollama create {html.escape(run_id.lower())} -f Modelfile`",
+          f"Steps (s): {', '.join(f'{k} {v}' for k, v in report['times_s'].items())}"]
+    if report["parity"]:
+        md.append("**Parity check: passed.**" if passed else "**Parity check: FAILED** (the files are kept; the "
+                  "table says what differs).")
+    md += [f"Note: {html.escape(n)}" for n in report["notes"]]
+    return "  \n".join(md), parity_table(report)
+
+
+def build(pick: gr.Dropdown) -> None:
+    """The panel, under the run picker it exports from."""
+    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False):
+        gr.Markdown("Merges the adapter into the 16-bit base (also for a QLoRA run), converts with llama.cpp's own "
+                    "converter (downloaded once, about 77 MB), and checks the files against the adapter on the run's "
+                    "eval prompts. f16 and q8_0 need nothing else; q4_k_m builds llama.cpp's quantizer the first "
+                    "time (a C++ compiler and about 7 CPU-minutes)"
+                    + ("" if gguf_tools.quantizer_installed() else " (not built yet on this machine)") + ".")
+        with gr.Row():
+            folder = gr.Textbox(default_folder(pick.value), label="Export folder (new or empty)", scale=3)
+            quants = gr.CheckboxGroup(list(gguf_tools.QUANTS), value=["q8_0"], label="GGUF types", scale=3)
+            check = gr.Checkbox(value=True, label="parity check", scale=1)
+        go = gr.Button("Export GGUF", variant="primary")
+        status = gr.Markdown()
+        table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, label="Parity with the adapter")
+    pick.change(default_folder, pick, folder)
+    go.click(export, [pick, folder, quants, check], [status, table])
