@@ -24,7 +24,7 @@ Say = Callable[[str], None]
 def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = None, checkpoint: int | None = None,
                 say: Say | None = None, parity: bool = True) -> dict:
     """Write the GGUF export into `out_dir` (new or empty) and return what export.json holds."""
-    from core import data, export, models, run_files, runs
+    from core import export, run_files, runs
 
     say = say or (lambda m: None)
     quants = list(dict.fromkeys(q.lower() for q in (quants or ["q8_0"])))
@@ -48,8 +48,7 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.name).strip("-") or "model"
     work = out / ".work"
     try:
-        info = _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity,
-                      models, data, export)
+        info = _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity)
     except BaseException as e:
         _remove_partial(out, created_dir)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -61,8 +60,10 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
     return info
 
 
-def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity,
-           models, data, export) -> dict:
+def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity) -> dict:
+    from core import data, data_tokenize, export, models
+    from core.chat import GenSettings
+
     base_path = models.resolve(cfg.model.source)
     _check_space(out, base_path, quants)
     t = time.monotonic()
@@ -94,9 +95,6 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
         times[f"quantize_{q}"] = round(time.monotonic() - t, 1)
 
     tok = models.load_tokenizer(merged)
-    from core import data_tokenize
-    from core.chat import GenSettings
-
     renderer = data_tokenize.Renderer(tok)
     template_src = renderer.template
     bos_text = tok.bos_token if tok.bos_token and "bos_token" in template_src else ""

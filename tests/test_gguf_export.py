@@ -39,7 +39,7 @@ def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(ga
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core import gguf_export, gguf_read, gguf_tools, modelfile
+    from core import gguf_export, gguf_read, gguf_tools
 
     run = make_run(garage_home, tiny_model_dir)
     said = []
@@ -199,3 +199,22 @@ def test_the_go_template_renderer_follows_go_semantics():
     assert gotemplate.render(t, data) == "ax\n[last]bx\n"
     with pytest.raises(ValueError, match="unsupported"):
         gotemplate.render("{{ printf \"%s\" .X }}", {"X": 1})
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (it compiles llama.cpp on install: see README, "
+                    "'Run it in Ollama / llama.cpp / LM Studio')")
+def test_q4_k_m_through_llama_cpp_with_honest_bits_per_weight(garage_home, tiny_model_dir, tmp_path):
+    from core import gguf_export
+
+    make_run(garage_home, tiny_model_dir)
+    report = gguf_export.export_gguf("r1", tmp_path / "out", ["q4_k_m"])
+    f = report["files"]["q4_k_m"]
+    # the tiny model's 64-wide rows cannot be k-quantized (blocks of 256): llama.cpp falls back to other types,
+    # and the report says which, with the bits really stored
+    assert "Q4_K" not in f["types"] and 4 < f["bits_per_weight"] < 9
+    row = report["parity"][0]
+    assert row["runtime"] == "llama.cpp" and row["prompt_tokens_same"] == row["prompts"]
+    assert row["top1_agreement"] >= row["threshold"]["top1_at_least"], row
+    assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./r1-q4_k_m.gguf")
+    assert not (tmp_path / "out" / "r1-f16.gguf").exists()   # the f16 step file is not left behind
