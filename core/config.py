@@ -26,6 +26,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+OBJECTIVES = ("sft", "dpo", "orpo")
+# train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data_turns.PLACEHOLDER reads them
 RUN_NAME_MAX = 100
 
@@ -109,6 +112,18 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep only the last K checkpoints.")
     nan_patience: int = _f(3, "Stop after this many consecutive NaN/inf losses.")
     sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
+    objective: str = _f("sft", "What to learn: sft (imitate the replies), dpo (prefer the chosen reply over the "
+                               "rejected one, against the base as reference), orpo (the same without a reference: "
+                               "SFT on the chosen reply plus an odds-ratio penalty). dpo and orpo need "
+                               "chosen / rejected pairs.", OBJECTIVES)
+    dpo_beta: float = _f(0.1, "DPO beta: how far the adapter may move from the reference. Lower moves further "
+                              "(0.1 is common; 0.01 to 0.5).")
+    dpo_loss: str = _f("sigmoid", "DPO loss type: sigmoid (the DPO paper), ipo, hinge, robust, apo_zero, apo_down, "
+                                  "sigmoid_norm (length-normalised).", DPO_LOSSES)
+    orpo_lambda: float = _f(0.1, "ORPO lambda: weight of the odds-ratio (preference) term against the SFT loss on "
+                                 "the chosen reply (0.1 in the ORPO paper).")
+    from_run: str = _f("", "Continue from this finished run's adapter (a run id or latest) instead of a fresh "
+                           "adapter on the base: DPO then uses that adapter, frozen, as the reference.")
 
 
 @dataclass
@@ -347,6 +362,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.eval_steps", "must be >= 0", "0 evaluates only at the end")
     if t.nan_patience < 1:
         raise ConfigError("train.nan_patience", "must be >= 1", "use 3")
+    if not 0.0 < t.dpo_beta <= 10.0:
+        raise ConfigError("train.dpo_beta", f"must be in (0, 10], got {t.dpo_beta}", "use 0.1")
+    if not 0.0 < t.orpo_lambda <= 10.0:
+        raise ConfigError("train.orpo_lambda", f"must be in (0, 10], got {t.orpo_lambda}", "use 0.1")
+    if t.objective != "sft" and d.packing:
+        raise ConfigError("data.packing", f"cannot pack preference pairs (train.objective={t.objective})",
+                          "set data.packing=false")
     needs_bnb = q.method in ("qlora", "8bit") or t.optimizer != "adamw"
     if needs_bnb and not bnb_available():
         which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"

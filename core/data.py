@@ -30,6 +30,8 @@ __all__ = ["DataStats", "Prepared", "RowReader", "FORMATS", "DEFAULT_CHAT_TEMPLA
            "preview_html", "preview_text", "demo_eval_set", "score_answer"]
 
 DEMO_ID = "builtin:demo-identity"
+PREFERENCE_DEMO_ID = "builtin:demo-preference"  # DPO / ORPO demo: replies end with a sign-off (cpu-dpo-demo)
+DEMO_EVAL_FILES = {DEMO_ID: "demo_identity_eval.jsonl", PREFERENCE_DEMO_ID: "demo_preference_eval.jsonl"}
 _BATCH = 512        # rows per tokenizer call: big enough to amortise, small enough to stream
 _SAMPLES = 5        # rendered examples kept for previews
 _MEDIA_MARKER = re.compile(r"<(image|video|audio)>")
@@ -216,7 +218,12 @@ def _add_text(batch, tokenizer, chunker: Chunker, built: _Built, max_len: int) -
 # ---------------------------------------------------------------- prepare: the runner's entry point
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) -> Prepared:
-    """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`."""
+    """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`. For train.objective
+    dpo / orpo the rows are chosen / rejected pairs (core.data_pref)."""
+    if cfg.train.objective != "sft":
+        from core import data_pref
+
+        return data_pref.prepare(cfg, tokenizer, progress)
     data = cfg.data
     renderer = Renderer(tokenizer)
     reader = RowReader(data.source, data.format, data.columns, data.split, data.subset, data.limit, data.fill)
@@ -348,6 +355,11 @@ def _conversation_runs(conv: list[dict]) -> list[tuple[str, bool]]:
 
 def preview_html(prepared_or_samples, n: int = 3) -> str:
     """The first n rows as the model sees them: trained tokens highlighted, masked ones greyed out."""
+    from core import data_pref
+
+    pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
+    if data_pref.is_pairs(pairs):
+        return data_pref.preview_html(pairs, n, _TRAINED_STYLE, _MASKED_STYLE)
     parts = ['<div class="lg-preview">',
              f'<div class="lg-legend"><span class="lg-trained" style="{_TRAINED_STYLE}">trained (loss)</span> '
              f'<span class="lg-masked" style="{_MASKED_STYLE}">masked (no loss)</span></div>']
@@ -364,6 +376,11 @@ def preview_html(prepared_or_samples, n: int = 3) -> str:
 
 def preview_text(prepared_or_samples, n: int = 2) -> str:
     """Plain-text preview for the CLI: trained text inside ⟦ ⟧, everything else is masked."""
+    from core import data_pref
+
+    pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
+    if data_pref.is_pairs(pairs):
+        return data_pref.preview_text(pairs, n)
     out = []
     for i, runs in enumerate(_samples(prepared_or_samples)[:n], 1):
         body = "".join(f"⟦{text}⟧" if trained else text for text, trained in runs)
@@ -374,10 +391,11 @@ def preview_text(prepared_or_samples, n: int = 2) -> str:
 # ---------------------------------------------------------------- the built-in demo's eval set
 
 def demo_eval_set(source: str) -> list[dict] | None:
-    """Held-out prompts for builtin:demo-identity: [{"messages": [...], "expected": str}]; None for others."""
-    if (source or "").strip() != DEMO_ID:
+    """Held-out prompts for the built-in demos: [{"messages": [...], "expected": str}]; None for others."""
+    name = DEMO_EVAL_FILES.get((source or "").strip())
+    if name is None:
         return None
-    lines = (BUILTIN_DATA / "demo_identity_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (BUILTIN_DATA / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 

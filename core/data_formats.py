@@ -186,9 +186,11 @@ def check_meaning(record: dict, mapping: dict, where: Where) -> None:
     keys = {str(k).lower(): k for k in record if k not in used}
     chose = any(str(c).lower() in PREFERENCE_KEYS for c in used)  # the user mapped one side: their choice
     if any(k in keys for k in PREFERENCE_KEYS) and not chose:
-        raise where.error(f"this is a file of preference pairs (chosen / rejected): train them with DPO / ORPO "
-                          f"(not built yet in this version); columns found: {_cols(record)}",
-                          "for supervised fine-tuning give one reply per prompt, or map the preferred reply "
+        raise where.error(f"this is a file of preference pairs (chosen / rejected), and train.objective is sft; "
+                          f"columns found: {_cols(record)}",
+                          "train the pairs with train.objective=dpo (or orpo; --objective dpo on the command "
+                          "line, objective on the Train page's Preference panel); for supervised fine-tuning "
+                          "give one reply per prompt, or map the preferred reply "
                           "yourself (data.columns {prompt: prompt, response: chosen}; the rejected replies are "
                           "then left out)")
     for k in LABEL_KEYS:

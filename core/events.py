@@ -6,7 +6,8 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
 
     metrics  step, epoch, loss, lr, grad_norm, tokens_per_s (non-padding tokens / s), elapsed (s since the run's
              first step in this process), eta_s (s), mfu (fraction, CUDA only), mem {...} (bytes, see MEM_*)
-    eval     step, eval_loss
+             + for DPO / ORPO: reward_chosen, reward_rejected, reward_margin (nats), pref_accuracy (fraction)
+    eval     step, eval_loss (+ the same preference fields, on the held-out pairs)
     sample   step, prompt, text
     log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
     data     the dataset's stats at start (core.data.DataStats.to_dict: format, rows, tokens, ...)
@@ -34,6 +35,12 @@ METRICS, EVAL, SAMPLE, LOG, DATA, RESUME = "metrics", "eval", "sample", "log", "
 STEP, EPOCH, LOSS, LR, GRAD_NORM = "step", "epoch", "loss", "lr", "grad_norm"
 TOKENS_PER_S, ELAPSED, ETA_S, MFU, MEM = "tokens_per_s", "elapsed", "eta_s", "mfu", "mem"
 EVAL_LOSS = "eval_loss"
+# preference tuning (DPO / ORPO), in metrics and eval events. Rewards are TRL's implicit rewards in nats
+# (DPO: beta * log-ratio to the reference; ORPO: beta * log-probability), margin = chosen - rejected,
+# accuracy = share of pairs whose chosen reward is higher.
+REWARD_CHOSEN, REWARD_REJECTED = "reward_chosen", "reward_rejected"
+REWARD_MARGIN, PREF_ACCURACY = "reward_margin", "pref_accuracy"
+PREFERENCE_FIELDS = (REWARD_CHOSEN, REWARD_REJECTED, REWARD_MARGIN, PREF_ACCURACY)
 PROMPT, TEXT = "prompt", "text"
 LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
 
@@ -68,16 +75,18 @@ class EventLog:
         self.fh.flush()
 
     def metrics(self, *, step: int, epoch: float, loss, lr, grad_norm, tokens_per_s: float, elapsed: float,
-                eta_s: float, mem: dict, mfu: float | None = None) -> dict:
+                eta_s: float, mem: dict, mfu: float | None = None, extra: dict | None = None) -> dict:
+        """`extra`: the objective's own fields (PREFERENCE_FIELDS), checked against the schema."""
         event = {TYPE: METRICS, STEP: step, EPOCH: epoch, LOSS: loss, LR: lr, GRAD_NORM: grad_norm,
                  TOKENS_PER_S: tokens_per_s, ELAPSED: elapsed, ETA_S: eta_s, MEM: mem}
         if mfu is not None:
             event[MFU] = mfu
+        event.update(_extra(extra))
         self.write(event)
         return event
 
-    def eval(self, step: int, eval_loss) -> None:
-        self.write({TYPE: EVAL, STEP: step, EVAL_LOSS: eval_loss})
+    def eval(self, step: int, eval_loss, extra: dict | None = None) -> None:
+        self.write({TYPE: EVAL, STEP: step, EVAL_LOSS: eval_loss, **_extra(extra)})
 
     def sample(self, step: int, prompt: str, text: str) -> None:
         self.write({TYPE: SAMPLE, STEP: step, PROMPT: prompt, TEXT: text})
@@ -100,6 +109,13 @@ class EventLog:
 
     def close(self) -> None:
         self.fh.close()
+
+
+def _extra(extra: dict | None) -> dict:
+    unknown = set(extra or {}) - set(PREFERENCE_FIELDS)
+    if unknown:
+        raise ValueError(f"not event fields: {sorted(unknown)} (add them to core.events first)")
+    return dict(extra or {})
 
 
 # ---------------------------------------------------------------- reading
@@ -174,6 +190,17 @@ def peak_memory(events: list[dict]) -> tuple[int, str] | None:
         if key in best:
             return best[key], key
     return None
+
+
+def series(events: list[dict], field: str) -> dict[str, list[tuple[int, float]]]:
+    """{"train": [(step, value)], "eval": [(step, value)]} of a field logged in metrics and eval events."""
+    out = {"train": [], "eval": []}
+    for name, rows in (("train", metrics(events)), ("eval", of_type(events, EVAL))):
+        for e in rows:
+            v = e.get(field)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and e.get(STEP) is not None:
+                out[name].append((e[STEP], float(v)))
+    return out
 
 
 def last_metric(events: list[dict], field: str):

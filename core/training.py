@@ -243,6 +243,10 @@ def add_lora(model, cfg):
 
     from core.config import target_modules
 
+    if cfg.train.from_run:  # preference tuning on top of a finished run's adapter
+        from core import preference
+
+        return preference.continue_adapter(model, cfg)
     lo = cfg.lora
     lora_cfg = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                           target_modules=target_modules(lo.targets), use_rslora=lo.use_rslora, use_dora=lo.use_dora,
@@ -273,7 +277,12 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     dtype = compute_dtype(cfg, device)
     has_eval = bool(prepared.eval)
     liger = liger_plan(cfg, model, device, events)
-    args = TrainingArguments(
+    args_class = TrainingArguments
+    if t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
+        from core import preference
+
+        args_class = preference.args_class(cfg)
+    args = args_class(
         output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
@@ -289,6 +298,9 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
         report_to="none", disable_tqdm=True, skip_memory_metrics=True,
         use_liger_kernel=liger is not None, liger_kernel_config=liger)
+    if t.objective != "sft":
+        return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                        args, memory=memory)
     collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer, memory=memory)
     if device == "cuda":
@@ -386,8 +398,8 @@ def tokens_digest(rows) -> str:
 
     h = hashlib.sha256()
     for row in rows:
-        h.update(array("q", row["input_ids"]).tobytes())
-        h.update(array("q", row["labels"]).tobytes())
+        for key in ("input_ids", "labels") if "input_ids" in row else ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(array("q", row[key]).tobytes())
         h.update(b"|")
     return h.hexdigest()
 
@@ -412,6 +424,10 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     Written to a temporary folder and renamed, so adapter/ is either the old complete one or the new one."""
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
+    if len(getattr(model, "peft_config", {})) > 1:  # DPO from a run's adapter: its frozen reference copy stays out
+        from core.preference import drop_reference
+
+        drop_reference(model)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))

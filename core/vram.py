@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from core import vram_constants as K
-from core.config import ATTENTION_TARGETS, ATTN_IMPLEMENTATIONS, OPTIMIZERS
+from core.config import ATTENTION_TARGETS, ATTN_IMPLEMENTATIONS, OBJECTIVES, OPTIMIZERS
 from core.errors import ModelError
 from core.units import gb
 
@@ -189,6 +189,7 @@ class Settings:
     upcast_non_quantized: bool = False   # True: peft's prepare_model_for_kbit_training ran (core/training.py
                                          # skips it; many HF scripts call it) and made the rest fp32
     autocast: bool | None = None         # mixed precision; None = on for CUDA, off on CPU
+    objective: str = "sft"               # sft | dpo | orpo (train.objective): pairs cost two sequences per example
 
 
 def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda") -> Settings:
@@ -198,7 +199,7 @@ def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda
                     dora=lo.use_dora, quant_type=q.quant_type, double_quant=q.double_quant,
                     compute_dtype=q.compute_dtype, batch_size=t.batch_size, seq_len=run_cfg.data.max_len,
                     grad_accum=t.grad_accum, grad_checkpointing=t.grad_checkpointing, optimizer=t.optimizer,
-                    attn=run_cfg.model.attn_implementation, device=device)
+                    attn=run_cfg.model.attn_implementation, device=device, objective=t.objective)
 
 
 def targeted(shape: ModelShape, targets: str) -> list[Linear]:
@@ -410,7 +411,11 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     notes = list(shape.notes)
-    tokens = s.batch_size * s.seq_len
+    if s.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {s.objective!r}")
+    # DPO / ORPO: each pair is two sequences (chosen, rejected) in one batch of 2 x batch_size
+    sequences = s.batch_size * (1 if s.objective == "sft" else 2)
+    tokens = sequences * s.seq_len
     tensors = _trainable_tensors(shape, s)
     trainable = sum(numel * n for numel, n in tensors.items())
     weights = _weights(shape, s, d)
@@ -422,7 +427,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     per_tok, per_pos = _layer_bytes_per_token(shape, s, d)
     layer = tokens * (per_tok + per_pos * s.seq_len)
     final_norm = tokens * _head_bytes_per_token(shape, s, d)
-    mask = s.batch_size * s.seq_len ** 2 * d.resid if s.attn == "eager" else 0
+    mask = sequences * s.seq_len ** 2 * d.resid if s.attn == "eager" else 0
     # autocast keeps a compute-dtype copy of fp32 weights that the backward needs: every weight for full
     # fine-tuning (autocast's weight cache), and the frozen fp32 lm_head after the k-bit upcast.
     if d.autocast and s.method == "full":
@@ -445,6 +450,17 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         kept = shape.layers * layer - tokens * _first_layer_saving(shape, s, d) + final_norm + mask + casts
         later = transient
     activations = kept + max(0, later - logits)
+    # DPO's reference forward (adapter disabled, no grad) runs after the policy's, while its saved activations
+    # are alive: one layer's working set at a time plus TRL's chunked log-probabilities. ORPO has no reference,
+    # but its SFT term takes an fp32 log-softmax over the chosen half's logits on top of the pair's log-probs.
+    reference = layer + tokens * 4 * 2 if s.objective == "dpo" else 0
+    sft_term = (tokens // 2) * shape.vocab * 4 if s.objective == "orpo" else 0
+    activations += reference
+    logits += sft_term
+    if s.objective != "sft":
+        notes.append(f"{s.objective.upper()}: two sequences per pair (batch of {sequences})"
+                     + ("; the reference forward without grad (adapter disabled, no second model)"
+                        if s.objective == "dpo" else "; no reference model; the SFT term on the chosen reply"))
 
     dequant = 0
     if s.method == "qlora":
@@ -466,7 +482,8 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     details = dict(layer_saved=layer, checkpoints=shape.layers * tokens * shape.hidden * d.resid
                    if s.grad_checkpointing else 0, backward_transient=transient, autocast_weight_copies=casts,
                    eager_mask=mask, cuda_context=context, cublas_workspace=workspace,
-                   allocator_fragmentation=fragmentation, dequant_buffer=dequant)
+                   allocator_fragmentation=fragmentation, dequant_buffer=dequant,
+                   reference_forward=reference, orpo_sft_term=sft_term)
     return Estimate(shape, s, {k: int(round(v)) for k, v in components.items()},
                     {k: int(round(v)) for k, v in details.items()}, trainable, notes)
 

@@ -218,7 +218,7 @@ PREFERENCE_PAIRS = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
 @pytest.mark.parametrize("rows, needles", [
     (KTO, ["column 'label' marks each row good (true) or bad (false)", "keep only the rows with label=true"]),
     (IMAGES, ["column 'images' holds images: this app trains text models only", "remove the 'images' column"]),
-    (PREFERENCE, ["preference pairs (chosen / rejected): train them with DPO / ORPO (not built yet"]),
+    (PREFERENCE, ["preference pairs (chosen / rejected), and train.objective is sft", "train.objective=dpo"]),
     (PREFERENCE_PAIRS, ["preference pairs (chosen / rejected)", "{prompt: prompt, response: chosen}"]),
     ([{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
                     {"role": "assistant", "content": "A cat."}]}],

@@ -42,6 +42,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu", action="store_true",
                    help="estimate RAM for training on this machine's CPU (fp32) and check it against the free RAM, "
                         "instead of GPU memory")
+    p.add_argument("--objective", default="sft", choices=vram.OBJECTIVES,
+                   help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -58,7 +60,7 @@ def _settings(args, method: str) -> vram.Settings:
     return vram.Settings(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets,
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
-                         attn=args.attn, device="cpu" if args.cpu else "cuda")
+                         attn=args.attn, device="cpu" if args.cpu else "cuda", objective=args.objective)
 
 
 def _target(args) -> tuple[dict | None, int | None, str, str]:

@@ -3,9 +3,11 @@
   python -m core train --preset cpu-demo                        # a new run, in the foreground
   python -m core train --config my.yaml --set lora.r=32 --detach  # a new run in the background; prints its id
   python -m core train --run-dir DIR                            # the child the runner spawns (DIR/config.yaml)
+  python -m core train --objective dpo --dataset pairs.jsonl [--from-run RUN]   # preference tuning (DPO / ORPO)
 
 Settings are layered: defaults, then --preset, then --config FILE (only the keys it sets), then --model,
---dataset, --method, --max-steps, then each --set section.key=value.
+--dataset, --method, --max-steps, --objective, --from-run, then each --set section.key=value. With --from-run the
+new run trains that run's adapter further, on its base model and with its LoRA shape.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import yaml
 
 from core import events as ev
 from core import procs
-from core.config import METHODS, RunConfig, apply_overrides, from_dict
+from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 
 
@@ -31,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", metavar="SOURCE", help="data.source: a file, a folder, a hub id, or builtin:demo-identity")
     p.add_argument("--method", choices=METHODS, help="quant.method: lora (16-bit base), qlora (4-bit), 8bit")
     p.add_argument("--max-steps", type=int, metavar="N", help="train.max_steps")
+    p.add_argument("--objective", choices=OBJECTIVES, help="train.objective: sft, or dpo / orpo on chosen / rejected pairs")
+    p.add_argument("--from-run", metavar="RUN", help="train.from_run: continue from this completed run's adapter "
+                                                     "(a run id or latest)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set lora.r=32 (repeatable)")
     p.add_argument("--run-dir", metavar="DIR", help="train the run in DIR (its config.yaml); what the runner spawns")
     p.add_argument("--detach", action="store_true", help="start in the background via the runner and print the run id")
@@ -61,12 +66,35 @@ def build_config(args) -> RunConfig:
         cfg = _overlay_file(cfg, Path(args.config))
     d = cfg.to_dict()
     flags = {("model", "source"): args.model, ("data", "source"): args.dataset, ("quant", "method"): args.method,
-             ("train", "max_steps"): args.max_steps}
+             ("train", "max_steps"): args.max_steps, ("train", "objective"): args.objective,
+             ("train", "from_run"): args.from_run}
     for (section, name), value in flags.items():
         if value is not None:  # set directly: a path or hub id must not go through YAML parsing
             d[section][name] = value
     cfg = apply_overrides(from_dict(d), args.set)  # --set last, so it wins
+    if cfg.train.from_run:
+        cfg = _adopt_source_run(cfg, model_given=args.model is not None or any(s.startswith("model.source=")
+                                                                              for s in args.set))
     return cfg.validate()
+
+
+def _adopt_source_run(cfg: RunConfig, model_given: bool) -> RunConfig:
+    """--from-run: record the run's id (not "latest"), and take its base model and LoRA shape, which the adapter
+    fixes; a different --model is an error naming both."""
+    from core import run_files, runs
+
+    src = run_files.resolve_run(cfg.train.from_run)
+    if not run_files.has_adapter(src):
+        raise ConfigError("train.from_run", f"run {src.name} has no final adapter (it did not complete)",
+                          "continue from a completed run, or leave --from-run out to start from the base")
+    src_cfg = runs.load_config(src)
+    if model_given and not run_files.same_source(cfg.model.source, src_cfg.model.source):
+        raise ConfigError("train.from_run", f"run {src.name} trained on {src_cfg.model.source}, not {cfg.model.source}",
+                          f"leave --model out (the run's base is used) or pick a run trained on {cfg.model.source}")
+    cfg.train.from_run = src.name
+    cfg.model.source = src_cfg.model.source
+    cfg.lora = src_cfg.lora
+    return cfg
 
 
 def _overlay_file(cfg: RunConfig, path: Path) -> RunConfig:

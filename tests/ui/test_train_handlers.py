@@ -161,4 +161,4 @@ def test_inspect_says_how_tool_calls_are_rendered_and_refuses_preference_pairs(t
     assert "format **sharegpt**" in md and "tool calls rendered as plain text" in md
     data.write_text(json.dumps(PREFERENCE[0]) + "\n")
     md = train_tab.inspect_page(*_form(cfg)).summary
-    assert "preference pairs (chosen / rejected): train them with DPO / ORPO" in md and "Fix" in md
+    assert "preference pairs (chosen / rejected), and train.objective is sft" in md and "train.objective=dpo" in md and "Fix" in md
