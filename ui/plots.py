@@ -68,6 +68,27 @@ def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:
     return _frame([(e[ev.STEP], e[key], label) for e in ev.metrics(events) if _finite(e.get(key))])
 
 
+PREFERENCE_LABELS = {ev.REWARD_CHOSEN: "chosen", ev.REWARD_REJECTED: "rejected", ev.REWARD_MARGIN: "margin"}
+
+
+def rewards_frame(events: list[dict]) -> pd.DataFrame:
+    """DPO / ORPO: the rewards of the chosen and rejected replies and their margin (training; eval dashed by
+    name: "eval margin")."""
+    rows = []
+    for key, label in PREFERENCE_LABELS.items():
+        parts = ev.series(events, key)
+        rows += [(step, v, label) for step, v in parts["train"] if _finite(v)]
+        if key == ev.REWARD_MARGIN:
+            rows += [(step, v, "eval margin") for step, v in parts["eval"] if _finite(v)]
+    return _frame(rows)
+
+
+def accuracy_frame(events: list[dict]) -> pd.DataFrame:
+    """DPO / ORPO: share of pairs whose chosen reply out-scores the rejected one, train and eval."""
+    parts = ev.series(events, ev.PREF_ACCURACY)
+    return _frame([(step, v, name) for name in ("train", "eval") for step, v in parts[name] if _finite(v)])
+
+
 def memory_frame(events: list[dict], estimate_bytes: int | None) -> pd.DataFrame:
     """Measured memory in GB (on CUDA the GPU process peak and torch's peak reserved, on the CPU the process
     RSS: core.events.MEM_SERIES) with the estimate as a flat line across the measured steps."""

@@ -27,6 +27,9 @@ class RunView:
     grad: gr.LinePlot
     tps: gr.LinePlot
     mem: gr.LinePlot
+    rewards: gr.LinePlot     # DPO / ORPO only (in `pref`, hidden for SFT runs)
+    accuracy: gr.LinePlot
+    pref: gr.Column
     log: gr.Code
     samples: gr.Markdown
     chat_btn: gr.Button
@@ -36,8 +39,9 @@ class RunView:
 
     @property
     def outputs(self) -> list:
-        return [self.status, self.progress, self.loss, self.lr, self.grad, self.tps, self.mem, self.log,
-                self.samples, self.chat_btn, self.resume_btn, self.cache, self.charts]
+        return [self.status, self.progress, self.loss, self.lr, self.grad, self.tps, self.mem, self.rewards,
+                self.accuracy, self.log, self.samples, self.chat_btn, self.resume_btn, self.cache, self.charts,
+                self.pref]
 
 
 def _plot(title: str, y_title: str, height: int = 220) -> gr.LinePlot:
@@ -59,11 +63,14 @@ def build() -> RunView:
         with gr.Row():
             tps = _plot("Tokens / s (non-padding)", "tokens/s", 180)
             mem = _plot("Memory vs estimate (GB)", "GB", 180)
+        with gr.Column(visible=False) as pref:  # a DPO / ORPO run's own charts
+            rewards = _plot("Rewards: chosen, rejected, margin (DPO / ORPO)", "reward", 220)
+            accuracy = _plot("Preference accuracy (chosen out-scores rejected)", "share of pairs", 170)
         with gr.Accordion("train.log (tail)", open=False):
             log = gr.Code(language=None, lines=12, max_lines=20, label="train.log")
         samples = gr.Markdown()
-    return RunView(status, progress, loss, lr, grad, tps, mem, log, samples, chat_btn, resume_btn, gr.State({}),
-                   charts)
+    return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, log, samples, chat_btn,
+                   resume_btn, gr.State({}), charts)
 
 
 def refresh(run_id: str | None, cache: dict) -> tuple:
@@ -86,7 +93,8 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
     done = state in runs.TERMINAL
     frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, ev.LR, "learning rate"),
               "grad": plots.series_frame(events, ev.GRAD_NORM, "grad norm"),
-              "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est)}
+              "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est),
+              "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
     pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     values = (
@@ -99,6 +107,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         gr.update(visible=state in ("stopped", "failed")),
         cache,
         gr.update(visible=True),
+        gr.update(visible=len(frames["accuracy"]) > 0),
     )
     return values + (not done or pending,)
 
@@ -107,8 +116,9 @@ def _blank(cache) -> tuple:
     empty = None  # a chart given None now builds afresh when data comes (plots.live_value)
     if cache:
         cache = {**cache, "sent": {}}
-    return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, "", "",
-            gr.update(visible=False), gr.update(visible=False), cache or {}, gr.update(visible=False))
+    return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, empty, empty, "", "",
+            gr.update(visible=False), gr.update(visible=False), cache or {}, gr.update(visible=False),
+            gr.update(visible=False))
 
 
 def status_md(run_id: str, status: dict) -> str:

@@ -84,10 +84,10 @@ def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
     *values, keep = run_view.refresh("r1", {})
     assert set(values[2].series) == {"loss", "smoothed"} and not keep
     log.write({"type": "eval", "step": 2, "eval_loss": 2.5})  # the final eval lands after the last metrics
-    *values, keep = run_view.refresh("r1", values[11])
+    *values, keep = run_view.refresh("r1", values[13])
     assert values[2] is None and keep  # cleared, so one more tick although the run is over
     assert set(values[3].series) == {"learning rate"}  # the other charts are untouched
-    *values, keep = run_view.refresh("r1", values[11])
+    *values, keep = run_view.refresh("r1", values[13])
     assert set(values[2].series) == {"loss", "smoothed", "eval loss"} and not keep
 
 
