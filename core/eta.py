@@ -1,9 +1,21 @@
-"""Time to finish a run before it starts: the tokens it will train on, over a throughput measured on an earlier
-run with the same model and method, else assumed from the device's peak FLOP/s (core.gpu_specs)."""
+"""Time to finish a run: the one ETA every page and command shows.
+
+During a run it comes from the run's own recent steps (the metrics events carry eta_s, the callback's remaining
+steps x the mean of the last 20 step times), counted down from the time that event was written. Before a run it
+comes from runs measured on this machine that were of similar size (same method and device, model size within 2x,
+tokens per step within 4x), their rate scaled by model size; with fewer than two such runs it is a guess and says
+so, with its range: one run alone (perhaps on a busy machine) is averaged with the rate assumed from the device's
+peak FLOP/s (core.gpu_specs), never taken as it is.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from core import gpu_specs, paths
 
@@ -15,15 +27,35 @@ CPU_ASSUMED_FLOPS = 1.0e11
 GPU_ASSUMED_MFU = 0.35
 GPU_DEFAULT_PEAK = 50e12  # a card not in core.gpu_specs' table
 
+SIMILAR_PARAMS = 2.0          # a measured run counts when its model is within this factor of the planned one
+SIMILAR_TOKENS_PER_STEP = 4.0  # ... and its tokens per optimizer step within this factor
+ASSUMED_SPREAD = 2.0          # an assumed rate may be off by this factor either way
+CPU_BUSY_FACTOR = 4.0         # ... and on the CPU up to this much slower: other programs share the cores (measured
+                              # here: a 5-step cpu-demo run took 3.4x the assumed time with the load average at 8)
+MIN_STEPS = 3                 # metrics events a run needs to count as measured (the first is warm-up)
+
 
 @dataclass
 class Eta:
     seconds: float
-    tokens_per_s: float
-    source: str  # "measured on run X" or "assumed"
+    tokens_per_s: float | None
+    source: str                  # where the figure comes from, in words
+    low: float | None = None     # the range (seconds) when it is a guess
+    high: float | None = None
+    startup_s: float | None = None  # before the first step (loading the model and data), measured on this machine
+
+    @property
+    def guess(self) -> bool:
+        return self.low is not None
 
     def text(self) -> str:
-        return f"~{format_duration(self.seconds)} at {self.tokens_per_s:,.0f} tokens/s ({self.source})"
+        rate = f" at {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else ""
+        load = (f", plus ~{format_duration(self.startup_s)} to load the model and data"
+                if self.startup_s else "")
+        if self.guess:
+            return (f"~{format_duration(self.seconds)} of training{rate}, a guess: between "
+                    f"{format_duration(self.low)} and {format_duration(self.high)}{load} ({self.source})")
+        return f"~{format_duration(self.seconds)}{rate}{load} ({self.source})"
 
 
 def format_duration(s: float) -> str:
@@ -41,46 +73,178 @@ def peak_flops(gpu_name: str | None) -> float:
     return (gpu_specs.peak_bf16(gpu_name) or GPU_DEFAULT_PEAK) * GPU_ASSUMED_MFU
 
 
-def measured_tokens_per_s(model_source: str, method: str) -> tuple[float, str] | None:
-    """Median tokens/s of the newest run on this machine with the same model and method, if any."""
+# ---------------------------------------------------------------- during a run
+
+def for_run(status: dict, events: list[dict], now: float | None = None) -> Eta | None:
+    """The ETA of a run in progress, from its own recent steps; None when it is not training (or has no step yet)."""
+    from core import events as ev
+
+    if status.get("state") not in ("running", "stopping"):
+        return None
+    m = [e for e in ev.metrics(events) if e.get(ev.ETA_S) is not None]
+    if not m:
+        return None
+    last = m[-1]
+    since = max(0.0, (now or time.time()) - float(last.get(ev.T) or 0))
+    remaining = max(0.0, float(last[ev.ETA_S]) - since)
+    rates = sorted(float(e[ev.TOKENS_PER_S]) for e in m[-20:] if e.get(ev.TOKENS_PER_S))
+    tps = rates[len(rates) // 2] if rates else None
+    n = min(len(m), 20)
+    return Eta(remaining, tps, f"from this run's last {n} step{'s' if n > 1 else ''}")
+
+
+# ---------------------------------------------------------------- before a run
+
+@dataclass
+class Measured:
+    """One earlier run on this machine, as the ETA compares it."""
+    run: str
+    method: str
+    device: str            # "cpu" or "gpu"
+    params: int            # 0 when the model's size is unknown
+    tokens_per_step: float
+    tokens_per_s: float    # median over its steps after the first (warm-up)
+    startup_s: float | None = None  # from start to the first step: loading the model and the data
+    data: tuple = ()       # (data.source, data.max_len): what its rows were
+    rows_per_step: int = 0  # batch_size x grad_accum
+
+
+def measure(run_dir: Path, params_of=None) -> Measured | None:
+    """What run_dir measured, read through core.events; None when it has fewer than MIN_STEPS steps."""
+    from core import events as ev
+    from core.config import load_yaml
+
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.exists():
+        return None
+    cfg = load_yaml(cfg_path)
+    m = ev.metrics(ev.read(run_dir)[0])
+    if len(m) < MIN_STEPS:
+        return None
+    rates, per_step = [], []
+    for a, b in zip(m, m[1:]):  # pairs skip the first step: its time includes warm-up
+        steps = b.get(ev.STEP, 0) - a.get(ev.STEP, 0)
+        dt = (b.get(ev.ELAPSED) or 0) - (a.get(ev.ELAPSED) or 0)
+        tps = b.get(ev.TOKENS_PER_S)
+        if steps <= 0 or dt <= 0 or not tps:  # a resume restarts elapsed
+            continue
+        rates.append(float(tps))
+        per_step.append(float(tps) * dt / steps)
+    if not rates:
+        return None
+    mem = (m[-1].get(ev.MEM) or {})
+    device = "cpu" if ev.MEM_RSS in mem and ev.MEM_GPU_PEAK not in mem and ev.MEM_TORCH_PEAK_RESERVED not in mem \
+        else "gpu"
+    return Measured(Path(run_dir).name, cfg.quant.method, device, (params_of or _params)(cfg.model.source),
+                    _median(per_step), _median(rates), _startup(run_dir, m[0]), (cfg.data.source, cfg.data.max_len),
+                    cfg.train.batch_size * cfg.train.grad_accum)
+
+
+def _startup(run_dir: Path, first: dict) -> float | None:
+    """Seconds from the training process's start (status.json pid_create_time, which counts Python's imports;
+    else started_at) to its first step (the first event's t - elapsed)."""
+    import datetime as dt
+    import json
+
+    from core import events as ev
+
+    try:
+        st = json.loads((Path(run_dir) / "status.json").read_text())
+    except FileNotFoundError:
+        return None
+    if st.get("pid_create_time"):
+        start = float(st["pid_create_time"])
+    elif st.get("started_at"):
+        start = dt.datetime.fromisoformat(st["started_at"]).timestamp()
+    else:
+        return None
+    if first.get(ev.T) is None or first.get(ev.ELAPSED) is None:
+        return None
+    startup = float(first[ev.T]) - float(first[ev.ELAPSED]) - start
+    return startup if 0 <= startup < 24 * 3600 else None
+
+
+def measured_runs(params_of=None) -> list[Measured]:
+    """Every run on this machine with enough steps to count, newest first."""
     from core import events as ev
 
     logs = sorted(paths.runs_dir().glob(f"*/{ev.FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    out = []
     for log in logs:
-        cfg_path = log.parent / "config.yaml"
-        if not cfg_path.exists():
-            continue
-        from core.config import load_yaml
-
         try:
-            cfg = load_yaml(cfg_path)
-        except Exception:  # noqa: BLE001 - an unreadable old run just does not count as a measurement
+            found = measure(log.parent, params_of)
+        except Exception as e:  # noqa: BLE001 - an old unreadable run must not break the page: it does not count
+            warnings.warn(f"ETA: run {log.parent.name} not counted as a measurement: {e}", stacklevel=2)
             continue
-        if cfg.model.source != model_source or cfg.quant.method != method:
-            continue
-        rates = [float(e[ev.TOKENS_PER_S]) for e in ev.metrics(ev.read(log.parent)[0]) if e.get(ev.TOKENS_PER_S)]
-        if len(rates) >= 3:
-            rates = sorted(rates[1:])  # the first step includes warm-up
-            return rates[len(rates) // 2], f"measured on run {log.parent.name}"
-    return None
+        if found:
+            out.append(found)
+    return [m for m in out if m.tokens_per_s > 0]
 
 
-def before_start(total_tokens: int, params: int, model_source: str, method: str, gpu_name: str | None) -> Eta:
-    measured = measured_tokens_per_s(model_source, method)
-    if measured:
-        tps, source = measured
-    else:
-        tps = peak_flops(gpu_name) / max(1, 4 * params)
-        source = f"assumed for {'the ' + gpu_name if gpu_name else 'the CPU'}; measured after your first run"
-    return Eta(total_tokens / max(tps, 1e-9), tps, source)
+def similar(runs: list[Measured], method: str, device: str, params: int, tokens_per_step: float) -> list[Measured]:
+    def near(a: float, b: float, factor: float) -> bool:
+        return a > 0 and b > 0 and max(a, b) / min(a, b) <= factor
+
+    return [r for r in runs if r.method == method and r.device == device and near(r.params, params, SIMILAR_PARAMS)
+            and near(r.tokens_per_step, tokens_per_step, SIMILAR_TOKENS_PER_STEP)]
 
 
-def for_config(cfg, params: int, gpu_name: str | None) -> Eta | None:
+def before_start(total_tokens: int, params: int, method: str, gpu_name: str | None, tokens_per_step: float,
+                 measured: list[Measured] | None = None) -> Eta:
+    """The ETA of `total_tokens` trained tokens before the run starts (see the module's docstring)."""
+    device = "gpu" if gpu_name else "cpu"
+    assumed = peak_flops(gpu_name) / max(1, 4 * params)
+    where = f"the {gpu_name}" if gpu_name else "the CPU"
+    measured = measured_runs() if measured is None else measured
+    runs = similar(measured, method, device, params, tokens_per_step)
+    rates = [r.tokens_per_s * r.params / max(params, 1) for r in runs]  # scaled: time per token ~ model size
+    total = max(total_tokens, 0)
+    loads = [r.startup_s for r in measured if r.startup_s is not None and r.device == device and r.params == params]
+    startup = _median(loads) if loads else None
+    if len(rates) >= 2:
+        tps = _median(rates)
+        return Eta(total / tps, tps, f"measured on {len(rates)} runs of similar size on this machine",
+                   startup_s=startup)
+    if len(rates) == 1:
+        tps = math.sqrt(rates[0] * assumed)  # one run may have met a busy machine: halfway to the assumption
+        lo, hi = min(rates[0], assumed), max(rates[0], assumed)
+        return Eta(total / tps, tps, f"one similar run ({runs[0].run}) measured {rates[0]:,.0f} tokens/s, "
+                   f"{assumed:,.0f} assumed for {where}", total / hi, total / lo, startup)
+    return Eta(total / assumed, assumed, f"assumed for {where}; measured after two runs of similar size",
+               total / (assumed * ASSUMED_SPREAD), total * (ASSUMED_SPREAD if gpu_name else CPU_BUSY_FACTOR) / assumed,
+               startup)
+
+
+def for_config(cfg, params: int, gpu_name: str | None, measured: list[Measured] | None = None) -> Eta | None:
     """The ETA of a run's settings before its dataset was read: train.max_steps optimizer steps, each
-    batch_size x grad_accum rows of about half the data.max_len cutoff (rows are rarely all at the cutoff).
+    batch_size x grad_accum rows, of the tokens per row an earlier run on the same data measured, else of about
+    half the data.max_len cutoff (rows are rarely all at the cutoff).
     None when the step count depends on the dataset (max_steps <= 0: epochs)."""
     t = cfg.train
     if t.max_steps <= 0:
         return None
-    tokens = t.max_steps * t.batch_size * t.grad_accum * cfg.data.max_len // 2
-    return before_start(tokens, params, cfg.model.source, cfg.quant.method, gpu_name)
+    measured = measured_runs() if measured is None else measured
+    rows = t.batch_size * t.grad_accum
+    # tokens per row as an earlier run on the same data measured them, else half the cutoff
+    same = [m.tokens_per_step / m.rows_per_step for m in measured
+            if m.data == (cfg.data.source, cfg.data.max_len) and m.rows_per_step > 0]
+    per_step = rows * (_median(same) if same else cfg.data.max_len // 2)
+    return before_start(t.max_steps * per_step, params, cfg.quant.method, gpu_name, per_step, measured)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+@lru_cache(maxsize=64)
+def _params(source: str) -> int:
+    """A model's parameter count from its config (0 when it cannot be read: the run then compares by nothing)."""
+    from core import models, vram
+    from core.errors import GarageError
+
+    try:
+        return int(vram.shape_from_config(models.read_config(source)).total_params)
+    except (GarageError, OSError, ValueError, KeyError):
+        return 0

@@ -1,0 +1,147 @@
+"""The one ETA source (core.eta): during a run from the run's own steps, before a run from similar measured runs,
+a guess (with its range) when fewer than two similar runs exist, never one slow run alone. Events are written by
+the real EventLog and read back through core.events."""
+
+from core import config as C
+from core import eta, runs
+from core import events as ev
+
+PARAMS = 135_000_000
+
+
+def _run(steps: int, tokens_per_s: float, tokens_per_step: float, method: str = "lora", t0: float = 1000.0):
+    """A run folder with a config and `steps` metrics events at a steady rate, written by the trainer's writer."""
+    cfg = C.RunConfig()
+    cfg.quant.method = method
+    run_dir = runs.create(cfg)
+    log = ev.EventLog(run_dir)
+    step_s = tokens_per_step / tokens_per_s
+    for i in range(1, steps + 1):
+        log.write({ev.T: t0 + i * step_s, **_metrics(i, steps, tokens_per_s, step_s)})
+    log.close()
+    return run_dir
+
+
+def _metrics(step, total, tps, step_s):
+    return {ev.TYPE: ev.METRICS, ev.STEP: step, ev.EPOCH: 0.0, ev.LOSS: 1.0, ev.LR: 1e-4, ev.GRAD_NORM: 1.0,
+            ev.TOKENS_PER_S: tps, ev.ELAPSED: step * step_s, ev.ETA_S: (total - step) * step_s,
+            ev.MEM: {ev.MEM_RSS: 1 << 30}}
+
+
+def _measured(tps, per_step=1000.0, method="lora", device="cpu", params=PARAMS, name="r"):
+    return eta.Measured(name, method, device, params, per_step, tps)
+
+
+def test_measure_reads_rate_and_tokens_per_step_through_the_schema():
+    run_dir = _run(6, tokens_per_s=250.0, tokens_per_step=1000.0)
+    m = eta.measure(run_dir, params_of=lambda source: PARAMS)
+    assert m.method == "lora" and m.device == "cpu" and m.params == PARAMS
+    assert abs(m.tokens_per_s - 250.0) < 1e-6
+    assert abs(m.tokens_per_step - 1000.0) < 1e-6
+
+
+def test_a_run_with_too_few_steps_does_not_count():
+    assert eta.measure(_run(2, 250.0, 1000.0), params_of=lambda source: PARAMS) is None
+
+
+def test_nothing_measured_is_a_guess_with_a_range():
+    e = eta.before_start(100_000, PARAMS, "lora", None, 1000.0, measured=[])
+    assumed = eta.CPU_ASSUMED_FLOPS / (4 * PARAMS)
+    assert abs(e.tokens_per_s - assumed) < 1e-6
+    assert e.guess and e.low < e.seconds < e.high
+    assert "a guess" in e.text() and "assumed for the CPU" in e.text()
+
+
+def test_one_slow_run_alone_is_not_trusted():
+    slow = 12.0
+    assumed = eta.CPU_ASSUMED_FLOPS / (4 * PARAMS)
+    e = eta.before_start(100_000, PARAMS, "lora", None, 1000.0, measured=[_measured(slow)])
+    assert e.guess
+    only_measured, only_assumed = 100_000 / slow, 100_000 / assumed
+    assert min(only_measured, only_assumed) < e.seconds < max(only_measured, only_assumed)
+    assert e.low <= e.seconds <= e.high
+    assert "one similar run" in e.source
+
+
+def test_two_similar_runs_give_a_measured_eta_from_their_median():
+    runs_ = [_measured(100.0, name="a"), _measured(300.0, name="b"), _measured(200.0, name="c")]
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=runs_)
+    assert not e.guess
+    assert abs(e.tokens_per_s - 200.0) < 1e-6 and abs(e.seconds - 300.0) < 1e-6
+    assert "3 runs of similar size" in e.source
+
+
+def test_dissimilar_runs_are_left_out():
+    others = [_measured(5.0, method="qlora"), _measured(5.0, device="gpu"), _measured(5.0, params=PARAMS * 10),
+              _measured(5.0, per_step=100_000.0), _measured(5.0, params=0)]
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=others)
+    assert "assumed" in e.source and e.guess
+
+
+def test_a_rate_from_a_smaller_model_is_scaled_to_the_planned_size():
+    half = [_measured(400.0, params=PARAMS // 2, name="a"), _measured(400.0, params=PARAMS // 2, name="b")]
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=half)
+    assert abs(e.tokens_per_s - 200.0) < 1.0
+
+
+def test_measured_runs_on_disk_feed_for_config():
+    for _ in range(2):
+        _run(6, tokens_per_s=250.0, tokens_per_step=1024.0)
+    cfg = C.RunConfig()
+    cfg.train.max_steps, cfg.train.batch_size, cfg.data.max_len = 10, 4, 512
+    found = eta.measured_runs(params_of=lambda source: PARAMS)
+    assert len(found) == 2
+    e = eta.for_config(cfg, PARAMS, None, measured=found)
+    assert not e.guess and abs(e.seconds - 10 * 4 * 1024 / 250.0) < 1e-6  # 1024 tokens a row, measured
+
+
+def test_for_config_without_max_steps_waits_for_the_dataset():
+    assert eta.for_config(C.RunConfig(), PARAMS, None, measured=[]) is None
+
+
+def test_during_a_run_the_eta_counts_down_from_the_last_step():
+    run_dir = _run(4, tokens_per_s=100.0, tokens_per_step=1000.0)  # 10 s a step, last step at t0 + 40
+    events = ev.read(run_dir)[0]
+    last_t = events[-1][ev.T]
+    running = {"state": "running"}
+    now = eta.for_run(running, events, now=last_t)
+    later = eta.for_run(running, events, now=last_t + 5)
+    assert now.seconds == 0.0  # 4 of 4 steps: nothing left
+    events5 = ev.read(_run(10, 100.0, 1000.0))[0]
+    t = events5[4][ev.T]
+    mid = eta.for_run(running, events5[:5], now=t)
+    assert abs(mid.seconds - 50.0) < 1e-6 and not mid.guess
+    assert abs(eta.for_run(running, events5[:5], now=t + 20).seconds - 30.0) < 1e-6
+    assert later.seconds == 0.0
+    assert eta.for_run({"state": "completed"}, events5, now=t) is None
+    assert eta.for_run(running, [], now=t) is None
+
+
+def test_format_duration():
+    assert eta.format_duration(29) == "29 s"
+    assert eta.format_duration(213) == "3 min 33 s"
+    assert eta.format_duration(7300) == "2 h 01 min"
+
+
+def test_startup_is_measured_from_the_status_start_to_the_first_step():
+    import datetime as dt
+
+    run_dir = _run(5, tokens_per_s=100.0, tokens_per_step=1000.0, t0=2_000_000_000.0)
+    first = ev.metrics(ev.read(run_dir)[0])[0]
+    began = first[ev.T] - first[ev.ELAPSED]
+    started = dt.datetime.fromtimestamp(began - 40, dt.timezone.utc).isoformat()
+    runs.update_status(run_dir, None, started_at=started)
+    m = eta.measure(run_dir, params_of=lambda source: PARAMS)
+    assert abs(m.startup_s - 40.0) < 0.01
+    runs.update_status(run_dir, None, pid_create_time=began - 55)  # the process start counts Python's imports
+    assert abs(eta.measure(run_dir, params_of=lambda source: PARAMS).startup_s - 55.0) < 0.01
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=[m, m])
+    assert e.startup_s == m.startup_s and "to load the model and data" in e.text()
+
+
+def test_for_config_uses_the_tokens_per_row_measured_on_the_same_data():
+    cfg = C.RunConfig()
+    cfg.train.max_steps, cfg.train.batch_size, cfg.data.max_len = 10, 4, 512
+    seen = eta.Measured("a", "lora", "cpu", PARAMS, 100.0, 50.0, data=(cfg.data.source, 512), rows_per_step=2)
+    e = eta.for_config(cfg, PARAMS, None, measured=[seen, seen])
+    assert abs(e.seconds - 10 * 4 * 50 / 50.0) < 1e-6  # 50 tokens a row, not 256 (half the cutoff)
