@@ -8,27 +8,34 @@ training rows, said in "split"). Both sides run in one ChatSession, so the base 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from core import run_files
 from core.chat import BASE, ChatSession, GenSettings, message_text
 from core.errors import GarageError
 
 def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | None = None,
-             quant: str | None = None, max_new_tokens: int = 64, limit: int = 200) -> dict:
+             quant: str | None = None, max_new_tokens: int = 64, limit: int = 200,
+             progress: Callable[[str, int | None, int | None], None] | None = None) -> dict:
     """Score base vs adapter on the run's held-out data: the dataset's checker if it has one (accuracy),
-    else perplexity on the eval split (or, with none, on the first training rows: said in "split")."""
+    else perplexity on the eval split (or, with none, on the first training rows: said in "split").
+    `progress(message, done, total)` hears loading and each prompt or example scored (k of n)."""
     from core import data, runs
     from core.data_tokenize import PackedRows
 
+    say = progress or (lambda message, done=None, total=None: None)
     session = session or ChatSession()
     run_dir = run_files.resolve_run(run_id)
+    say("Loading the base model and the adapter", None, None)
     name = session.load_run(run_dir.name, checkpoint, quant)
     cfg = runs.load_config(run_dir)
     items = data.demo_eval_set(cfg.data.source)
     if items:
         settings = GenSettings(max_new_tokens=max_new_tokens, temperature=0.0)
         rows = []
-        for item in items[:limit]:
+        items = items[:limit]
+        for k, item in enumerate(items):
+            say("Scoring prompts: base and adapter answer each", k, len(items))
             base = adapted = ""
             for base, adapted in session.compare(item["messages"], settings, adapter=name):
                 pass
@@ -37,9 +44,10 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
                          "base_ok": bool(data.score_answer(cfg.data.source, base, item["expected"])),
                          "adapter_ok": bool(data.score_answer(cfg.data.source, adapted, item["expected"]))})
         n = len(rows)
+        say("Scoring prompts: base and adapter answer each", n, n)
         return {"metric": "accuracy", "higher_is_better": True, "split": "eval", "n": n, "rows": rows,
                 "base": sum(r["base_ok"] for r in rows) / n, "adapter": sum(r["adapter_ok"] for r in rows) / n}
-    prepared = data.prepare(cfg, session.tokenizer)
+    prepared = data.prepare(cfg, session.tokenizer, progress=lambda done, total: say("Tokenising", done, total))
     split = "eval" if prepared.eval else "train (the run has no held-out split)"
     # packed training sequences hold several examples: score the unpacked rows, one example each
     train = prepared.train.rows if isinstance(prepared.train, PackedRows) else prepared.train
@@ -55,6 +63,7 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
             totals[key][1] += n
             row["base_loss" if key == BASE else "adapter_loss"] = loss / max(n, 1)
         rows.append(row)
+        say("Scoring examples: loss of base and adapter", len(rows), len(examples))
     base_loss, ad_loss = (totals[k][0] / max(totals[k][1], 1) for k in (BASE, name))
     return {"metric": "perplexity", "higher_is_better": False, "split": split, "n": len(rows), "rows": rows,
             "base": math.exp(base_loss), "adapter": math.exp(ad_loss), "base_loss": base_loss, "adapter_loss": ad_loss}

@@ -15,6 +15,7 @@ import gradio as gr
 from core import events as ev
 from core import chat, evaluate, run_files, runs
 from core.errors import GarageError
+from ui import marks, progress
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
 MODES = ["Side by side: base | adapter", "Adapter only", "Checkpoints: A | B"]
@@ -99,6 +100,7 @@ def _settings(system, max_new, temperature, top_p, rep, seed) -> dict:
 
 
 EMPTY_REPLY = "_(empty reply: the model ended its turn at once)_"
+LOADING = "_(loading the model: the first message after picking a run takes a few seconds)_"
 
 
 def _messages(history: list[dict]) -> list[dict]:
@@ -145,9 +147,15 @@ def reply(prompt, left, right, run_id, ck_a, ck_b, mode, *gen) -> Iterator[tuple
 
 def _reply(left, right, run_id, ck_a, ck_b, mode, *gen):
     settings = _settings(*gen)
+    waiting = [side for side in (left, right) if side and side[-1]["role"] == "assistant"]
+    for side in waiting:  # loading the model can take seconds the first time: say so in the waiting bubbles
+        side[-1]["content"] = LOADING
+    yield left, right
     try:
         name_a = SESSION.load_run(run_id, _checkpoint(ck_a))
         name_b = SESSION.load_run(run_id, _checkpoint(ck_b)) if mode == MODES[2] else None
+        for side in waiting:
+            side[-1]["content"] = ""
         right_msgs = _messages(right[:-1])
         if mode == MODES[1]:  # adapter only: the right window
             for text in SESSION.stream(right_msgs, settings, adapter=name_a):
@@ -174,18 +182,19 @@ def stop_generation() -> None:
     SESSION.stop()
 
 
-def score(run_id: str | None, ck_a: str | None) -> str:
+def score(run_id: str | None, ck_a: str | None, report=None) -> str:
+    """The Score table; report(message, k, n) hears the loading and each prompt scored."""
     if not run_id:
         raise gr.Error("Pick a run first.")
     try:
-        r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION)
+        r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION, progress=report)
     except GarageError as e:
         raise gr.Error(str(e))
     if r["metric"] == "accuracy":
         head = (f"**Eval split ({r['n']} held-out prompts, the dataset's checker):** base **{100 * r['base']:.0f}%** · "
                 f"adapter **{100 * r['adapter']:.0f}%**")
-        rows = "".join(f"<tr><td>{html.escape(x['prompt'])}</td><td>{'✅' if x['base_ok'] else '❌'} "
-                       f"{html.escape(x['base'][:120])}</td><td>{'✅' if x['adapter_ok'] else '❌'} "
+        rows = "".join(f"<tr><td>{html.escape(x['prompt'])}</td><td>{marks.PASS if x['base_ok'] else marks.FAIL} "
+                       f"{html.escape(x['base'][:120])}</td><td>{marks.PASS if x['adapter_ok'] else marks.FAIL} "
                        f"{html.escape(x['adapter'][:120])}</td></tr>" for x in r["rows"])
         return head + f"\n\n<table><tr><th>prompt</th><th>base</th><th>adapter</th></tr>{rows}</table>"
     return (f"**Perplexity on {r['split']} ({r['n']} examples, lower is better):** base **{r['base']:.2f}** · "
@@ -221,6 +230,7 @@ def build() -> ChatTab:
             rep = gr.Slider(0.5, 2, value=1.1, step=0.05, label="repetition penalty")
             seed = gr.Number(-1, label="seed (-1 = random)", precision=0)
     score_btn = gr.Button("Score base vs adapter on the eval split")
+    score_status = gr.HTML()  # loading, then prompt k of n, while Score runs
     score_md = gr.Markdown()
 
     gen = [system, max_new, temperature, top_p, rep, seed]
@@ -254,7 +264,17 @@ def build() -> ChatTab:
             _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen, [prompt, left, right])
     stop_btn.click(stop_generation, None, None, queue=False)
     clear_btn.click(lambda: {left: [], right: []}, None, [left, right])
-    score_btn.click(score, [run_dd, ck_a], score_md)
+    def _score(run_id, ck):
+        yield {score_md: ""}
+        try:
+            table = yield from progress.stream(lambda report: score(run_id, ck, report),
+                                               lambda line: {score_status: line})
+        except Exception:
+            yield {score_status: ""}
+            raise
+        yield {score_status: "", score_md: table}
+
+    score_btn.click(_score, [run_dd, ck_a], [score_status, score_md])
 
     def _refresh(selected=None):
         choices = run_choices()

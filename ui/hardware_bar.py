@@ -6,6 +6,7 @@ import gradio as gr
 
 from core import hardware
 from core.units import GiB, gb
+from ui import marks
 
 POLL_S = 5
 
@@ -23,7 +24,7 @@ def render() -> str:
             parts.append(f"<b>{html.escape(g.name)}</b> {used:.1f} / {gb(g.total)}{extra}")
         gpu = " | ".join(parts)
     ram = f"RAM {(r.ram_total - r.ram_available) / GiB:.1f} / {gb(r.ram_total)} · {r.cpu_count} CPU cores"
-    return f"<div class='lg-bar'><span class='lg-brand'>🔧 LoRA Garage</span><span>{gpu}</span><span class='lg-dim'>{ram}</span></div>"
+    return f"<div class='lg-bar'><span class='lg-brand'>{marks.BRAND}LoRA Garage</span><span>{gpu}</span><span class='lg-dim'>{ram}</span></div>"
 
 
 def build() -> gr.HTML:

@@ -2,16 +2,17 @@
 
 import gradio as gr
 
-from ui import chat_tab, hardware_bar, runs_tab, train_tab
+from ui import chat_tab, hardware_bar, marks, progress, runs_tab, train_tab
 
 CSS = """
 .lg-bar {display:flex; gap:1.5em; align-items:center; flex-wrap:wrap; padding:6px 12px; border-radius:8px;
          background:var(--block-background-fill); border:1px solid var(--border-color-primary)}
-.lg-brand {font-weight:700; font-size:1.1em}
+.lg-brand {font-weight:700; font-size:1.1em; display:inline-flex; align-items:center; white-space:nowrap}
 .lg-dim {opacity:.7}
 .lg-verdict-fits {color:#1a7f37; font-weight:700} .lg-verdict-tight {color:#b08800; font-weight:700}
 .lg-verdict-no {color:#cf222e; font-weight:700}
-"""
+.lg-runs td, .lg-runs th {font-size:13px}
+""" + marks.CSS + progress.CSS
 MAX_UPLOAD = "200mb"
 
 
@@ -21,10 +22,14 @@ def build_app() -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
                 train = train_tab.build()
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build()
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_page:
                 runs_load = runs_tab.build(tabs=tabs, train=train, chat=chat)
+        # a tab opened later lists the runs made since the page loaded (it kept its load-time list before)
+        grid, pick, compare = runs_load[2][:3]
+        runs_page.select(runs_tab.relist, [pick, compare], [grid, pick, compare], show_progress="hidden")
+        chat_page.select(chat.refresh[0], chat.run_dd, chat.refresh[1], show_progress="hidden")
         # "Chat with this adapter" on the Train page: select the run there, then switch tabs
         train.chat_button.click(chat.refresh[0], train.run_id, chat.refresh[1]).then(
             lambda: gr.Tabs(selected="chat"), None, tabs)

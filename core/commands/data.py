@@ -7,8 +7,8 @@ rendered examples with the trained text marked. --json prints one object instead
 from __future__ import annotations
 
 import json
-import sys
 
+from core import terminal
 from core.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from core.config import RunConfig, apply_overrides
     from core.data import prepare, preview_text
-    from core.models import BUILTIN_ID, load_tokenizer
+    from core.models import load_tokenizer
 
     cfg = RunConfig()
     cfg.model.source = args.model
@@ -51,11 +51,13 @@ def run(args) -> int:
     cfg = apply_overrides(cfg, args.set)
     cfg.validate()
 
-    if args.model == BUILTIN_ID and sys.stderr.isatty():
-        print(f"loading the tokenizer of {BUILTIN_ID} (the very first time converts the model: about a minute)",
-              file=sys.stderr)
-    tokenizer = load_tokenizer(args.model)
-    prepared = prepare(cfg, tokenizer, progress=_progress if sys.stderr.isatty() and not args.json else None)
+    bar = terminal.bar(args.json)  # nothing when piped or --json
+    if bar:
+        bar(f"loading the tokenizer of {args.model}")
+    tokenizer = load_tokenizer(args.model, progress=(lambda msg: bar(f"first use of the model: {msg}")) if bar else None)
+    prepared = prepare(cfg, tokenizer, progress=(lambda done, total: bar("rows tokenised", done, total)) if bar else None)
+    if bar:
+        bar.done()
     stats = prepared.stats
     if args.json:
         out = {"format": stats.format, "rows": stats.rows, "columns": stats.columns, "tokens": stats.tokens(),
@@ -113,7 +115,3 @@ def _report(stats, args) -> str:
     lines += [f"warning   {w}" for w in stats.warnings]
     return "\n".join(lines)
 
-
-def _progress(done: int, total: int) -> None:
-    end = "\n" if done >= total else ""
-    print(f"\rtokenising {done:,} / {total:,} rows", end=end, file=sys.stderr, flush=True)

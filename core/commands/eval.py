@@ -4,6 +4,8 @@ a checker, else perplexity on the eval split)."""
 import json
 import sys
 
+from core import terminal
+
 
 def add_arguments(p) -> None:
     p.add_argument("run", help='run id, or "latest" for the most recent completed run')
@@ -20,8 +22,11 @@ def run(args) -> int:
     from core.evaluate import evaluate
 
     session = ChatSession()
+    progress = terminal.bar(args.json)  # loading, then prompt k of n; nothing when piped or --json
     r = evaluate(args.run, args.checkpoint, session=session, quant=args.quant, max_new_tokens=args.max_new_tokens,
-                 limit=args.limit)
+                 limit=args.limit, progress=progress)
+    if progress:
+        progress.done()
     if session.template_notice:
         print(f"note: {session.template_notice}", file=sys.stderr)
     if args.json:
