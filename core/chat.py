@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from core import models, run_files
+from core import data_tokenize, models, run_files
 from core.config import QuantConfig
 from core.errors import BusyError, ConfigError, GarageError, ModelError, OutOfMemory
 
@@ -104,6 +104,7 @@ class ChatSession:
         self.last_stats: dict = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.run_system = ""  # the loaded run's data.system (core.data_tokenize.with_system)
 
     # ------------------------------------------------------------ loading
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
@@ -114,6 +115,7 @@ class ChatSession:
         path = runs.adapter_path(run_dir, checkpoint)
         self.load_base(cfg.model.source, quant, cfg.model.trust_remote_code, cfg.quant)
         self.use_template_of(path)
+        self.run_system = cfg.data.system
         return self.attach(path, run_files.adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
                            run=run_dir.name, checkpoint=checkpoint)
 
@@ -273,8 +275,8 @@ class ChatSession:
         msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages or []]
         if not msgs or msgs[-1]["role"] != "user":
             raise GarageError("the conversation must end with a user message", "type a message first")
-        if settings.system and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": settings.system})
+        # the box's system prompt, else the one the run trained with (data.system), else the template's default
+        msgs = data_tokenize.with_system(msgs, settings.system or self.run_system)
         # rendered and tokenised exactly as core.data did for training: the template holds every special token
         text = self.renderer.render(msgs, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

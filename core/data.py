@@ -225,7 +225,7 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) 
 
         return data_pref.prepare(cfg, tokenizer, progress)
     data = cfg.data
-    renderer = Renderer(tokenizer)
+    renderer = Renderer(tokenizer, data.system)
     reader = RowReader(data.source, data.format, data.columns, data.split, data.subset, data.limit, data.fill)
     built = _tokenise(reader, tokenizer, renderer, data, progress)
     _check_something_left(built, data)

@@ -80,6 +80,40 @@ def fallback_notice(tokenizer) -> str | None:
             "may ramble until the token limit")
 
 
+NO_SYSTEM = "none"  # data.system value that removes the template's default system prompt
+
+
+def with_system(conv: list[dict], system: str) -> list[dict]:
+    """A conversation with data.system applied: rows that bring their own system turn keep it; the others get
+    `system` as theirs (NO_SYSTEM: an empty one, which stops a template from adding its default)."""
+    if not system or not conv or conv[0].get("role") in ("system", "text"):
+        return conv
+    return [{"role": "system", "content": "" if system == NO_SYSTEM else system}] + list(conv)
+
+
+def template_system(renderer: "Renderer") -> str | None:
+    """What the chat template adds as a system prompt to a conversation that has none, as rendered text (None
+    when it adds nothing). Found by rendering one probe turn three ways: alone, after an empty system turn, and
+    after a marked one; the default is what stands where the mark stands."""
+    user = [{"role": "user", "content": "PROBE-USER-7f3a"}]
+    mark = "PROBE-SYSTEM-7f3a"
+    try:
+        alone = renderer.render(user)
+        empty = renderer.render([{"role": "system", "content": ""}] + user)
+        marked = renderer.render([{"role": "system", "content": mark}] + user)
+    except Exception as e:  # noqa: BLE001 - a template that refuses a system turn: it then adds none either
+        if "system" in str(e).lower():
+            return None
+        raise
+    if alone == empty or mark not in marked:
+        return None
+    before, after = marked.split(mark, 1)
+    if alone.startswith(before) and alone.endswith(after) and len(alone) >= len(before) + len(after):
+        added = alone[len(before):len(alone) - len(after)]
+        return added or None
+    return None
+
+
 class Renderer:
     """Renders conversations with a tokenizer's chat template and finds the assistant spans.
 
@@ -88,8 +122,9 @@ class Renderer:
     plain_tools(). Reasoning goes to the template's thinking field where it has one, else it is dropped.
     `used` records which of these happened, for the stats."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, system: str = ""):
         self.template, self.is_default = chat_template(tokenizer)
+        self.system = system or ""  # data.system: "" = the template's default, NO_SYSTEM, or the text to use
         self.kwargs = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
                        if isinstance(v, str)}
         self.kwargs.setdefault("eos_token", getattr(tokenizer, "eos_token", None) or "")
@@ -110,6 +145,7 @@ class Renderer:
     def for_template(self, conv: list[dict]) -> tuple[list[dict], list | None, list[bool]]:
         """(messages as the template takes them, tools for its `tools` variable, trained flag per message)."""
         tools = getattr(conv, "tools", None)
+        conv = with_system(conv, self.system)
         has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in conv)
         if has_tools:
             self.used["tools"] = "template" if self.tool_support else "plain text"

@@ -27,7 +27,7 @@ GROUPS = {
     "Preference (DPO / ORPO)": [("train.objective", "radio"), ("train.dpo_beta", "number"),
                                 ("train.dpo_loss", "dropdown"), ("train.orpo_lambda", "number"),
                                 ("train.from_run", "text")],
-    "Advanced": [("data.train_on", "radio"), ("data.overlong", "radio"), ("data.packing", "check"),
+    "Advanced": [("data.system", "text"), ("data.train_on", "radio"), ("data.overlong", "radio"), ("data.packing", "check"),
                  ("data.padding_free", "check"),
                  ("data.val_fraction", "number"), ("data.val_source", "text"), ("data.limit", "number"),
                  ("model.attn_implementation", "dropdown"), ("model.liger_kernel", "check"),
