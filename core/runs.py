@@ -226,7 +226,16 @@ def estimate_bytes(run_dir: Path) -> int | None:
         return None
 
 
-def tail_log(run_dir: Path, lines: int = 30) -> str:
+# Lines of train.log a user need not read: Python warnings raised inside installed libraries (and the source line
+# Python prints under each), progress bars drawn with carriage returns, and bitsandbytes' note about optional
+# kernels. They stay in the file; only the page's view leaves them out.
+_NOISE = re.compile(r"(^\S*site-packages/\S+:\d+: \w*Warning:)|(^\s+warnings\.warn\()|(\d+it/s\]|\|\s*\d+/\d+ \[)"
+                    r"|(bitsandbytes.*(compiled without|kernel|CUDA SETUP))", re.IGNORECASE)
+
+
+def tail_log(run_dir: Path, lines: int = 30, hide_noise: bool = False) -> str:
+    """The last `lines` lines of train.log; with hide_noise, library warnings and progress bars left out (and
+    counted in a last line), so the end of the log is what the run itself said."""
     path = Path(run_dir) / "train.log"
     try:
         with open(path, "rb") as fh:
@@ -235,7 +244,15 @@ def tail_log(run_dir: Path, lines: int = 30) -> str:
             text = fh.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    kept = text.splitlines()
+    if hide_noise:
+        hidden = sum(1 for line in kept if _NOISE.search(line))
+        kept = [line for line in kept if line.strip() and not _NOISE.search(line)]
+        out = kept[-lines:]
+        if hidden:
+            out.append(f"({hidden} lines of library warnings and progress bars not shown: see {path})")
+        return "\n".join(out)
+    return "\n".join(kept[-lines:])
 
 
 # ---------------------------------------------------------------- checkpoints and adapters

@@ -23,7 +23,9 @@ def live_value(frame: pd.DataFrame, key: str, sent: dict) -> pd.DataFrame | None
     appears later (eval loss at the end, the estimate line) would draw nothing. It builds the chart afresh when its
     value goes from None to data. So when the set of series changes, this sends None once (and records that in
     `sent`, the caller's per-chart memory) and the frame on the next refresh. An empty frame is sent as None."""
-    names = tuple(sorted(set(frame["series"])))
+    # fewer than two steps draw nothing useful: vega warns of an infinite extent with no point and labels the
+    # axis 1.000000 with one, so a chart waits for its second step
+    names = tuple(sorted(set(frame["series"]))) if frame["step"].nunique() >= 2 else ()
     before = sent.get(key)
     if before and names != before:
         sent[key] = None

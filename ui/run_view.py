@@ -14,7 +14,7 @@ import gradio as gr
 from core import events as ev
 from core import eta, runs
 from core.errors import GarageError
-from ui import plots
+from ui import marks, plots
 
 
 
@@ -44,30 +44,34 @@ class RunView:
                 self.pref]
 
 
+STATUS_ID = "lg-run-status"
+# run in the browser after Start: an expanded VRAM breakdown pushes the run status below the fold
+SCROLL_TO_STATUS = f"() => document.getElementById('{STATUS_ID}')?.scrollIntoView({{block: 'center', behavior: 'smooth'}})"
+
+
 def _plot(title: str, y_title: str, height: int = 220) -> gr.LinePlot:
     return gr.LinePlot(None, x="step", y="value", color="series", title=title, y_title=y_title,
                        height=height, x_title="step")
 
 
 def build() -> RunView:
-    status = gr.Markdown("No run yet. Press **Start training**.")
+    status = gr.Markdown("No run yet. Press **Start training**.", elem_id=STATUS_ID)
     progress = gr.HTML()
     with gr.Row():
         chat_btn = gr.Button("Chat with this adapter", visible=False, variant="primary")
         resume_btn = gr.Button("Resume", visible=False)
     with gr.Column(visible=False) as charts:  # shown once a run is attached: empty charts say nothing
+        # one chart a line: side by side in this column their titles and legends were cut at 1400 px
         loss = _plot("Loss", "loss", 260)
-        with gr.Row():
-            lr = _plot("Learning rate", "lr", 180)
-            grad = _plot("Grad norm", "norm", 180)
-        with gr.Row():
-            tps = _plot("Tokens / s (non-padding)", "tokens/s", 180)
-            mem = _plot("Memory vs estimate (GB)", "GB", 180)
+        lr = _plot("Learning rate", "lr", 170)
+        grad = _plot("Grad norm", "norm", 170)
+        tps = _plot("Tokens/s (non-padding)", "tokens/s", 170)
+        mem = _plot("Memory (GB) vs estimate", "GB", 170)
         with gr.Column(visible=False) as pref:  # a DPO / ORPO run's own charts
             rewards = _plot("Rewards: chosen, rejected, margin (DPO / ORPO)", "reward", 220)
             accuracy = _plot("Preference accuracy (chosen out-scores rejected)", "share of pairs", 170)
-        with gr.Accordion("train.log (tail)", open=False):
-            log = gr.Code(language=None, lines=12, max_lines=20, label="train.log")
+        with gr.Accordion("train.log (the end; library warnings hidden, kept in the file)", open=False):
+            log = gr.Textbox(lines=12, max_lines=20, autoscroll=True, interactive=False, show_label=False)
         samples = gr.Markdown()
     return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, log, samples, chat_btn,
                    resume_btn, gr.State({}), charts)
@@ -81,7 +85,7 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        return (f"❌ {html.escape(e.message)}",) + _blank(cache)[1:] + (False,)
+        return (f"{marks.ERROR} {html.escape(e.message)}",) + _blank(cache)[1:] + (False,)
     sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
     if cache.get("run_id") != run_id:
         cache = {"run_id": run_id, "offset": 0, "events": []}
@@ -101,10 +105,10 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
         status_md(run_id, status),
         progress_html(status, events) + template_html(events),
         *charts.values(),
-        runs.tail_log(run_dir, lines=60),
+        runs.tail_log(run_dir, lines=60, hide_noise=True),
         samples_md(events),
         gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
-        gr.update(visible=state in ("stopped", "failed")),
+        resume_button(run_dir, status),
         cache,
         gr.update(visible=True),
         gr.update(visible=len(frames["accuracy"]) > 0),
@@ -121,11 +125,18 @@ def _blank(cache) -> tuple:
             gr.update(visible=False))
 
 
+def resume_button(run_dir, status: dict) -> dict:
+    """Resume only where it can do something: a stopped or failed run with a complete checkpoint, labelled with
+    what it does."""
+    ck = runs.latest_checkpoint(run_dir) if status.get("state") in ("stopped", "failed") else None
+    if ck is None:
+        return gr.update(visible=False)
+    return gr.update(visible=True, value=f"Resume: continue training from step {runs.checkpoint_step(ck)}")
+
+
 def status_md(run_id: str, status: dict) -> str:
     state = status.get("state", "?")
-    icon = {"queued": "⏳", "running": "🏃", "stopping": "⏸️", "stopped": "⏹️", "completed": "✅",
-            "failed": "❌"}.get(state, "•")
-    text = f"{icon} Run **{html.escape(run_id)}**: **{state}**"
+    text = f"Run **{html.escape(run_id)}**: {marks.state(state)}"
     err = status.get("error")
     if state == "failed" and err:
         text += f"  \n**{html.escape(str(err.get('message', '')))}**"
@@ -134,7 +145,7 @@ def status_md(run_id: str, status: dict) -> str:
     elif state == "completed":
         text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
     elif state == "stopped":
-        text += "  \nStopped and saved. Resume continues from the last checkpoint."
+        text += "  \nStopped and saved. Resume continues training from the last checkpoint."
     return text
 
 
@@ -147,8 +158,9 @@ def progress_html(status: dict, events: list[dict]) -> str:
     bits = [f"step {step} / {total or '?'}"]
     if last.get(ev.EPOCH) is not None:
         bits.append(f"epoch {last[ev.EPOCH]:.2f}")
-    if last.get(ev.ETA_S) is not None and status.get("state") == "running":
-        bits.append(f"ETA {eta.format_duration(last[ev.ETA_S])}")
+    left = eta.for_run(status, events)
+    if left is not None:
+        bits.append(f"ETA {eta.format_duration(left.seconds)} <span class='lg-dim'>({left.source})</span>")
     if last.get(ev.LOSS) is not None:
         bits.append(f"loss {last[ev.LOSS]:.4f}")
     return (f"<div style='background:#eee;border-radius:4px;height:14px'><div style='width:{pct:.1f}%;height:100%;"

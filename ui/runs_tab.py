@@ -13,12 +13,14 @@ import pandas as pd
 
 from core import events as ev
 from core import config as C
-from core import runner, runs
+from core import eta, runner, runs
 from core.errors import GarageError
 from core.units import gb
-from ui import export_panel, plots, train_tab
+from ui import export_panel, marks, plots, run_view, train_tab
 
-COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "final loss", "duration", "peak mem / estimate"]
+COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "loss", "duration", "peak mem / estimate"]
+# fits 1400 px without cutting a cell: short model and dataset names (the full ones are in the open run's config)
+COLUMN_WIDTHS = ["285px", "98px", "128px", "128px", "72px", "72px", "78px", "100px", "230px"]
 
 
 def table() -> pd.DataFrame:
@@ -27,11 +29,19 @@ def table() -> pd.DataFrame:
         run_dir = runs.get(r["id"])
         events, _ = ev.read(run_dir, 0)
         loss = ev.last_metric(events, ev.LOSS)
-        rows.append([r["id"], r.get("state"), r.get("model", ""), r.get("dataset", ""), r.get("method", ""),
-                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
+        rows.append([r["id"], r.get("state"), short_source(r.get("model", "")), short_source(r.get("dataset", "")),
+                     r.get("method", ""), f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
                      f"{loss:.4f}" if loss is not None else "",
                      _duration(r.get("started_at"), r.get("ended_at")), peak_vs_estimate(run_dir, events)])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def short_source(source: str) -> str:
+    """A model or dataset source as the table shows it: the built-in ones by name, a path by its last part."""
+    source = str(source or "")
+    if source.startswith("builtin:"):
+        return source.split(":", 1)[1]
+    return source.rstrip("/").rsplit("/", 1)[-1] if "/" in source and not source.count("/") == 1 else source
 
 
 def _duration(start: str | None, end: str | None) -> str:
@@ -42,8 +52,7 @@ def _duration(start: str | None, end: str | None) -> str:
         t1 = dt.datetime.fromisoformat(end) if end else dt.datetime.now(t0.tzinfo)
     except ValueError:
         return ""
-    s = int((t1 - t0).total_seconds())
-    return f"{s // 60} min {s % 60:02d} s" + ("" if end else " (running)")
+    return eta.format_duration((t1 - t0).total_seconds()) + ("" if end else " so far")
 
 
 def peak_vs_estimate(run_dir, events: list[dict]) -> str:
@@ -72,13 +81,37 @@ def open_run(run_id: str | None):
         cfg = runs.load_config(run_dir)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        return f"❌ {html.escape(str(e))}", None, "", ""
+        return f"{marks.ERROR} {html.escape(str(e))}", None, "", ""
     events, _ = ev.read(run_dir, 0)
     err = status.get("error") or {}
-    md = f"**{html.escape(run_id)}**: **{status.get('state')}** · folder: `{run_dir}`"
+    md = f"**{html.escape(run_id)}**: {marks.state(str(status.get('state')))} · {_steps(status)} · folder: `{run_dir}`"
     if err:
-        md += f"  \n❌ {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
+        md += f"  \n{marks.ERROR} {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
     return md, plots.loss_frame(events), C.dump_yaml(cfg), cli_command(cfg)
+
+
+def _steps(status: dict) -> str:
+    return f"step {status.get('step') or 0} / {status.get('total_steps') or '?'}"
+
+
+def follow(run_id: str | None, sent: dict) -> dict:
+    """The open run as its files say now, for the page's follow timer: summary, loss curve (sent only when its
+    series change: plots.live_value), the buttons, and whether to keep following (the run is still active)."""
+    if not run_id:
+        return {"summary": "Pick a run.", "curve": None, "resume": gr.update(visible=False),
+                "chat": gr.update(visible=False), "active": False, "sent": sent, "relist": False}
+    md, frame, _, _ = open_run(run_id)
+    run_dir = runs.get(run_id)
+    status = runs.read_status(run_dir)
+    sent = dict(sent or {})
+    active = status.get("state") in runs.ACTIVE
+    curve = plots.live_value(frame, "loss", sent)
+    relist = sent.get("state") != status.get("state")  # the table follows the open run's state changes
+    sent["state"] = status.get("state")
+    return {"summary": md, "curve": curve, "relist": relist,
+            "resume": run_view.resume_button(run_dir, status),
+            "chat": gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
+            "active": active, "sent": sent}
 
 
 def cli_command(cfg: C.RunConfig) -> str:
@@ -113,10 +146,20 @@ def delete(run_id: str | None, confirmed: bool) -> str:
     return f"Deleted {run_id}."
 
 
+def relist(current: str | None, compared: list | None = None) -> tuple:
+    """(table, open-run picker, overlay picker) as the home folder holds them now, keeping the open run and the
+    overlaid ones that are still there: for the tab's select, so runs made since the page loaded are listed."""
+    ids = [r["id"] for r in runs.list_runs()]
+    keep = current if current in ids else (ids[0] if ids else None)
+    overlaid = [i for i in compared or [] if i in ids] or ids[:3]
+    return table(), gr.update(choices=ids, value=keep), gr.update(choices=ids, value=overlaid)
+
+
 def build(tabs: gr.Tabs, train, chat) -> tuple:
     """Lay out the page; returns (fn, inputs, outputs) for the app's load event, which re-lists the runs."""
     refresh_btn = gr.Button("Refresh", size="sm")
-    grid = gr.Dataframe(table(), interactive=False, wrap=True, label="Runs (newest first)")
+    grid = gr.Dataframe(table(), interactive=False, wrap=False, label="Runs (newest first)", max_height=320,
+                        column_widths=COLUMN_WIDTHS, elem_classes=["lg-runs"])
     ids = [r["id"] for r in runs.list_runs()]
     with gr.Row():
         pick = gr.Dropdown(ids, value=ids[0] if ids else None, label="Open run", scale=3)
@@ -124,7 +167,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     summary = gr.Markdown()
     with gr.Row():
         chat_btn = gr.Button("Chat with this adapter", variant="primary")
-        resume_btn = gr.Button("Resume")
+        resume_btn = gr.Button("Resume", visible=False)
         sure = gr.Checkbox(label="yes, delete it", value=False)
         delete_btn = gr.Button("Delete run", variant="stop")
     action_md = gr.Markdown()
@@ -157,6 +200,21 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
 
     refresh_btn.click(_relist, None, [grid, pick, compare])
     pick.change(plots.clear_then(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
+
+    # the open run follows its files like the Train page: state, curve and buttons, until it ends
+    follow_timer, sent = gr.Timer(2.0, active=True), gr.State({})
+
+    def _follow(rid, sent_before):
+        r = follow(rid, sent_before)
+        ended = not r["active"]
+        return {summary: r["summary"], curve: r["curve"] if r["curve"] is not None or not ended else gr.skip(),
+                resume_btn: r["resume"], chat_btn: r["chat"], sent: r["sent"],
+                grid: table() if r["relist"] else gr.skip(),
+                follow_timer: gr.Timer(active=r["active"])}
+
+    pick.change(lambda: ({}, gr.Timer(active=True)), None, [sent, follow_timer])
+    follow_timer.tick(_follow, [pick, sent], [summary, curve, resume_btn, chat_btn, sent, grid, follow_timer],
+                      show_progress="hidden")
     compare.change(plots.clear_then(overlay), compare, overlay_plot)
     def _select(evt: gr.SelectData):
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()

@@ -18,9 +18,10 @@ import gradio as gr
 import pandas as pd
 
 from core import config as C
+from core import events as ev
 from core import access, eta, hardware, limits, models, paths, presets, runner, runs, units, vram
 from core.errors import GarageError
-from ui import plots, run_view, train_form, vram_panel
+from ui import marks, progress, run_view, train_form, vram_panel
 
 TICK_S = 1.0
 N_SUGGESTIONS = 3
@@ -55,12 +56,12 @@ def _cached_shape(source: str):
 
 def model_info_md(source: str) -> str:
     if not isinstance(source, str):  # only a hand-made API call sends anything else
-        return "⚠️ Base model: expected builtin:smollm2-135m, a hub id or a folder, as text"
+        return f"{marks.ERROR} Base model: expected builtin:smollm2-135m, a hub id or a folder, as text"
     try:
         shape = _shape(source)
         cfg = models.read_config(source)
     except GarageError as e:
-        return f"⚠️ {html.escape(e.message)}  \n**Fix:** {html.escape(e.hint)}"
+        return f"{marks.ERROR} {html.escape(e.message)}  \n**Fix:** {html.escape(e.hint)}"
     arch = (cfg.get("architectures") or ["?"])[0]
     size, template = _local_facts(source)
     return (f"**{arch}** · {shape.total_params / 1e6:,.0f} M parameters · {cfg.get('num_hidden_layers', '?')} layers"
@@ -74,14 +75,14 @@ def _local_facts(source: str) -> tuple[str, str]:
     except GarageError as e:
         return "size unknown", f"({e.message})"
     if info is None and source == models.BUILTIN_ID:
-        return "ships with the app (converted on first use, about a minute)", "chat template ✓"
+        return "ships with the app (converted on first use, about a minute)", "has a chat template"
     if info is None and source.lower().endswith(".gguf"):
         size = units.gb(Path(source).expanduser().stat().st_size, 2)
         return f"{size} .gguf file (converted to safetensors once, on first use)", \
             "chat template: read from the file when converted"
     if info is None:
         return "not downloaded yet", "chat template: checked when it loads"
-    template = "chat template ✓" if info.has_chat_template else "no chat template: a simple default is used"
+    template = "has a chat template" if info.has_chat_template else "no chat template: a simple default is used"
     return f"{units.gb(info.size_on_disk, 2)} on disk", template
 
 
@@ -109,21 +110,39 @@ def keep_upload(file_path: str | None) -> str:
 @dataclass
 class Inspection:
     """What Inspect shows: the summary (or the error, never a traceback), the length histogram update, the
-    preview html, the {{placeholder}} names found and an update for each fill box."""
+    preview html, the {{placeholder}} names found and an update for each fill box. `rejected` is the error's text
+    when the dataset was refused (Start then refuses it too, with the same words), keyed by `data_key`."""
     summary: str
     histogram: dict
     preview: str
     placeholders: list = field(default_factory=list)
     fill_boxes: list = field(default_factory=list)
+    rejected: str | None = None
+    data_key: str = ""
 
 
-def inspect_page(names: list[str], values: list) -> Inspection:
-    md, hist, preview, stats = _inspect(names, values)
+def data_key(cfg: C.RunConfig) -> str:
+    """What an inspection depends on: the model (its tokenizer and template) and every data.* setting."""
+    import json
+
+    return json.dumps([cfg.model.source, cfg.data.__dict__], sort_keys=True, default=str)
+
+
+def inspect_page(names: list[str], values: list, report=None) -> Inspection:
+    """Read, render and tokenise the dataset as training will. `report(message, done, total)` hears each long
+    phase: the one-time conversion of the built-in model, loading the tokenizer, tokenising row k of n."""
+    try:
+        cfg = train_form.to_config(names, values)
+        access.check_config(cfg)
+    except GarageError as e:
+        return Inspection(_error_md(e), gr.update(visible=False), "", rejected=str(e))
+    key = data_key(cfg)
+    md, hist, preview, stats, err = _inspect(cfg, report or (lambda *a: None))
     found = list(stats.placeholders) if stats else []
     fill = dict(zip(names, values)).get("data.fill") or {}
     boxes = [gr.update(visible=True, label=f"fill {{{{{found[i]}}}}}", value=fill.get(found[i], ""))
              if i < len(found) else gr.update(visible=False, value="") for i in range(N_FILL)]
-    return Inspection(md, hist, preview, found[:N_FILL], boxes)
+    return Inspection(md, hist, preview, found[:N_FILL], boxes, err, key)
 
 
 def fill_from_boxes(found: list[str], *texts) -> dict:
@@ -131,26 +150,59 @@ def fill_from_boxes(found: list[str], *texts) -> dict:
     return {name: text.strip() for name, text in zip(found or [], texts) if (text or "").strip()}
 
 
-def _inspect(names: list[str], values: list):
+def _error_md(e: GarageError) -> str:
+    return f"{marks.REJECTED} **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}"
+
+
+def _inspect(cfg: C.RunConfig, report):
     from core import data
 
     try:
-        cfg = train_form.to_config(names, values)
-        access.check_config(cfg)
-        tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
-        prepared = data.prepare(cfg, tok)
+        report("Loading the tokenizer")
+        tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code,
+                                    progress=lambda msg: report(f"First use of the model: {msg}"))
+        prepared = data.prepare(cfg, tok, progress=lambda done, total: report("Tokenising rows", done, total))
     except GarageError as e:
-        return (f"❌ **{html.escape(e.message)}**  \n**Fix:** {html.escape(e.hint)}", gr.update(visible=False), "",
-                None)
+        return _error_md(e), gr.update(visible=False), "", None, str(e)
     s = prepared.stats
     cols = ", ".join(f"{k} ← `{v}`" for k, v in s.columns.items()) or "—"
-    over = s.truncated + s.dropped
-    template = "  \n⚠️ This model has no chat template: a simple ChatML default is used." if s.template_is_default else ""
-    md = (f"**{s.rows:,} rows** · format **{s.format}** · columns: {cols}  \n"
-          f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
-          f"({s.truncated} truncated, {s.dropped} dropped) · {s.trained_tokens:,} trained tokens per epoch "
-          f"of {s.total_tokens:,}{template}" + _notes_md(s))
-    return md, gr.update(value=histogram(s.lengths, s.max_len), visible=True), data.preview_html(prepared, n=3), s
+    if s.format == "text":
+        # raw text is never cut at the cutoff: it is laid end to end and split into max_len-token chunks
+        counts = (f"**{s.rows:,} blocks of text** (the file is read in blocks of about 8,000 characters, cut at "
+                  f"blank lines) · format **text** → **{s.train_rows:,} training chunks** of up to {s.max_len} "
+                  f"tokens: text longer than a chunk continues in the next one, nothing is cut off")
+    else:
+        over = s.truncated + s.dropped
+        counts = (f"**{s.rows:,} rows** · format **{s.format}** · columns: {cols}  \n"
+                  f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
+                  f"({s.truncated} truncated, {s.dropped} dropped)")
+    template = ("  \n{marks.NOTE} This model has no chat template: a simple ChatML default "
+                "is used." if s.template_is_default else "")
+    md = (f"{counts} · {s.trained_tokens:,} trained tokens per epoch of {s.total_tokens:,}{template}"
+          + _notes_md(s))
+    frame = histogram(s.lengths, s.max_len, text=s.format == "text")
+    hist = gr.update(value=frame, visible=True, sort=list(dict.fromkeys(frame["tokens"])))
+    return md, hist, system_note_md(cfg, tok) + data.preview_html(prepared, n=3), s, None
+
+
+def system_note_md(cfg: C.RunConfig, tokenizer) -> str:
+    """Above the preview: the system prompt every row without one trains with, and where it comes from (the chat
+    template's default, which a user often does not know is there, or data.system)."""
+    from core.data_tokenize import NO_SYSTEM, Renderer, template_system
+
+    default = template_system(Renderer(tokenizer))
+    how = ("Set <b>system</b> under Advanced to replace it, or to <code>none</code> to remove it.")
+    if cfg.data.system == NO_SYSTEM:
+        text = ("No system prompt: <b>system</b> is <code>none</code>, so rows without one get an empty system turn"
+                + (" (this template still writes the empty turn's markers)." if default else "."))
+    elif cfg.data.system:
+        text = f"Rows without a system prompt train with yours (<b>system</b> under Advanced): “{html.escape(cfg.data.system)}”."
+    elif default:
+        text = (f"This model's chat template adds a system prompt to every row that has none: "
+                f"“{html.escape(default.strip())}”. It is part of what the model learns. {how}")
+    else:
+        return ""
+    return f"<div class='lg-note' style='margin:4px 0 8px'>{marks.NOTE} {text}</div>"
 
 
 def _notes_md(s) -> str:
@@ -165,7 +217,13 @@ def _notes_md(s) -> str:
     return "".join(f"  \n**Note:** {line}" for line in lines)
 
 
-def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
+OVER, FITS, SPLIT = "over the cutoff", "fits", "continues in the next chunk"
+HIST_COLORS = {FITS: "#4e79a7", OVER: "#e15759", SPLIT: "#f28e2b"}
+
+
+def histogram(lengths: list[int], cutoff: int, bins: int = 20, text: bool = False) -> pd.DataFrame:
+    """Rows per token-length bin, in length order (the chart keeps this order: its x is text). For raw text,
+    longer than the cutoff is not "over": it continues in the next chunk."""
     if not lengths:
         return _empty_hist()
     top = max(max(lengths), cutoff)
@@ -173,7 +231,7 @@ def histogram(lengths: list[int], cutoff: int, bins: int = 20) -> pd.DataFrame:
     counts: dict[tuple[int, str], int] = {}
     for n in lengths:
         b = (n // width) * width
-        key = (b, "over the cutoff" if n > cutoff else "fits")
+        key = (b, (SPLIT if text else OVER) if n > cutoff else FITS)
         counts[key] = counts.get(key, 0) + 1
     rows = [(f"{b}-{b + width - 1}", b, c, kind) for (b, kind), c in sorted(counts.items())]
     return pd.DataFrame(rows, columns=["tokens", "start", "rows", "length"])
@@ -215,11 +273,11 @@ def apply_preset(name: str, names: list[str], values: list) -> tuple[str, list]:
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:
     if not isinstance(preset_name, str) or not preset_name.strip():
-        return "❌ Type a name for the preset first (letters, digits, - _)."
+        return f"{marks.ERROR} Type a name for the preset first (letters, digits, - _)."
     try:
         path = presets.save_user_preset(preset_name.strip(), train_form.to_config(names, values))
     except GarageError as e:
-        return f"❌ {html.escape(e.message)} — {html.escape(e.hint)}"
+        return f"{marks.ERROR} {html.escape(e.message)} — {html.escape(e.hint)}"
     return f"Saved as **{preset_name.strip()}** ({path}). It is now in the preset list."
 
 
@@ -230,6 +288,7 @@ class VramView:
     verdict: str = ""
     suggestions: list = field(default_factory=list)
     eta: str = ""
+    title: str = "### VRAM"
 
 
 def vram_update(target: str, names: list[str], values: list) -> VramView:
@@ -240,10 +299,13 @@ def vram_update(target: str, names: list[str], values: list) -> VramView:
     except GarageError as e:
         return VramView(f"<div class='lg-dim'>{html.escape(e.message)}</div>")
     chosen = cfg.quant.method if cfg.quant.method in ("lora", "qlora") else "lora"
-    ests = vram_panel.estimates(cfg, shape)
     reading = hardware.read()
+    device = "cpu" if target == "detected" and not reading.gpus else "cuda"  # a GPU size picked: plan for it
+    ests = vram_panel.estimates(cfg, shape, device)
     total, free, label = vram_panel.gpu_budget(target, reading)
-    panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen)
+    if device == "cpu":
+        label = "this machine's RAM (no NVIDIA GPU: training runs on the CPU in fp32; pick a GPU size to plan for one)"
+    panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen, device)
     verdict = vram_panel.verdict_text(ests[chosen], total, free)
     if total is None and not reading.gpus:
         verdict = vram_panel.cpu_verdict_text(cfg, shape, chosen, reading)
@@ -253,8 +315,12 @@ def vram_update(target: str, names: list[str], values: list) -> VramView:
         suggestions = suggestions[:N_SUGGESTIONS]
         if not suggestions:
             verdict += "  \nNothing we can change makes this model fit this GPU: pick a smaller model."
+    measured = vram_panel.measured_text(cfg)
+    if measured:
+        verdict += f"  \n{measured}"
     gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
-    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name))
+    title = "### Memory (RAM, CPU only)" if device == "cpu" else "### VRAM"
+    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name), title)
 
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None) -> str:
@@ -262,6 +328,20 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None) -> str:
     if e is None:
         return "ETA: inspect the dataset to know the steps per epoch."
     return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
+
+
+def running_eta_md(run_id: str | None) -> str | None:
+    """The ETA line while run_id trains: the same figure as the run status below (core.eta.for_run), so the page
+    never shows two; None when it is not training (the line then shows the next run's ETA)."""
+    if not run_id:
+        return None
+    try:
+        run_dir = runs.get(run_id)
+        status = runs.read_status(run_dir)
+    except GarageError:
+        return None
+    left = eta.for_run(status, ev.read(run_dir)[0])
+    return f"**ETA** of run {html.escape(run_id)}: {left.text()}" if left else None
 
 
 def suggestion_buttons(suggestions: list) -> list:
@@ -283,10 +363,14 @@ def apply_suggestion(i: int, suggestions: list, names: list[str], values: list) 
 
 # ---------------------------------------------------------------- handlers: start / stop
 
-def start(names: list[str], values: list) -> str:
-    """Validate, then start the child process. Returns the run id; errors name the field."""
+def start(names: list[str], values: list, rejected: dict | None = None) -> str:
+    """Validate, then start the child process. Returns the run id; errors name the field. A dataset Inspect has
+    refused (with these very data settings and model) is refused here too, with the same message, rather than
+    failing in the child with a traceback in train.log."""
     try:
         cfg = train_form.to_config(names, values).validate()
+        if rejected and rejected.get("key") == data_key(cfg):
+            raise gr.Error(f"Inspect refused this dataset: {rejected['message']}")
         access.check_config(cfg)
         limits.check(cfg)
         return runner.start(cfg)
@@ -313,6 +397,16 @@ def resume(run_id: str | None) -> str:
         raise gr.Error(str(e))
 
 
+def running_form(names: list[str], run_id: str | None) -> list | None:
+    """The form's values (in `names` order) from the settings of run_id while it trains, else None."""
+    if not run_id or runner.running() != run_id:
+        return None
+    try:
+        return train_form.values_of(names, runs.load_config(runs.get(run_id)))
+    except GarageError:
+        return None
+
+
 def attach() -> str | None:
     """On page load: the run that is training now (after a refresh or an app restart), else the newest run,
     so a refresh after the end still shows how it ended."""
@@ -335,11 +429,12 @@ def build() -> TrainTab:
                                    "a local folder, or a hub id like Qwen/Qwen2.5-0.5B-Instruct")
             model_md = gr.Markdown(model_info_md(defaults.model.source))
             gr.Markdown("### 2 · Dataset")
-            with gr.Row():
-                data_tb = gr.Textbox(defaults.data.source, label="Dataset", scale=3,
-                                     info="builtin:demo-identity, a file or folder path, or a hub dataset id")
-                upload = gr.File(label="…or upload a file", file_types=[".jsonl", ".json", ".csv", ".tsv",
-                                 ".parquet", ".txt", ".md"], type="filepath", scale=2, height=110)
+            # one above the other: side by side, the upload box cut file names ("alpac… .json") and the path wrapped
+            data_tb = gr.Textbox(defaults.data.source, label="Dataset", max_lines=1,
+                                 info="builtin:demo-identity, a file or folder path, or a hub dataset id")
+            upload = gr.File(label="…or upload a file (.jsonl .json .csv .tsv .parquet .txt .md)",
+                             file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md"],
+                             type="filepath", height=120)
             with gr.Row():
                 fmt = gr.Dropdown(list(C.field_choices("data.format")), value=defaults.data.format,
                                   label="format", info=C.field_help("data.format"))
@@ -347,7 +442,9 @@ def build() -> TrainTab:
                 split = gr.Textbox(defaults.data.split, label="split", info=C.field_help("data.split"))
                 subset = gr.Textbox(defaults.data.subset, label="subset", info=C.field_help("data.subset"))
             inspect_btn = gr.Button("Inspect dataset", size="sm")
+            data_status = gr.HTML()  # what Inspect is doing while it runs (progress.stream)
             data_md = gr.Markdown()
+            rejected = gr.State({})  # {key, message} of the dataset Inspect refused: Start refuses it too
             with gr.Row():  # shown by Inspect, one per {{placeholder}} the file holds
                 fill_boxes = [gr.Textbox(visible=False, label="fill", info=C.field_help("data.fill"))
                               for _ in range(N_FILL)]
@@ -355,7 +452,7 @@ def build() -> TrainTab:
             fill = gr.State(dict(defaults.data.fill))
             hist = gr.BarPlot(visible=False, value=None, x="tokens", y="rows", color="length", sort=None,
                               title="Token length per row against the cutoff", height=220,
-                              color_map={"fits": "#4e79a7", "over the cutoff": "#e15759"})
+                              color_map=HIST_COLORS)
             with gr.Accordion("Preview: exactly what the model sees (green = trained, grey = masked)", open=False):
                 preview = gr.HTML()
             gr.Markdown("### 3 · Preset and settings")
@@ -370,7 +467,7 @@ def build() -> TrainTab:
                        ("data.columns", cols), ("data.split", split), ("data.subset", subset), ("data.fill", fill)]
             form = train_form.build(defaults, leading)
         with gr.Column(scale=2):
-            gr.Markdown("### VRAM")
+            vram_title = gr.Markdown("### VRAM")
             target = gr.Dropdown(["detected"] + [f"{g} GB" for g in vram_panel.TARGET_SIZES_GB], value="detected",
                                  label="Check against")
             vram_html = gr.HTML()
@@ -389,14 +486,26 @@ def build() -> TrainTab:
     # --- wiring: model, data, presets
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
-    # cleared first: the chart then takes its colours afresh from the new data ("over the cutoff" may be new)
-    def _inspect_clicked(*v):
-        r = inspect_page(names, list(v))
-        return {data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
-                **dict(zip(fill_boxes, r.fill_boxes))}
 
-    inspect_btn.click(plots.clear_then(_inspect_clicked, 1, 4 + N_FILL), widgets,
-                      [data_md, hist, preview, fill_found] + fill_boxes)
+    def _inspect_clicked(*v):
+        # the chart is cleared first: it then takes its colours afresh from the new data ("over the cutoff" may
+        # be new); the old results go at once, and the status line says what is happening until the new ones come
+        yield {hist: gr.update(visible=False), data_md: "", preview: ""}
+        yield {hist: gr.update(value=None)}  # emptied once hidden: an empty chart on screen makes vega warn
+        r = yield from progress.stream(lambda report: inspect_page(names, list(v), report),
+                                       lambda line: {data_status: line})
+        yield {data_status: "", data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
+               rejected: {"key": r.data_key, "message": r.rejected} if r.rejected else {},
+               **dict(zip(fill_boxes, r.fill_boxes))}
+
+    inspect_btn.click(_inspect_clicked, widgets,
+                      [data_status, data_md, hist, preview, fill_found, rejected] + fill_boxes)
+
+    def _data_changed():  # results belong to one dataset: a new one clears them until it is inspected
+        return {data_md: "", hist: gr.update(visible=False), preview: "", data_status: ""}
+
+    for w in (model_dd, data_tb, fmt, cols, split, subset):
+        w.change(_data_changed, None, [data_md, hist, preview, data_status], queue=False, show_progress="hidden")
     for box in fill_boxes:
         box.change(fill_from_boxes, [fill_found] + fill_boxes, fill, queue=False, show_progress="hidden")
     def _preset_picked(p, *v):
@@ -410,9 +519,10 @@ def build() -> TrainTab:
     def _vram(t, *v):
         r = vram_update(t, names, list(v))
         return {vram_html: r.panel, verdict_md: r.verdict, suggestions: r.suggestions, eta_md: r.eta,
+                vram_title: r.title,
                 **dict(zip(sugg_btns, suggestion_buttons(r.suggestions)))}
 
-    vram_outputs = [vram_html, verdict_md, suggestions, eta_md] + sugg_btns
+    vram_outputs = [vram_html, verdict_md, suggestions, eta_md, vram_title] + sugg_btns
     for w in [target] + widgets:
         w.change(_vram, [target] + widgets, vram_outputs, queue=False, show_progress="hidden")
     for i, b in enumerate(sugg_btns):
@@ -420,15 +530,25 @@ def build() -> TrainTab:
                 [suggestions] + widgets, widgets)
 
     # --- wiring: start / stop / live view
-    start_btn.click(lambda *v: start(names, list(v)), widgets, run_id).success(
-        lambda: gr.Timer(active=True), None, timer)
+    start_btn.click(lambda rej, *v: start(names, list(v), rej), [rejected] + widgets, run_id).success(
+        lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)
     run_view.wire(view, run_id, timer)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
+    def _eta_tick(rid, t, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
+        line = running_eta_md(rid)
+        return line if line is not None else vram_update(t, names, list(v)).eta
+
+    timer.tick(_eta_tick, [run_id, target] + widgets, eta_md, show_progress="hidden")
+
     def _on_load(*v):
         rid = attach()
-        return {run_id: rid, timer: gr.Timer(active=bool(rid)), **_vram(*v)}
+        out = {run_id: rid, timer: gr.Timer(active=bool(rid)), **_vram(*v)}
+        form_values = running_form(names, rid)
+        if form_values is not None:  # after a restart the form shows the run that is training, not defaults
+            out.update(zip(widgets, form_values))
+        return out
 
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
-                    on_load=(_on_load, [target] + widgets, [run_id, timer] + vram_outputs))
+                    on_load=(_on_load, [target] + widgets, [run_id, timer] + vram_outputs + widgets))

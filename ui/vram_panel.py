@@ -17,9 +17,37 @@ TARGET_SIZES_GB = [6, 8, 12, 16, 24, 48, 80]
 gb = functools.partial(units.gb, digits=2)  # the panel compares close sizes: two decimals
 
 
-def estimates(cfg, shape) -> dict:
-    """method -> Estimate for the current settings, with only the method swapped."""
-    return {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m)) for m, _ in METHODS}
+def estimates(cfg, shape, device: str = "cuda") -> dict:
+    """method -> Estimate for the current settings, with only the method swapped (on `device`: cpu is fp32 RAM)."""
+    return {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m, device=device)) for m, _ in METHODS}
+
+
+def method_label(method: str, cfg, device: str) -> str:
+    """The row's label in the dtype the run will really use: on the CPU everything trains in fp32."""
+    if device == "cpu":
+        return {"full": "Full fine-tune (fp32, CPU)", "lora": "LoRA (fp32 base, CPU)",
+                "qlora": "QLoRA (4-bit base, fp32 compute, CPU)"}[method]
+    dtype = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}.get(cfg.quant.compute_dtype, "16-bit")
+    return {"full": f"Full fine-tune ({dtype})", "lora": f"LoRA ({dtype} base)", "qlora": "QLoRA (4-bit base)"}[method]
+
+
+def measured_text(cfg) -> str:
+    """The newest run with this model and method: its measured peak beside its estimate (the CPU RAM estimate is
+    known to run low: the measured figure says by how much)."""
+    from core import events as ev
+    from core import runs
+
+    for r in runs.list_runs():
+        if r.get("model") != cfg.model.source or r.get("method") != cfg.quant.method:
+            continue
+        run_dir = runs.get(r["id"])
+        peak = ev.peak_memory(ev.read(run_dir)[0])
+        est = runs.estimate_bytes(run_dir)
+        if peak and est:
+            kind = "RAM (RSS)" if peak[1] == ev.MEM_RSS else "GPU"
+            return (f"Measured on run {html.escape(r['id'])}: peak {gb(peak[0])} {kind} against its estimate of "
+                    f"{gb(est)} ({100 * (peak[0] - est) / est:+.0f}%)")
+    return ""
 
 
 def gpu_budget(target: str, reading=None) -> tuple[int | None, int | None, str]:
@@ -34,10 +62,12 @@ def gpu_budget(target: str, reading=None) -> tuple[int | None, int | None, str]:
     return None, None, "no NVIDIA GPU detected: pick a GPU size to check against"
 
 
-def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_label: str, chosen: str) -> str:
+def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_label: str, chosen: str,
+           device: str = "cuda") -> str:
     scale = max([e.total_bytes for e in ests.values()] + [total or 0]) * 1.05 or 1
     rows = []
-    for method, label in METHODS:
+    for method, _ in METHODS:
+        label = method_label(method, cfg, device)
         e = ests[method]
         segs = "".join(
             f"<div title='{c}: {gb(e.components.get(c, 0))}' style='width:{100 * e.components.get(c, 0) / scale:.3f}%;"
@@ -47,7 +77,7 @@ def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_labe
             lines += f"<div class='lg-line' title='GPU total {gb(total)}' style='left:{100 * total / scale:.2f}%;border-color:#222'></div>"
         if free and free != total:
             lines += f"<div class='lg-line' title='free now {gb(free)}' style='left:{100 * free / scale:.2f}%;border-color:#cf222e'></div>"
-        mark = " ◀ selected" if method == chosen else ""
+        mark = " <span class='lg-dim'>(selected)</span>" if method == chosen else ""
         v = _verdict_html(e, total, free)
         rows.append(
             f"<div style='margin:6px 0'><div style='display:flex;justify-content:space-between'>"
@@ -55,8 +85,8 @@ def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_labe
             f"<div style='position:relative;display:flex;height:18px;background:#eee;border-radius:3px'>{segs}{lines}</div></div>")
     legend = " ".join(f"<span style='white-space:nowrap'><span style='display:inline-block;width:10px;height:10px;"
                       f"background:{COLORS[c]}'></span> {c}</span>" for c in COMPONENTS)
-    line_legend = ("<span style='white-space:nowrap'>┃ GPU total</span> <span style='color:#cf222e;white-space:nowrap'>"
-                   "┃ free now</span>") if total else ""
+    line_legend = ("<span style='white-space:nowrap'><span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #222\"></span> GPU total</span> <span style='color:#cf222e;white-space:nowrap'>"
+                   "<span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #cf222e\"></span> free now</span>") if total else ""
     style = "<style>.lg-line{position:absolute;top:-3px;bottom:-3px;border-left:2px dashed}</style>"
     return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{''.join(rows)}"
             f"<div style='font-size:.85em'>{legend} {line_legend}</div>{_table(ests[chosen])}</div>")

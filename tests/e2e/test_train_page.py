@@ -25,7 +25,8 @@ def _progress_step(page) -> int:
 def test_vram_panel_follows_batch_size_and_method(app_server, page):
     url, _, _ = app_server
     page.goto(url, wait_until="load")
-    page.get_by_text("LoRA (16-bit base)").first.wait_for(timeout=60000)
+    # without a GPU the panel speaks of RAM in fp32, the dtype a CPU run uses; a GPU size picked plans in 16-bit
+    page.get_by_text(re.compile(r"LoRA \((fp32 base, CPU|16-bit base)\)")).first.wait_for(timeout=60000)
     page.get_by_label("Check against").first.click()
     page.get_by_role("option", name="8 GB", exact=True).click()
     page.get_by_text("Checked against a 8 GB GPU").wait_for(timeout=20000)
@@ -39,7 +40,7 @@ def test_vram_panel_follows_batch_size_and_method(app_server, page):
     lora_after = re.search(r"LoRA \(16-bit base\).*?([\d.]+) GB", after, re.S).group(1)
     assert float(lora_after) > float(lora_before)
     page.get_by_label("qlora").first.check()
-    page.get_by_text("QLoRA (4-bit base) ◀ selected").wait_for(timeout=20000)
+    page.get_by_text("QLoRA (4-bit base) (selected)").wait_for(timeout=20000)
     shot(page, "04-vram-panel-batch16-qlora")
 
 

@@ -109,7 +109,7 @@ def test_presets_apply_and_save(garage_home):
     assert cfg.quant.method == "qlora" and cfg.model.source == "builtin:smollm2-135m"
     assert "Saved" in train_tab.save_preset("mine", names, new_values)
     assert presets.load("mine").quant.method == "qlora"
-    assert "❌" in train_tab.save_preset("../evil", names, new_values)
+    assert "lg-badge-bad" in train_tab.save_preset("../evil", names, new_values)
 
 
 def test_upload_is_kept_in_the_home(tmp_path, garage_home):
