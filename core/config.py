@@ -24,6 +24,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 # (transformers' own default on torch >= 2.8): one kernel for all parameters, measured ~3 ms/step faster than the
 # for-each version on the tiny model on CPU
 OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+STRATEGIES = ("auto", "single", "ddp", "fsdp")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OBJECTIVES = ("sft", "dpo", "orpo")
@@ -70,6 +71,9 @@ class DataConfig:
     val_fraction: float = _f(0.0, "Share of rows held out for evaluation (0 = none, unless val_source is set).")
     val_source: str = _f("", "A separate file for evaluation (overrides val_fraction).")
     limit: int = _f(0, "Use only the first N rows (0 = all).")
+    system: str = _f("", "System prompt for rows that have none: empty keeps the chat template's default (some "
+                         "templates add one, e.g. SmolLM2's \"You are a helpful AI assistant named SmolLM\"), text "
+                         "replaces it, none removes it (an empty system turn). Chat uses the same.")
     fill: dict = _f({}, "Values for {{placeholders}} in the data, e.g. {name: Garage, author: Ann}: each {{name}} "
                         "is replaced before training (Inspect lists the placeholders a file has).")
 
@@ -105,6 +109,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     optimizer: str = _f("adamw", "Optimizer; 8-bit variants need bitsandbytes and save memory.", OPTIMIZERS)
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    devices: str = _f("auto", "Where to train: auto (every visible GPU, else one CPU process), a count (2: two GPUs, "
+                       "or on a machine without GPUs two CPU processes over gloo), or GPU indices (0,1).")
+    strategy: str = _f("auto", "How several devices share the work: auto (one device: single; several: ddp when the "
+                        "per-GPU estimate fits, fsdp for a 16-bit LoRA that only fits sharded), single, ddp, fsdp.",
+                       STRATEGIES)
     seed: int = _f(42, "Random seed for data order and LoRA init.")
     logging_steps: int = _f(1, "Write a metrics event every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end, if there is eval data).")
@@ -307,6 +316,7 @@ def _looks_numeric(s: str) -> bool:
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError for the first bad field, naming it and the fix."""
     m, d, lo, q, t = cfg.model, cfg.data, cfg.lora, cfg.quant, cfg.train
+    parse_devices(t.devices)  # raises ConfigError naming train.devices
     for section in (m, d, lo, q, t):
         for f in fields(section):
             choices = f.metadata.get("choices")
@@ -406,3 +416,23 @@ def target_modules(targets: str) -> list[str] | str:
     if t == "attention":
         return list(ATTENTION_TARGETS)
     return [x.strip() for x in t.split(",") if x.strip()]
+
+
+def parse_devices(value) -> str | int | list[int]:
+    """train.devices as "auto", a count (int >= 1) or a list of GPU indices; ConfigError otherwise."""
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("", "auto"):
+        return "auto"
+    try:
+        if "," in text or text.startswith("["):
+            ids = [int(x) for x in text.strip("[]").split(",") if x.strip()]
+            if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError(text)
+            return ids
+        n = int(text)
+    except ValueError:
+        raise ConfigError("train.devices", f"{value!r} is not auto, a count or a list of GPU indices",
+                          "use auto, 2, or 0,1") from None
+    if not 1 <= n <= 64:
+        raise ConfigError("train.devices", f"{n} devices is outside 1..64", "use auto, a count from 1, or 0,1")
+    return n

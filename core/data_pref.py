@@ -268,7 +268,7 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     if not built.rows:
         raise DatasetError(f"no preference pair of {data.source} is left (data.overlong=drop removed "
                            f"{built.dropped} over data.max_len={data.max_len})",
-                           f"raise data.max_len or set data.overlong=truncate")
+                           "raise data.max_len or set data.overlong=truncate")
     train, eval_rows, warnings = built.rows, None, []
     if data.val_source.strip():
         eval_rows = tokenise(read_pairs(data.val_source, data.split, data.subset), tokenizer, renderer, data).rows

@@ -53,6 +53,7 @@ MEM_TORCH_PEAK_ALLOCATED = "torch_peak_allocated"  # CUDA: torch.cuda.max_memory
 MEM_TORCH_RESERVED = "torch_reserved"              # CUDA: torch.cuda.memory_reserved() now
 MEM_GPU_TOTAL = "gpu_total"                        # CUDA: the card's memory
 MEM_NVML_ERROR = "nvml_error"                      # CUDA: why there is no NVML reading (text)
+MEM_RANKS = "ranks"                                # several processes: every rank's own mem dict, by rank
 
 # The memory series the pages draw, in order, with their labels. The Runs table's "peak" is the first present.
 MEM_SERIES = {MEM_GPU_PEAK: "GPU peak (process, NVML)", MEM_TORCH_PEAK_RESERVED: "torch peak reserved",
@@ -109,6 +110,19 @@ class EventLog:
 
     def close(self) -> None:
         self.fh.close()
+
+
+class NoEvents(EventLog):
+    """What ranks other than 0 write through: nothing (rank 0 alone writes the run folder)."""
+
+    def __init__(self):
+        self.fh = None
+
+    def write(self, event: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _extra(extra: dict | None) -> dict:

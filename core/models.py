@@ -486,7 +486,9 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
         kwargs["attn_implementation"] = attn_implementation(attn, device)
     # on the CPU, training leaves placement to Trainer; chat pins the whole model to the CPU
     if device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        import torch
+
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # a rank's own GPU (set from LOCAL_RANK)
     elif not for_training:
         kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -31,8 +31,9 @@ EXIT_GRACE_S = 60.0  # how long a run that has written its final state may take 
 LAUNCHED_BY_CLI = "cli"   # status.json launched_by: a foreground `python -m core train`
 LAUNCHED_BY_APP = "app"   # ... or core.runner (the app, or `train --detach`)
 
-_children: dict[str, subprocess.Popen] = {}  # run id -> the child this process started
-_exited_at: dict[str, str] = {}              # run id -> when that child ended (now() format)
+# by pid, not run id: run ids repeat across homes (tests, two apps), pids do not while we hold the Popen
+_children: dict[int, subprocess.Popen] = {}  # pid -> the child this process started
+_exited_at: dict[int, str] = {}              # pid -> when that child ended (now() format)
 _exit_codes: dict[int, int] = {}             # pid -> exit code of a child we started and reaped
 
 
@@ -135,22 +136,23 @@ def is_alive(pid: int, create_time: float | None) -> bool:
 
 def adopt(run_id: str, proc: subprocess.Popen) -> None:
     """Keep a child we just spawned, and note when it ends (so a crash records its time of death)."""
-    _children[run_id] = proc
-    _exited_at.pop(run_id, None)
-    _exit_codes.pop(proc.pid, None)  # a pid seen before belonged to an earlier child
-    threading.Thread(target=_note_exit, args=(run_id, proc), daemon=True).start()
+    _children[proc.pid] = proc
+    _exited_at.pop(proc.pid, None)   # a pid seen before belonged to an earlier child
+    _exit_codes.pop(proc.pid, None)
+    threading.Thread(target=_note_exit, args=(proc,), daemon=True).start()
 
 
 def child(run_id: str, pid: int | None) -> subprocess.Popen | None:
-    proc = _children.get(run_id)
-    return proc if proc is not None and pid is not None and proc.pid == pid else None
+    """The child with this pid that this process started (run_id kept for the callers' sake: pids identify)."""
+    return _children.get(pid) if pid is not None else None
 
 
-def _note_exit(run_id: str, proc: subprocess.Popen) -> None:
-    """This wait reaps the child, so its exit code is kept by pid: run ids repeat across homes (tests, two apps)."""
+def _note_exit(proc: subprocess.Popen) -> None:
+    """This wait reaps the child; its exit code and time are kept by pid. While it waits, proc.poll() from another
+    thread says None (Popen's wait lock), so check() treats the run as alive until both are recorded here."""
     code = proc.wait()
+    _exited_at[proc.pid] = now()
     _exit_codes[proc.pid] = code
-    _exited_at[run_id] = now()
 
 
 def reap(run_id: str, pid: int, timeout: float) -> int | None:
@@ -188,7 +190,7 @@ def check(run_dir: Path, st: dict) -> Death | None:
     pid = st.get("pid")
     proc = child(run_dir.name, pid)
     if proc is not None:
-        code = proc.poll()
+        code = _exit_codes.get(pid)  # set by _note_exit once the child is reaped
         if code is None:
             return None
     elif pid is None:
@@ -208,7 +210,7 @@ def check(run_dir: Path, st: dict) -> Death | None:
             how += " (if nobody stopped it, the system may have run out of RAM)"
     else:
         how = f"exit code {code}"
-    ended = _exited_at.get(run_dir.name) if proc is not None else None
+    ended = _exited_at.get(pid) if proc is not None else None
     if ended:
         return Death(how, code, ended, None)
     noticed, last = now(), _last_sign_of_life(run_dir)

@@ -161,10 +161,24 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
         else:
             os.kill(pid, signal.SIGKILL)  # a foreground `python -m core train` shares its shell's group
         procs.reap(run_dir.name, pid, timeout=10)
+        _kill_ranks(run_dir)
         runs.update_status(run_dir, runs.ACTIVE, state="stopped", ended_at=runs.now(), error={
             "kind": "run", "message": f"did not stop within {grace_s:.0f} s and was killed; the current step was lost",
             "hint": "resume continues from the last complete checkpoint"})
     return runs.read_status(run_dir)["state"]
+
+
+def _kill_ranks(run_dir: Path) -> None:
+    """The ranks of a multi-process run live in their own sessions (the launcher starts them so): end them too."""
+    from core import distributed
+
+    for pid_path in distributed.ranks_dir(run_dir).glob("rank*.pid"):
+        try:
+            pid = int(pid_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if procs.is_alive(pid, None):  # alive and a `core ... train` process (pids are reused)
+            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
 
 
 def _changes_since_start(run_dir: Path) -> list[str]:

@@ -20,8 +20,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from core import distributed, hardware, runs
 from core import events as ev
-from core import hardware, runs
 from core.collate import PadCollator
 
 FAULT_ENV = "LORA_GARAGE_FAULT"  # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4"
@@ -187,6 +187,13 @@ class GarageCallback(TrainerCallback):
         self.memory = memory or hardware.process_rss_reading
         self.flops: FlopsModel | None = None      # set by the builder on CUDA: adds "mfu" to the metrics events
         self.grads_checked = False
+        # several processes: rank 0 alone writes the run folder; stop, NaN skips and saves are agreed by all ranks
+        self.main = distributed.is_main()
+        self.group = distributed.is_rank_process()
+
+    def _status(self, only_from=None, **fields):
+        if self.main:
+            runs.update_status(self.run_dir, only_from, **fields)
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, **kw):
@@ -197,7 +204,7 @@ class GarageCallback(TrainerCallback):
         self.last_step = state.global_step
         if state.global_step > 0:
             self.events.resume(state.global_step)
-        runs.write_status(self.run_dir, step=state.global_step, total_steps=state.max_steps)
+        self._status(step=state.global_step, total_steps=state.max_steps)
         checkpointing = "on" if getattr(kw.get("model"), "is_activation_checkpointing", False) else "off"
         print(f"training steps {state.global_step + 1}-{state.max_steps}, activation checkpointing {checkpointing}",
               flush=True)
@@ -205,6 +212,8 @@ class GarageCallback(TrainerCallback):
     # ---------------------------------------------------------------- every optimizer step
     def on_pre_optimizer_step(self, args, state, control, **kw):
         bad = self.trainer.nonfinite is not None and bool(self.trainer.nonfinite)
+        if self.group:  # every rank skips the same update, or the replicas drift apart
+            bad = distributed.stop_agreed(bad)
         self.trainer.nonfinite = None
         if not bad:
             self.nan_steps = []
@@ -228,10 +237,12 @@ class GarageCallback(TrainerCallback):
             return control
         if self.nan_steps:
             control.should_save = False  # never store a checkpoint on a step whose loss was not finite
+        if self.group:  # rank 0 heard the Stop; every rank stops at this same step, so none waits in a collective
+            self.stop.requested = distributed.stop_agreed(self.stop.requested)
         if self.stop.requested:
             if not self.stop_announced:
                 self.stop_announced = True
-                runs.update_status(self.run_dir, ("running", "queued"), state="stopping")
+                self._status(("running", "queued"), state="stopping")
                 self.events.log("info", f"stop requested: saving a checkpoint at step {state.global_step}")
             control.should_save = True
             control.should_training_stop = True
@@ -250,23 +261,34 @@ class GarageCallback(TrainerCallback):
         self.step_times.extend([dt / steps] * min(steps, 20))
         remaining = max(state.max_steps - state.global_step, 0)
         eta = remaining * (sum(self.step_times) / len(self.step_times))
+        mem = self.memory()
+        if self.group:  # every rank's memory and tokens, on rank 0: tokens/s is the whole group's
+            per_rank = distributed.gather((mem, tokens))
+            if not self.main:
+                self._logged(now, state)
+                return
+            mem = {**mem, ev.MEM_RANKS: [m for m, _ in per_rank]}
+            tokens = sum(n for _, n in per_rank)
         event = self.events.metrics(
             step=state.global_step, epoch=round(state.epoch or 0.0, 4), loss=_num(logs.get("loss")),
             lr=_num(logs.get("learning_rate")), grad_norm=_num(logs.get("grad_norm")),
             tokens_per_s=round(tokens / dt, 1), elapsed=round(now - self.t0, 2), eta_s=round(eta, 1),
-            mem=self.memory(),
+            mem=mem,
             mfu=None if self.flops is None else self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt))
-        self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step
-        self.last_attn_sq = self.trainer.trained_attn_sq
-        self.last_pause = self.trainer.pause_seconds
+        self._logged(now, state)
         print(f"step {state.global_step}/{state.max_steps}  loss {event[ev.LOSS]:.4f}  lr {event[ev.LR] or 0:.2e}  "
               f"{event[ev.TOKENS_PER_S]:.0f} tok/s  eta {eta:.0f} s", flush=True)
-        if now - self._status_t > 2.0 or remaining == 0:  # status.json is for the runs list: no need per step
+        if (now - self._status_t > 2.0 or remaining == 0) and self.main:  # for the runs list: not needed per step
             self._status_t = now
             runs.write_status(self.run_dir, step=state.global_step, durable=False)
 
+    def _logged(self, now: float, state) -> None:
+        self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step
+        self.last_attn_sq = self.trainer.trained_attn_sq
+        self.last_pause = self.trainer.pause_seconds
+
     def on_train_end(self, args, state, control, **kw):
-        runs.write_status(self.run_dir, step=state.global_step)
+        self._status(step=state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         metrics = metrics or {}
@@ -276,11 +298,14 @@ class GarageCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         t0 = time.time()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        mark_complete(ckpt, {"step": state.global_step, "epoch": state.epoch, "t": t0})
-        runs.write_status(self.run_dir, last_checkpoint=ckpt.name)
-        self._rotate()
-        if self.cfg.train.sample_prompts:
-            self._samples(kw["model"], state.global_step)
+        distributed.barrier()  # every rank has written its part (its RNG state) before the marker says complete
+        if self.main:
+            mark_complete(ckpt, {"step": state.global_step, "epoch": state.epoch, "t": t0})
+            runs.write_status(self.run_dir, last_checkpoint=ckpt.name)
+            self._rotate()
+            if self.cfg.train.sample_prompts:
+                self._samples(kw["model"], state.global_step)
+        distributed.barrier()  # no rank reads the checkpoints folder while rank 0 rotates it
         self.trainer.pause_seconds += time.time() - t0
 
     def _rotate(self):

@@ -29,9 +29,13 @@ WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results ma
 
 
 def main(run_dir: Path, lock_fd: int | None = None) -> int:
-    """The child entry. Returns the process exit code (0 completed or stopped, 1 failed)."""
+    """The child entry. Returns the process exit code (0 completed or stopped, 1 failed). A process started by the
+    launcher for a multi-process run is a rank (rank_main); the child itself then supervises (supervise)."""
+    from core import distributed
     from core.train_callbacks import Context, StopFlag
 
+    if distributed.is_rank_process():
+        return rank_main(Path(run_dir))
     run_dir = Path(run_dir)
     stop = StopFlag().install()
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
@@ -46,7 +50,15 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     cfg = None
     try:
         cfg = runs.load_config(run_dir)
-        outcome = train(run_dir, cfg, events, stop, ctx)
+        plan = distributed.machine_plan(cfg)
+        if plan.distributed:
+            outcome, error = supervise(run_dir, cfg, plan, events, stop, ctx)
+            if error is not None:
+                events.log("error", error.message, hint=error.hint)
+                runs.write_status(run_dir, state="failed", ended_at=runs.now(), error=error.to_dict())
+                return 1
+        else:
+            outcome = train(run_dir, cfg, events, stop, ctx)
     except BaseException as e:  # noqa: BLE001 - every failure is logged, classified and written to status.json
         traceback.print_exc()
         error = classify(e, ctx, cfg, run_dir)
@@ -62,14 +74,20 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     return 0  # the lock goes with the process
 
 
-def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx) -> str:
-    """Straight-line: device, model files, data, model + LoRA, trainer, train, adapter. -> completed|stopped."""
+def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
+    """Straight-line: device, model files, data, model + LoRA, trainer, train, adapter. -> completed|stopped.
+    In a rank of a multi-process run (plan given), the model files, the data and the resume point come from the
+    supervisor, and rank 0 alone writes the run folder."""
     from transformers import set_seed
 
-    from core import data
+    from core import distributed
     from core.train_callbacks import FAULT_ENV, parse_faults
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
+    if plan is not None and plan.gpus:
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(events)
     memory = None
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
@@ -77,6 +95,41 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx) -> str:
 
         memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
+
+    if plan is not None:
+        model_path, tokenizer, prepared, resume_from = rank_handoff(run_dir, cfg)
+    else:
+        model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device, memory)
+        if stop.requested:
+            return "stopped"
+
+    ctx.phase = "load"
+    model = load_model(cfg, device, model_path)
+    model = add_lora(model, cfg)
+    check_disk(run_dir, model, cfg)
+    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                      memory=memory.reading if memory else None, plan=plan)
+
+    ctx.phase = "first step"
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if callback.diverged_at:
+        raise diverged_error(run_dir, cfg, callback.diverged_at)
+    if prepared.eval and not cfg.train.eval_steps and not stop.requested:
+        trainer.evaluate()  # eval_steps=0 means: once, at the end
+
+    ctx.phase = "save"
+    if distributed.is_main():
+        save_adapter(trainer.model, tokenizer, run_dir)
+        if os.environ.get(PROBE_ENV) == "1":
+            save_probe(trainer.model, prepared.train[0], run_dir)
+    distributed.barrier()  # no rank ends (and tears the group down) before rank 0 has written the adapter
+    return "stopped" if stop.requested else "completed"
+
+
+def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None):
+    """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
+    -> (model_path, tokenizer, prepared, resume_from)."""
+    from core import data
 
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
@@ -93,29 +146,158 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx) -> str:
     stats.pop("lengths", None)
     events.data(stats)
     use_run_template(tokenizer, events)
-    resume_from = prepare_resume(run_dir, cfg, model_path, prepared, events)
+    return model_path, tokenizer, prepared, prepare_resume(run_dir, cfg, model_path, prepared, events)
+
+
+# ---------------------------------------------------------------- several processes
+
+def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
+    """A multi-process run, from the child the runner started: prepare once (model files, data, resume point),
+    start torch.distributed.run with an argument list, forward Stop to rank 0, and read the ranks' outcome.
+    -> (completed|stopped|failed, GarageError or None)."""
+    import pickle
+    import subprocess
+    import threading
+    import time
+
+    from core import distributed, paths
+
+    print(f"devices: {plan.describe()}", flush=True)
+    events.log("info", f"training on {plan.describe()}")
+    for note in plan.notes:
+        print(f"WARNING: {note}" if note.startswith("experimental") else note, flush=True)
+        events.log("warning" if note.startswith("experimental") else "info", note)
+    if plan.gpus and plan.world_size > 1 and distributed.nccl_p2p_broken():
+        print(f"WARNING: {distributed.NCCL_NOTE}", flush=True)
+        events.log("warning", distributed.NCCL_NOTE)
+    device = "cuda" if plan.gpus else "cpu"
+    model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device)
     if stop.requested:
-        return "stopped"
-
-    ctx.phase = "load"
-    model = load_model(cfg, device, model_path)
-    model = add_lora(model, cfg)
-    check_disk(run_dir, model, cfg)
-    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                      memory=memory.reading if memory else None)
-
+        return "stopped", None
+    rdir = distributed.ranks_dir(run_dir)
+    rdir.mkdir(exist_ok=True)
+    for old in list(rdir.glob("rank*.pid")) + list(rdir.glob("result-*.json")):
+        old.unlink()
+    with open(rdir / distributed.PREPARED_FILE, "wb") as fh:  # our own data, read back by our own ranks
+        pickle.dump({"model_path": str(model_path), "prepared": prepared, "chat_template": tokenizer.chat_template,
+                     "resume_from": str(resume_from) if resume_from else None}, fh)
+    nnodes, node_rank, rdzv = distributed.nodes_from_env() or (1, 0, None)
+    cmd = distributed.launch_command(run_dir, plan, nnodes, node_rank, rdzv)
+    print("launch: " + " ".join(cmd), flush=True)
     ctx.phase = "first step"
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if callback.diverged_at:
-        raise diverged_error(run_dir, cfg, callback.diverged_at)
-    if prepared.eval and not cfg.train.eval_steps and not stop.requested:
-        trainer.evaluate()  # eval_steps=0 means: once, at the end
+    proc = subprocess.Popen(cmd, env=distributed.rank_env(plan), cwd=str(paths.REPO_ROOT), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # the ranks' output (prefixed with their rank by the launcher) through this process's own stdout, which is
+    # train.log under the runner and the terminal + train.log in the foreground
+    pump = threading.Thread(target=_relay, args=(proc.stdout,), daemon=True)
+    pump.start()
+    forwarded = False
+    while proc.poll() is None:
+        if stop.requested and not forwarded:
+            forwarded = _signal_rank0(run_dir)
+        time.sleep(0.2)
+    pump.join(timeout=10)
+    if node_rank > 0:  # rank 0 and the run's events, checkpoints and adapter live on node 0
+        return ("completed", None) if proc.returncode == 0 else _ranks_outcome(run_dir, proc.returncode)
+    return _ranks_outcome(run_dir, proc.returncode)
 
-    ctx.phase = "save"
-    save_adapter(trainer.model, tokenizer, run_dir)
-    if os.environ.get(PROBE_ENV) == "1":
-        save_probe(trainer.model, prepared.train[0], run_dir)
-    return "stopped" if stop.requested else "completed"
+
+def _relay(stream) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(line.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+
+
+def _signal_rank0(run_dir: Path) -> bool:
+    """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
+    import signal
+
+    from core import distributed
+
+    pid_path = distributed.pid_file(run_dir, 0)
+    if not pid_path.exists():
+        return False  # rank 0 has not started yet: try again on the next tick
+    try:
+        os.kill(int(pid_path.read_text()), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _ranks_outcome(run_dir: Path, code: int):
+    """What rank 0 recorded, unless another rank died first: then the run failed, naming that rank."""
+    import signal
+
+    from core import distributed
+    from core.errors import GarageError
+
+    result_path = distributed.ranks_dir(run_dir) / "result-0.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    cause = distributed.failed_rank(runs.tail_log(run_dir, 400)) if code != 0 else None
+    if cause is not None and (cause[0] != 0 or result is None):
+        r, exit_code = cause
+        how = f"killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exit code {exit_code}"
+        tail = distributed.rank_log_tail(run_dir, r)
+        err = RunError(f"rank {r} ended ({how}); the launcher ended the other ranks",
+                       "see ranks/ for each rank's log" + (f"; rank {r} last wrote:\n{tail}" if tail else "")
+                       + ". Resume continues from the last complete checkpoint")
+        err.kind = "crash"
+        return "failed", err
+    if result is None:
+        err = RunError(f"the launcher ended with exit code {code} before rank 0 reported",
+                       "see train.log and ranks/ for each rank's log")
+        return "failed", err
+    if result["state"] == "failed":
+        e = result.get("error") or {}
+        err = GarageError(e.get("message", "rank 0 failed"), e.get("hint", "see train.log"))
+        err.kind = e.get("kind", "run")
+        return "failed", err
+    return result["state"], None
+
+
+def rank_handoff(run_dir: Path, cfg):
+    """In a rank: what the supervisor prepared. -> (model_path, tokenizer, prepared, resume_from)."""
+    import pickle
+
+    from core import distributed
+
+    with open(distributed.ranks_dir(run_dir) / distributed.PREPARED_FILE, "rb") as fh:
+        handoff = pickle.load(fh)
+    model_path = Path(handoff["model_path"])
+    tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.chat_template = handoff["chat_template"]  # what the rows were rendered with (saved with the adapter)
+    resume = handoff["resume_from"]
+    return model_path, tokenizer, handoff["prepared"], Path(resume) if resume else None
+
+
+def rank_main(run_dir: Path) -> int:
+    """One rank of a multi-process run. Rank 0 writes events; the outcome goes to ranks/result-0.json for the
+    supervisor, which alone writes the final status."""
+    from core import distributed
+    from core.train_callbacks import Context, StopFlag
+
+    r = distributed.rank()
+    stop = StopFlag().install()
+    warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
+    distributed.pid_file(run_dir, r).write_text(str(os.getpid()))
+    events = ev.EventLog(run_dir) if r == 0 else ev.NoEvents()
+    ctx, cfg = Context(), None
+    result: dict
+    try:
+        cfg = runs.load_config(run_dir)
+        plan = distributed.machine_plan(cfg)
+        result = {"state": train(run_dir, cfg, events, stop, ctx, plan=plan)}
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - classified like a one-process failure, handed to the supervisor
+        traceback.print_exc()
+        error = classify(e, ctx, cfg, run_dir)
+        print(f"error (rank {r}): {error.message}\nfix:   {error.hint}", file=sys.stderr, flush=True)
+        result, code = {"state": "failed", "error": error.to_dict()}, 1
+    finally:
+        events.close()
+    if r == 0:
+        runs._write_atomic(distributed.ranks_dir(run_dir) / "result-0.json", json.dumps(result))
+    return code
 
 
 def use_run_template(tokenizer, events: ev.EventLog) -> None:
@@ -266,7 +448,8 @@ def add_lora(model, cfg):
     return model
 
 
-def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, memory=None):
+def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, memory=None,
+                  plan=None):
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -277,6 +460,12 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     dtype = compute_dtype(cfg, device)
     has_eval = bool(prepared.eval)
     liger = liger_plan(cfg, model, device, events)
+    group_kwargs = {}
+    if plan is not None and plan.distributed:
+        # one process per device; grad_accum per process keeps the configured global batch (core.distributed.plan)
+        group_kwargs = dict(ddp_backend=plan.backend, ddp_find_unused_parameters=False)
+        if plan.strategy == "fsdp":
+            group_kwargs.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
     args_class = TrainingArguments
     if t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
         from core import preference
@@ -285,7 +474,8 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     args = args_class(
         output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
+        gradient_accumulation_steps=plan.grad_accum if plan is not None else t.grad_accum, learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         optim=OPTIMIZERS[t.optimizer], max_steps=t.max_steps, num_train_epochs=t.epochs, seed=t.seed,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
@@ -297,7 +487,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         eval_strategy="steps" if has_eval and t.eval_steps else "no", eval_steps=t.eval_steps or None,
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
         report_to="none", disable_tqdm=True, skip_memory_metrics=True,
-        use_liger_kernel=liger is not None, liger_kernel_config=liger)
+        use_liger_kernel=liger is not None, liger_kernel_config=liger, **group_kwargs)
     if t.objective != "sft":
         return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                         args, memory=memory)

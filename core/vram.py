@@ -488,6 +488,38 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
                     {k: int(round(v)) for k, v in details.items()}, trainable, notes)
 
 
+def per_gpu(est: Estimate, strategy: str, world: int) -> Estimate:
+    """The estimate for ONE of `world` GPUs under a strategy (single / ddp / fsdp); formulas and their sources in
+    core.vram_constants. DDP: every rank holds a whole replica, plus the reducer's gradient buckets; activations are
+    per rank. FSDP: weights, adapter, gradients and optimizer state sharded 1/N, plus the unsharded layers being
+    gathered (this one and the prefetched next) and the root unit (embeddings, lm_head) unsharded."""
+    if strategy == "single" or world <= 1:
+        return est
+    c = dict(est.components)
+    d = dict(est.details)
+    notes = list(est.notes)
+    if strategy == "ddp":
+        bucket = int(c["gradients"] * K.DDP_GRAD_BUCKET_COPIES)
+        c["overhead"] += bucket
+        d["ddp_grad_buckets"] = bucket
+        notes.append(f"per GPU of {world} (DDP): a whole replica on each, plus the gradient buckets")
+    elif strategy == "fsdp":
+        shape = est.shape
+        layer_weights = c["weights"] - shape.other_params * (c["weights"] / max(shape.total_params, 1))
+        per_layer = layer_weights / max(shape.layers, 1)
+        root = c["weights"] - layer_weights  # embeddings, norms, lm_head: the root unit, gathered for the loss
+        gathered = int(per_layer * K.FSDP_UNSHARDED_LAYERS + root)
+        c["weights"] = int(c["weights"] / world) + gathered
+        for k in ("adapter", "gradients", "optimizer"):
+            c[k] = int(c[k] / world)
+        d["fsdp_gathered_units"] = gathered
+        notes.append(f"per GPU of {world} (FSDP full shard): 1/{world} of the weights and adapter state, plus "
+                     f"{K.FSDP_UNSHARDED_LAYERS} layers and the root unit gathered at a time")
+    else:
+        raise ValueError(f"strategy must be single, ddp or fsdp, got {strategy!r}")
+    return Estimate(est.shape, est.settings, c, d, est.trainable_params, notes)
+
+
 # ---------------------------------------------------------------- fits / tight / does not fit
 
 @dataclass

@@ -114,3 +114,15 @@ TIGHT_FRACTION = 0.08
 # uses some more. For a chosen size with no reading, we take G GiB minus this.
 NOMINAL_CARD_RESERVE = 512 * MiB
 GPU_SIZES_GB = (6, 8, 12, 16, 24, 48, 80)
+
+# ---------------------------------------------------------------- several GPUs (core.vram.per_gpu)
+# DDP (torch.nn.parallel.DistributedDataParallel): every rank holds the whole model, its adapter, gradients and
+# optimizer state, and the reducer copies the gradients into flat buckets for the all-reduce (bucket_cap_mb=25
+# per bucket; with gradient_as_bucket_view off, a full second copy of the trainable gradients: PyTorch docs,
+# "DistributedDataParallel", gradient_as_bucket_view). Activations are per rank (its own micro-batch).
+DDP_GRAD_BUCKET_COPIES = 1
+# FSDP2 (torch.distributed.fsdp.fully_shard, transformer-layer wrap): parameters, gradients and optimizer state
+# are sharded 1/N; a layer is all-gathered unsharded just before its forward/backward and the next one is
+# prefetched (forward_prefetch / backward prefetch of one unit: PyTorch FSDP docs), so two layers' full weights are
+# resident at once; the root unit (embeddings, final norm, lm_head) stays unsharded while the loss is computed.
+FSDP_UNSHARDED_LAYERS = 2

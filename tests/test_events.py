@@ -112,7 +112,7 @@ def test_the_real_callback_on_cuda_feeds_the_charts_and_the_runs_table(tmp_path,
     torch_peak = max(e[ev.MEM][ev.MEM_TORCH_PEAK_RESERVED] for e in m)
     assert row["peak mem / estimate"] == (f"{peak / GiB:.2f} GB / {est / GiB:.2f} GB "
                                           f"({100 * (peak - est) / est:+.0f}%) · torch {torch_peak / GiB:.2f} GB")
-    assert row["final loss"] == f"{m[-1][ev.LOSS]:.4f}"
+    assert row["loss"] == f"{m[-1][ev.LOSS]:.4f}"
 
     # the CLI
     from core.__main__ import main

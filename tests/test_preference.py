@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import data, data_pref
+from core import data
 from core import events as ev
 from core import runs, vram
 from core.config import RunConfig

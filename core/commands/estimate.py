@@ -42,6 +42,10 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu", action="store_true",
                    help="estimate RAM for training on this machine's CPU (fp32) and check it against the free RAM, "
                         "instead of GPU memory")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="train on N GPUs: the estimate is per GPU")
+    p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="with --gpus N: ddp (a replica per GPU), fsdp (sharded), or auto (ddp when it fits, fsdp "
+                        "for a 16-bit LoRA that only fits sharded)")
     p.add_argument("--objective", default="sft", choices=vram.OBJECTIVES,
                    help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -103,12 +107,16 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1", "e.g. --seq-len 512 --batch-size 1")
     shape = vram.shape_from_config(read_model_config(args.model))
     gpu, usable, where, to_check = _target(args)
-    chosen = vram.estimate(shape, _settings(args, args.method))
+    if args.gpus < 1:
+        raise ConfigError("--gpus", "must be at least 1", "e.g. --gpus 2")
+    args.strategy = _strategy(args, shape, usable)
+    chosen = _one_gpu(args, vram.estimate(shape, _settings(args, args.method)))
     v = vram.verdict(chosen, usable) if usable is not None else None
     suggestions = vram.suggest(shape, chosen.settings, usable) if v and v.status != "fits" else []
     if args.json:
         out = {"model": args.model, "method": args.method, "device": "cpu" if args.cpu else "cuda",
-               "total_bytes": chosen.total_bytes,
+               "total_bytes": chosen.total_bytes, "gpus": args.gpus,
+               "strategy": args.strategy if args.gpus > 1 else "single",
                "components": chosen.components, "details": chosen.details, "params": shape.total_params,
                "trainable_params": chosen.trainable_params, "gpu": gpu, "fits": v.fits if v else None,
                "verdict": v.status if v else None, "margin_bytes": v.margin if v else None,
@@ -117,6 +125,22 @@ def run(args) -> int:
         return 0
     _print_table(args, shape, where, usable, suggestions, chosen, to_check)
     return 0
+
+
+def _one_gpu(args, est):
+    return vram.per_gpu(est, args.strategy, args.gpus) if args.gpus > 1 else est
+
+
+def _strategy(args, shape, usable) -> str:
+    """--strategy auto: DDP when a replica fits one card, FSDP for a 16-bit LoRA that fits only sharded."""
+    if args.gpus <= 1 or args.strategy != "auto":
+        return args.strategy if args.gpus > 1 else "single"
+    est = vram.estimate(shape, _settings(args, args.method))
+    if usable is None or args.method != "lora":
+        return "ddp"
+    if vram.verdict(vram.per_gpu(est, "ddp", args.gpus), usable).fits:
+        return "ddp"
+    return "fsdp" if vram.verdict(vram.per_gpu(est, "fsdp", args.gpus), usable).fits else "ddp"
 
 
 def _print_table(args, shape, where, usable, suggestions, chosen, to_check="") -> None:
@@ -129,7 +153,9 @@ def _print_table(args, shape, where, usable, suggestions, chosen, to_check="") -
       f"{', fp32 on CPU' if args.cpu else ', bf16/fp16 mixed precision on CUDA'}\n")
     w(where + "\n\n")
     methods = list(COLUMNS) + ([("8bit", "8-bit")] if args.method == "8bit" else [])
-    ests = [vram.estimate(shape, _settings(args, m)) for m, _ in methods]
+    ests = [_one_gpu(args, vram.estimate(shape, _settings(args, m))) for m, _ in methods]
+    if args.gpus > 1:
+        w(f"Per GPU, for each of {args.gpus} GPUs ({args.strategy.upper()}); the batch is per GPU\n")
     # the chosen method's column is marked, so --method shows in the table even when there is no verdict row
     w(f"{'':12}" + "".join(f"{f'[{label}]' if m == args.method else label:>14}" for m, label in methods) + "\n")
     for comp in vram.COMPONENTS:

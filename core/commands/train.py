@@ -39,12 +39,20 @@ def add_arguments(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set lora.r=32 (repeatable)")
     p.add_argument("--run-dir", metavar="DIR", help="train the run in DIR (its config.yaml); what the runner spawns")
     p.add_argument("--detach", action="store_true", help="start in the background via the runner and print the run id")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="train on N machines (torchrun's static rendezvous); without --node-rank, print the command "
+                        "to type on each machine")
+    p.add_argument("--node-rank", type=int, default=None, metavar="K", help="this machine's place, 0..N-1 (0 hosts "
+                   "the rendezvous and writes the run's events, checkpoints and adapter)")
+    p.add_argument("--rdzv", metavar="HOST:PORT", help="the address of machine 0, reachable from every machine")
 
 
 def run(args) -> int:
     if args.run_dir:
         return _child(args)
     cfg = build_config(args)
+    if args.nnodes > 1 or args.node_rank is not None:
+        return _nodes(args, cfg)
     from core import limits
 
     limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
@@ -53,6 +61,45 @@ def run(args) -> int:
 
         print(runner.start(cfg))
         return 0
+    return _foreground(cfg)
+
+
+def _nodes(args, cfg: RunConfig) -> int:
+    """Several machines: print each machine's command, or train as machine --node-rank (in the foreground)."""
+    import os
+    import sys
+
+    from core import distributed, limits
+
+    if args.nnodes < 2:
+        raise ConfigError("--nnodes", f"--node-rank needs --nnodes 2 or more (got {args.nnodes})", "add --nnodes N")
+    if not args.rdzv or ":" not in args.rdzv:
+        raise ConfigError("--rdzv", "several machines need the address of machine 0 as HOST:PORT",
+                          "add --rdzv 192.168.1.10:29500 (a port free on machine 0)")
+    if args.node_rank is None:
+        argv = [a for a in sys.argv[1:] if a != "train"]
+        keep, skip = [], False
+        for a in argv:  # the node flags are written anew for each machine
+            if skip:
+                skip = False
+                continue
+            if a in ("--nnodes", "--rdzv", "--node-rank"):
+                skip = True
+                continue
+            if a.startswith(("--nnodes=", "--rdzv=", "--node-rank=")):
+                continue
+            keep.append(a)
+        print("Run one of these on each machine (machine 0 first; every machine needs the model and the data):")
+        for line in distributed.node_commands(keep, args.nnodes, args.rdzv):
+            print(f"  {line}")
+        return 0
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError("--node-rank", f"{args.node_rank} is outside 0..{args.nnodes - 1}", "use 0 on machine 0, 1 ...")
+    if args.detach:
+        raise ConfigError("--detach", "a machine of a several-machine run trains in the foreground",
+                          "drop --detach (use nohup or tmux to keep it running)")
+    limits.check(cfg)
+    os.environ[distributed.NODES_ENV] = f"{args.nnodes},{args.node_rank},{args.rdzv}"
     return _foreground(cfg)
 
 
