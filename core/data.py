@@ -238,11 +238,7 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) 
             eval_rows = None
             warnings.append(f"no row of {data.val_source} fits max_len={data.max_len}: no evaluation data")
     elif data.val_fraction > 0:
-        train_idx, eval_idx = _split(len(built.rows), data.val_fraction, cfg.train.seed)
-        if eval_idx:
-            train, eval_rows = built.rows.subset(train_idx), built.rows.subset(eval_idx)
-        else:
-            warnings.append("too few rows to hold any out for evaluation")
+        train, eval_rows = hold_out(built.rows, data.val_fraction, cfg.train.seed, "rows", warnings)
     packed = data.packing and reader.format != "text"  # raw text is already cut into full-length blocks
     train_seq = pack(train, data.max_len) if packed else train
     stats = DataStats(
@@ -317,6 +313,15 @@ def _data_notes(reader: RowReader, stats: DataStats) -> list[str]:
         out.append(f"{reader.media_markers} rows contain <image> / <video> / <audio> markers, trained as literal "
                    "text (this app trains text models)")
     return out
+
+
+def hold_out(rows, fraction: float, seed: int, what: str, warnings: list[str]):
+    """(train, eval) rows: a seeded hold-out of `fraction` (see _split); with too few rows, all train, said."""
+    train_idx, eval_idx = _split(len(rows), fraction, seed)
+    if not eval_idx:
+        warnings.append(f"too few {what} to hold any out for evaluation")
+        return rows, None
+    return rows.subset(train_idx), rows.subset(eval_idx)
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -258,7 +258,7 @@ def _sample(texts, encs, p: int, lengths, max_len: int) -> PairSample:
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     """core.data.prepare for train.objective dpo / orpo: a Prepared whose rows are PairRows."""
-    from core.data import DataStats, Prepared, _split
+    from core.data import DataStats, Prepared, hold_out
 
     data = cfg.data
     renderer = Renderer(tokenizer)
@@ -273,11 +273,7 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     if data.val_source.strip():
         eval_rows = tokenise(read_pairs(data.val_source, data.split, data.subset), tokenizer, renderer, data).rows
     elif data.val_fraction > 0:
-        train_idx, eval_idx = _split(len(built.rows), data.val_fraction, cfg.train.seed)
-        if eval_idx:
-            train, eval_rows = built.rows.subset(train_idx), built.rows.subset(eval_idx)
-        else:
-            warnings.append("too few pairs to hold any out for evaluation")
+        train, eval_rows = hold_out(built.rows, data.val_fraction, cfg.train.seed, "pairs", warnings)
     if built.truncated:
         warnings.append(f"{built.truncated} pairs are longer than data.max_len={data.max_len}: their replies are cut "
                         "(the end-of-turn token is lost with them)")

@@ -3,7 +3,6 @@ columns that change what a row means. Each shape is written here, rendered throu
 support and one without, and its loss mask is checked token by token on the tiny tokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,6 +10,7 @@ from core.config import RunConfig, apply_overrides
 from core.data import load_rows, prepare
 from core.errors import ConfigError, DatasetError
 from tests.tiny import CHATML, CHATML_TOOLS, tiny_tokenizer
+from tests.test_data_prepare import config, jsonl
 
 WEATHER = {"name": "get_weather", "description": "Weather now",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -89,19 +89,6 @@ TEMPLATES = {"tools": CHATML_TOOLS, "plain": CHATML}
 @pytest.fixture(scope="module")
 def toks():
     return {name: tiny_tokenizer(t) for name, t in TEMPLATES.items()}
-
-
-def jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
-def config(source: str, **data) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.source = source
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg.validate()
 
 
 def expected_tokens(tok, text: str, pieces: list[str]) -> tuple[list[int], list[bool]]:
