@@ -24,13 +24,15 @@ def test_side_by_side_chat_streams_two_answers(app_server, page):
     box = page.get_by_placeholder("Ask something")
     box.fill("Who are you?")
     page.get_by_role("button", name="Send").click()
-    # both windows show a growing answer while it streams (the Send button is busy until it ends)
+    # the waiting bubbles first say the model is loading; then both show a growing answer while it streams
+    page.get_by_text("loading the model").first.wait_for(timeout=30000)
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.message.bot')].filter(e => e.innerText.trim()).length >= 2",
+        "() => [...document.querySelectorAll('.message.bot')]"
+        ".filter(e => e.innerText.trim() && !e.innerText.includes('loading the model')).length >= 2",
         timeout=120000)
     first = page.locator(".message.bot").all_inner_texts()
     page.wait_for_timeout(1500)
     later = page.locator(".message.bot").all_inner_texts()
-    assert len(later) == 2 and all(t.strip() for t in later), later
+    assert len(later) == 2 and all(t.strip() and "loading the model" not in t for t in later), later
     assert sum(map(len, later)) >= sum(map(len, first))
     shot(page, "05-chat-side-by-side")
