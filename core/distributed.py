@@ -33,6 +33,7 @@ class Plan:
     gpus: list[int] | None            # CUDA_VISIBLE_DEVICES for the ranks; None on the CPU
     grad_accum: int                   # per rank: keeps batch_size x grad_accum x world_size as configured
     effective_batch: int
+    batch_size: int = 1               # per process and micro-step, as configured
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -42,8 +43,8 @@ class Plan:
     def describe(self) -> str:
         where = (f"{self.world_size} GPU{'s' if self.world_size > 1 else ''} ({','.join(map(str, self.gpus))})"
                  if self.gpus else f"{self.world_size} CPU process{'es' if self.world_size > 1 else ''}")
-        return (f"{where}, strategy {self.strategy}, effective batch {self.effective_batch} "
-                f"(batch x grad_accum {self.grad_accum} x {self.world_size} process{'es' if self.world_size > 1 else ''})")
+        return (f"{where}, strategy {self.strategy}, effective batch {self.effective_batch} = batch "
+                f"{self.batch_size} x grad_accum {self.grad_accum} x {self.world_size}")
 
 
 def plan(cfg, gpu_count: int, fits_one=None, fits_sharded=None, nnodes: int = 1) -> Plan:
@@ -105,7 +106,7 @@ def plan(cfg, gpu_count: int, fits_one=None, fits_sharded=None, nnodes: int = 1)
             notes.append(f"train.grad_accum {t.grad_accum} -> {accum} per process over {world}: the effective batch "
                          f"stays {t.batch_size * t.grad_accum}")
     return Plan(world_size=world, strategy=strategy, backend="nccl" if gpus else "gloo", gpus=gpus,
-                grad_accum=accum, effective_batch=t.batch_size * accum * world, notes=notes)
+                grad_accum=accum, effective_batch=t.batch_size * accum * world, batch_size=t.batch_size, notes=notes)
 
 
 def machine_plan(cfg) -> Plan:

@@ -24,6 +24,7 @@ GROUPS = {
                  ("train.warmup_steps", "number"), ("train.weight_decay", "number"), ("train.max_grad_norm", "number"),
                  ("train.seed", "number"), ("train.save_steps", "number"), ("train.save_total_limit", "number"),
                  ("train.eval_steps", "number"), ("train.logging_steps", "number")],
+    "Devices": [("train.devices", "text"), ("train.strategy", "radio")],
     "Preference (DPO / ORPO)": [("train.objective", "radio"), ("train.dpo_beta", "number"),
                                 ("train.dpo_loss", "dropdown"), ("train.orpo_lambda", "number"),
                                 ("train.from_run", "text")],

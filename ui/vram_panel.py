@@ -18,8 +18,35 @@ gb = functools.partial(units.gb, digits=2)  # the panel compares close sizes: tw
 
 
 def estimates(cfg, shape, device: str = "cuda") -> dict:
-    """method -> Estimate for the current settings, with only the method swapped (on `device`: cpu is fp32 RAM)."""
-    return {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m, device=device)) for m, _ in METHODS}
+    """method -> Estimate for the current settings, with only the method swapped (on `device`: cpu is fp32 RAM).
+    With several devices (train.devices) each is the estimate for ONE of them under the planned strategy."""
+    ests = {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m, device=device)) for m, _ in METHODS}
+    p = group_plan(cfg)
+    if p is not None and p.distributed and device == "cuda":
+        ests = {m: vram.per_gpu(e, p.strategy, p.world_size) for m, e in ests.items()}
+    return ests
+
+
+def group_plan(cfg):
+    """core.distributed's plan for this machine, or None when the devices setting cannot be planned (the form
+    shows that error at Start)."""
+    from core import distributed
+    from core.errors import ConfigError
+
+    try:
+        return distributed.plan(cfg, len(hardware.read().gpus))
+    except ConfigError:
+        return None
+
+
+def plan_html(cfg) -> str:
+    """One line under the panel's title: how many processes, the strategy, the effective batch."""
+    p = group_plan(cfg)
+    if p is None or not p.distributed:
+        return ""
+    per = "per GPU" if p.gpus else "per process"
+    notes = "".join(f"<div class='lg-dim'>{html.escape(n)}</div>" for n in p.notes)
+    return f"<div><b>{per} x {p.world_size}</b> ({html.escape(p.describe())})</div>{notes}"
 
 
 def method_label(method: str, cfg, device: str) -> str:
@@ -88,7 +115,8 @@ def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_labe
     line_legend = ("<span style='white-space:nowrap'><span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #222\"></span> GPU total</span> <span style='color:#cf222e;white-space:nowrap'>"
                    "<span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #cf222e\"></span> free now</span>") if total else ""
     style = "<style>.lg-line{position:absolute;top:-3px;bottom:-3px;border-left:2px dashed}</style>"
-    return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{''.join(rows)}"
+    return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{plan_html(cfg)}"
+            f"{''.join(rows)}"
             f"<div style='font-size:.85em'>{legend} {line_legend}</div>{_table(ests[chosen])}</div>")
 
 
@@ -118,8 +146,10 @@ def cpu_verdict_text(cfg, shape, method: str, reading) -> str:
     """No GPU: training runs on the CPU in fp32, so hold the CPU estimate against the RAM, as the GPU verdict
     holds the VRAM estimate against the card."""
     e = vram.estimate(shape, vram.settings_from_config(cfg, method=method, device="cpu"))
-    v = vram.verdict(e, reading.ram_total, reading.ram_available)
-    where = "in RAM (no GPU: training runs on the CPU, slowly)"
+    p = group_plan(cfg)
+    procs = p.world_size if p is not None and p.distributed and not p.gpus else 1
+    v = vram.verdict(e.total_bytes * procs, reading.ram_total, reading.ram_available)  # every process holds a replica
+    where = "in RAM (no GPU: training runs on the CPU, slowly)" + (f", {procs} processes" if procs > 1 else "")
     if v.status == "does not fit":
         return (f"**does not fit** {where}: needs {gb(v.needed)}, {gb(v.usable)} of RAM available "
                 f"({gb(-v.margin)} short). Lower train.batch_size, data.max_len or lora.r, or pick a smaller model")
