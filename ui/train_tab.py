@@ -119,6 +119,8 @@ class Inspection:
     fill_boxes: list = field(default_factory=list)
     rejected: str | None = None
     data_key: str = ""
+    tokens: int = 0   # tokens per epoch and training sequences, for the ETA of an epochs-based run
+    rows: int = 0
 
 
 def data_key(cfg: C.RunConfig) -> str:
@@ -142,7 +144,8 @@ def inspect_page(names: list[str], values: list, report=None) -> Inspection:
     fill = dict(zip(names, values)).get("data.fill") or {}
     boxes = [gr.update(visible=True, label=f"fill {{{{{found[i]}}}}}", value=fill.get(found[i], ""))
              if i < len(found) else gr.update(visible=False, value="") for i in range(N_FILL)]
-    return Inspection(md, hist, preview, found[:N_FILL], boxes, err, key)
+    return Inspection(md, hist, preview, found[:N_FILL], boxes, err, key, stats.total_tokens if stats else 0,
+                      stats.train_rows if stats else 0)
 
 
 def fill_from_boxes(found: list[str], *texts) -> dict:
@@ -291,7 +294,7 @@ class VramView:
     title: str = "### VRAM"
 
 
-def vram_update(target: str, names: list[str], values: list) -> VramView:
+def vram_update(target: str, names: list[str], values: list, inspected: dict | None = None) -> VramView:
     """Pure arithmetic: fast, no queue."""
     try:
         cfg = train_form.to_config(names, values)
@@ -320,14 +323,23 @@ def vram_update(target: str, names: list[str], values: list) -> VramView:
         verdict += f"  \n{measured}"
     gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
     title = "### Memory (RAM, CPU only)" if device == "cpu" else "### VRAM"
-    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name), title)
+    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name, inspected), title)
 
 
-def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None) -> str:
+def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | None = None) -> str:
+    """The ETA before Start: train.max_steps steps, or (epochs) the tokens Inspect counted for these data settings."""
     e = eta.for_config(cfg, shape.total_params, gpu_name)
-    if e is None:
-        return "ETA: inspect the dataset to know the steps per epoch."
-    return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
+    if e is not None:
+        return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
+    if inspected and inspected.get("key") == data_key(cfg) and inspected.get("rows"):
+        t = cfg.train
+        rows_per_step = t.batch_size * t.grad_accum
+        steps = -(-int(inspected["rows"] * t.epochs) // rows_per_step)
+        per_step = inspected["tokens"] / inspected["rows"] * rows_per_step
+        e = eta.before_start(int(inspected["tokens"] * t.epochs), shape.total_params, cfg.quant.method, gpu_name,
+                             per_step)
+        return f"**ETA** for {t.epochs:g} epoch{'s' if t.epochs != 1 else ''} ({steps} steps): {e.text()}"
+    return "ETA: inspect the dataset to know the steps per epoch."
 
 
 def running_eta_md(run_id: str | None) -> str | None:
@@ -445,6 +457,7 @@ def build() -> TrainTab:
             data_status = gr.HTML()  # what Inspect is doing while it runs (progress.stream)
             data_md = gr.Markdown()
             rejected = gr.State({})  # {key, message} of the dataset Inspect refused: Start refuses it too
+            inspected = gr.State({})  # {key, tokens, rows} Inspect counted: the ETA of an epochs-based run
             with gr.Row():  # shown by Inspect, one per {{placeholder}} the file holds
                 fill_boxes = [gr.Textbox(visible=False, label="fill", info=C.field_help("data.fill"))
                               for _ in range(N_FILL)]
@@ -496,10 +509,11 @@ def build() -> TrainTab:
                                        lambda line: {data_status: line})
         yield {data_status: "", data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
                rejected: {"key": r.data_key, "message": r.rejected} if r.rejected else {},
+               inspected: {"key": r.data_key, "tokens": r.tokens, "rows": r.rows} if not r.rejected else {},
                **dict(zip(fill_boxes, r.fill_boxes))}
 
     inspect_btn.click(_inspect_clicked, widgets,
-                      [data_status, data_md, hist, preview, fill_found, rejected] + fill_boxes)
+                      [data_status, data_md, hist, preview, fill_found, rejected, inspected] + fill_boxes)
 
     def _data_changed():  # results belong to one dataset: a new one clears them until it is inspected
         return {data_md: "", hist: gr.update(visible=False), preview: "", data_status: ""}
@@ -516,15 +530,15 @@ def build() -> TrainTab:
     save_btn.click(lambda p, *v: save_preset(p, names, list(v)), [preset_name] + widgets, save_md)
 
     # --- wiring: VRAM panel on every settings change (no queue: it is arithmetic)
-    def _vram(t, *v):
-        r = vram_update(t, names, list(v))
+    def _vram(t, insp, *v):
+        r = vram_update(t, names, list(v), insp)
         return {vram_html: r.panel, verdict_md: r.verdict, suggestions: r.suggestions, eta_md: r.eta,
                 vram_title: r.title,
                 **dict(zip(sugg_btns, suggestion_buttons(r.suggestions)))}
 
     vram_outputs = [vram_html, verdict_md, suggestions, eta_md, vram_title] + sugg_btns
-    for w in [target] + widgets:
-        w.change(_vram, [target] + widgets, vram_outputs, queue=False, show_progress="hidden")
+    for w in [target, inspected] + widgets:
+        w.change(_vram, [target, inspected] + widgets, vram_outputs, queue=False, show_progress="hidden")
     for i, b in enumerate(sugg_btns):
         b.click(lambda s, *v, i=i: dict(zip(widgets, apply_suggestion(i, s, names, list(v)))),
                 [suggestions] + widgets, widgets)
@@ -536,11 +550,11 @@ def build() -> TrainTab:
     run_view.wire(view, run_id, timer)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
-    def _eta_tick(rid, t, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
+    def _eta_tick(rid, t, insp, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
         line = running_eta_md(rid)
-        return line if line is not None else vram_update(t, names, list(v)).eta
+        return line if line is not None else vram_update(t, names, list(v), insp).eta
 
-    timer.tick(_eta_tick, [run_id, target] + widgets, eta_md, show_progress="hidden")
+    timer.tick(_eta_tick, [run_id, target, inspected] + widgets, eta_md, show_progress="hidden")
 
     def _on_load(*v):
         rid = attach()
@@ -551,4 +565,4 @@ def build() -> TrainTab:
         return out
 
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
-                    on_load=(_on_load, [target] + widgets, [run_id, timer] + vram_outputs + widgets))
+                    on_load=(_on_load, [target, inspected] + widgets, [run_id, timer] + vram_outputs + widgets))

@@ -187,3 +187,18 @@ def test_after_a_restart_the_form_shows_the_running_runs_settings(monkeypatch):
     assert values["train.max_steps"] == 7 and values["lora.r"] == 4 and values["data.system"] == "You are Garage."
     monkeypatch.setattr(runner, "running", lambda: None)
     assert train_tab.running_form(names, run_dir.name) is None  # ended: the form keeps what the user has
+
+
+def test_epochs_eta_comes_from_what_inspect_counted(tiny_model_dir, tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(30)))
+    cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={f}",
+                                            "train.max_steps=-1", "train.epochs=2", "train.batch_size=4"])
+    names, values = _form(cfg)
+    assert "inspect the dataset" in train_tab.vram_update("detected", names, values).eta
+    r = train_tab.inspect_page(names, values)
+    seen = {"key": r.data_key, "tokens": r.tokens, "rows": r.rows}
+    line = train_tab.vram_update("detected", names, values, seen).eta
+    assert "2 epochs (15 steps)" in line and "a guess" in line
+    other = C.apply_overrides(cfg, ["data.max_len=64"])  # other data settings: Inspect's counts do not apply
+    assert "inspect the dataset" in train_tab.vram_update("detected", *_form(other), seen).eta
