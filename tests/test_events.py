@@ -104,8 +104,9 @@ def test_the_real_callback_on_cuda_feeds_the_charts_and_the_runs_table(tmp_path,
     # ... and the other charts from the same events
     assert set(plots.loss_frame(events).series) == {"loss", "smoothed", "eval loss"}
     assert (plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s").value > 0).all()
-    *values, keep = run_view.refresh("contract", {})
-    assert "step 4 / 4" in values[1] and not keep
+    view = run_view.refresh("contract", {})
+    assert "step 4 / 4" in view["progress"] and not view["keep"]
+    assert view["mem"] is not None and set(view["mem"].series) == set(frame.series)
 
     # the Runs table: peak vs estimate with the error, torch's peak beside it
     row = runs_tab.table().set_index("run").loc["contract"]

@@ -39,9 +39,18 @@ class RunView:
 
     @property
     def outputs(self) -> list:
-        return [self.status, self.progress, self.loss, self.lr, self.grad, self.tps, self.mem, self.rewards,
-                self.accuracy, self.log, self.samples, self.chat_btn, self.resume_btn, self.cache, self.charts,
-                self.pref]
+        """Every component refresh() gives a value for (the order does not matter: values are named)."""
+        return [getattr(self, name) for name in FIELDS]
+
+    def values(self, named: dict) -> dict:
+        """refresh()'s named values as {component: value}, for a Gradio handler."""
+        return {getattr(self, name): named[name] for name in FIELDS}
+
+
+# what refresh() fills, by the RunView field it goes to
+FIELDS = ("status", "progress", "loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "log", "samples",
+          "chat_btn", "resume_btn", "cache", "charts", "pref")
+CHARTS = ("loss", "lr", "grad", "tps", "mem", "rewards", "accuracy")
 
 
 STATUS_ID = "lg-run-status"
@@ -77,15 +86,16 @@ def build() -> RunView:
                    resume_btn, gr.State({}), charts)
 
 
-def refresh(run_id: str | None, cache: dict) -> tuple:
-    """Read what is new in the run folder and return (view values..., timer still needed?)."""
+def refresh(run_id: str | None, cache: dict) -> dict:
+    """Read what is new in the run folder: {RunView field: value} for every name in FIELDS, plus "keep" (whether
+    the timer is still needed)."""
     if not run_id:
-        return _blank(cache) + (False,)
+        return {**_blank(cache), "keep": False}
     try:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        return (f"{marks.ERROR} {html.escape(e.message)}",) + _blank(cache)[1:] + (False,)
+        return {**_blank(cache), "status": f"{marks.ERROR} {html.escape(e.message)}", "keep": False}
     sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
     if cache.get("run_id") != run_id:
         cache = {"run_id": run_id, "offset": 0, "events": []}
@@ -101,28 +111,27 @@ def refresh(run_id: str | None, cache: dict) -> tuple:
               "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
     pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
-    values = (
-        status_md(run_id, status),
-        progress_html(status, events) + template_html(events),
-        *charts.values(),
-        runs.tail_log(run_dir, lines=60, hide_noise=True),
-        samples_md(events),
-        gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
-        resume_button(run_dir, status),
-        cache,
-        gr.update(visible=True),
-        gr.update(visible=len(frames["accuracy"]) > 0),
-    )
-    return values + (not done or pending,)
+    return {"status": status_md(run_id, status),
+            "progress": progress_html(status, events) + template_html(events),
+            **charts,
+            "log": runs.tail_log(run_dir, lines=60, hide_noise=True),
+            "samples": samples_md(events),
+            "chat_btn": gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
+            "resume_btn": resume_button(run_dir, status),
+            "cache": cache,
+            "charts": gr.update(visible=True),
+            "pref": gr.update(visible=len(frames["accuracy"]) > 0),
+            "keep": not done or pending}
 
 
-def _blank(cache) -> tuple:
-    empty = None  # a chart given None now builds afresh when data comes (plots.live_value)
+def _blank(cache) -> dict:
     if cache:
         cache = {**cache, "sent": {}}
-    return ("No run yet. Press **Start training**.", "", empty, empty, empty, empty, empty, empty, empty, "", "",
-            gr.update(visible=False), gr.update(visible=False), cache or {}, gr.update(visible=False),
-            gr.update(visible=False))
+    hidden = gr.update(visible=False)
+    return {"status": "No run yet. Press **Start training**.", "progress": "",
+            **{name: None for name in CHARTS},  # a chart given None builds afresh when data comes (plots.live_value)
+            "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "cache": cache or {},
+            "charts": hidden, "pref": hidden}
 
 
 def resume_button(run_dir, status: dict) -> dict:
@@ -184,7 +193,7 @@ def samples_md(events: list[dict]) -> str:
 
 def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:
     def _tick(rid, cache):
-        *values, keep = refresh(rid, cache)
-        return values + [gr.Timer(active=keep)]
+        named = refresh(rid, cache)
+        return {**view.values(named), timer: gr.Timer(active=named["keep"])}
 
     timer.tick(_tick, [run_id, view.cache], view.outputs + [timer], show_progress="hidden")

@@ -83,14 +83,15 @@ def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
     log = ev.EventLog(run_dir)
     for k in (1, 2):
         log.write(_m(k, 3.0 / k, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0))
-    *values, keep = run_view.refresh("r1", {})
-    assert set(values[2].series) == {"loss", "smoothed"} and not keep
+    r = run_view.refresh("r1", {})
+    assert set(r) == set(run_view.FIELDS) | {"keep"}  # a value for every output, named
+    assert set(r["loss"].series) == {"loss", "smoothed"} and not r["keep"]
     log.write({"type": "eval", "step": 2, "eval_loss": 2.5})  # the final eval lands after the last metrics
-    *values, keep = run_view.refresh("r1", values[13])
-    assert values[2] is None and keep  # cleared, so one more tick although the run is over
-    assert set(values[3].series) == {"learning rate"}  # the other charts are untouched
-    *values, keep = run_view.refresh("r1", values[13])
-    assert set(values[2].series) == {"loss", "smoothed", "eval loss"} and not keep
+    r = run_view.refresh("r1", r["cache"])
+    assert r["loss"] is None and r["keep"]  # cleared, so one more tick although the run is over
+    assert set(r["lr"].series) == {"learning rate"}  # the other charts are untouched
+    r = run_view.refresh("r1", r["cache"])
+    assert set(r["loss"].series) == {"loss", "smoothed", "eval loss"} and not r["keep"]
 
 
 def test_overlay_has_one_series_per_run():
