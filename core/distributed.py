@@ -173,6 +173,15 @@ def ranks_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "ranks"
 
 
+def record_plan(run_dir: Path, p: Plan) -> None:
+    """ranks/plan.json: the world the run trained with, for a later resume to compare."""
+    import json
+
+    ranks_dir(run_dir).mkdir(exist_ok=True)
+    (ranks_dir(run_dir) / "plan.json").write_text(json.dumps(
+        {"world_size": p.world_size, "strategy": p.strategy, "effective_batch": p.effective_batch}))
+
+
 def pid_file(run_dir: Path, r: int) -> Path:
     return ranks_dir(run_dir) / f"rank{r}.pid"
 

@@ -194,6 +194,20 @@ def memory_points(events: list[dict]) -> list[tuple[int, str, int]]:
     return out
 
 
+def rank_memory_points(events: list[dict]) -> list[tuple[int, int, str, int]]:
+    """(step, rank, mem key, bytes) of the ranks other than 0 in a multi-process run (rank 0's are memory_points):
+    each rank's first MEM_SERIES value."""
+    out = []
+    for e in metrics(events):
+        for r, mem in enumerate((e.get(MEM) or {}).get(MEM_RANKS) or []):
+            if r == 0 or not isinstance(mem, dict):
+                continue
+            key = next((k for k in MEM_SERIES if isinstance(mem.get(k), (int, float)) and mem[k] > 0), None)
+            if key is not None:
+                out.append((e[STEP], r, key, int(mem[key])))
+    return out
+
+
 def peak_memory(events: list[dict]) -> tuple[int, str] | None:
     """(bytes, mem key) of the run's measured peak to hold against the estimate: the GPU process peak on CUDA
     (torch's peak reserved where NVML gave nothing), else the largest CPU RSS. None before the first step."""

@@ -548,6 +548,11 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
     try:  # only the estimate itself is guarded: a missing core.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))
         est = vram.estimate(shape, vram.settings_from_config(cfg, device=device))  # CPU runs: a RAM estimate
+        from core import distributed
+
+        plan = distributed.machine_plan(cfg)
+        if plan.distributed:  # the estimate for ONE device (one process) of the group
+            est = vram.per_gpu(est, plan.strategy, plan.world_size)
         body = est.to_dict() if hasattr(est, "to_dict") else dataclasses.asdict(est)
     except Exception as e:  # noqa: BLE001 - the estimate is advice, not a reason to refuse training; say why it is missing
         msg = f"no VRAM estimate for this model: {type(e).__name__}: {e}"
@@ -571,6 +576,9 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
     saved = runs.read_fingerprint(run_dir)
     if latest is None:
         runs.write_fingerprint(run_dir, fp)
+        from core import distributed
+
+        distributed.record_plan(run_dir, distributed.machine_plan(cfg))
         return None
     problems = runs.compare_fingerprints(saved, fp) if saved else []
     if problems:
@@ -578,7 +586,25 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
                        "restore what changed, or start a new run with the new settings")
     print(f"resuming from {latest.name}", flush=True)
     events.log("info", f"resuming from {latest.name}")
+    _note_world_change(run_dir, cfg, events)
     return latest
+
+
+def _note_world_change(run_dir: Path, cfg, events: ev.EventLog) -> None:
+    """A resume on another number of processes keeps the global batch (core.distributed.plan divides grad_accum)
+    but not the data order or every RNG stream of an uninterrupted run: say so."""
+    from core import distributed
+
+    path = distributed.ranks_dir(run_dir) / "plan.json"
+    now = distributed.machine_plan(cfg)
+    before = json.loads(path.read_text()) if path.exists() else {"world_size": 1, "effective_batch": None}
+    if before["world_size"] != now.world_size:
+        msg = (f"resuming on {now.world_size} process(es), the run started on {before['world_size']}: the effective "
+               f"batch is {now.effective_batch} (was {before['effective_batch'] or 'the same'}), but the order of the "
+               f"examples after the checkpoint differs from an uninterrupted run")
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+        events.log("warning", msg)
+    distributed.record_plan(run_dir, now)
 
 
 def tokens_digest(rows) -> str:

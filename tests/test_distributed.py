@@ -73,6 +73,19 @@ def test_the_launcher_failure_summary_names_the_rank():
     assert distributed.failed_rank("all good") is None
 
 
+def test_a_resume_on_another_number_of_processes_says_what_changed(tmp_path):
+    from core import training
+
+    distributed.record_plan(tmp_path, distributed.plan(_cfg(devices="2", batch_size=2, grad_accum=4), 0))
+    log = ev.EventLog(tmp_path)
+    training._note_world_change(tmp_path, _cfg(devices="1", batch_size=2, grad_accum=4), log)
+    training._note_world_change(tmp_path, _cfg(devices="1", batch_size=2, grad_accum=4), log)  # now recorded: quiet
+    log.close()
+    said = [e[ev.MESSAGE] for e in ev.logs(ev.read(tmp_path)[0])]
+    assert len(said) == 1 and said[0].startswith("resuming on 1 process(es), the run started on 2")
+    assert "effective batch is 8 (was 8)" in said[0] and "order of the examples" in said[0]
+
+
 # ---------------------------------------------------------------- the per-GPU estimate
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -185,6 +198,10 @@ def test_two_ranks_train_like_one_process_and_rank_0_alone_writes(group_runs):
     assert worst <= PARITY_RTOL, (a, b)
     mem = ev.metrics(events)[-1][ev.MEM]
     assert len(mem[ev.MEM_RANKS]) == 2 and all(m[ev.MEM_RSS] > 0 for m in mem[ev.MEM_RANKS])
+    from ui import plots
+
+    frame = plots.memory_frame(events, runs.estimate_bytes(two.run_dir))
+    assert {"process RSS (CPU)", "rank 1: process RSS (CPU)", "estimate"} == set(frame.series)
     assert [p.name for p in runs.checkpoints(two.run_dir)] == ["checkpoint-8", "checkpoint-10"]
     for ck in runs.checkpoints(two.run_dir):
         assert (ck / runs.COMPLETE).is_file() and (ck / "rng_state_1.pth").is_file()  # rank 1's part is there

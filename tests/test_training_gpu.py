@@ -60,3 +60,16 @@ def test_a_real_out_of_memory_error_names_the_first_step(tmp_path, tiny_model_di
     assert err["kind"] == "oom", err
     assert err["message"].startswith("out of GPU memory during first step"), err
     assert "train.batch_size=1" in err["hint"] and "data.max_len=8192" in err["hint"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_train_with_ddp_and_fsdp(strategy, tmp_path, tiny_model_dir):
+    """The multi-GPU path over NCCL, where two GPUs are lent: both strategies complete and rank 0 alone writes."""
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), max_steps=4, grad_accum=2)
+    cfg.train.devices, cfg.train.strategy = "2", strategy
+    run_dir, st = _train(cfg)
+    assert st["state"] == "completed", runs.tail_log(run_dir, 80)
+    assert [m[ev.STEP] for m in ev.metrics(ev.read(run_dir)[0])] == [1, 2, 3, 4]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"strategy {strategy}" in runs.tail_log(run_dir, 400)

@@ -93,8 +93,12 @@ def accuracy_frame(events: list[dict]) -> pd.DataFrame:
 
 def memory_frame(events: list[dict], estimate_bytes: int | None) -> pd.DataFrame:
     """Measured memory in GB (on CUDA the GPU process peak and torch's peak reserved, on the CPU the process
-    RSS: core.events.MEM_SERIES) with the estimate as a flat line across the measured steps."""
+    RSS: core.events.MEM_SERIES; in a multi-process run the other ranks' too) with the estimate as a flat line
+    across the measured steps."""
     rows = [(step, value / GiB, ev.MEM_SERIES[key]) for step, key, value in ev.memory_points(events)]
+    # several processes: each other rank's peak too, against the same per-GPU (per-process) estimate
+    rows += [(step, value / GiB, f"rank {r}: {ev.MEM_SERIES[key]}") for step, r, key, value in
+             ev.rank_memory_points(events)]
     if estimate_bytes and rows:
         steps = sorted({r[0] for r in rows})
         rows += [(steps[0], estimate_bytes / GiB, "estimate"), (steps[-1], estimate_bytes / GiB, "estimate")]
