@@ -24,7 +24,10 @@ from core import distributed, hardware, runs
 from core import events as ev
 from core.collate import PadCollator
 
-FAULT_ENV = "LORA_GARAGE_FAULT"  # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4"
+# test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
+# at least SLOW_STEP_S more: time for a test to act mid-run on a fast machine; the numbers are untouched)
+FAULT_ENV = "LORA_GARAGE_FAULT"
+SLOW_STEP_S = 0.5
 
 
 def parse_faults(text: str | None) -> dict[str, int]:
@@ -35,7 +38,7 @@ def parse_faults(text: str | None) -> dict[str, int]:
         if not item:
             continue
         kind, _, where = item.partition("@step")
-        if kind not in ("oom", "nan", "disk", "killsave") or not where.isdigit():
+        if kind not in ("oom", "nan", "disk", "killsave", "slow") or not where.isdigit():
             raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (use e.g. oom@step3)")
         out[kind] = int(where)
     return out
@@ -127,6 +130,8 @@ class GarageTrainer(Trainer):
         self.ctx.phase = "first step" if step == self._initial_global_step + 1 else "train"
         if self.faults.get("oom") == step:
             raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
+        if "slow" in self.faults and step >= self.faults["slow"]:
+            time.sleep(SLOW_STEP_S)
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = ~torch.isfinite(loss)  # no .item() here: one sync per optimizer step is enough
         self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)

@@ -159,7 +159,9 @@ def group_runs(tmp_path_factory, tiny_model_dir):
     }
     launched = {name: Launch(root / f"home-{name}", c, env) for name, (c, env) in specs.items()}
     # started by its test, once the others are under way: it must still be running when Stop comes
-    launched["stop"] = lambda: Launch(root / "home-stop", _two(tiny_model_dir, data, **same))
+    # slowed (LORA_GARAGE_FAULT slow@step1: the numbers are untouched) so a fast machine cannot finish first
+    launched["stop"] = lambda: Launch(root / "home-stop", _two(tiny_model_dir, data, **same),
+                                      {"LORA_GARAGE_FAULT": "slow@step1"})
     yield launched
     from core import runner
 
