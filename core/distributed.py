@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,12 +218,6 @@ def gather(obj) -> list | None:
 
 
 # ---------------------------------------------------------------- the launcher
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch_command(run_dir: Path, p: Plan, nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None) -> list[str]:
     """torch.distributed.run for this run: N processes per node, no restarts (a dying rank ends the run), per-rank

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -77,7 +76,7 @@ def ensure_converter(say: Say | None = None) -> Path:
                                   f"{(done.stderr or done.stdout).strip()[-600:]}",
                                   "check the network connection to PyPI, or download "
                                   f"{SDIST} yourself and set LORA_GARAGE_LLAMA_SDIST to its path")
-        digest = _sha256(sdist)
+        digest = paths.file_sha256(sdist)
         if digest != SDIST_SHA256:
             raise GarageError(f"{SDIST} has sha256 {digest}, not the pinned {SDIST_SHA256}",
                               "the download is damaged or not the release we tested; delete it and try again")
@@ -88,14 +87,6 @@ def ensure_converter(say: Say | None = None) -> Path:
         shutil.rmtree(target, ignore_errors=True)  # an earlier attempt without VERIFIED
         os.replace(unpacked, target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _extract(sdist: Path, out: Path) -> None:

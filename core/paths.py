@@ -4,6 +4,17 @@ import os
 from pathlib import Path
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model weights and datasets can be GBs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def home() -> Path:
     """The app home. Read on every call so tests (and --home) can point it elsewhere."""
     p = Path(os.environ.get("LORA_GARAGE_HOME") or Path.home() / "lora-garage").expanduser()

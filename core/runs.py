@@ -356,12 +356,7 @@ def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | No
     quantization, the LoRA shape, and the data (source, file contents, and in the child the tokenized rows)."""
     import hashlib
 
-    def sha(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+    from core.paths import file_sha256 as sha
 
     model = {"source": cfg.model.source, "quant": f"{cfg.quant.method}/{cfg.quant.quant_type}"}
     if model_path is not None:

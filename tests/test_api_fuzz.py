@@ -9,7 +9,6 @@ from Gradio's own input checks and no frame of ours ran."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BAD_VALUES = [None, -1, 10**12, "../../../../etc/passwd", [1, 2], {"a": 1}]
 GENERIC = "has not enabled verbose error reporting"
 OURS = re.compile(r'File "' + re.escape(str(ROOT)) + r'/(ui|core)/')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(url: str) -> bool:
@@ -39,7 +34,7 @@ def _alive(url: str) -> bool:
 
 @pytest.fixture
 def app(tmp_path, garage_home):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "app.log"
     env = dict(os.environ, LORA_GARAGE_HOME=str(garage_home), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -16,6 +16,7 @@ from core import distributed, runs
 from core import events as ev
 from core.config import RunConfig
 from core.errors import ConfigError
+from tests.net import free_port
 from tests.test_training import Launch, _check_adapter_reloads, losses, tiny_config, write_dataset
 
 GiB = 2**30
@@ -275,7 +276,7 @@ def test_two_machines_on_loopback_train_to_the_end(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path / "d.jsonl", n=16)
     cfg = _two(tiny_model_dir, data, devices="1", max_steps=3, save_steps=100)
     (tmp_path / "run.yaml").write_text(C.dump_yaml(cfg))
-    rdzv = f"127.0.0.1:{distributed.free_port()}"
+    rdzv = f"127.0.0.1:{free_port()}"
     procs_ = []
     for k in (0, 1):
         home = tmp_path / f"node{k}"

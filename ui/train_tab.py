@@ -6,7 +6,6 @@ out widgets and wires them, turning each result into {component: value}.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import shutil
@@ -93,11 +92,7 @@ def keep_upload(file_path: str | None) -> str:
     if not file_path:
         return gr.update()
     src = Path(file_path)
-    digest = hashlib.sha256()
-    with open(src, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    dest_dir = paths.home() / "uploads" / digest.hexdigest()[:16]
+    dest_dir = paths.home() / "uploads" / paths.file_sha256(src)[:16]
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / src.name
     if not dest.exists():  # same name means same bytes: an existing copy is already this upload
