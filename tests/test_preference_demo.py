@@ -6,33 +6,19 @@ Thresholds from the measured run on a 2-core CPU (README, Preference tuning): ba
 The base never signs off, so any score above 0.5 is the behaviour DPO taught; 0.75 leaves room for another
 CPU's kernels to flip a few greedy answers."""
 
-import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
+
+from tests.test_demo_proof import train_then_eval
 
 pytestmark = pytest.mark.slow
 
 
 def test_cpu_dpo_demo_then_eval_adapter_beats_base(garage_home):
-    env = dict(os.environ, LORA_GARAGE_HOME=str(garage_home), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    t0 = time.time()
-    train = subprocess.run([sys.executable, "-m", "core", "train", "--preset", "cpu-dpo-demo"], env=env,
-                           capture_output=True, text=True, timeout=2400)
-    train_s = time.time() - t0
-    assert train.returncode == 0, (train.stdout + train.stderr)[-4000:]
-    run_dir = next((garage_home / "runs").iterdir())
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-
-    t1 = time.time()
-    ev = subprocess.run([sys.executable, "-m", "core", "eval", "latest", "--json"], env=env, capture_output=True,
-                        text=True, timeout=1200)
-    assert ev.returncode == 0, ev.stderr[-4000:]
-    scores = json.loads(ev.stdout)
-    print(f"\ncpu-dpo-demo: trained in {train_s:.0f} s; eval ({time.time() - t1:.0f} s) on {scores['n']} held-out "
+    scores, train_s, eval_s = train_then_eval(
+        garage_home, "cpu-dpo-demo", 2400, [], 1200, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    print(f"\ncpu-dpo-demo: trained in {train_s:.0f} s; eval ({eval_s:.0f} s) on {scores['n']} held-out "
           f"prompts: base {scores['base']:.2f}, adapter {scores['adapter']:.2f}")
     assert scores["n"] == 16
     assert scores["base"] <= 0.25, scores
