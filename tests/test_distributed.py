@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from core import distributed, runs
+from core import distributed, procs, runs
 from core import events as ev
 from core.config import RunConfig
 from core.errors import ConfigError
@@ -250,22 +250,21 @@ def test_stop_is_one_decision_and_resume_continues_like_an_uninterrupted_run(gro
 
 
 def test_a_rank_that_dies_fails_the_run_naming_it_and_leaves_no_process(group_runs):
-    import psutil
-
     run = group_runs["kill"]
     _wait_for_step(run, 1)
-    pids = {r: int(distributed.pid_file(run.run_dir, r).read_text()) for r in (0, 1)}
-    supervisor = runs.read_status(run.run_dir, reconcile=False)["pid"]
+    pids = [int(distributed.pid_file(run.run_dir, r).read_text()) for r in (0, 1)]
+    pids.append(runs.read_status(run.run_dir, reconcile=False)["pid"])
+    # start times taken while all three live: a process that ends between two looks is gone, not an error,
+    # and a reused pid is not mistaken for one of ours
+    started = {p: procs.process_start_time(p) for p in pids}
     os.kill(pids[1], signal.SIGKILL)
     st = run.wait()
     assert st["state"] == "failed", st
     assert st["error"]["message"].startswith("rank 1 ended (killed by SIGKILL)"), st["error"]
     deadline = time.time() + 60
-    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                         for p in [*pids.values(), supervisor]):
+    while time.time() < deadline and any(procs.is_alive(p, started[p]) for p in pids):
         time.sleep(0.5)
-    left = [p for p in [*pids.values(), supervisor]
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in pids if procs.is_alive(p, started[p])]
     assert not left, left
 
 
