@@ -6,8 +6,14 @@
                                                hash; the parent passes "gpt-2" only for a plain byte-level BPE,
                                                whose pre-tokenizer is GPT-2's regex exactly.
     quantize IN.gguf OUT.gguf TYPE             llama_cpp.llama_model_quantize (llama.cpp's C++ quantizer)
+    serve IN.gguf N_CTX                        llama.cpp's runtime on one GGUF, asked over stdin/stdout (one JSON
+                                               request per line; each answer is one line starting with "@@ "):
+                                               meta, tokenize, logits (written to a .npy), generate, close. It
+                                               runs here, not in the app: a crash in llama.cpp's C++ ends this
+                                               process, and the parent says so, instead of taking the app down.
 """
 
+import json
 import os
 import sys
 
@@ -52,11 +58,79 @@ def quantize(src: str, out: str, kind: str) -> None:
         raise SystemExit(f"llama_model_quantize returned {rc}")
 
 
+def open_llama(path: str, **kw):
+    """llama_cpp.Llama on `path`. Where llama.cpp uses AMX (Xeons from Sapphire Rapids on), it repacks q8_0 / q4
+    weights into AMX tiles by default; on the Xeon we develop on, that path died with SIGSEGV on its first decode
+    (llama-cpp-python 0.3.36, the built-in model's Q4_1 GGUF as well as our q8_0 exports). There we load without
+    llama.cpp's extra buffer types: its plain CPU kernels, the same numbers, somewhat slower."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return llama_cpp.Llama(model_path=path, **kw)
+    original = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=path, **kw)
+    finally:
+        low.llama_model_default_params = original
+
+
+def serve(path: str, n_ctx: str) -> None:
+    import numpy as np
+
+    llm = open_llama(path, n_ctx=int(n_ctx), logits_all=True, verbose=False, seed=0,
+                     n_threads=max(1, (os.cpu_count() or 2) // 2))
+
+    def piece(tid) -> str:
+        return "" if tid is None else llm.detokenize([int(tid)], special=True).decode("utf-8", "replace")
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "meta":
+                meta = llm.metadata
+                answer = {"template": meta.get("tokenizer.chat_template", ""),
+                          "bos": piece(meta.get("tokenizer.ggml.bos_token_id")),
+                          "eos": piece(meta.get("tokenizer.ggml.eos_token_id")),
+                          "add_bos": bool(llm._model.add_bos_token())}
+            elif op == "tokenize":
+                answer = {"ids": llm.tokenize(req["text"].encode(), add_bos=req["add_bos"], special=True)}
+            elif op == "logits":
+                llm.reset()
+                llm.eval(req["ids"])
+                np.save(req["out"], np.asarray(llm.scores[:len(req["ids"])], dtype=np.float32))
+                answer = {"out": req["out"]}
+            elif op == "generate":
+                llm.reset()
+                out = llm.create_completion(prompt=req["ids"], max_tokens=req["max_tokens"], temperature=0.0,
+                                            top_k=1, top_p=1.0, repeat_penalty=1.0, seed=0)
+                choice = out["choices"][0]
+                answer = {"text": choice["text"], "stopped": choice["finish_reason"] == "stop"}
+            elif op == "close":
+                break
+            else:
+                answer = {"error": f"unknown op {op}"}
+        except Exception as e:   # the parent raises it with the request named: one line, nothing swallowed
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        print("@@ " + json.dumps(answer), flush=True)
+    llm.close()
+
+
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "convert":
         convert(*rest)
     elif mode == "quantize":
         quantize(*rest)
+    elif mode == "serve":
+        serve(*rest)
     else:
         raise SystemExit(f"unknown mode {mode}")

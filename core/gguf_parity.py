@@ -75,11 +75,18 @@ def _end_ids(tok) -> list[int]:
 
 def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
     """One GGUF file against the reference: the row of export.json's parity table."""
+    runtime = LlamaCppRuntime(gguf) if _has_llama_cpp() else TransformersRuntime(gguf)
+    try:
+        return _compare(runtime, quant, ref, say)
+    finally:
+        runtime.close()
+
+
+def _compare(runtime, quant: str, ref: Reference, say) -> dict:
     import torch
 
     from core import data
 
-    runtime = LlamaCppRuntime(gguf) if _has_llama_cpp() else TransformersRuntime(gguf)
     same_prompt, agree, total, max_diff, same_answer, stops, ok_ad, ok_gg = 0, 0, 0, 0.0, 0, 0, 0, 0
     mismatches = []
     say(f"parity {quant}: {len(ref.prompts)} prompts on {runtime.name}")
@@ -125,7 +132,6 @@ def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
     if ref.metric and ok_gg / n < ok_ad / n - SCORE_MARGIN:
         problems.append(f"eval score {ok_gg / n:.2f} is more than {SCORE_MARGIN} under the adapter's {ok_ad / n:.2f}")
     row["passed"], row["problems"] = not problems, problems
-    runtime.close()
     return row
 
 
@@ -145,43 +151,37 @@ def _has_llama_cpp() -> bool:
 
 
 class LlamaCppRuntime:
-    """The GGUF in llama.cpp: its own tokenizer, its embedded template rendered with jinja2 (as llama-cpp-python
-    does), its logits and its end-of-generation tokens."""
+    """The GGUF in llama.cpp (in a child process, core.gguf_tools.LlamaChild): its own tokenizer, its embedded
+    template rendered with jinja2 (as llama-cpp-python does), its logits and its end-of-generation tokens."""
     name = "llama.cpp"
 
     def __init__(self, gguf: Path):
-        import llama_cpp
+        import tempfile
 
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, logits_all=True, verbose=False, seed=0,
-                                   n_threads=max(1, (__import__("os").cpu_count() or 2) // 2))
-        meta = self.llm.metadata
-        self.template = meta.get("tokenizer.chat_template", "")
-        self.bos = self._piece(meta.get("tokenizer.ggml.bos_token_id"))
-        self.eos = self._piece(meta.get("tokenizer.ggml.eos_token_id"))
+        from core import gguf_tools
 
-    def _piece(self, tid) -> str:
-        return "" if tid is None else self.llm.detokenize([int(tid)], special=True).decode("utf-8", "replace")
+        self.child = gguf_tools.LlamaChild(gguf)
+        self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
+        meta = self.child.ask("meta")
+        self.template, self.bos, self.eos, self.add_bos = meta["template"], meta["bos"], meta["eos"], meta["add_bos"]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         text = render_embedded(self.template, messages, self.bos, self.eos)
-        return self.llm.tokenize(text.encode(), add_bos=self.llm._model.add_bos_token(), special=True)
+        return self.child.ask("tokenize", text=text, add_bos=self.add_bos)["ids"]
 
     def logits(self, ids: list[int]):
         import numpy as np
 
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[:len(ids)])
+        out = self.child.ask("logits", ids=ids, out=str(Path(self.scratch.name) / "logits.npy"))["out"]
+        return np.load(out)
 
     def generate(self, ids: list[int]) -> tuple[str, bool]:
-        self.llm.reset()
-        out = self.llm.create_completion(prompt=ids, max_tokens=BUDGET, temperature=0.0, top_k=1, top_p=1.0,
-                                         repeat_penalty=1.0, seed=0)
-        choice = out["choices"][0]
-        return choice["text"], choice["finish_reason"] == "stop"
+        answer = self.child.ask("generate", ids=ids, max_tokens=BUDGET)
+        return answer["text"], answer["stopped"]
 
     def close(self) -> None:
-        self.llm.close()
+        self.child.close()
+        self.scratch.cleanup()
 
 
 class TransformersRuntime:

@@ -192,3 +192,58 @@ def ensure_quantizer(say: Say | None = None) -> None:
                     "diskcache==5.6.3"], check=True)
     importlib.invalidate_caches()
     say("quantizer installed")
+
+
+# ---- llama.cpp's runtime, in a child process ----
+
+class LlamaChild:
+    """One GGUF in llama.cpp's runtime (llama-cpp-python), served by `gguf_child.py serve` in its own process.
+
+    A crash in llama.cpp's C++ (a bad file, a kernel bug on some CPU) ends that child, not the app: the next request
+    raises a GarageError that names how it ended and its last lines."""
+
+    def __init__(self, gguf: Path, n_ctx: int = 1024):
+        self.gguf = Path(gguf)
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), "serve", str(self.gguf), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                     env=child_env(None), start_new_session=True)
+
+    def ask(self, op: str, **fields) -> dict:
+        import json
+
+        from core import procs
+
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass   # it already ended: the read below says how
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                answer = json.loads(line[3:])
+                if "error" in answer:
+                    raise GarageError(f"llama.cpp's runtime could not {op} on {self.gguf.name}: {answer['error']}",
+                                      "the GGUF file may be damaged: export it again")
+                return answer
+        code = self.proc.wait()
+        self.err.seek(0)
+        tail = "\n".join(self.err.read().splitlines()[-8:])
+        raise GarageError(f"llama.cpp's runtime ended ({procs.exit_words(code)}) during '{op}' on {self.gguf.name}"
+                          + (f"; its last lines:\n{tail}" if tail else ""),
+                          "the exported files are kept; uninstall llama-cpp-python to check with transformers' "
+                          "loader instead, and report the message")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "close"}\n')
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -132,6 +133,16 @@ def is_alive(pid: int, create_time: float | None) -> bool:
         return False
 
 
+def exit_words(code: int) -> str:
+    """A child's return code as a user reads it: "killed by SIGSEGV" for a signal, else "exit code N"."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 # ---------------------------------------------------------------- children this process started
 
 def adopt(run_id: str, proc: subprocess.Popen) -> None:
@@ -185,7 +196,6 @@ class Death:
 
 def check(run_dir: Path, st: dict) -> Death | None:
     """None while the run's process lives (or may still be starting); else how it ended. `st` is its status."""
-    import signal
 
     pid = st.get("pid")
     proc = child(run_dir.name, pid)
@@ -204,12 +214,10 @@ def check(run_dir: Path, st: dict) -> Death | None:
         code = reap(run_dir.name, pid, timeout=0)
     if code is None:
         how = f"exit code unknown: {_started_by(st)}" if pid else "it never started"
-    elif code < 0:
-        how = f"killed by {signal.Signals(-code).name}"
+    else:
+        how = exit_words(code)
         if code == -signal.SIGKILL:
             how += " (if nobody stopped it, the system may have run out of RAM)"
-    else:
-        how = f"exit code {code}"
     ended = _exited_at.get(pid) if proc is not None else None
     if ended:
         return Death(how, code, ended, None)

@@ -236,7 +236,7 @@ def _ranks_outcome(run_dir: Path, code: int):
     cause = distributed.failed_rank(runs.tail_log(run_dir, 400)) if code != 0 else None
     if cause is not None and (cause[0] != 0 or result is None):
         r, exit_code = cause
-        how = f"killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exit code {exit_code}"
+        how = procs.exit_words(exit_code)
         tail = distributed.rank_log_tail(run_dir, r)
         err = RunError(f"rank {r} ended ({how}); the launcher ended the other ranks",
                        "see ranks/ for each rank's log" + (f"; rank {r} last wrote:\n{tail}" if tail else "")

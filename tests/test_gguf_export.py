@@ -115,7 +115,13 @@ def test_a_default_system_prompt_goes_to_SYSTEM():
     assert pieces.default_system == "Be kind."
     template = modelfile.go_template(pieces)
     assert all(r["same"] for r in modelfile.check(template, pieces, render))
-    assert 'SYSTEM """Be kind."""' in modelfile.write("m.gguf", template, pieces, GenSettings())
+    def system_line(run_system):
+        text = modelfile.write("m.gguf", template, pieces, GenSettings(), modelfile.system_prompt(run_system, pieces))
+        return [line for line in text.splitlines() if line.startswith("SYSTEM")]
+
+    assert system_line("") == ['SYSTEM """Be kind."""']            # the template's default
+    assert system_line("You are Garage.") == ['SYSTEM """You are Garage."""']   # the run's data.system wins
+    assert system_line("none") == []                                # the run trained without one
 
 
 def test_a_fallback_template_model_gets_that_template_in_the_gguf_and_the_modelfile(garage_home, tiny_model_dir,
@@ -218,3 +224,46 @@ def test_q4_k_m_through_llama_cpp_with_honest_bits_per_weight(garage_home, tiny_
     assert row["top1_agreement"] >= row["threshold"]["top1_at_least"], row
     assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./r1-q4_k_m.gguf")
     assert not (tmp_path / "out" / "r1-f16.gguf").exists()   # the f16 step file is not left behind
+
+
+def test_without_llama_cpp_the_parity_check_reads_the_gguf_with_transformers(garage_home, tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    from core import gguf_export, gguf_parity
+
+    make_run(garage_home, tiny_model_dir)
+    monkeypatch.setattr(gguf_parity, "_has_llama_cpp", lambda: False)
+    report = gguf_export.export_gguf("r1", tmp_path / "out", ["f16"])
+    row = report["parity"][0]
+    assert row["runtime"] == "transformers gguf_file" and row["passed"], row
+    assert row["prompt_tokens_same"] == row["prompts"] > 0
+
+
+def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
+    """llama.cpp runs in its own process (gguf_child.py serve): a file it cannot load, or a C++ crash, ends that
+    process; the app gets a GarageError naming how it ended."""
+    import signal
+
+    from core import gguf_tools
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    child = gguf_tools.LlamaChild(bad)
+    with pytest.raises(GarageError, match=r"llama.cpp's runtime ended \(exit code 1\) during 'meta' on broken.gguf"):
+        child.ask("meta")
+    child.close()
+
+    if __import__("importlib").util.find_spec("llama_cpp") is None:
+        return
+    from core import gguf_export
+
+    # a real GGUF, and the child dies under it (as it did with SIGSEGV in llama.cpp's AMX kernels)
+    from tests.tiny import build_tiny_model
+    home = Path(os.environ["LORA_GARAGE_HOME"])
+    make_run(home, build_tiny_model(tmp_path / "tiny"))
+    gguf_export.export_gguf("r1", tmp_path / "out", ["q8_0"], parity=False)
+    child = gguf_tools.LlamaChild(tmp_path / "out" / "r1-q8_0.gguf")
+    assert child.ask("meta")["template"]
+    os.kill(child.proc.pid, signal.SIGSEGV)
+    with pytest.raises(GarageError, match=r"ended \(killed by SIGSEGV\) during 'tokenize'"):
+        child.ask("tokenize", text="hi", add_bos=False)
+    child.close()
