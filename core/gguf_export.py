@@ -113,8 +113,9 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
         notes.append("the base model has no chat template: the run trained with LoRA Garage's ChatML fallback, "
                      "which is embedded in the GGUF and written into the Modelfile")
     order = [q for q in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16") if q in files]
+    system = modelfile.system_prompt(cfg.data.system, pieces)
     for n, q in enumerate(order):
-        text = modelfile.write(files[q].name, go, pieces, GenSettings())
+        text = modelfile.write(files[q].name, go, pieces, GenSettings(), system)
         (out / ("Modelfile" if n == 0 else f"Modelfile.{q}")).write_text(text)
 
     report = {"run": run_dir.name, "checkpoint": checkpoint, "base_model": cfg.model.source,
@@ -123,7 +124,7 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
               "files": {q: {"file": p.name, **gguf_read.weights(p)} for q, p in files.items()},
               "modelfile": {"template_from": "LoRA Garage fallback" if fallback else "the model's own",
                             "checked_conversations": template_check,
-                            "system": pieces.default_system if pieces else "", "stops": pieces.stops if pieces else []},
+                            "system": system, "stops": pieces.stops if pieces else []},
               "times_s": times, "parity": []}
     if parity:
         t = time.monotonic()

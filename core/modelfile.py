@@ -119,16 +119,26 @@ def check(template: str, pieces: Pieces, render) -> list[dict]:
     return rows
 
 
-def write(gguf_name: str, template: str | None, pieces: Pieces | None, settings) -> str:
-    """The Modelfile text. `settings` is a chat.GenSettings (the defaults we chat with)."""
+def system_prompt(run_system: str, pieces: Pieces | None) -> str:
+    """SYSTEM for the run: the run's own data.system where it set one (what its rows without a system message
+    were trained with), nothing for "none", else the template's default."""
+    if run_system.strip().lower() == "none":
+        return ""
+    return run_system or (pieces.default_system if pieces else "")
+
+
+def write(gguf_name: str, template: str | None, pieces: Pieces | None, settings, system: str = "") -> str:
+    """The Modelfile text. `settings` is a chat.GenSettings (the defaults we chat with); `system` from
+    system_prompt()."""
     lines = [f"FROM ./{gguf_name}", ""]
     if template is not None:
-        for text in (template, pieces.default_system):
+        for text in (template, system):
             if '"""' in text:
-                raise TemplateNotExpressible('the template contains """, which a Modelfile cannot quote')
+                raise TemplateNotExpressible('the template or the system prompt contains """, which a Modelfile '
+                                             'cannot quote')
         lines += [f'TEMPLATE """{template}"""', ""]
-        if pieces.default_system:
-            lines += [f'SYSTEM """{pieces.default_system}"""', ""]
+        if system:
+            lines += [f'SYSTEM """{system}"""', ""]
         lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in pieces.stops]
     lines += [f"PARAMETER temperature {settings.temperature}", f"PARAMETER top_p {settings.top_p}",
               f"PARAMETER repeat_penalty {settings.repetition_penalty}",
