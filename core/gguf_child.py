@@ -8,14 +8,19 @@
     quantize IN.gguf OUT.gguf TYPE             llama_cpp.llama_model_quantize (llama.cpp's C++ quantizer)
     serve IN.gguf N_CTX                        llama.cpp's runtime on one GGUF, asked over stdin/stdout (one JSON
                                                request per line; each answer is one line starting with "@@ "):
-                                               meta, tokenize, logits (written to a .npy), generate, close. It
-                                               runs here, not in the app: a crash in llama.cpp's C++ ends this
-                                               process, and the parent says so, instead of taking the app down.
+                                               meta, tokenize, logits (written to a .npy), generate, close;
+                                               and stream (the Chat page): one {"delta"} line per piece of text,
+                                               then {"done", "stopped"}; a {"op": "cancel"} line sent meanwhile
+                                               ends it early (its own line gets no answer). It runs here, not in
+                                               the app: a crash in llama.cpp's C++ ends this process, and the
+                                               parent says so, instead of taking the app down.
 """
 
 import json
 import os
+import queue
 import sys
+import threading
 
 # run as a script, this file's folder (core/) is first on sys.path, and its module names (config, data, models...)
 # would shadow the converter's imports
@@ -91,7 +96,8 @@ def serve(path: str, n_ctx: str) -> None:
     def piece(tid) -> str:
         return "" if tid is None else llm.detokenize([int(tid)], special=True).decode("utf-8", "replace")
 
-    for line in sys.stdin:
+    cancel = threading.Event()
+    for line in _requests(cancel):
         req = json.loads(line)
         op = req["op"]
         try:
@@ -113,7 +119,10 @@ def serve(path: str, n_ctx: str) -> None:
                 out = llm.create_completion(prompt=req["ids"], max_tokens=req["max_tokens"], temperature=0.0,
                                             top_k=1, top_p=1.0, repeat_penalty=1.0, seed=0)
                 choice = out["choices"][0]
-                answer = {"text": choice["text"], "stopped": choice["finish_reason"] == "stop"}
+                answer = {"text": choice["text"], "stopped": choice["finish_reason"] == "stop",
+                          "tokens": out["usage"]["completion_tokens"]}
+            elif op == "stream":
+                answer = _stream(llm, req, cancel)
             elif op == "close":
                 break
             else:
@@ -122,6 +131,76 @@ def serve(path: str, n_ctx: str) -> None:
             answer = {"error": f"{type(e).__name__}: {e}"}
         print("@@ " + json.dumps(answer), flush=True)
     llm.close()
+
+
+def _requests(cancel: threading.Event):
+    """stdin's request lines; a reader thread keeps reading while a stream runs, so a cancel line can end it."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            try:
+                op = json.loads(line).get("op")
+            except ValueError:
+                op = None   # the main loop reads it again and fails with the parse error
+            if op == "cancel":
+                cancel.set()
+            else:   # a cancel that came after its stream had ended is stale once the next request comes
+                cancel.clear()
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (line := lines.get()) is not None:
+        yield line
+
+
+def _stream(llm, req: dict, cancel: threading.Event) -> dict:
+    """Sample with llama.cpp's own sampler (Llama.generate, what create_completion samples with) and print the text
+    as it grows. Not create_completion(stream=True): in 0.3.36 its stream drops characters whose UTF-8 bytes span
+    tokens, so the deltas did not join to the one-shot text. Here the reply's bytes go through one incremental UTF-8
+    decoder (errors ignored, as create_completion decodes), and text that may be the start of a stop string is held
+    back until it is known not to be one."""
+    import codecs
+
+    import llama_cpp
+
+    llm.reset()
+    llm.set_seed(req["seed"])
+    prompt, out, stops = list(req["ids"]), [], [s for s in req.get("stop") or [] if s]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    raw, text, sent = b"", "", 0
+    stopped = cancelled = False
+
+    def emit(upto: int) -> None:
+        nonlocal sent
+        if upto > sent:
+            print("@@ " + json.dumps({"delta": text[sent:upto]}), flush=True)
+            sent = upto
+
+    for tok in llm.generate(prompt, top_k=req["top_k"], top_p=req["top_p"], min_p=0.0, temp=req["temperature"],
+                            repeat_penalty=req["repeat_penalty"]):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+            stopped = True
+            break
+        out.append(tok)
+        now = llm.detokenize(out, prev_tokens=prompt)   # the whole reply: a token's bytes can depend on the last
+        text += decoder.decode(now[len(raw):])
+        raw = now
+        cuts = [text.find(s) for s in stops if s in text]
+        if cuts:
+            text, stopped = text[:min(cuts)], True
+            break
+        hold = max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        emit(len(text) - hold)
+        if len(out) >= req["max_tokens"]:
+            break
+        if cancel.is_set():
+            cancelled = True
+            break
+    text += decoder.decode(b"", final=True)
+    emit(len(text))
+    return {"done": True, "stopped": stopped, "cancelled": cancelled, "tokens": len(out)}
 
 
 if __name__ == "__main__":

@@ -210,15 +210,44 @@ class LlamaChild:
                                      env=child_env(None), start_new_session=True)
 
     def ask(self, op: str, **fields) -> dict:
-        import json
+        self._send(op, fields)
+        return self._answer(op)
 
-        from core import procs
+    def stream(self, **fields):
+        """The "stream" op: yields each {"delta": text} as llama.cpp makes it, then the final {"done", "stopped"}.
+        A reader that leaves early cancels it in the child and reads on to its end, so the next request is clean."""
+        self._send("stream", fields)
+        ended = False
+        try:
+            while not ended:
+                try:
+                    answer = self._answer("stream")
+                except GarageError:
+                    ended = True   # an error answer ends the request; a child that died has nothing more to say
+                    raise
+                ended = bool(answer.get("done"))
+                yield answer
+        finally:
+            if not ended:          # the reader left mid-stream (Stop, a closed page)
+                self._send("cancel", {})
+                while not self._answer("stream").get("done"):
+                    pass
+
+    def _send(self, op: str, fields: dict) -> None:
+        import json
 
         try:
             self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
-            pass   # it already ended: the read below says how
+            pass   # it already ended: the read that follows says how
+
+    def _answer(self, op: str) -> dict:
+        """The next answer line; an error answer, or the child's end, raises a GarageError naming `op`."""
+        import json
+
+        from core import procs
+
         for line in self.proc.stdout:
             if line.startswith("@@ "):
                 answer = json.loads(line[3:])
