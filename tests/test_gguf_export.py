@@ -267,3 +267,19 @@ def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
     with pytest.raises(GarageError, match=r"ended \(killed by SIGSEGV\) during 'tokenize'"):
         child.ask("tokenize", text="hi", add_bos=False)
     child.close()
+
+
+def test_a_gpt_neox_base_without_a_template_exports_and_answers_like_its_adapter(garage_home, tmp_path):
+    """The second architecture (Pythia's family), saved by transformers 5 (rotary_pct lives in rope_parameters,
+    where llama.cpp's converter does not look), with no chat template of its own."""
+    from core import gguf_export, gguf_read
+    from tests.tiny_neox import build_tiny_neox
+
+    make_run(garage_home, build_tiny_neox(tmp_path / "neox"))
+    report = gguf_export.export_gguf("r1", tmp_path / "out", ["f16"])
+    meta = gguf_read.metadata(tmp_path / "out" / "r1-f16.gguf")
+    assert meta["general.architecture"] == "gptneox"
+    assert int(meta["gptneox.rope.dimension_count"]) == 4        # 0.25 of a 16-wide head: partial rotary kept
+    assert report["modelfile"]["template_from"] == "LoRA Garage fallback"
+    row = report["parity"][0]
+    assert row["passed"] and row["prompt_tokens_same"] == row["prompts"], row
