@@ -85,6 +85,7 @@ class GgufChat:
 
     def __init__(self):
         self.path: Path | None = None
+        self.run: str | None = None      # the run the open GGUF was exported from (export.json)
         self.child = None
         self.template = self.bos = self.eos = ""
         self.add_bos = False
@@ -118,7 +119,7 @@ class GgufChat:
         except GarageError:
             child.close()
             raise
-        self.child, self.path = child, path
+        self.child, self.path, self.run = child, path, info.get("run")
         self.template, self.bos, self.eos, self.add_bos = (answer["template"], answer["bos"], answer["eos"],
                                                            answer["add_bos"])
 
@@ -131,7 +132,7 @@ class GgufChat:
     def _close(self) -> None:
         if self.child is not None:
             self.child.close()
-        self.child = self.path = None
+        self.child = self.path = self.run = None
 
     # ------------------------------------------------------------ chatting
     def stop(self) -> None:

@@ -1,5 +1,6 @@
-"""Chat page: talk to a trained adapter, side by side with the base model (or checkpoint A | checkpoint B),
-with the demo eval prompts as one-click examples and "score on eval split".
+"""Chat page: talk to a trained adapter, side by side with the base model (or checkpoint A | checkpoint B, or the
+run's exported GGUF in llama.cpp's runtime when llama-cpp-python is installed), with the demo eval prompts as
+one-click examples and "score on eval split".
 
 Sending is two steps chained with .success(): start_turn shows the user's message at once, then reply loads the
 model (the first time: seconds) and streams the answers into the waiting bubbles."""
@@ -9,17 +10,23 @@ from __future__ import annotations
 import html
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
 from core import events as ev
-from core import chat, evaluate, run_files, runs
+from core import chat, evaluate, gguf_chat, run_files, runs
 from core.errors import GarageError
 from ui import marks, progress
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
+GGUF = gguf_chat.GgufChat()    # one exported GGUF open at a time, in llama.cpp's own child process
 MODES = ["Side by side: base | adapter", "Adapter only", "Checkpoints: A | B"]
+GGUF_MODE = "Side by side: GGUF | adapter"
 FINAL = "final adapter"
+LEFT = "Base model (or checkpoint A)"
+GET_LLAMA_CPP = ("install llama-cpp-python 0.3.36 (`pip install llama-cpp-python==0.3.36`, which compiles llama.cpp; "
+                 "the README's \"Run it in Ollama / llama.cpp / LM Studio\" says more) and restart the app")
 
 
 @dataclass
@@ -60,11 +67,14 @@ def _checkpoint(label: str | None) -> int | None:
 
 @dataclass
 class RunPick:
-    """What picking a run changes: both checkpoint dropdowns, the eval-prompt examples, the template note."""
+    """What picking a run changes: both checkpoint dropdowns, the eval-prompt examples, the template note, and the
+    run's GGUF exports with the line about them."""
     ck_a: dict
     ck_b: dict
     examples: dict
     note: str
+    gguf: dict
+    gguf_note: str
 
 
 def on_run(run_id: str | None) -> RunPick:
@@ -72,8 +82,55 @@ def on_run(run_id: str | None) -> RunPick:
     a = choices[0] if choices else None
     b = choices[1] if len(choices) > 1 else a
     examples = eval_prompts(run_id)
+    if GGUF.run and GGUF.run != run_id:   # the page moved to another run: its llama.cpp child is not needed
+        GGUF.close()
+    ggufs = gguf_choices(run_id)
     return RunPick(gr.update(choices=choices, value=a), gr.update(choices=choices, value=b),
-                   gr.update(choices=examples, value=None, visible=bool(examples)), template_note(run_id))
+                   gr.update(choices=examples, value=None, visible=bool(examples)), template_note(run_id),
+                   gr.update(choices=ggufs, value=ggufs[0][1] if ggufs else None, visible=bool(ggufs)),
+                   gguf_note(run_id))
+
+
+def modes() -> list[str]:
+    """The chat modes; the GGUF one only where llama-cpp-python is installed (read when the page is built)."""
+    return MODES + ([GGUF_MODE] if gguf_chat.runtime_installed() else [])
+
+
+SHOWN_MODES = modes()   # what the page's Mode radio offers (set again when the page is built)
+
+
+def gguf_choices(run_id: str | None) -> list[tuple[str, str]]:
+    """(label, path) of the run's GGUF exports, newest first; none without llama-cpp-python (nothing to run them)."""
+    if not gguf_chat.runtime_installed():
+        return []
+    return [(f"GGUF: {e.file}", str(e.path)) for e in gguf_chat.list_exports(run_id)]
+
+
+def gguf_note(run_id: str | None) -> str:
+    """One line about chatting with the run's GGUF export: how to get llama-cpp-python, or how to make an export."""
+    if not run_id:
+        return ""
+    exports = gguf_chat.list_exports(run_id)
+    if not gguf_chat.runtime_installed():
+        have = (f"This run has a GGUF export ({exports[0].file}): to chat with it here beside the adapter, "
+                if exports else "To chat with a run's GGUF export here beside its adapter, ")
+        return have + GET_LLAMA_CPP + "."
+    if not exports:
+        return ("No GGUF export of this run yet: make one on the Runs page (Export to GGUF panel), then choose "
+                f"\"{GGUF_MODE}\" here.")
+    if GGUF_MODE not in SHOWN_MODES:
+        return "llama-cpp-python was installed after the app started: restart the app to chat with the GGUF here."
+    return f"Choose \"{GGUF_MODE}\" to chat with the exported GGUF in llama.cpp's runtime beside the adapter."
+
+
+def left_label(mode: str | None, gguf: str | None) -> str:
+    return f"GGUF in llama.cpp: {Path(gguf).name}" if mode == GGUF_MODE and gguf else LEFT
+
+
+def on_gguf(gguf: str | None) -> None:
+    """Another GGUF picked: the open one's child ends now (the picked one opens with the first message)."""
+    if GGUF.path is not None and str(GGUF.path) != gguf:
+        GGUF.close()
 
 
 def template_note(run_id: str | None) -> str:
@@ -134,18 +191,19 @@ def undo_turn(history: list | None, prompt: str) -> list:
     return history
 
 
-def reply(prompt, left, right, run_id, ck_a, ck_b, mode, *gen) -> Iterator[tuple[list, list]]:
+def reply(prompt, left, right, run_id, ck_a, ck_b, mode, system="", max_new=128, temperature=0.0, top_p=0.9,
+          rep=1.1, seed=-1, gguf=None) -> Iterator[tuple[list, list]]:
     """Step 2: stream the replies into the bubbles start_turn added; yields (left, right). Left: base (or
-    checkpoint A); right: adapter (or checkpoint B)."""
+    checkpoint A, or the GGUF at path `gguf`); right: adapter (or checkpoint B)."""
     left, right = [dict(m) for m in left or []], [dict(m) for m in right or []]
-    yield from _reply(left, right, run_id, ck_a, ck_b, mode, *gen)
+    yield from _reply(left, right, run_id, ck_a, ck_b, mode, (system, max_new, temperature, top_p, rep, seed), gguf)
     for side in (left, right):  # say so when a model answered nothing, rather than showing a blank bubble
         if side and side[-1]["role"] == "assistant" and not side[-1]["content"].strip():
             side[-1]["content"] = EMPTY_REPLY
     yield left, right
 
 
-def _reply(left, right, run_id, ck_a, ck_b, mode, *gen):
+def _reply(left, right, run_id, ck_a, ck_b, mode, gen, gguf):
     settings = _settings(*gen)
     waiting = [side for side in (left, right) if side and side[-1]["role"] == "assistant"]
     for side in waiting:  # loading the model can take seconds the first time: say so in the waiting bubbles
@@ -163,6 +221,15 @@ def _reply(left, right, run_id, ck_a, ck_b, mode, *gen):
                 yield left, right
             return
         left_msgs = _messages(left[:-1])
+        if mode == GGUF_MODE:  # the GGUF (llama.cpp, its own process) on the left, then the adapter on the right
+            path = _gguf_path(run_id, gguf)
+            for text in GGUF.stream(path, left_msgs, settings):
+                left[-1]["content"] = text
+                yield left, right
+            for text in SESSION.stream(right_msgs, settings, adapter=name_a):
+                right[-1]["content"] = text
+                yield left, right
+            return
         if mode == MODES[0] and left_msgs == right_msgs:  # same history: both grow together in one batch
             for base_text, adapter_text in SESSION.compare(left_msgs, settings, adapter=name_a):
                 left[-1]["content"], right[-1]["content"] = base_text, adapter_text
@@ -178,8 +245,20 @@ def _reply(left, right, run_id, ck_a, ck_b, mode, *gen):
         raise gr.Error(str(e))
 
 
+def _gguf_path(run_id: str, gguf: str | None) -> Path:
+    """The picked GGUF, if it is one of the run's exports (a path from the browser is checked, not trusted)."""
+    exports = {str(e.path): e.path for e in gguf_chat.list_exports(run_id)}
+    if not exports:
+        raise GarageError(f"run {run_id} has no GGUF export to chat with",
+                          "make one on the Runs page (Export to GGUF panel), or pick another mode")
+    if gguf not in exports:
+        raise GarageError("pick one of this run's GGUF exports first", "the GGUF list is next to the mode")
+    return exports[gguf]
+
+
 def stop_generation() -> None:
     SESSION.stop()
+    GGUF.stop()
 
 
 def score(run_id: str | None, ck_a: str | None, report=None) -> str:
@@ -205,14 +284,21 @@ def score(run_id: str | None, ck_a: str | None, report=None) -> str:
 
 def build() -> ChatTab:
     first = default_run()
+    SHOWN_MODES[:] = modes()
     with gr.Row():
         run_dd = gr.Dropdown(run_choices(), value=first, label="Run", scale=3,
                              info="A trained run (newest first); its base model loads once")
         ck_a = gr.Dropdown(checkpoint_choices(first), label="Adapter / checkpoint A", scale=2)
         ck_b = gr.Dropdown(checkpoint_choices(first), label="Checkpoint B (A | B mode)", scale=2)
-        mode = gr.Radio(MODES, value=MODES[0], label="Mode", scale=3)
+        mode = gr.Radio(list(SHOWN_MODES), value=MODES[0], label="Mode", scale=3)
+    first_ggufs = gguf_choices(first)
+    with gr.Row(equal_height=True):
+        gguf_dd = gr.Dropdown(first_ggufs, value=first_ggufs[0][1] if first_ggufs else None, scale=2,
+                              label="GGUF export (llama.cpp)", visible=bool(first_ggufs),
+                              info="This run's exports, newest first; it answers in the left window")
+        gguf_md = gr.Markdown(gguf_note(first))
     with gr.Row():
-        left = gr.Chatbot(label="Base model (or checkpoint A)", height=380)
+        left = gr.Chatbot(label=LEFT, height=380)
         right = gr.Chatbot(label="With your adapter (or checkpoint B)", height=380)
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask something… (try: Who are you?)", show_label=False, scale=6)
@@ -238,9 +324,17 @@ def build() -> ChatTab:
 
     def _picked(run_id):
         r = on_run(run_id)
-        return {ck_a: r.ck_a, ck_b: r.ck_b, examples: r.examples, note: r.note}
+        return {ck_a: r.ck_a, ck_b: r.ck_b, examples: r.examples, note: r.note, gguf_dd: r.gguf, gguf_md: r.gguf_note}
 
-    run_dd.change(_picked, run_dd, [ck_a, ck_b, examples, note])
+    picked = [ck_a, ck_b, examples, note, gguf_dd, gguf_md]
+    run_dd.change(_picked, run_dd, picked)
+
+    def _gguf_picked(path, m):
+        on_gguf(path)
+        return gr.update(label=left_label(m, path))
+
+    gguf_dd.change(_gguf_picked, [gguf_dd, mode], left)
+    mode.change(lambda m, path: gr.update(label=left_label(m, path)), [mode, gguf_dd], left)
 
     def _pick(evt: gr.SelectData):
         return evt.value
@@ -261,7 +355,7 @@ def build() -> ChatTab:
 
     for trigger in (send_btn.click, prompt.submit):
         trigger(_start, [prompt, left, right, run_dd, mode], [prompt, pending, left, right]).success(
-            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen, [prompt, left, right])
+            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen + [gguf_dd], [prompt, left, right])
     stop_btn.click(stop_generation, None, None, queue=False)
     clear_btn.click(lambda: {left: [], right: []}, None, [left, right])
     def _score(run_id, ck):
@@ -281,4 +375,4 @@ def build() -> ChatTab:
         value = selected if selected in choices else (default_run() if choices else None)
         return {run_dd: gr.update(choices=choices, value=value), **_picked(value)}
 
-    return ChatTab(run_dd=run_dd, refresh=(_refresh, [run_dd, ck_a, ck_b, examples, note]))
+    return ChatTab(run_dd=run_dd, refresh=(_refresh, [run_dd] + picked))
