@@ -75,7 +75,12 @@ def _end_ids(tok) -> list[int]:
 
 def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
     """One GGUF file against the reference: the row of export.json's parity table."""
-    runtime = LlamaCppRuntime(gguf) if _has_llama_cpp() else TransformersRuntime(gguf)
+    if _has_llama_cpp():
+        # the context llama.cpp reserves costs time on every token: the longest prompt and reply, not the model's max
+        longest = max((len(p["ids"]) + max(len(p["reply_ids"]), BUDGET) for p in ref.prompts), default=0) + 8
+        runtime = LlamaCppRuntime(gguf, n_ctx=256 * -(-longest // 256))
+    else:
+        runtime = TransformersRuntime(gguf)
     try:
         return _compare(runtime, quant, ref, say)
     finally:
@@ -155,12 +160,12 @@ class LlamaCppRuntime:
     template rendered with jinja2 (as llama-cpp-python does), its logits and its end-of-generation tokens."""
     name = "llama.cpp"
 
-    def __init__(self, gguf: Path):
+    def __init__(self, gguf: Path, n_ctx: int = 1024):
         import tempfile
 
         from core import gguf_tools
 
-        self.child = gguf_tools.LlamaChild(gguf)
+        self.child = gguf_tools.LlamaChild(gguf, n_ctx)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
         meta = self.child.ask("meta")
         self.template, self.bos, self.eos, self.add_bos = meta["template"], meta["bos"], meta["eos"], meta["add_bos"]
