@@ -36,6 +36,7 @@ class RunView:
     resume_btn: gr.Button
     cache: gr.State
     charts: gr.Column
+    export_btn: gr.Button    # to the Runs page's GGUF export panel, once the run has its final adapter
 
     @property
     def outputs(self) -> list:
@@ -49,7 +50,7 @@ class RunView:
 
 # what refresh() fills, by the RunView field it goes to
 FIELDS = ("status", "progress", "loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "log", "samples",
-          "chat_btn", "resume_btn", "cache", "charts", "pref")
+          "chat_btn", "resume_btn", "cache", "charts", "pref", "export_btn")
 CHARTS = ("loss", "lr", "grad", "tps", "mem", "rewards", "accuracy")
 
 
@@ -69,6 +70,8 @@ def build() -> RunView:
     with gr.Row():
         chat_btn = gr.Button("Chat with this adapter", visible=False, variant="primary")
         resume_btn = gr.Button("Resume", visible=False)
+    # a row of its own: beside the Chat button, in the page's right column, one of the two labels wrapped
+    export_btn = gr.Button("Export to GGUF / Ollama", visible=False)
     with gr.Column(visible=False) as charts:  # shown once a run is attached: empty charts say nothing
         # one chart a line: side by side in this column their titles and legends were cut at 1400 px
         loss = _plot("Loss", "loss", 260)
@@ -83,7 +86,7 @@ def build() -> RunView:
             log = gr.Textbox(lines=12, max_lines=20, autoscroll=True, interactive=False, show_label=False)
         samples = gr.Markdown()
     return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, log, samples, chat_btn,
-                   resume_btn, gr.State({}), charts)
+                   resume_btn, gr.State({}), charts, export_btn)
 
 
 def refresh(run_id: str | None, cache: dict) -> dict:
@@ -118,6 +121,7 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             "samples": samples_md(events),
             "chat_btn": gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
             "resume_btn": resume_button(run_dir, status),
+            "export_btn": export_button(run_dir, status),
             "cache": cache,
             "charts": gr.update(visible=True),
             "pref": gr.update(visible=len(frames["accuracy"]) > 0),
@@ -130,7 +134,7 @@ def _blank(cache) -> dict:
     hidden = gr.update(visible=False)
     return {"status": "No run yet. Press **Start training**.", "progress": "",
             **{name: None for name in CHARTS},  # a chart given None builds afresh when data comes (plots.live_value)
-            "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "cache": cache or {},
+            "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
             "charts": hidden, "pref": hidden}
 
 
@@ -141,6 +145,24 @@ def resume_button(run_dir, status: dict) -> dict:
     if ck is None:
         return gr.update(visible=False)
     return gr.update(visible=True, value=f"Resume: continue training from step {runs.checkpoint_step(ck)}")
+
+
+def can_export(run_dir, status: dict) -> bool:
+    """Whether the GGUF export has what it exports: an ended run (never one still training, whose adapter/ may be
+    a previous one being replaced) with the final adapter that core.runs.adapter_path finds."""
+    if status.get("state") not in runs.TERMINAL:
+        return False
+    try:
+        runs.adapter_path(run_dir)
+    except GarageError:
+        return False
+    return True
+
+
+def export_button(run_dir, status: dict) -> dict:
+    """"Export to GGUF / Ollama" after a run that ended with its adapter: completed, or stopped (stopping saves it);
+    a failed run only where it has one."""
+    return gr.update(visible=can_export(run_dir, status))
 
 
 def status_md(run_id: str, status: dict) -> str:
