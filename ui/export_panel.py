@@ -4,6 +4,7 @@ and the parity table that says whether each file answers like the adapter."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -14,6 +15,19 @@ from core.errors import GarageError
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
            "same answer", "score GGUF vs adapter", "stops", "check"]
+
+
+PANEL_ID = "lg-export-panel"
+# run in the browser after "Export to GGUF / Ollama" on the Train page: the panel is below the run's charts
+SCROLL_TO_PANEL = (f"() => setTimeout(() => document.getElementById('{PANEL_ID}')"
+                   "?.scrollIntoView({block: 'start', behavior: 'smooth'}), 250)")
+
+
+@dataclass
+class ExportPanel:
+    """What another page fills to open the panel on a run (the run itself is the Runs page's picker)."""
+    accordion: gr.Accordion
+    folder: gr.Textbox
 
 
 def default_folder(run_id: str | None) -> str:
@@ -67,9 +81,14 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
     return "  \n".join(md), parity_table(report)
 
 
-def build(pick: gr.Dropdown) -> None:
+def opened_on(run_id: str) -> dict:
+    """The panel opened on a run: {ExportPanel field: value}, the folder its default for that run."""
+    return {"accordion": gr.Accordion(open=True), "folder": default_folder(run_id)}
+
+
+def build(pick: gr.Dropdown) -> ExportPanel:
     """The panel, under the run picker it exports from."""
-    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False):
+    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False, elem_id=PANEL_ID) as accordion:
         gr.Markdown("Merges the adapter into the 16-bit base (also for a QLoRA run), converts with llama.cpp's own "
                     "converter (downloaded once, about 77 MB), and checks the files against the adapter on the run's "
                     "eval prompts. f16 and q8_0 need nothing else; q4_k_m builds llama.cpp's quantizer the first "
@@ -84,3 +103,4 @@ def build(pick: gr.Dropdown) -> None:
         table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, label="Parity with the adapter")
     pick.change(default_folder, pick, folder)
     go.click(export, [pick, folder, quants, check], [status, table])
+    return ExportPanel(accordion, folder)
