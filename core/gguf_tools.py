@@ -260,8 +260,8 @@ class LlamaChild:
         tail = "\n".join(self.err.read().splitlines()[-8:])
         raise GarageError(f"llama.cpp's runtime ended ({procs.exit_words(code)}) during '{op}' on {self.gguf.name}"
                           + (f"; its last lines:\n{tail}" if tail else ""),
-                          "the GGUF files are kept and the app runs on; see README, Troubleshooting, "
-                          "\"llama.cpp's runtime ended\" (an export's check can use transformers' loader instead)")
+                          "the GGUF files are kept and the app runs on; see README, Troubleshooting, on llama.cpp's "
+                          "runtime ending (an export's check can use transformers' loader instead)")
 
     def close(self) -> None:
         if self.proc.poll() is None:
