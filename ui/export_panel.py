@@ -17,15 +17,19 @@ COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreem
            "same answer", "score GGUF vs adapter", "stops", "check"]
 
 
-PANEL_ID = "lg-export-panel"
-# run in the browser after "Export to GGUF / Ollama" on the Train page: the panel is below the run's charts
-SCROLL_TO_PANEL = (f"() => setTimeout(() => document.getElementById('{PANEL_ID}')"
-                   "?.scrollIntoView({block: 'start', behavior: 'smooth'}), 250)")
+PANEL_ID = "lg-export-panel"          # on the Runs page
+TRAIN_PANEL_ID = "lg-export-panel-train"   # on the Train page, opened by "Export to GGUF / Ollama"
+
+
+def scroll_to(elem_id: str) -> str:
+    """Browser code that brings a panel into view once it has opened."""
+    return (f"() => setTimeout(() => document.getElementById('{elem_id}')"
+            "?.scrollIntoView({block: 'start', behavior: 'smooth'}), 250)")
 
 
 @dataclass
 class ExportPanel:
-    """What another page fills to open the panel on a run (the run itself is the Runs page's picker)."""
+    """What a page fills to open the panel on a run (the run itself is the component passed to build)."""
     accordion: gr.Accordion
     folder: gr.Textbox
 
@@ -82,13 +86,14 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
 
 
 def opened_on(run_id: str) -> dict:
-    """The panel opened on a run: {ExportPanel field: value}, the folder its default for that run."""
-    return {"accordion": gr.Accordion(open=True), "folder": default_folder(run_id)}
+    """The panel opened (and shown) on a run: {ExportPanel field: value}, the folder its default for that run."""
+    return {"accordion": gr.Accordion(open=True, visible=True), "folder": default_folder(run_id)}
 
 
-def build(pick: gr.Dropdown) -> ExportPanel:
-    """The panel, under the run picker it exports from."""
-    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False, elem_id=PANEL_ID) as accordion:
+def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool = True) -> ExportPanel:
+    """The panel, exporting the run that `pick` holds (the Runs page's picker, the Train page's run)."""
+    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False, elem_id=elem_id,
+                      visible=visible) as accordion:
         gr.Markdown("Merges the adapter into the 16-bit base (also for a QLoRA run), converts with llama.cpp's own "
                     "converter (downloaded once, about 77 MB), and checks the files against the adapter on the run's "
                     "eval prompts. f16 and q8_0 need nothing else; q4_k_m builds llama.cpp's quantizer the first "

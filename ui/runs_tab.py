@@ -152,40 +152,11 @@ def relist(current: str | None, compared: list | None = None) -> tuple:
     ids = [r["id"] for r in runs.list_runs()]
     keep = current if current in ids else (ids[0] if ids else None)
     overlaid = [i for i in compared or [] if i in ids] or ids[:3]
-    # a value only where it changes: sent, a picker's own value fires its change (its chart is redrawn) and, read
-    # before another handler set the picker (the Train page's Export button), would undo that
+    # a value only where it changes: sent, a picker's own value fires its change and its chart is redrawn for
+    # nothing (and a value read before another handler set the picker would undo that pick)
     pick = gr.update(choices=ids) if keep == current else gr.update(choices=ids, value=keep)
     overlay_pick = gr.update(choices=ids) if overlaid == list(compared or []) else gr.update(choices=ids, value=overlaid)
     return table(), pick, overlay_pick
-
-
-def show_export(run_id: str | None) -> dict:
-    """"Export to GGUF / Ollama" on the Train page: this page, with the run open (listed afresh: it may be newer
-    than the page) and the export panel opened on it. Named values: tabs, then pick and the export panel's
-    accordion and folder. A run that lost its adapter since the button showed is refused, named. The page wires
-    it in steps: the tab and the panel, then the run (see build)."""
-    return {**export_tab(run_id), **export_fill(run_id)}
-
-
-def export_tab(run_id: str | None) -> dict:
-    """The first step of show_export: check the run can be exported, then {"tabs": this page selected}."""
-    if not run_id:
-        raise gr.Error("No run to export: start one, or pick one on the Runs page.")
-    try:
-        run_dir = runs.get(run_id)
-        status = runs.read_status(run_dir)
-    except GarageError as e:
-        raise gr.Error(str(e))
-    if not run_view.can_export(run_dir, status):
-        raise gr.Error(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
-                       "or stop it (stopping saves the adapter).")
-    return {"tabs": gr.Tabs(selected="runs")}
-
-
-def export_fill(run_id: str) -> dict:
-    """The run open in the picker (listed afresh), the export panel opened on it."""
-    ids = [r["id"] for r in runs.list_runs()]
-    return {"pick": gr.update(choices=ids, value=run_id), **export_panel.opened_on(run_id)}
 
 
 def build(tabs: gr.Tabs, train, chat) -> tuple:
@@ -210,7 +181,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
-    export = export_panel.build(pick)
+    export_panel.build(pick)
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")
@@ -259,13 +230,4 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
     chat_btn.click(chat.refresh[0], pick, chat.refresh[1]).then(lambda: gr.Tabs(selected="chat"), None, tabs)
 
-    def _export_open(rid):
-        named = {**export_tab(rid), **export_panel.opened_on(rid)}
-        return {tabs: named["tabs"], export.accordion: named["accordion"], export.folder: named["folder"]}
-
-    # the tab and the open panel first, the run last. Selecting the tab (by code too) re-lists (relist) with the
-    # picker as it was then; relist sends no value it keeps, so it cannot undo the pick that follows
-    train.view.export_btn.click(_export_open, train.run_id, [tabs, export.accordion, export.folder]).success(
-        None, None, None, js=export_panel.SCROLL_TO_PANEL).then(
-        lambda rid: export_fill(rid)["pick"], train.run_id, pick)
     return _on_load, None, [grid, pick, compare, overlay_plot, summary, curve, cfg_yaml, cli]

@@ -20,7 +20,7 @@ from core import config as C
 from core import events as ev
 from core import access, eta, hardware, limits, models, paths, presets, runner, runs, units, vram
 from core.errors import GarageError
-from ui import marks, progress, run_view, train_form, vram_panel
+from ui import export_panel, marks, progress, run_view, train_form, vram_panel
 
 TICK_S = 1.0
 N_SUGGESTIONS = 3
@@ -385,6 +385,22 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
         raise gr.Error(str(e))
 
 
+def open_export(run_id: str | None) -> dict:
+    """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
+    checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
+    if not run_id:
+        raise gr.Error("No run to export: start one, or pick one on the Runs page.")
+    try:
+        run_dir = runs.get(run_id)
+        status = runs.read_status(run_dir)
+    except GarageError as e:
+        raise gr.Error(str(e))
+    if not run_view.can_export(run_dir, status):
+        raise gr.Error(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
+                       "or stop it (stopping saves the adapter).")
+    return export_panel.opened_on(run_id)
+
+
 def stop(run_id: str | None) -> str:
     if not run_id:
         return "No run to stop."
@@ -488,6 +504,8 @@ def build() -> TrainTab:
                 stop_btn = gr.Button("Stop", variant="stop")
             view = run_view.build()
     run_id = gr.State(None)
+    # full width under both columns, shown by the run view's "Export to GGUF / Ollama" (an ended run's adapter)
+    export = export_panel.build(run_id, elem_id=export_panel.TRAIN_PANEL_ID, visible=False)
     timer = gr.Timer(TICK_S, active=False)
     names, widgets = form.names, form.widgets
 
@@ -559,5 +577,11 @@ def build() -> TrainTab:
             out.update(zip(widgets, form_values))
         return out
 
+    def _export_open(rid):
+        named = open_export(rid)
+        return {export.accordion: named["accordion"], export.folder: named["folder"]}
+
+    view.export_btn.click(_export_open, run_id, [export.accordion, export.folder]).success(
+        None, None, None, js=export_panel.scroll_to(export_panel.TRAIN_PANEL_ID))
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
                     on_load=(_on_load, [target, inspected] + widgets, [run_id, timer] + vram_outputs + widgets))

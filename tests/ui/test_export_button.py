@@ -1,5 +1,5 @@
 """The Train page's "Export to GGUF / Ollama" button: shown from the run folder's truth (an ended run with its final
-adapter), and its click opens the Runs page on that run with the export panel open and its folder filled."""
+adapter), and its click opens the Train page's own export panel on that run, its folder filled."""
 
 import shutil
 
@@ -9,7 +9,7 @@ import pytest
 from core import config as C
 from core import runs
 from tests.test_chat import make_run
-from ui import export_panel, run_view, runs_tab
+from ui import export_panel, run_view, runs_tab, train_tab
 
 
 def _visible(update) -> bool:
@@ -23,11 +23,10 @@ def test_a_completed_run_shows_the_button_and_its_click_opens_the_export_panel(g
     assert _visible(r["export_btn"]) and _visible(r["chat_btn"])
     assert not _visible(r["resume_btn"])
 
-    named = runs_tab.show_export("done-run")
-    assert set(named) == {"tabs", "pick", "accordion", "folder"}
-    assert isinstance(named["tabs"], gr.Tabs) and named["tabs"].selected == "runs"
-    assert named["pick"]["value"] == "done-run" and set(named["pick"]["choices"]) == {"done-run", "other-run"}
+    named = train_tab.open_export("done-run")
+    assert set(named) == {"accordion", "folder"}
     assert isinstance(named["accordion"], gr.Accordion) and named["accordion"].open is True
+    assert named["accordion"].visible is True
     assert named["folder"] == export_panel.default_folder("done-run")
     assert named["folder"] == str(garage_home / "exports" / "done-run-gguf")
 
@@ -40,7 +39,7 @@ def test_a_running_run_hides_the_button_even_with_an_old_adapter(garage_home, ti
     assert runs.read_status(run_dir)["state"] == "running"
     assert not _visible(r["export_btn"]) and r["keep"]
     with pytest.raises(gr.Error, match="no final adapter"):
-        runs_tab.show_export("again")
+        train_tab.open_export("again")
 
 
 def test_a_failed_run_without_an_adapter_hides_the_button():
@@ -51,7 +50,7 @@ def test_a_failed_run_without_an_adapter_hides_the_button():
     r = run_view.refresh("broke", {})
     assert not _visible(r["export_btn"]) and not _visible(r["chat_btn"])
     with pytest.raises(gr.Error, match="no final adapter"):
-        runs_tab.show_export("broke")
+        train_tab.open_export("broke")
 
 
 def test_stopped_with_its_adapter_shows_it_and_the_folder_on_disk_decides_each_refresh(garage_home, tiny_model_dir):
@@ -63,18 +62,18 @@ def test_stopped_with_its_adapter_shows_it_and_the_folder_on_disk_decides_each_r
     r = run_view.refresh("halted", r["cache"])
     assert not _visible(r["export_btn"])
     with pytest.raises(gr.Error):
-        runs_tab.show_export("halted")
+        train_tab.open_export("halted")
 
 
 def test_no_run_hides_the_button_and_the_click_says_so():
     assert not _visible(run_view.refresh(None, {})["export_btn"])
     with pytest.raises(gr.Error, match="No run"):
-        runs_tab.show_export(None)
+        train_tab.open_export(None)
 
 
 def test_relisting_the_runs_page_sends_no_picker_value_it_keeps(garage_home, tiny_model_dir):
-    """The Runs tab re-lists on select, also when the Export button selects it: a value sent back as it was read
-    would undo the button's pick (and redraw the charts for nothing)."""
+    """The Runs tab re-lists on select: a picker value sent back as it was read would redraw its chart for nothing
+    (and undo a pick another handler made meanwhile)."""
     make_run(garage_home, tiny_model_dir, run_id="a")
     _, pick, compare = runs_tab.relist("a", ["a"])
     assert "value" not in pick and "value" not in compare and pick["choices"] == ["a"]
