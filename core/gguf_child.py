@@ -6,7 +6,7 @@
                                                hash; the parent passes "gpt-2" only for a plain byte-level BPE,
                                                whose pre-tokenizer is GPT-2's regex exactly.
     quantize IN.gguf OUT.gguf TYPE             llama_cpp.llama_model_quantize (llama.cpp's C++ quantizer)
-    serve IN.gguf N_CTX                        llama.cpp's runtime on one GGUF, asked over stdin/stdout (one JSON
+    serve IN.gguf N_CTX logits|last            llama.cpp's runtime on one GGUF, asked over stdin/stdout (one JSON
                                                request per line; each answer is one line starting with "@@ "):
                                                meta, tokenize, logits (written to a .npy), generate, close;
                                                and stream (the Chat page): one {"delta"} line per piece of text,
@@ -105,10 +105,10 @@ def open_llama(path: str, **kw):
         low.llama_model_default_params = original
 
 
-def serve(path: str, n_ctx: str) -> None:
+def serve(path: str, n_ctx: str, keep: str = "logits") -> None:
     import numpy as np
 
-    llm = open_llama(path, n_ctx=int(n_ctx), logits_all=True, verbose=False, seed=0,
+    llm = open_llama(path, n_ctx=int(n_ctx), logits_all=keep == "logits", verbose=False, seed=0,
                      n_threads=max(1, (os.cpu_count() or 2) // 2))
 
     def piece(tid) -> str:
@@ -127,6 +127,8 @@ def serve(path: str, n_ctx: str) -> None:
                           "add_bos": bool(llm._model.add_bos_token())}
             elif op == "tokenize":
                 answer = {"ids": llm.tokenize(req["text"].encode(), add_bos=req["add_bos"], special=True)}
+            elif op == "logits" and keep != "logits":
+                answer = {"error": "started without per-position logits (LlamaChild(..., logits=True) keeps them)"}
             elif op == "logits":
                 llm.reset()
                 llm.eval(req["ids"])

@@ -165,7 +165,7 @@ class LlamaCppRuntime:
 
         from core import gguf_tools
 
-        self.child = gguf_tools.LlamaChild(gguf, n_ctx)
+        self.child = gguf_tools.LlamaChild(gguf, n_ctx, logits=True)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
         meta = self.child.ask("meta")
         self.template, self.bos, self.eos, self.add_bos = meta["template"], meta["bos"], meta["eos"], meta["add_bos"]

@@ -202,10 +202,13 @@ class LlamaChild:
     A crash in llama.cpp's C++ (a bad file, a kernel bug on some CPU) ends that child, not the app: the next request
     raises a GarageError that names how it ended and its last lines."""
 
-    def __init__(self, gguf: Path, n_ctx: int = 1024):
+    def __init__(self, gguf: Path, n_ctx: int = 1024, logits: bool = False):
+        """`logits`: keep every position's logits (the parity check's "logits" op). It costs n_ctx x vocab floats
+        of RAM (800 MB for SmolLM2 at 4096 tokens), so a chat goes without."""
         self.gguf = Path(gguf)
         self.err = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, str(CHILD), "serve", str(self.gguf), str(n_ctx)],
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), "serve", str(self.gguf), str(n_ctx),
+                                      "logits" if logits else "last"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      env=child_env(None), start_new_session=True)
 
