@@ -87,8 +87,6 @@ class GgufChat:
         self.path: Path | None = None
         self.run: str | None = None      # the run the open GGUF was exported from (export.json)
         self.child = None
-        self.template = self.bos = self.eos = ""
-        self.add_bos = False
         self.n_ctx = CONTEXT
         self.stops: list[str] = []
         self.run_system = ""
@@ -115,13 +113,11 @@ class GgufChat:
         self.run_system = _run_system(info.get("run"))
         child = gguf_tools.LlamaChild(path, n_ctx=self.n_ctx)
         try:
-            answer = child.ask("meta")
+            child.meta()   # the model loads: a file llama.cpp cannot load fails here, and its child ends
         except GarageError:
             child.close()
             raise
         self.child, self.path, self.run = child, path, info.get("run")
-        self.template, self.bos, self.eos, self.add_bos = (answer["template"], answer["bos"], answer["eos"],
-                                                           answer["add_bos"])
 
     def close(self) -> None:
         """Stop a reply in progress, then end the child (the page picked another GGUF or another run)."""
@@ -143,18 +139,18 @@ class GgufChat:
         """The prompt as the GGUF sees it: its embedded template, rendered and tokenised by it, length-checked."""
         from core import data_tokenize
         from core.chat import MIN_REPLY, message_text
-        from core.gguf_parity import render_embedded
 
         msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages or []]
         if not msgs or msgs[-1]["role"] != "user":
             raise GarageError("the conversation must end with a user message", "type a message first")
         msgs = data_tokenize.with_system(msgs, settings.system or self.run_system)
         try:
-            text = render_embedded(self.template, msgs, self.bos, self.eos)
-        except Exception as e:  # jinja's own errors, and the template's raise_exception
+            ids = self.child.prompt_ids(msgs)   # as the export's parity check rendered and checked it
+        except GarageError:
+            raise                   # the child's own message (it ended, or refused)
+        except Exception as e:      # jinja's own errors, and the template's raise_exception
             raise ModelError(f"the chat template embedded in {self.path.name} could not render this conversation: "
                              f"{e}", "clear the chat; if it persists, export the run again") from e
-        ids = self.child.ask("tokenize", text=text, add_bos=self.add_bos)["ids"]
         if len(ids) > self.n_ctx - MIN_REPLY:
             raise GarageError(f"the conversation is {len(ids)} tokens, more than llama.cpp's context here can take "
                               f"(prompt limit: {self.n_ctx - MIN_REPLY}, context: {self.n_ctx})",

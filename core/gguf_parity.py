@@ -167,12 +167,10 @@ class LlamaCppRuntime:
 
         self.child = gguf_tools.LlamaChild(gguf, n_ctx, logits=True)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
-        meta = self.child.ask("meta")
-        self.template, self.bos, self.eos, self.add_bos = meta["template"], meta["bos"], meta["eos"], meta["add_bos"]
+        self.child.meta()   # loads the model now: a file llama.cpp cannot load fails before the first prompt
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = render_embedded(self.template, messages, self.bos, self.eos)
-        return self.child.ask("tokenize", text=text, add_bos=self.add_bos)["ids"]
+        return self.child.prompt_ids(messages)
 
     def logits(self, ids: list[int]):
         import numpy as np

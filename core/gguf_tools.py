@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -206,6 +207,7 @@ class LlamaChild:
         """`logits`: keep every position's logits (the parity check's "logits" op). It costs n_ctx x vocab floats
         of RAM (800 MB for SmolLM2 at 4096 tokens), so a chat goes without."""
         self.gguf = Path(gguf)
+        self._meta: dict | None = None
         self.err = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, str(CHILD), "serve", str(self.gguf), str(n_ctx),
                                       "logits" if logits else "last"],
@@ -215,6 +217,22 @@ class LlamaChild:
     def ask(self, op: str, **fields) -> dict:
         self._send(op, fields)
         return self._answer(op)
+
+    def meta(self) -> dict:
+        """The GGUF's chat template, BOS and EOS text and whether llama.cpp adds BOS (asked once)."""
+        if self._meta is None:
+            self._meta = self.ask("meta")
+        return self._meta
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt as the GGUF sees it, for the parity check and the Chat page alike: its embedded template
+        rendered as llama-cpp-python renders it (gguf_parity.render_embedded; a template error is raised as it is),
+        tokenised by its own tokenizer."""
+        from core.gguf_parity import render_embedded
+
+        m = self.meta()
+        text = render_embedded(m["template"], messages, m["bos"], m["eos"])
+        return self.ask("tokenize", text=text, add_bos=m["add_bos"])["ids"]
 
     def stream(self, **fields):
         """The "stream" op: yields each {"delta": text} as llama.cpp makes it, then the final {"done", "stopped"}.
@@ -237,8 +255,6 @@ class LlamaChild:
                     pass
 
     def _send(self, op: str, fields: dict) -> None:
-        import json
-
         try:
             self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
             self.proc.stdin.flush()
@@ -247,8 +263,6 @@ class LlamaChild:
 
     def _answer(self, op: str) -> dict:
         """The next answer line; an error answer, or the child's end, raises a GarageError naming `op`."""
-        import json
-
         from core import procs
 
         for line in self.proc.stdout:
