@@ -196,7 +196,6 @@ class Death:
 
 def check(run_dir: Path, st: dict) -> Death | None:
     """None while the run's process lives (or may still be starting); else how it ended. `st` is its status."""
-
     pid = st.get("pid")
     proc = child(run_dir.name, pid)
     if proc is not None:

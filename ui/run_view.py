@@ -36,7 +36,7 @@ class RunView:
     resume_btn: gr.Button
     cache: gr.State
     charts: gr.Column
-    export_btn: gr.Button    # to the Runs page's GGUF export panel, once the run has its final adapter
+    export_btn: gr.Button    # opens the Train page's GGUF export panel, once the run has its final adapter
 
     @property
     def outputs(self) -> list:

@@ -229,5 +229,4 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     resume_btn.click(train_tab.resume, pick, train.run_id).success(
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
     chat_btn.click(chat.refresh[0], pick, chat.refresh[1]).then(lambda: gr.Tabs(selected="chat"), None, tabs)
-
     return _on_load, None, [grid, pick, compare, overlay_plot, summary, curve, cfg_yaml, cli]
