@@ -174,7 +174,7 @@ def _inspect(cfg: C.RunConfig, report):
         counts = (f"**{s.rows:,} rows** · format **{s.format}** · columns: {cols}  \n"
                   f"{over:,} rows ({100 * over / max(1, s.rows):.1f}%) over the {s.max_len}-token cutoff "
                   f"({s.truncated} truncated, {s.dropped} dropped)")
-    template = ("  \n{marks.NOTE} This model has no chat template: a simple ChatML default "
+    template = (f"  \n{marks.NOTE} This model has no chat template: a simple ChatML default "
                 "is used." if s.template_is_default else "")
     md = (f"{counts} · {s.trained_tokens:,} trained tokens per epoch of {s.total_tokens:,}{template}"
           + _notes_md(s))
@@ -316,9 +316,23 @@ def vram_update(target: str, names: list[str], values: list, inspected: dict | N
     measured = vram_panel.measured_text(cfg)
     if measured:
         verdict += f"  \n{measured}"
-    gpu_name = reading.gpus[0].name if reading.gpus and target == "detected" else None
     title = "### Memory (RAM, CPU only)" if device == "cpu" else "### VRAM"
-    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, gpu_name, inspected), title)
+    return VramView(panel, verdict, suggestions, _eta_md(cfg, shape, _gpu_name(target, reading), inspected), title)
+
+
+def eta_line(target: str, names: list[str], values: list, inspected: dict | None = None) -> str:
+    """The ETA line vram_update gives, without the VRAM panel's estimates and suggestions (for the 1 s timer)."""
+    try:
+        cfg = train_form.to_config(names, values)
+        shape = _shape(cfg.model.source)
+    except GarageError:
+        return ""
+    return _eta_md(cfg, shape, _gpu_name(target, hardware.read()), inspected)
+
+
+def _gpu_name(target: str, reading) -> str | None:
+    """The GPU whose measured speed the ETA may use: the detected one, not a size picked to plan for."""
+    return reading.gpus[0].name if reading.gpus and target == "detected" else None
 
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | None = None) -> str:
@@ -565,7 +579,7 @@ def build() -> TrainTab:
 
     def _eta_tick(rid, t, insp, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
         line = running_eta_md(rid)
-        return line if line is not None else vram_update(t, names, list(v), insp).eta
+        return line if line is not None else eta_line(t, names, list(v), insp)
 
     timer.tick(_eta_tick, [run_id, target, inspected] + widgets, eta_md, show_progress="hidden")
 
