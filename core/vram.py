@@ -407,12 +407,11 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     """Peak memory of a training step. Components sum to the peak; `details` shows the parts behind them."""
     s, d = settings, _dtypes(settings)
     for name, value, allowed in (("method", s.method, METHODS), ("optimizer", s.optimizer, tuple(OPTIMIZERS)),
-                                 ("attn", s.attn, ATTN_IMPLEMENTATIONS), ("device", s.device, ("cuda", "cpu"))):
+                                 ("attn", s.attn, ATTN_IMPLEMENTATIONS), ("device", s.device, ("cuda", "cpu")),
+                                 ("objective", s.objective, OBJECTIVES)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     notes = list(shape.notes)
-    if s.objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {s.objective!r}")
     # DPO / ORPO: each pair is two sequences (chosen, rejected) in one batch of 2 x batch_size
     sequences = s.batch_size * (1 if s.objective == "sft" else 2)
     tokens = sequences * s.seq_len
