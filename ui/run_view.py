@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from core import events as ev
-from core import eta, runs
+from core import eta, run_files, runs
 from core.errors import GarageError
 from ui import marks, plots
 
@@ -119,7 +119,7 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             **charts,
             "log": runs.tail_log(run_dir, lines=60, hide_noise=True),
             "samples": samples_md(events),
-            "chat_btn": gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
+            "chat_btn": gr.update(visible=run_files.has_adapter(run_dir)),
             "resume_btn": resume_button(run_dir, status),
             "export_btn": export_button(run_dir, status),
             "cache": cache,

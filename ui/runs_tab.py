@@ -13,7 +13,7 @@ import pandas as pd
 
 from core import events as ev
 from core import config as C
-from core import eta, runner, runs
+from core import eta, run_files, runner, runs
 from core.errors import GarageError
 from core.units import gb
 from ui import export_panel, marks, plots, run_view, train_tab
@@ -110,7 +110,7 @@ def follow(run_id: str | None, sent: dict) -> dict:
     sent["state"] = status.get("state")
     return {"summary": md, "curve": curve, "relist": relist,
             "resume": run_view.resume_button(run_dir, status),
-            "chat": gr.update(visible=(run_dir / "adapter" / "adapter_config.json").is_file()),
+            "chat": gr.update(visible=run_files.has_adapter(run_dir)),
             "active": active, "sent": sent}
 
 

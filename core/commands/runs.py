@@ -69,7 +69,7 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-    from core import runs
+    from core import run_files, runs
 
     run_dir = runs.get(args.run_id)
     st = runs.read_status(run_dir)
@@ -77,7 +77,7 @@ def _show(args) -> int:
     curve = ev.metrics(events)
     info = {"id": run_dir.name, "path": str(run_dir), **st, "last_metrics": curve[-1] if curve else None,
             "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
-            "adapter": str(run_dir / "adapter") if (run_dir / "adapter" / "adapter_config.json").is_file() else None,
+            "adapter": str(run_dir / "adapter") if run_files.has_adapter(run_dir) else None,
             "template_notice": ev.template_notice(events)}
     if args.json:
         print(json.dumps(info, indent=1))

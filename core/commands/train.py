@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from core import events as ev
-from core import procs
+from core import procs, run_files
 from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 
@@ -225,7 +225,7 @@ def _summary(run_dir: Path, seconds: float) -> None:
     last = ev.last_metric(events, ev.LOSS)
     loss = f", final loss {last:.4f}" if last is not None else ""
     print(f"{st.get('state')} in {seconds:.0f} s after {st.get('step')} steps{loss}")
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
+    if run_files.has_adapter(run_dir):
         print(f"  adapter: {run_dir / 'adapter'}")
 
 
