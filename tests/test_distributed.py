@@ -17,6 +17,7 @@ from core import events as ev
 from core.config import RunConfig
 from core.errors import ConfigError
 from tests.net import free_port
+from tests.test_vram import LLAMA31_8B as LLAMA_8B
 from tests.test_training import Launch, _check_adapter_reloads, losses, tiny_config, write_dataset
 
 GiB = 2**30
@@ -89,8 +90,6 @@ def test_a_resume_on_another_number_of_processes_says_what_changed(tmp_path):
 
 # ---------------------------------------------------------------- the per-GPU estimate
 
-LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 LLAMA_13B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
              "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False}
 

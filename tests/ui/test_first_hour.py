@@ -12,15 +12,10 @@ from core import config as C
 from core import events as ev
 from core import runs
 from core.data_tokenize import NO_SYSTEM, Renderer, template_system, with_system
-from ui import progress, run_view, train_form, train_tab
+from tests.ui.test_train_handlers import _form
+from ui import progress, run_view, train_tab
 
 EMOJI = re.compile("[\u2600-\u27bf\U0001f300-\U0001faff\u2b00-\u2bff\ufe0f]")
-
-
-def _form(cfg: C.RunConfig):
-    names = ["model.source", "data.source", "data.format", "data.columns"] + [
-        n for g in train_form.GROUPS.values() for n, _ in g]
-    return names, train_form.values_of(names, cfg)
 
 
 def test_histogram_bins_are_in_length_order_not_text_order():
