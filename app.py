@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from core import access
+    from core.runs import access
     from core.errors import GarageError
 
     p = argparse.ArgumentParser(description="LoRA Garage web app")

@@ -1,5 +1,5 @@
 """How long does it take to read and tokenise a big dataset? Generates an Alpaca-style JSONL in a temp folder
-and times core.data on it with a real tokenizer (default: the built-in SmolLM2's).
+and times core.data.sft on it with a real tokenizer (default: the built-in SmolLM2's).
 
     .venv/bin/python bench/data_load.py                 # 100k rows, table
     .venv/bin/python bench/data_load.py --rows 20000 --json
@@ -52,7 +52,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from core.config import RunConfig
-    from core.data import RowReader, prepare
+    from core.data.sft import RowReader, prepare
     from core.models import load_tokenizer
 
     results = {"rows": args.rows, "model": args.model, "max_len": args.max_len}
@@ -85,7 +85,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
         return 0
-    print(f"core.data on a generated {args.rows:,}-row Alpaca JSONL ({results['file_mb']:.1f} MB), {args.model}")
+    print(f"core.data.sft on a generated {args.rows:,}-row Alpaca JSONL ({results['file_mb']:.1f} MB), {args.model}")
     rows = [
         ("tokenizer load", f"{results['tokenizer_load_s']:.1f} s"),
         ("read + normalise only", f"{results['read_normalise_s']:.1f} s"),

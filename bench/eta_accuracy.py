@@ -1,4 +1,4 @@
-"""How good is the ETA? For each run size: the ETA the Train page shows before Start (core.eta.for_config, from
+"""How good is the ETA? For each run size: the ETA the Train page shows before Start (core.estimate.eta.for_config, from
 the runs already measured in this home), then the real run (`python -m core train` in the foreground), its
 training time (the last step's elapsed) and its wall time (with model loading). Later sizes see the earlier runs
 as measurements, as a user's machine would.
@@ -29,7 +29,9 @@ SIZES = [
 
 def main() -> int:
     from core import config as C
-    from core import eta, presets, runs
+    from core import presets
+    from core.estimate import eta
+    from core.runs import folder as runs
     from core import events as ev
 
     ap = argparse.ArgumentParser()

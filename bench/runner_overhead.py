@@ -70,7 +70,8 @@ def baseline_child(cfg_path: str) -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments, set_seed)
 
-    from core import config, data
+    from core import config
+    from core.data import sft as data
 
     s = yaml.safe_load(Path(cfg_path).read_text())
     cfg = config.from_dict(s)
@@ -153,7 +154,8 @@ def prepare_inputs(args, workdir: Path) -> int:
                         {"role": "assistant", "content": "My name is Garage. " * 8}]}
     args.data = workdir / "rows.jsonl"
     args.data.write_text((json.dumps(row) + "\n") * 256)
-    from core import config, data, models
+    from core import config, models
+    from core.data import sft as data
 
     cfg = config.from_dict(settings(args))
     lengths = {len(r["input_ids"]) for r in data.prepare(cfg, models.load_tokenizer(args.model_dir)).train}

@@ -77,7 +77,8 @@ def baseline_child(spec_path: str) -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments, set_seed)
 
-    from core import config, data, models
+    from core import config, models
+    from core.data import sft as data
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = config.from_dict(spec["settings"])
@@ -273,7 +274,8 @@ def tokens_per_word(args) -> float:
 
 
 def data_lengths(args) -> dict:
-    from core import config, data, models
+    from core import config, models
+    from core.data import sft as data
 
     cfg = config.from_dict(settings(args, False))
     stats = data.prepare(cfg, models.load_tokenizer(models.resolve(cfg.model.source))).stats.tokens()

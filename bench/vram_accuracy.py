@@ -1,6 +1,6 @@
 """How close is the VRAM estimate to the real peak? A matrix of training steps on a CUDA GPU, each row in its own
 process: models built from real configs with random weights, LoRA, QLoRA and 8-bit, seq 512/2048, batch 1/4,
-checkpointing off/on. Each row loads the model the way LoRA Garage does (core.training.load_model + add_lora),
+checkpointing off/on. Each row loads the model the way LoRA Garage does (core.train.child.load_model + add_lora),
 runs 3 optimizer steps under bf16/fp16 autocast (what Trainer's mixed precision does), and measures:
 
   reserved  torch.cuda.max_memory_reserved over the steps (the caching allocator's peak)
@@ -87,7 +87,8 @@ def one_row(row: dict) -> dict:
     """Runs in a fresh process: load, 3 steps, measure."""
     import torch
 
-    from core import training, vram
+    from core.train import child as training
+    from core.estimate import vram
 
     cfg = run_config(row["model_dir"], row)
     est = vram.estimate(vram.shape_from_config(json.loads((Path(row["model_dir"]) / "config.json").read_text())),

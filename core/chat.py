@@ -12,7 +12,7 @@ compare() runs base and adapter as ONE batch of two rows with peft's mixed-adapt
 peft refuses DoRA adapters in mixed batches, so for those compare runs the base first, then the adapter.
 The streamer is our own small batch-aware one: transformers' TextIteratorStreamer only takes batch size 1.
 
-Which run and adapter to load, and whether an adapter fits the base, is core.run_files'; the base model loads
+Which run and adapter to load, and whether an adapter fits the base, is core.runs.resolve'; the base model loads
 through core.models.load_base; scoring base vs adapter is core.evaluate's.
 """
 
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from core import data_tokenize, models, run_files
+from core import models
+from core.data import tokenize as data_tokenize
+from core.runs import resolve as run_files
 from core.config import QuantConfig
 from core.errors import BusyError, ConfigError, GarageError, ModelError, OutOfMemory
 
@@ -96,7 +98,7 @@ class ChatSession:
         self.device = device            # None = cuda when available, decided at load (keeps torch out of import)
         self.source = self.quant = None
         self.base = self.model = self.tokenizer = None   # base: the transformers model; model: the PeftModel
-        self.renderer = None                              # core.data's chat-template renderer: as in training
+        self.renderer = None                              # core.data.sft's chat-template renderer: as in training
         self.template_notice: str | None = None           # set when the base has no chat template of its own
         self.stop_texts: list[str] = []                   # end-of-turn markers that are plain text in this vocabulary
         self.adapters: dict[str, dict] = {}             # name -> {run, checkpoint, path, trained_on, dora}
@@ -104,11 +106,11 @@ class ChatSession:
         self.last_stats: dict = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.run_system = ""  # the loaded run's data.system (core.data_tokenize.with_system)
+        self.run_system = ""  # the loaded run's data.system (core.data.tokenize.with_system)
 
     # ------------------------------------------------------------ loading
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
-        from core import runs
+        from core.runs import folder as runs
 
         run_dir = run_files.resolve_run(run)
         cfg = runs.load_config(run_dir)
@@ -125,8 +127,8 @@ class ChatSession:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
         if self.base is not None and self.quant == quant and run_files.same_source(source, self.source):
             return
-        from core import data_tokenize
-        from core.data_tokenize import Renderer
+        from core.data import tokenize as data_tokenize
+        from core.data.tokenize import Renderer
 
         with self._locked(timeout=30):
             self.unload()
@@ -143,7 +145,7 @@ class ChatSession:
 
     def use_template_of(self, adapter_dir: Path) -> None:
         """Chat with the template saved with a run's adapter (what it trained with), where it saved one."""
-        from core.data_tokenize import Renderer
+        from core.data.tokenize import Renderer
 
         saved = models.saved_chat_template(adapter_dir)
         if saved and saved != self.tokenizer.chat_template:
@@ -262,7 +264,7 @@ class ChatSession:
     def _check_gpu_free(self) -> None:
         if self.device == "cpu":
             return
-        from core import runner
+        from core.runs import runner
 
         busy = runner.running()
         if busy:
@@ -277,7 +279,7 @@ class ChatSession:
             raise GarageError("the conversation must end with a user message", "type a message first")
         # the box's system prompt, else the one the run trained with (data.system), else the template's default
         msgs = data_tokenize.with_system(msgs, settings.system or self.run_system)
-        # rendered and tokenised exactly as core.data did for training: the template holds every special token
+        # rendered and tokenised exactly as core.data.sft did for training: the template holds every special token
         text = self.renderer.render(msgs, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         # the reply needs room too: at least MIN_REPLY tokens; longer replies are cut to what the context has left

@@ -30,7 +30,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 OBJECTIVES = ("sft", "dpo", "orpo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
-_PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data_turns.PLACEHOLDER reads them
+_PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data.turns.PLACEHOLDER reads them
 RUN_NAME_MAX = 100
 
 

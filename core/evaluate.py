@@ -1,6 +1,6 @@
 """Score a run's adapter against its base model on the run's held-out data.
 
-Where the dataset has a checker (the built-in demo data: core.data.score_answer), both answer each held-out prompt
+Where the dataset has a checker (the built-in demo data: core.data.sft.score_answer), both answer each held-out prompt
 greedily and the metric is accuracy; otherwise it is perplexity on the eval split (or, with none, on the first
 training rows, said in "split"). Both sides run in one ChatSession, so the base model loads once.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from core import run_files
+from core.runs import resolve as run_files
 from core.chat import BASE, ChatSession, GenSettings, message_text
 from core.errors import GarageError
 
@@ -20,8 +20,9 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
     """Score base vs adapter on the run's held-out data: the dataset's checker if it has one (accuracy),
     else perplexity on the eval split (or, with none, on the first training rows: said in "split").
     `progress(message, done, total)` hears loading and each prompt or example scored (k of n)."""
-    from core import data, runs
-    from core.data_tokenize import PackedRows
+    from core.data import sft as data
+    from core.runs import folder as runs
+    from core.data.tokenize import PackedRows
 
     say = progress or (lambda message, done=None, total=None: None)
     session = session or ChatSession()

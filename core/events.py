@@ -10,7 +10,7 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
     eval     step, eval_loss (+ the same preference fields, on the held-out pairs)
     sample   step, prompt, text
     log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
-    data     the dataset's stats at start (core.data.DataStats.to_dict: format, rows, tokens, ...)
+    data     the dataset's stats at start (core.data.sft.DataStats.to_dict: format, rows, tokens, ...)
     resume   step (metrics after it, logged before a crash or stop, are superseded)
 
 Memory ("mem"), in bytes. "Peak" means what a user sees: the whole process on the GPU as the driver counts it

@@ -27,7 +27,8 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core import run_files, runs
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
 
     log = log or (lambda msg: None)
     run_dir = run_files.resolve_run(run_id)
@@ -78,7 +79,8 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
 
 def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None, overwrite: bool = False) -> Path:
     """The adapter folder (plus the run's config.yaml as lora_garage_run.yaml) as a zip. Small: MBs, not GBs."""
-    from core import run_files, runs
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
 
     run_dir = run_files.resolve_run(run_id)
     adapter_dir = runs.adapter_path(run_dir, checkpoint)

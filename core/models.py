@@ -142,7 +142,7 @@ def info(source: str) -> ModelInfo:
     tok_cfg = path / "tokenizer_config.json"
     has_template = (path / "chat_template.jinja").exists() or (
         tok_cfg.exists() and "chat_template" in json.loads(tok_cfg.read_text()))
-    from core import vram
+    from core.estimate import vram
 
     return ModelInfo(source=source, path=str(path), architecture=(cfg.get("architectures") or ["?"])[0],
                      params=vram.shape_from_config(cfg).total_params, has_chat_template=has_template,
@@ -295,7 +295,7 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
 
 def _converted_bytes(gguf: Path) -> int:
     """Size of the fp32 safetensors a GGUF converts into (4 bytes a parameter)."""
-    from core import vram
+    from core.estimate import vram
 
     return 4 * vram.shape_from_config(gguf_config(gguf)).total_params
 

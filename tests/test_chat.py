@@ -152,7 +152,7 @@ def test_two_adapters_and_a_checkpoint_switch_without_reloading_the_base(session
 def test_an_adapter_for_another_base_is_refused(session, garage_home, tiny_model_dir, tiny_model_dir_llama3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core import runs
+    from core.runs import folder as runs
 
     make_run(garage_home, tiny_model_dir, "r1")
     other = make_run(garage_home, tiny_model_dir_llama3, "other")
@@ -202,9 +202,9 @@ def test_limits_give_messages_not_crashes(session, garage_home, tiny_model_dir, 
         list(session.stream([{"role": "user", "content": "word " * 600}], GREEDY, adapter=name))
     with pytest.raises(GarageError, match="user message"):
         list(session.stream([{"role": "assistant", "content": "hi"}], GREEDY))
-    import core.runner
+    import core.runs.runner
 
-    monkeypatch.setattr(core.runner, "running", lambda: "r9")
+    monkeypatch.setattr(core.runs.runner, "running", lambda: "r9")
     monkeypatch.setattr(session, "device", "cuda")   # CPU chat is allowed during training, GPU chat is not
     with pytest.raises(BusyError, match="r9"):
         list(session.stream(MSGS, GREEDY, adapter=name))

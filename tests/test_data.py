@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.data import demo_eval_set, load_rows, score_answer
+from core.data.sft import demo_eval_set, load_rows, score_answer
 from core.errors import DatasetError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -187,11 +187,11 @@ def test_hub_id_offline_fails_fast():
 
 
 def test_hub_id_without_network_fails_fast(monkeypatch):
-    import core.data_read
+    import core.data.read
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(core.data_read, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(core.data.read, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(DatasetError, match="hub not reachable") as e:
         load_rows("someone/some-dataset")
     assert "local file" in e.value.hint

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.config import RunConfig
-from core.data import load_rows, prepare, preview_html, preview_text
+from core.data.sft import load_rows, prepare, preview_html, preview_text
 from core.errors import DatasetError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -120,7 +120,7 @@ def test_template_that_rejects_a_row_names_it(tmp_path, tiny_model_dir):
 
 
 def test_tokens_straddling_a_span_start_are_trained():
-    from core.data_tokenize import OffsetEncoding, loss_mask
+    from core.data.tokenize import OffsetEncoding, loss_mask
 
     #                          "ab" "c Fo" "ur" "\n"   span = "Four", starting inside the second token
     enc = OffsetEncoding([1, 2, 3, 4], [(0, 2), (2, 6), (6, 8), (8, 9)])

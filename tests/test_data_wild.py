@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core.config import RunConfig, apply_overrides
-from core.data import load_rows, prepare
+from core.data.sft import load_rows, prepare
 from core.errors import ConfigError, DatasetError
 from tests.tiny import CHATML, CHATML_TOOLS, tiny_tokenizer
 from tests.test_data_prepare import config, jsonl

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from core import distributed, procs, runs
+from core.train import distributed
+from core.runs import procs
+from core.runs import folder as runs
 from core import events as ev
 from core.config import RunConfig
 from core.errors import ConfigError
@@ -76,7 +78,7 @@ def test_the_launcher_failure_summary_names_the_rank():
 
 
 def test_a_resume_on_another_number_of_processes_says_what_changed(tmp_path):
-    from core import training
+    from core.train import child as training
 
     distributed.record_plan(tmp_path, distributed.plan(_cfg(devices="2", batch_size=2, grad_accum=4), 0))
     log = ev.EventLog(tmp_path)
@@ -163,7 +165,7 @@ def group_runs(tmp_path_factory, tiny_model_dir):
     launched["stop"] = lambda: Launch(root / "home-stop", _two(tiny_model_dir, data, **same),
                                       {"LORA_GARAGE_FAULT": "slow@step1"})
     yield launched
-    from core import runner
+    from core.runs import runner
 
     for run in launched.values():
         if callable(run):
@@ -225,7 +227,7 @@ def test_qlora_trains_on_two_ranks(group_runs):
 
 
 def test_stop_is_one_decision_and_resume_continues_like_an_uninterrupted_run(group_runs):
-    from core import runner
+    from core.runs import runner
 
     ref = group_runs["two"]
     run = group_runs["stop"] = group_runs["stop"]()

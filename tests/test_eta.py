@@ -1,9 +1,10 @@
-"""The one ETA source (core.eta): during a run from the run's own steps, before a run from similar measured runs,
+"""The one ETA source (core.estimate.eta): during a run from the run's own steps, before a run from similar measured runs,
 a guess (with its range) when fewer than two similar runs exist, never one slow run alone. Events are written by
 the real EventLog and read back through core.events."""
 
 from core import config as C
-from core import eta, runs
+from core.estimate import eta
+from core.runs import folder as runs
 from core import events as ev
 
 PARAMS = 135_000_000

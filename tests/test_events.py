@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from core import events as ev
-from core import runs
+from core.runs import folder as runs
 from tests.test_training import tiny_config, write_dataset
 
 GiB = 2**30
@@ -17,8 +17,10 @@ GiB = 2**30
 
 def _train(tmp_path, model_dir, *, device_for_estimate: str, memory=None, context_bytes=None):
     """Four real optimizer steps of the tiny model with GarageCallback, eval at steps 2 and 4."""
-    from core import data, models, training
-    from core.train_callbacks import Context, StopFlag
+    from core import models
+    from core.data import sft as data
+    from core.train import child as training
+    from core.train.callbacks import Context, StopFlag
 
     cfg = tiny_config(model_dir, write_dataset(tmp_path / "d.jsonl"), max_steps=4, save_steps=1000, eval_steps=2)
     cfg.data.val_fraction = 0.25

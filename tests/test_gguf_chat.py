@@ -25,7 +25,7 @@ GREEDY = GenSettings(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
 @pytest.fixture(scope="session")
 def exported_r1(tmp_path_factory, tiny_model_dir) -> Path:
     """<export folder> of run r1 (make_run's defaults on the tiny model), q8_0, made once in a home of its own."""
-    from core import gguf_export
+    from core.gguf import export as gguf_export
 
     home, tools = tmp_path_factory.mktemp("export-home"), tmp_path_factory.mktemp("tools")
     saved = {k: os.environ.get(k) for k in ("LORA_GARAGE_HOME", "LORA_GARAGE_TOOLS")}
@@ -61,7 +61,7 @@ def _fake_export(home: Path, name: str, run: str, files: dict, mtime: float) -> 
 
 
 def test_a_runs_exports_are_listed_newest_first(garage_home):
-    from core import gguf_chat
+    from core.gguf import chat as gguf_chat
 
     assert gguf_chat.list_exports("r1") == []          # no exports folder yet
     _fake_export(garage_home, "r1-gguf", "r1", {"q8_0": "r1-q8_0.gguf", "f16": "r1-f16.gguf"}, 1000)
@@ -79,7 +79,7 @@ def test_a_runs_exports_are_listed_newest_first(garage_home):
 
 
 def test_greedy_and_sampled_settings_map_onto_llama_cpp():
-    from core import gguf_chat
+    from core.gguf import chat as gguf_chat
 
     greedy = gguf_chat.sampler(GREEDY)
     assert greedy.pop("seed") >= 0 and greedy == {"temperature": 0.0, "top_p": 1.0, "top_k": 1, "repeat_penalty": 1.0}
@@ -91,7 +91,7 @@ def test_greedy_and_sampled_settings_map_onto_llama_cpp():
 
 @needs_llama_cpp
 def test_a_streamed_reply_joins_to_the_one_shot_greedy_text(garage_home, tiny_model_dir, exported_r1):
-    from core import gguf_chat
+    from core.gguf import chat as gguf_chat
     from core.chat import ChatSession
 
     gguf = home_with_export(garage_home, tiny_model_dir, exported_r1)
@@ -127,7 +127,7 @@ def test_a_streamed_reply_joins_to_the_one_shot_greedy_text(garage_home, tiny_mo
 
 @needs_llama_cpp
 def test_stop_and_a_closed_reader_leave_the_child_ready(garage_home, tiny_model_dir, exported_r1):
-    from core import gguf_chat
+    from core.gguf import chat as gguf_chat
 
     gguf = home_with_export(garage_home, tiny_model_dir, exported_r1)
     chat = gguf_chat.GgufChat()
@@ -150,7 +150,7 @@ def test_stop_and_a_closed_reader_leave_the_child_ready(garage_home, tiny_model_
 
 @needs_llama_cpp
 def test_picking_another_gguf_closes_the_first_and_a_crash_is_a_message(garage_home, tiny_model_dir, exported_r1):
-    from core import gguf_chat
+    from core.gguf import chat as gguf_chat
 
     gguf = home_with_export(garage_home, tiny_model_dir, exported_r1)
     other = gguf.with_name("copy.gguf")

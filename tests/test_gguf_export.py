@@ -39,7 +39,9 @@ def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(ga
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core import gguf_export, gguf_read, gguf_tools
+    from core.gguf import export as gguf_export
+    from core.gguf import read as gguf_read
+    from core.gguf import tools as gguf_tools
 
     run = make_run(garage_home, tiny_model_dir)
     said = []
@@ -86,7 +88,9 @@ def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(ga
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_llama3"])
 def test_modelfile_template_renders_like_the_jinja_template(request, fixture):
-    from core import data_tokenize, models, modelfile
+    from core import models
+    from core.data import tokenize as data_tokenize
+    from core.gguf import modelfile
 
     tok = models.load_tokenizer(request.getfixturevalue(fixture))
     renderer = data_tokenize.Renderer(tok)
@@ -99,7 +103,7 @@ def test_modelfile_template_renders_like_the_jinja_template(request, fixture):
 
 
 def test_a_default_system_prompt_goes_to_SYSTEM():
-    from core import modelfile
+    from core.gguf import modelfile
     from core.chat import GenSettings
     from jinja2 import Template
 
@@ -128,7 +132,8 @@ def test_a_fallback_template_model_gets_that_template_in_the_gguf_and_the_modelf
                                                                                    tmp_path):
     import shutil
 
-    from core import gguf_export, gguf_read
+    from core.gguf import export as gguf_export
+    from core.gguf import read as gguf_read
 
     base = tmp_path / "no-template"       # the tiny Llama with its chat template taken away
     shutil.copytree(tiny_model_dir, base)
@@ -145,7 +150,8 @@ def test_a_fallback_template_model_gets_that_template_in_the_gguf_and_the_modelf
 
 
 def test_bad_input(garage_home, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from core import gguf_export, gguf_tools
+    from core.gguf import export as gguf_export
+    from core.gguf import tools as gguf_tools
     from core.__main__ import main
 
     make_run(garage_home, tiny_model_dir)
@@ -172,7 +178,8 @@ def test_bad_input(garage_home, tiny_model_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_a_disk_filling_mid_export_removes_the_partial_files(garage_home, tiny_model_dir, tmp_path, monkeypatch):
-    from core import gguf_export, gguf_tools
+    from core.gguf import export as gguf_export
+    from core.gguf import tools as gguf_tools
 
     make_run(garage_home, tiny_model_dir)
     real = gguf_tools.run_child
@@ -198,7 +205,7 @@ def test_a_disk_filling_mid_export_removes_the_partial_files(garage_home, tiny_m
 
 
 def test_the_go_template_renderer_follows_go_semantics():
-    from core import gotemplate
+    from core.gguf import gotemplate
 
     t = '{{- range $i, $m := .Messages }}{{ if eq (len (slice $.Messages $i)) 1 }}[last]{{ end }}{{ $m.Role }}\n  {{- "x\\n" }}{{ end }}'
     data = {"Messages": [{"Role": "a"}, {"Role": "b"}]}
@@ -211,7 +218,7 @@ def test_the_go_template_renderer_follows_go_semantics():
                     reason="llama-cpp-python is not installed (it compiles llama.cpp on install: see README, "
                     "'Run it in Ollama / llama.cpp / LM Studio')")
 def test_q4_k_m_through_llama_cpp_with_honest_bits_per_weight(garage_home, tiny_model_dir, tmp_path):
-    from core import gguf_export
+    from core.gguf import export as gguf_export
 
     make_run(garage_home, tiny_model_dir)
     report = gguf_export.export_gguf("r1", tmp_path / "out", ["q4_k_m"])
@@ -228,7 +235,8 @@ def test_q4_k_m_through_llama_cpp_with_honest_bits_per_weight(garage_home, tiny_
 
 def test_without_llama_cpp_the_parity_check_reads_the_gguf_with_transformers(garage_home, tiny_model_dir, tmp_path,
                                                                               monkeypatch):
-    from core import gguf_export, gguf_parity
+    from core.gguf import export as gguf_export
+    from core.gguf import parity as gguf_parity
 
     make_run(garage_home, tiny_model_dir)
     monkeypatch.setattr(gguf_parity, "_has_llama_cpp", lambda: False)
@@ -243,7 +251,7 @@ def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
     process; the app gets a GarageError naming how it ended."""
     import signal
 
-    from core import gguf_tools
+    from core.gguf import tools as gguf_tools
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
@@ -254,7 +262,7 @@ def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
 
     if __import__("importlib").util.find_spec("llama_cpp") is None:
         return
-    from core import gguf_export
+    from core.gguf import export as gguf_export
 
     # a real GGUF, and the child dies under it (as it did with SIGSEGV in llama.cpp's AMX kernels)
     from tests.tiny import build_tiny_model
@@ -272,7 +280,8 @@ def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
 def test_a_gpt_neox_base_without_a_template_exports_and_answers_like_its_adapter(garage_home, tmp_path):
     """The second architecture (Pythia's family), saved by transformers 5 (rotary_pct lives in rope_parameters,
     where llama.cpp's converter does not look), with no chat template of its own."""
-    from core import gguf_export, gguf_read
+    from core.gguf import export as gguf_export
+    from core.gguf import read as gguf_read
     from tests.tiny_neox import build_tiny_neox
 
     make_run(garage_home, build_tiny_neox(tmp_path / "neox"))

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from core import access, limits, procs, runner, runs
+from core.runs import access
+from core.estimate import limits
+from core.runs import procs
+from core.runs import runner
+from core.runs import folder as runs
 from core.__main__ import main as cli
 from core.config import RunConfig
 from core.errors import BusyError, ConfigError
@@ -31,10 +35,10 @@ FULL_DISK = """
 import json, os, sys
 from pathlib import Path
 import safetensors.torch, torch
-from core import runs
+from core.runs import folder as runs
 from core.config import RunConfig
-from core.train_callbacks import Context
-from core.training import classify
+from core.train.callbacks import Context
+from core.train.child import classify
 
 cfg = RunConfig()
 cfg.model.source = "/models/tiny"
@@ -84,7 +88,7 @@ def test_a_disk_that_fills_during_a_checkpoint_save_is_named_and_the_partial_sav
 
 HOLDER = """
 import os, sys, time
-from core import runner
+from core.runs import runner
 fd = runner.acquire_lock(sys.argv[1])
 print("held", flush=True)
 sys.stdin.readline()   # the test says when to "finish": the lock goes when this process exits
@@ -207,7 +211,7 @@ def test_settings_beyond_the_model_or_the_data_are_refused_before_a_run_exists(t
 def test_on_a_cpu_the_estimate_is_held_against_the_ram():
     from types import SimpleNamespace
 
-    from core import vram
+    from core.estimate import vram
     from core.config import apply_overrides
     from ui import vram_panel
 

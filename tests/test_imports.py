@@ -23,7 +23,7 @@ def _imported_after(modules: list[str]) -> set[str]:
 
 def test_the_walk_finds_the_packages_modules():
     found = _modules(core) + _modules(ui)
-    for name in ("core.chat", "core.evaluate", "core.run_files", "core.models", "core.commands.eval", "ui.chat_tab"):
+    for name in ("core.chat", "core.evaluate", "core.runs.resolve", "core.models", "core.commands.eval", "ui.chat_tab"):
         assert name in found
 
 
@@ -37,7 +37,7 @@ def test_every_ui_module_imports():
 
 def test_vram_stays_light():
     """The VRAM panel runs on every settings change and the first page must be fast: no heavy library."""
-    assert not set(HEAVY) & _imported_after(["core.vram"])
+    assert not set(HEAVY) & _imported_after(["core.estimate.vram"])
 
 
 def test_cli_help_lists_every_command():

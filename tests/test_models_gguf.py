@@ -110,7 +110,7 @@ def test_a_conversion_that_would_fill_the_disk_is_refused_first(gguf_file, garag
 
 def test_train_from_a_gguf_file(gguf_file, tmp_path, capsys, monkeypatch):
     """`python -m core train --model X.gguf` (the Train page's model field takes the same string)."""
-    from core import runs
+    from core.runs import folder as runs
     from tests.test_training import write_dataset
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from core import data
+from core.data import sft as data
 from core import events as ev
-from core import runs, vram
+from core.runs import folder as runs
+from core.estimate import vram
 from core.config import RunConfig
 from core.errors import DatasetError
 from tests.test_training import Launch, losses, RESUME_TOLERANCE
@@ -229,8 +230,10 @@ def test_the_dpo_reference_is_the_adapter_disabled_base(tmp_path, tiny_model_dir
     import torch
     from transformers import AutoModelForCausalLM
 
-    from core import models, preference, training
-    from core.train_callbacks import Context, StopFlag
+    from core import models
+    from core.train import preference
+    from core.train import child as training
+    from core.train.callbacks import Context, StopFlag
 
     cfg = pref_config(tiny_model_dir, write_pairs(tmp_path / "p.jsonl"))
     run_dir = runs.create(cfg)

@@ -1,10 +1,11 @@
-"""core.run_files: which run ("latest"), which adapter, whether a run has one, and whether it fits a base."""
+"""core.runs.resolve: which run ("latest"), which adapter, whether a run has one, and whether it fits a base."""
 
 import json
 
 import pytest
 
-from core import run_files, runs
+from core.runs import resolve as run_files
+from core.runs import folder as runs
 from core.errors import GarageError, ModelError
 from tests.test_chat import make_run
 

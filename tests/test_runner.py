@@ -1,4 +1,4 @@
-"""core/runner.py without training: the lock, noticing dead children, attaching, resume refusals, CLI guards.
+"""core/runs/runner.py without training: the lock, noticing dead children, attaching, resume refusals, CLI guards.
 Stand-in processes are plain `python -c` sleepers, so these tests take seconds."""
 
 import json
@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from core import procs, runner, runs
+from core.runs import procs
+from core.runs import runner
+from core.runs import folder as runs
 from core.__main__ import main as cli
 from core.config import RunConfig
 from core.errors import BusyError, RunError

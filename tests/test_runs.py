@@ -1,11 +1,11 @@
-"""The run folder contract (core/runs.py): no torch, no child processes."""
+"""The run folder contract (core/runs/folder.py): no torch, no child processes."""
 
 import json
 import os
 
 import pytest
 
-from core import runs
+from core.runs import folder as runs
 from core.config import RunConfig
 from core.errors import RunError
 

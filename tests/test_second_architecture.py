@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from core import events as ev
-from core import runs
+from core.runs import folder as runs
 from tests.test_training import Launch, losses, tiny_config, write_dataset
 
 
@@ -32,7 +32,7 @@ def neox_runs(tmp_path_factory, neox):
     launched = {"lora": Launch(root / "home-lora", lora, {"LORA_GARAGE_TEST_PROBE": "1"}),
                 "qlora": Launch(root / "home-qlora", qlora)}
     yield launched
-    from core import runner
+    from core.runs import runner
 
     for run in launched.values():
         with run.environ():
@@ -41,7 +41,9 @@ def neox_runs(tmp_path_factory, neox):
 
 
 def test_data_renders_with_the_fallback_and_trains_the_end_marker(neox, tmp_path):
-    from core import data, data_tokenize, models
+    from core import models
+    from core.data import sft as data
+    from core.data import tokenize as data_tokenize
     from core.config import RunConfig
 
     cfg = RunConfig()
@@ -62,7 +64,7 @@ def test_a_tokenizer_that_starts_texts_with_bos_gets_it_from_the_fallback(neox, 
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    from core import data_tokenize
+    from core.data import tokenize as data_tokenize
 
     tok = AutoTokenizer.from_pretrained(str(neox))
     tok.add_special_tokens({"bos_token": "<|begin|>"})
@@ -78,7 +80,8 @@ def test_a_tokenizer_that_starts_texts_with_bos_gets_it_from_the_fallback(neox, 
 def test_lora_and_qlora_train_and_save_the_template_with_every_adapter(neox_runs, neox):
     from transformers import AutoTokenizer
 
-    from core import data_tokenize, models
+    from core import models
+    from core.data import tokenize as data_tokenize
 
     base_tok = models.load_tokenizer(neox)
     fallback = data_tokenize.chat_template(base_tok)[0]

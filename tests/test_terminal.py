@@ -1,8 +1,8 @@
-"""core.terminal: the CLI's progress line is drawn on a terminal only, never into a pipe or --json output."""
+"""core.commands.terminal: the CLI's progress line is drawn on a terminal only, never into a pipe or --json output."""
 
 import io
 
-from core import terminal
+from core.commands import terminal
 
 
 class Tty(io.StringIO):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core import events as ev
-from core.collate import FlatCollator, PadCollator, isolation_check
+from core.train.collate import FlatCollator, PadCollator, isolation_check
 
 LENGTHS = [23, 5, 17, 9, 31, 12]
 
@@ -118,7 +118,7 @@ class _Events:
 
 def test_training_defaults_to_padding_free_and_falls_back_with_a_log_line(tiny_model_dir, monkeypatch, capsys):
     from core.config import RunConfig
-    from core.training import pick_collator
+    from core.train.child import pick_collator
 
     tok, model = _prepared_and_model(tiny_model_dir)
     cfg = RunConfig()
@@ -138,7 +138,7 @@ def test_training_defaults_to_padding_free_and_falls_back_with_a_log_line(tiny_m
 
 def test_the_estimate_of_a_cpu_run_is_a_cpu_estimate(tiny_model_dir, tmp_path):
     from core.config import RunConfig
-    from core.training import write_estimate
+    from core.train.child import write_estimate
 
     cfg = RunConfig()
     cfg.model.source = str(tiny_model_dir)
@@ -147,7 +147,7 @@ def test_the_estimate_of_a_cpu_run_is_a_cpu_estimate(tiny_model_dir, tmp_path):
 
 
 def test_mfu_arithmetic():
-    from core.train_callbacks import FlopsModel
+    from core.train.callbacks import FlopsModel
 
     f = FlopsModel(params=1_000_000, layers=2, hidden=64, peak=1e12)
     # 1000 tokens in rows of 100: 4 * 1e6 * 1000 + 6 * 2 * 64 * (10 * 100**2) = 4.0768e9 FLOPs in 1 ms
@@ -187,7 +187,7 @@ def _fake_liger(tmp_path, monkeypatch, version="0.6.0", types=("llama",)):
 
 def _plan(model, tmp_path, device="cuda", **overrides):
     from core import config
-    from core.training import liger_plan
+    from core.train.child import liger_plan
 
     cfg = config.from_dict({"model": {"liger_kernel": True}})
     for dotted, value in overrides.items():
@@ -267,7 +267,7 @@ def test_liger_setting_off_changes_nothing(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from core import config
-    from core.training import liger_plan
+    from core.train.child import liger_plan
 
     cfg = config.from_dict({})
     assert cfg.model.liger_kernel is False

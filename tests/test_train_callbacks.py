@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from core import events as ev
-from core import models, training
+from core import models
+from core.train import child as training
 from core.config import RunConfig
 from core.errors import RunError
-from core.train_callbacks import Context, check_gradients_flow, gradient_problems
+from core.train.callbacks import Context, check_gradients_flow, gradient_problems
 
 
 def _qlora_cfg(model_dir) -> RunConfig:
@@ -82,7 +83,7 @@ def test_without_the_guard_the_check_would_repack_every_4bit_layer(tiny_model_di
     No backward is run through the repacked layers (their kernel needs the real instruction)."""
     import bitsandbytes as bnb
 
-    from core.collate import isolation_check
+    from core.train.collate import isolation_check
 
     cfg = _qlora_cfg(tiny_model_dir)
     model = training.add_lora(training.load_model(cfg, "cpu"), cfg)

@@ -1,7 +1,8 @@
 """Metrics events of a real run: tokens/s is counted for the batches each step trained, epoch boundaries included."""
 
 from core import events as ev
-from core import runner, runs
+from core.runs import runner
+from core.runs import folder as runs
 from tests.test_training import tiny_config, wait_until_done, write_dataset
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from core import events as ev
-from core import runner, runs
+from core.runs import runner
+from core.runs import folder as runs
 from core.config import RunConfig
 from core.errors import BusyError
 
@@ -262,7 +263,7 @@ def test_lora_learns_and_the_adapter_reloads_with_the_same_logits(launched, tiny
 
 
 def test_qlora_learns_and_the_adapter_reloads_with_the_same_logits(launched):
-    from core import training
+    from core.train import child as training
 
     run = launched["runs"]["qlora"]
     st = run.wait()
@@ -335,7 +336,7 @@ def test_free_space_is_checked_before_training(monkeypatch, tmp_path):
 
     import torch
 
-    from core import training
+    from core.train import child as training
     from core.errors import DiskFull
 
     model = torch.nn.Linear(1000, 1000)  # 1M trainable parameters: ~12 MB per checkpoint with Adam
@@ -349,8 +350,8 @@ def test_free_space_is_checked_before_training(monkeypatch, tmp_path):
 
 
 def test_oom_hints_per_phase():
-    from core import training
-    from core.train_callbacks import Context
+    from core.train import child as training
+    from core.train.callbacks import Context
 
     cfg = RunConfig()
     ctx = Context()

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from core import events as ev
-from core import runner, runs
+from core.runs import runner
+from core.runs import folder as runs
 from tests.test_training import losses, tiny_config, wait_until_done, write_dataset
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core import config, vram
+from core import config
+from core.estimate import vram
 from core.commands import estimate as estimate_cmd
 from core.errors import ModelError
 
@@ -71,7 +72,7 @@ def test_qlora_below_lora_below_full(cfg):
 def test_peft_kbit_upcast_can_make_qlora_cost_more_than_lora():
     """peft's prepare_model_for_kbit_training makes embeddings fp32, so the residual stream and the MLP (bnb
     returns its input's dtype) run in fp32: more activations. For a small model with a big vocabulary, or long
-    sequences without checkpointing, that outweighs the 4-bit weights. core/training.py skips the upcast, and
+    sequences without checkpointing, that outweighs the 4-bit weights. core/train/child.py skips the upcast, and
     then QLoRA is always the lighter one."""
     lora = est(QWEN25_05B, method="lora", seq_len=512)
     upcast = est(QWEN25_05B, method="qlora", seq_len=512, upcast_non_quantized=True)

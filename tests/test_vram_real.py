@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from core import vram
+from core.estimate import vram
 
 # Mid-size: real enough to exercise GQA, untied embeddings and bnb's 8-bit optimizer path (tensors >= 4096).
 MID = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
@@ -199,7 +199,7 @@ def saved_bytes(model, batch, seq, autocast):
     ("lora", "fp32", "sdpa", 0.05, "all-linear", False),      # the CPU preset's regime
     ("lora", "bf16", "eager", 0.0, "q_proj,v_proj", False),
     ("lora", "autocast", "sdpa", 0.05, "all-linear", False),  # CUDA's mixed precision, emulated on the CPU
-    ("qlora", "autocast", "eager", 0.0, "q_proj,v_proj", False),  # as core/training.py loads it
+    ("qlora", "autocast", "eager", 0.0, "q_proj,v_proj", False),  # as core/train/child.py loads it
     ("qlora", "fp32", "sdpa", 0.05, "all-linear", False),
     ("qlora", "fp32", "sdpa", 0.05, "attention", True),       # after peft's prepare_model_for_kbit_training
     ("qlora", "autocast", "sdpa", 0.05, "all-linear", True),

@@ -15,7 +15,10 @@ from pathlib import Path
 import gradio as gr
 
 from core import events as ev
-from core import chat, evaluate, gguf_chat, run_files, runs
+from core import chat, evaluate
+from core.gguf import chat as gguf_chat
+from core.runs import resolve as run_files
+from core.runs import folder as runs
 from core.errors import GarageError
 from ui import marks, progress
 
@@ -145,7 +148,7 @@ def template_note(run_id: str | None) -> str:
 def eval_prompts(run_id: str | None) -> list[str]:
     if not run_id:
         return []
-    from core import data
+    from core.data import sft as data
 
     items = data.demo_eval_set(runs.load_config(runs.get(run_id)).data.source) or []
     return [str(i["messages"][-1]["content"]) for i in items]

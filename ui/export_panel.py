@@ -1,4 +1,4 @@
-"""The Export panel of the Runs page: a run's adapter as GGUF files with an Ollama Modelfile (core.gguf_export),
+"""The Export panel of the Runs page: a run's adapter as GGUF files with an Ollama Modelfile (core.gguf.export),
 and the parity table that says whether each file answers like the adapter."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import gguf_tools, paths
+from core import paths
+from core.gguf import tools as gguf_tools
 from core.errors import GarageError
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
@@ -60,7 +61,7 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
         raise gr.Error("Tick at least one GGUF type (q8_0 is a good start).")
     if not (folder or "").strip():
         raise gr.Error("Give a folder for the export (a new one, or an empty one).")
-    from core import gguf_export
+    from core.gguf import export as gguf_export
 
     lines: list[str] = []
 

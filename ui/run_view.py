@@ -1,6 +1,6 @@
 """The live view of one run: status, progress, charts, train.log tail, samples, and the end-of-run buttons.
 
-It only reads the run folder (status.json, events.jsonl, estimate.json, train.log) through core.runs, so a
+It only reads the run folder (status.json, events.jsonl, estimate.json, train.log) through core.runs.folder, so a
 refresh, a second tab or an app restart shows the same run from its files.
 """
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from core import events as ev
-from core import eta, run_files, runs
+from core.estimate import eta
+from core.runs import resolve as run_files
+from core.runs import folder as runs
 from core.errors import GarageError
 from ui import marks, plots
 
@@ -149,7 +151,7 @@ def resume_button(run_dir, status: dict) -> dict:
 
 def can_export(run_dir, status: dict) -> bool:
     """Whether the GGUF export has what it exports: an ended run (never one still training, whose adapter/ may be
-    a previous one being replaced) with the final adapter that core.runs.adapter_path finds."""
+    a previous one being replaced) with the final adapter that core.runs.folder.adapter_path finds."""
     if status.get("state") not in runs.TERMINAL:
         return False
     try:

@@ -13,7 +13,10 @@ import pandas as pd
 
 from core import events as ev
 from core import config as C
-from core import eta, run_files, runner, runs
+from core.estimate import eta
+from core.runs import resolve as run_files
+from core.runs import runner
+from core.runs import folder as runs
 from core.errors import GarageError
 from core.units import gb
 from ui import export_panel, marks, plots, run_view, train_tab

@@ -18,7 +18,13 @@ import pandas as pd
 
 from core import config as C
 from core import events as ev
-from core import access, eta, hardware, limits, models, paths, presets, runner, runs, units, vram
+from core import hardware, models, paths, presets, units
+from core.runs import access
+from core.estimate import eta
+from core.estimate import limits
+from core.runs import runner
+from core.runs import folder as runs
+from core.estimate import vram
 from core.errors import GarageError
 from ui import export_panel, marks, progress, run_view, train_form, vram_panel
 
@@ -153,7 +159,7 @@ def _error_md(e: GarageError) -> str:
 
 
 def _inspect(cfg: C.RunConfig, report):
-    from core import data
+    from core.data import sft as data
 
     try:
         report("Loading the tokenizer")
@@ -186,7 +192,7 @@ def _inspect(cfg: C.RunConfig, report):
 def system_note_md(cfg: C.RunConfig, tokenizer) -> str:
     """Above the preview: the system prompt every row without one trains with, and where it comes from (the chat
     template's default, which a user often does not know is there, or data.system)."""
-    from core.data_tokenize import NO_SYSTEM, Renderer, template_system
+    from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
     default = template_system(Renderer(tokenizer))
     how = ("Set <b>system</b> under Advanced to replace it, or to <code>none</code> to remove it.")
@@ -352,7 +358,7 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | Non
 
 
 def running_eta_md(run_id: str | None) -> str | None:
-    """The ETA line while run_id trains: the same figure as the run status below (core.eta.for_run), so the page
+    """The ETA line while run_id trains: the same figure as the run status below (core.estimate.eta.for_run), so the page
     never shows two; None when it is not training (the line then shows the next run's ETA)."""
     if not run_id:
         return None

@@ -1,13 +1,14 @@
 """VRAM panel: full / LoRA / QLoRA side by side as stacked bars, the GPU's total and free memory as lines,
-a verdict, and "make it fit" suggestions. Pure formatting over core.vram; fast enough to run on every change."""
+a verdict, and "make it fit" suggestions. Pure formatting over core.estimate.vram; fast enough to run on every change."""
 
 from __future__ import annotations
 
 import functools
 import html
 
-from core import hardware, units, vram
-from core.vram import COMPONENTS
+from core import hardware, units
+from core.estimate import vram
+from core.estimate.vram import COMPONENTS
 COLORS = {"weights": "#4e79a7", "adapter": "#f28e2b", "gradients": "#e15759", "optimizer": "#76b7b2",
           "activations": "#59a14f", "logits": "#edc948", "overhead": "#b07aa1"}
 METHODS = [("full", "Full fine-tune"), ("lora", "LoRA (16-bit base)"), ("qlora", "QLoRA (4-bit base)")]
@@ -28,9 +29,9 @@ def estimates(cfg, shape, device: str = "cuda") -> dict:
 
 
 def group_plan(cfg):
-    """core.distributed's plan for this machine, or None when the devices setting cannot be planned (the form
+    """core.train.distributed's plan for this machine, or None when the devices setting cannot be planned (the form
     shows that error at Start)."""
-    from core import distributed
+    from core.train import distributed
     from core.errors import ConfigError
 
     try:
@@ -62,7 +63,7 @@ def measured_text(cfg) -> str:
     """The newest run with this model and method: its measured peak beside its estimate (the CPU RAM estimate is
     known to run low: the measured figure says by how much)."""
     from core import events as ev
-    from core import runs
+    from core.runs import folder as runs
 
     for r in runs.list_runs():
         if r.get("model") != cfg.model.source or r.get("method") != cfg.quant.method:

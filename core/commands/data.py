@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
-from core import terminal
+from core.commands import terminal
 from core.errors import ConfigError
 
 
 def add_arguments(p) -> None:
-    from core.data import FORMATS
+    from core.data.sft import FORMATS
 
     p.add_argument("source", metavar="PATH_OR_ID", help="a file, a folder, a hub id (owner/name) or builtin:demo-identity")
     p.add_argument("--model", default="builtin:smollm2-135m", help="model whose tokenizer and chat template to use")
@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from core.config import RunConfig, apply_overrides
-    from core.data import prepare, preview_text
+    from core.data.sft import prepare, preview_text
     from core.models import load_tokenizer
 
     cfg = RunConfig()

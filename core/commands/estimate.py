@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from core import vram
+from core.estimate import vram
 from core.config import OPTIMIZERS
 from core.errors import ConfigError
 

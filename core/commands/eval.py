@@ -4,7 +4,7 @@ a checker, else perplexity on the eval split)."""
 import json
 import sys
 
-from core import terminal
+from core.commands import terminal
 
 
 def add_arguments(p) -> None:

@@ -3,7 +3,7 @@ the adapter alone, or GGUF files with an Ollama Modelfile, checked against the a
 
 
 def add_arguments(p) -> None:
-    from core.gguf_tools import QUANTS
+    from core.gguf.tools import QUANTS
 
     p.add_argument("run", help='run id, or "latest" for the most recent completed run')
     what = p.add_mutually_exclusive_group(required=True)
@@ -26,7 +26,7 @@ def run(args) -> int:
         print(f"adapter zip written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
     if args.gguf:
-        from core import gguf_export
+        from core.gguf import export as gguf_export
 
         report = gguf_export.export_gguf(args.run, args.gguf, args.quant, args.checkpoint, say=print,
                                          parity=not args.no_check)

@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core import runner, runs
+    from core.runs import runner
+    from core.runs import folder as runs
     from core.errors import RunError
 
     if args.action == "list":
@@ -53,7 +54,7 @@ def run(args) -> int:
 
 
 def _list(args) -> int:
-    from core import runs
+    from core.runs import folder as runs
 
     rows = runs.list_runs()
     if args.json:
@@ -69,7 +70,8 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-    from core import run_files, runs
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
 
     run_dir = runs.get(args.run_id)
     st = runs.read_status(run_dir)
@@ -104,7 +106,7 @@ def _show(args) -> int:
 
 
 def _follow(run_id: str) -> int:
-    from core import runs
+    from core.runs import folder as runs
 
     run_dir = runs.get(run_id)
     offset = 0

@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from core import events as ev
-from core import procs, run_files
+from core.runs import procs
+from core.runs import resolve as run_files
 from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 
@@ -53,11 +54,11 @@ def run(args) -> int:
     cfg = build_config(args)
     if args.nnodes > 1 or args.node_rank is not None:
         return _nodes(args, cfg)
-    from core import limits
+    from core.estimate import limits
 
     limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
     if args.detach:
-        from core import runner
+        from core.runs import runner
 
         print(runner.start(cfg))
         return 0
@@ -69,7 +70,8 @@ def _nodes(args, cfg: RunConfig) -> int:
     import os
     import sys
 
-    from core import distributed, limits
+    from core.train import distributed
+    from core.estimate import limits
 
     if args.nnodes < 2:
         raise ConfigError("--nnodes", f"--node-rank needs --nnodes 2 or more (got {args.nnodes})", "add --nnodes N")
@@ -128,7 +130,8 @@ def build_config(args) -> RunConfig:
 def _adopt_source_run(cfg: RunConfig, model_given: bool) -> RunConfig:
     """--from-run: record the run's id (not "latest"), and take its base model and LoRA shape, which the adapter
     fixes; a different --model is an error naming both."""
-    from core import run_files, runs
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
 
     src = run_files.resolve_run(cfg.train.from_run)
     if not run_files.has_adapter(src):
@@ -164,7 +167,8 @@ def _overlay_file(cfg: RunConfig, path: Path) -> RunConfig:
 
 def _child(args) -> int:
     """The process the runner spawns. The folder must be a run under the runs folder: no path escapes."""
-    from core import runs, training
+    from core.runs import folder as runs
+    from core.train import child as training
 
     given = [name for name in ("config", "preset", "model", "dataset", "method", "max_steps") if getattr(args, name)]
     if given or args.set or args.detach:
@@ -185,7 +189,9 @@ USER_ERROR_KINDS = ("config", "model", "dataset", "disk", "oom", "nan", "busy")
 def _foreground(cfg: RunConfig) -> int:
     """Create the run and train it in this process; output goes to the terminal and to train.log. A failure shows
     as its `error:` / `fix:` lines; its traceback goes to train.log only."""
-    from core import runner, runs, training
+    from core.runs import runner
+    from core.runs import folder as runs
+    from core.train import child as training
 
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
@@ -218,7 +224,7 @@ def _tracebacks_to(fh):
 
 
 def _summary(run_dir: Path, seconds: float) -> None:
-    from core import runs
+    from core.runs import folder as runs
 
     st = runs.read_status(run_dir, reconcile=False)
     events, _ = ev.read(run_dir)

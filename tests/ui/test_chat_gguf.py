@@ -8,7 +8,7 @@ import signal
 import gradio as gr
 import pytest
 
-from core import gguf_chat
+from core.gguf import chat as gguf_chat
 from tests.test_gguf_chat import _fake_export, exported_r1, home_with_export, needs_llama_cpp  # noqa: F401
 from ui import chat_tab
 

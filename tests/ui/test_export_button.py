@@ -7,7 +7,7 @@ import gradio as gr
 import pytest
 
 from core import config as C
-from core import runs
+from core.runs import folder as runs
 from tests.test_chat import make_run
 from ui import export_panel, run_view, runs_tab, train_tab
 

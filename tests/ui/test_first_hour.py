@@ -10,8 +10,8 @@ import pytest
 
 from core import config as C
 from core import events as ev
-from core import runs
-from core.data_tokenize import NO_SYSTEM, Renderer, template_system, with_system
+from core.runs import folder as runs
+from core.data.tokenize import NO_SYSTEM, Renderer, template_system, with_system
 from tests.ui.test_train_handlers import _form
 from ui import progress, run_view, train_tab
 
@@ -164,7 +164,7 @@ def test_one_eta_on_both_lines_during_a_run(monkeypatch):
     events = ev.read(run_dir)[0]
     # no process behind this hand-made run: read its status as written, at one fixed moment for both lines
     monkeypatch.setattr(runs, "read_status", lambda d, reconcile=True: status)
-    monkeypatch.setattr("core.eta.time.time", lambda: events[-1][ev.T] + 30)
+    monkeypatch.setattr("core.estimate.eta.time.time", lambda: events[-1][ev.T] + 30)
     bar = run_view.progress_html(status, events)
     line = train_tab.running_eta_md(run_dir.name)
     shown_bar = re.search(r"ETA (\d+ min \d+ s)", bar).group(1)
@@ -175,7 +175,7 @@ def test_after_a_restart_the_form_shows_the_running_runs_settings(monkeypatch):
     cfg = C.apply_overrides(C.RunConfig(), ["train.max_steps=7", "lora.r=4", "data.system=You are Garage."])
     run_dir = runs.create(cfg)
     names, _ = _form(C.RunConfig())
-    from core import runner
+    from core.runs import runner
 
     monkeypatch.setattr(runner, "running", lambda: run_dir.name)
     values = dict(zip(names, train_tab.running_form(names, run_dir.name)))

@@ -73,7 +73,7 @@ def test_one_shot_fills_clear_the_chart_first_in_the_same_event():
 
 
 def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
-    from core import runs
+    from core.runs import folder as runs
     from ui import run_view
 
     cfg = C.RunConfig()
@@ -143,7 +143,8 @@ def test_cli_command_repeats_the_settings():
 def test_the_vram_panel_plans_several_devices(monkeypatch):
     """train.devices=2 on a machine without GPUs: two CPU processes, each holding a replica in RAM; with two GPUs
     the rows are per GPU under the planned strategy."""
-    from core import hardware, vram
+    from core import hardware
+    from core.estimate import vram
     from ui import vram_panel
 
     cfg = C.RunConfig()

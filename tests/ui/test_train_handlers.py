@@ -6,7 +6,8 @@ import gradio as gr
 import pytest
 
 from core import config as C
-from core import presets, runner
+from core import presets
+from core.runs import runner
 from ui import train_form, train_tab
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

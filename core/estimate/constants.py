@@ -40,7 +40,7 @@ FULL_FT_WEIGHT_BYTES = 4
 # peft's prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit / int8 to fp32
 # (source read: peft/utils/other.py, "cast all non INT8 parameters to fp32"): embeddings, lm_head, norms and
 # biases of a QLoRA / 8-bit model end up in fp32. For Llama-3-8B that is 1.05 B params x 4 B = 4.2 GB, and the
-# fp32 embeddings make the residual stream and the MLP run in fp32 too (more activations). core/training.py
+# fp32 embeddings make the residual stream and the MLP run in fp32 too (more activations). core/train/child.py
 # skips that call; Settings.upcast_non_quantized models scripts that make it. Measured both ways.
 KBIT_UPCAST_BYTES = 4
 
@@ -64,7 +64,7 @@ ADAM8BIT_QMAP_BYTES = 2 * 256 * 4      # the two shared 256-entry fp32 quantizat
 
 # ---------------------------------------------------------------- activations (saved for backward)
 # Bytes per token are built from an enumeration of what autograd keeps for one Llama-style decoder layer
-# (core/vram.py `_layer_bytes_per_token`). The structural facts it rests on (source read):
+# (core/estimate/vram.py `_layer_bytes_per_token`). The structural facts it rests on (source read):
 # - A frozen linear saves nothing for its input (autograd only saves what the gradients that are needed use);
 #   bnb MatMul4Bit saves only the packed weight (bitsandbytes/autograd/_functions.py).
 # - bnb Linear4bit returns its output in the dtype of its input (`.to(inp_dtype)`), so with the fp32
@@ -115,7 +115,7 @@ TIGHT_FRACTION = 0.08
 NOMINAL_CARD_RESERVE = 512 * MiB
 GPU_SIZES_GB = (6, 8, 12, 16, 24, 48, 80)
 
-# ---------------------------------------------------------------- several GPUs (core.vram.per_gpu)
+# ---------------------------------------------------------------- several GPUs (core.estimate.vram.per_gpu)
 # DDP (torch.nn.parallel.DistributedDataParallel): every rank holds the whole model, its adapter, gradients and
 # optimizer state, and the reducer copies the gradients into flat buckets for the all-reduce (bucket_cap_mb=25
 # per bucket; with gradient_as_bucket_view off, a full second copy of the trainable gradients: PyTorch docs,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from core.data_read import Where, kind_of
+from core.data.read import Where, kind_of
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 TEXT_PART_KEYS = ("text", "value", "content")

@@ -1,8 +1,8 @@
 """VRAM estimate for full / LoRA / QLoRA / 8-bit fine-tuning, from a model's config.json alone.
 
 Pure arithmetic: no torch, no weights, well under a millisecond per estimate, so the UI can call it on every
-change. The numbers behind it, and where each comes from, are in core/vram_constants.py. What it models is a
-transformers + peft + bitsandbytes training step as core/training.py runs it on CUDA: weights in the compute
+change. The numbers behind it, and where each comes from, are in core/estimate/constants.py. What it models is a
+transformers + peft + bitsandbytes training step as core/train/child.py runs it on CUDA: weights in the compute
 dtype (LoRA), or 4-/8-bit decoder linears with the rest in the compute dtype (QLoRA / 8-bit; set
 upcast_non_quantized for scripts that call peft's prepare_model_for_kbit_training, which makes it fp32), fp32
 adapters, Trainer mixed precision (autocast) in bf16/fp16, and transformers' fp32 loss. On the CPU
@@ -17,7 +17,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
-from core import vram_constants as K
+from core.estimate import constants as K
 from core.config import ATTENTION_TARGETS, ATTN_IMPLEMENTATIONS, OBJECTIVES, OPTIMIZERS
 from core.errors import ModelError
 from core.units import gb
@@ -186,7 +186,7 @@ class Settings:
     optimizer: str = "adamw"             # adamw | adamw_8bit | paged_adamw_8bit
     attn: str = "sdpa"                   # sdpa | flash_attention_2 | eager
     device: str = "cuda"                 # cuda | cpu
-    upcast_non_quantized: bool = False   # True: peft's prepare_model_for_kbit_training ran (core/training.py
+    upcast_non_quantized: bool = False   # True: peft's prepare_model_for_kbit_training ran (core/train/child.py
                                          # skips it; many HF scripts call it) and made the rest fp32
     autocast: bool | None = None         # mixed precision; None = on for CUDA, off on CPU
     objective: str = "sft"               # sft | dpo | orpo (train.objective): pairs cost two sequences per example
@@ -489,7 +489,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
 
 def per_gpu(est: Estimate, strategy: str, world: int) -> Estimate:
     """The estimate for ONE of `world` GPUs under a strategy (single / ddp / fsdp); formulas and their sources in
-    core.vram_constants. DDP: every rank holds a whole replica, plus the reducer's gradient buckets; activations are
+    core.estimate.constants. DDP: every rank holds a whole replica, plus the reducer's gradient buckets; activations are
     per rank. FSDP: weights, adapter, gradients and optimizer state sharded 1/N, plus the unsharded layers being
     gathered (this one and the prefetched next) and the root unit (embeddings, lm_head) unsharded."""
     if strategy == "single" or world <= 1:

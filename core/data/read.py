@@ -19,7 +19,7 @@ from typing import Iterator
 
 from core.errors import DatasetError
 
-BUILTIN_DATA = Path(__file__).resolve().parent / "builtin_data"
+BUILTIN_DATA = Path(__file__).resolve().parent.parent / "builtin_data"
 BUILTINS = {"builtin:demo-identity": BUILTIN_DATA / "demo_identity.jsonl",
             "builtin:demo-preference": BUILTIN_DATA / "demo_preference.jsonl"}
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")

@@ -1,4 +1,4 @@
-"""The training child: `python -m core train --run-dir DIR` (spawned by core.runner) or, without --run-dir, the
+"""The training child: `python -m core train --run-dir DIR` (spawned by core.runs.runner) or, without --run-dir, the
 same code in the foreground. It reads DIR/config.yaml, trains with transformers' Trainer + peft (+ bitsandbytes
 for 4-bit / 8-bit), and reports only through the run folder: status.json, events.jsonl, train.log,
 checkpoints/ (each COMPLETE-marked) and adapter/.
@@ -18,7 +18,9 @@ import warnings
 from pathlib import Path
 
 from core import events as ev
-from core import models, procs, runs
+from core import models
+from core.runs import procs
+from core.runs import folder as runs
 from core.config import OPTIMIZERS
 from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
 
@@ -31,8 +33,8 @@ WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results ma
 def main(run_dir: Path, lock_fd: int | None = None) -> int:
     """The child entry. Returns the process exit code (0 completed or stopped, 1 failed). A process started by the
     launcher for a multi-process run is a rank (rank_main); the child itself then supervises (supervise)."""
-    from core import distributed
-    from core.train_callbacks import Context, StopFlag
+    from core.train import distributed
+    from core.train.callbacks import Context, StopFlag
 
     if distributed.is_rank_process():
         return rank_main(Path(run_dir))
@@ -80,8 +82,8 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     supervisor, and rank 0 alone writes the run folder."""
     from transformers import set_seed
 
-    from core import distributed
-    from core.train_callbacks import FAULT_ENV, parse_faults
+    from core.train import distributed
+    from core.train.callbacks import FAULT_ENV, parse_faults
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
     if plan is not None and plan.gpus:
@@ -129,7 +131,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
 def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None):
     """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
     -> (model_path, tokenizer, prepared, resume_from)."""
-    from core import data
+    from core.data import sft as data
 
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
@@ -160,7 +162,8 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
     import threading
     import time
 
-    from core import distributed, paths
+    from core import paths
+    from core.train import distributed
 
     print(f"devices: {plan.describe()}", flush=True)
     events.log("info", f"training on {plan.describe()}")
@@ -212,7 +215,7 @@ def _signal_rank0(run_dir: Path) -> bool:
     """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
     import signal
 
-    from core import distributed
+    from core.train import distributed
 
     pid_path = distributed.pid_file(run_dir, 0)
     if not pid_path.exists():
@@ -228,7 +231,7 @@ def _ranks_outcome(run_dir: Path, code: int):
     """What rank 0 recorded, unless another rank died first: then the run failed, naming that rank."""
     import signal
 
-    from core import distributed
+    from core.train import distributed
     from core.errors import GarageError
 
     result_path = distributed.ranks_dir(run_dir) / "result-0.json"
@@ -259,7 +262,7 @@ def rank_handoff(run_dir: Path, cfg):
     """In a rank: what the supervisor prepared. -> (model_path, tokenizer, prepared, resume_from)."""
     import pickle
 
-    from core import distributed
+    from core.train import distributed
 
     with open(distributed.ranks_dir(run_dir) / distributed.PREPARED_FILE, "rb") as fh:
         handoff = pickle.load(fh)
@@ -273,8 +276,8 @@ def rank_handoff(run_dir: Path, cfg):
 def rank_main(run_dir: Path) -> int:
     """One rank of a multi-process run. Rank 0 writes events; the outcome goes to ranks/result-0.json for the
     supervisor, which alone writes the final status."""
-    from core import distributed
-    from core.train_callbacks import Context, StopFlag
+    from core.train import distributed
+    from core.train.callbacks import Context, StopFlag
 
     r = distributed.rank()
     stop = StopFlag().install()
@@ -304,7 +307,7 @@ def use_run_template(tokenizer, events: ev.EventLog) -> None:
     """Give the tokenizer the chat template the rows were rendered with, so every checkpoint and the adapter carry
     it (Trainer saves the tokenizer into each checkpoint) and chat, eval and export use the same one. A model
     without a template of its own gets the fallback, and train.log and the run page say so."""
-    from core import data_tokenize
+    from core.data import tokenize as data_tokenize
 
     notice = data_tokenize.fallback_notice(tokenizer)
     if notice:  # a model with a template of its own saves it already (named templates included)
@@ -426,7 +429,7 @@ def add_lora(model, cfg):
     from core.config import target_modules
 
     if cfg.train.from_run:  # preference tuning on top of a finished run's adapter
-        from core import preference
+        from core.train import preference
 
         return preference.continue_adapter(model, cfg)
     lo = cfg.lora
@@ -454,7 +457,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from core.train_callbacks import FlopsModel, GarageCallback, GarageTrainer
+    from core.train.callbacks import FlopsModel, GarageCallback, GarageTrainer
 
     t = cfg.train
     dtype = compute_dtype(cfg, device)
@@ -462,13 +465,13 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     liger = liger_plan(cfg, model, device, events)
     group_kwargs = {}
     if plan is not None and plan.distributed:
-        # one process per device; grad_accum per process keeps the configured global batch (core.distributed.plan)
+        # one process per device; grad_accum per process keeps the configured global batch (core.train.distributed.plan)
         group_kwargs = dict(ddp_backend=plan.backend, ddp_find_unused_parameters=False)
         if plan.strategy == "fsdp":
             group_kwargs.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
     args_class = TrainingArguments
     if t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
-        from core import preference
+        from core.train import preference
 
         args_class = preference.args_class(cfg)
     args = args_class(
@@ -511,7 +514,7 @@ def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog):
     left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
     sdpa/eager get sequences no longer than the batch's longest row (their mask is computed in full), still
     grouped by length so those sequences come out nearly full."""
-    from core.collate import FlatCollator, PadCollator, isolation_check
+    from core.train.collate import FlatCollator, PadCollator, isolation_check
 
     multiple_of = 8 if device == "cuda" else 1
     if not cfg.data.padding_free:
@@ -543,12 +546,12 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
     estimate can only assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
     import dataclasses
 
-    from core import vram
+    from core.estimate import vram
 
-    try:  # only the estimate itself is guarded: a missing core.vram is a broken install and fails loudly
+    try:  # only the estimate itself is guarded: a missing core.estimate.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))
         est = vram.estimate(shape, vram.settings_from_config(cfg, device=device))  # CPU runs: a RAM estimate
-        from core import distributed
+        from core.train import distributed
 
         plan = distributed.machine_plan(cfg)
         if plan.distributed:  # the estimate for ONE device (one process) of the group
@@ -576,7 +579,7 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
     saved = runs.read_fingerprint(run_dir)
     if latest is None:
         runs.write_fingerprint(run_dir, fp)
-        from core import distributed
+        from core.train import distributed
 
         distributed.record_plan(run_dir, distributed.machine_plan(cfg))
         return None
@@ -591,9 +594,9 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
 
 
 def _note_world_change(run_dir: Path, cfg, events: ev.EventLog) -> None:
-    """A resume on another number of processes keeps the global batch (core.distributed.plan divides grad_accum)
+    """A resume on another number of processes keeps the global batch (core.train.distributed.plan divides grad_accum)
     but not the data order or every RNG stream of an uninterrupted run: say so."""
-    from core import distributed
+    from core.train import distributed
 
     path = distributed.ranks_dir(run_dir) / "plan.json"
     now = distributed.machine_plan(cfg)
@@ -641,7 +644,7 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
     if len(getattr(model, "peft_config", {})) > 1:  # DPO from a run's adapter: its frozen reference copy stays out
-        from core.preference import drop_reference
+        from core.train.preference import drop_reference
 
         drop_reference(model)
     shutil.rmtree(tmp, ignore_errors=True)

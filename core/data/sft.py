@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from core.data_formats import FORMATS, check_meaning, detect, ignored_columns, normalise
-from core.data_read import BUILTIN_DATA, Where, estimate_total, iter_records
-from core.data_tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenRows, chat_template, encode,
+from core.data.formats import FORMATS, check_meaning, detect, ignored_columns, normalise
+from core.data.read import BUILTIN_DATA, Where, estimate_total, iter_records
+from core.data.tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenRows, chat_template, encode,
                                  loss_mask, pack, segments)
 from core.errors import DatasetError
 
@@ -219,9 +219,9 @@ def _add_text(batch, tokenizer, chunker: Chunker, built: _Built, max_len: int) -
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) -> Prepared:
     """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`. For train.objective
-    dpo / orpo the rows are chosen / rejected pairs (core.data_pref)."""
+    dpo / orpo the rows are chosen / rejected pairs (core.data.pref)."""
     if cfg.train.objective != "sft":
-        from core import data_pref
+        from core.data import pref as data_pref
 
         return data_pref.prepare(cfg, tokenizer, progress)
     data = cfg.data
@@ -360,7 +360,7 @@ def _conversation_runs(conv: list[dict]) -> list[tuple[str, bool]]:
 
 def preview_html(prepared_or_samples, n: int = 3) -> str:
     """The first n rows as the model sees them: trained tokens highlighted, masked ones greyed out."""
-    from core import data_pref
+    from core.data import pref as data_pref
 
     pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
     if data_pref.is_pairs(pairs):
@@ -381,7 +381,7 @@ def preview_html(prepared_or_samples, n: int = 3) -> str:
 
 def preview_text(prepared_or_samples, n: int = 2) -> str:
     """Plain-text preview for the CLI: trained text inside ⟦ ⟧, everything else is masked."""
-    from core import data_pref
+    from core.data import pref as data_pref
 
     pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
     if data_pref.is_pairs(pairs):

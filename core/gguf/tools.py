@@ -3,7 +3,7 @@
 - The converter (convert_hf_to_gguf.py with its `conversion` package and its own gguf-py) comes from the
   llama-cpp-python source distribution on PyPI, which vendors llama.cpp. We pin the version and the sdist's sha256,
   download it with pip on first export, verify it, and unpack only those files into <home>/tools/. It runs in a
-  child process (core/gguf_child.py) with its gguf-py first on the path: its gguf module is newer than the PyPI
+  child process (core/gguf/child.py) with its gguf-py first on the path: its gguf module is newer than the PyPI
   gguf we load the built-in model with, and the two must not meet in one process.
 - The k-quant quantizer (Q4_K_M and friends) is llama.cpp's C++ code: `llama_cpp.llama_model_quantize` from the
   same llama-cpp-python release, compiled when pip installs it (cmake + a C++ compiler; pip caches the wheel).
@@ -31,7 +31,7 @@ SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # what the converters need from vendor/llama.cpp (and the licence that comes with it)
 _MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-CHILD = Path(__file__).with_name("gguf_child.py")
+CHILD = Path(__file__).with_name("child.py")
 
 # GGUF file types the export offers: the converter writes f16 / q8_0 itself; the rest go through the quantizer
 CONVERTER_TYPES = ("f16", "q8_0")
@@ -118,7 +118,7 @@ def child_env(converter: Path | None) -> dict:
 
 
 def run_child(args: list[str], converter: Path | None, say: Say, what: str) -> str:
-    """Run core/gguf_child.py with `args`, pass its lines to `say`, return its output; a failure names `what`."""
+    """Run core/gguf/child.py with `args`, pass its lines to `say`, return its output; a failure names `what`."""
     cmd = [sys.executable, str(CHILD)] + args
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=child_env(converter), start_new_session=True)
@@ -198,7 +198,7 @@ def ensure_quantizer(say: Say | None = None) -> None:
 # ---- llama.cpp's runtime, in a child process ----
 
 class LlamaChild:
-    """One GGUF in llama.cpp's runtime (llama-cpp-python), served by `gguf_child.py serve` in its own process.
+    """One GGUF in llama.cpp's runtime (llama-cpp-python), served by `child.py serve` in its own process.
 
     A crash in llama.cpp's C++ (a bad file, a kernel bug on some CPU) ends that child, not the app: the next request
     raises a GarageError that names how it ended and its last lines."""
@@ -228,7 +228,7 @@ class LlamaChild:
         """The prompt as the GGUF sees it, for the parity check and the Chat page alike: its embedded template
         rendered as llama-cpp-python renders it (gguf_parity.render_embedded; a template error is raised as it is),
         tokenised by its own tokenizer."""
-        from core.gguf_parity import render_embedded
+        from core.gguf.parity import render_embedded
 
         m = self.meta()
         text = render_embedded(m["template"], messages, m["bos"], m["eos"])
@@ -263,7 +263,7 @@ class LlamaChild:
 
     def _answer(self, op: str) -> dict:
         """The next answer line; an error answer, or the child's end, raises a GarageError naming `op`."""
-        from core import procs
+        from core.runs import procs
 
         for line in self.proc.stdout:
             if line.startswith("@@ "):

@@ -5,7 +5,7 @@ How: the jinja template is rendered for a few probe conversations with marker co
 markers gives, per role, what comes before and after a message's content, what the generation prompt adds, the
 end-of-turn marker after an assistant reply, and a default system prompt where the template inserts one when the
 conversation has none. From those pieces we write a Go TEMPLATE over .Messages, and then check it: our Go-template
-renderer (core.gotemplate) must give the same text as the jinja template for four conversations (with and without
+renderer (core.gguf.gotemplate) must give the same text as the jinja template for four conversations (with and without
 a system message, one and several turns). Ollama adds a Modelfile's SYSTEM as the first message when a chat has
 none, so the default system prompt goes to SYSTEM and the TEMPLATE only renders messages.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from core import gotemplate
+from core.gguf import gotemplate
 
 _S, _U1, _A1, _U2 = "QxSYSTEMxQ", "QxUSER1xQ", "QxASSISTANT1xQ", "QxUSER2xQ"
 

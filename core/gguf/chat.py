@@ -1,6 +1,6 @@
 """Chat with a run's exported GGUF in llama.cpp's runtime, beside its adapter (the Chat page's GGUF pane).
 
-The GGUF runs in a child process (core.gguf_tools.LlamaChild): llama.cpp is never loaded into the app, and a crash
+The GGUF runs in a child process (core.gguf.tools.LlamaChild): llama.cpp is never loaded into the app, and a crash
 in its C++ is a GarageError, not a dead app. One GGUF is open at a time per GgufChat; opening another closes the
 first. The prompt is the GGUF's own embedded chat template, rendered as llama-cpp-python renders it
 (gguf_parity.render_embedded) and tokenised by the GGUF, with the system prompt chosen as the adapter's chat chooses
@@ -66,7 +66,7 @@ def list_exports(run_id: str | None) -> list[Export]:
 
 def runtime_installed() -> bool:
     """Whether llama-cpp-python is importable (checked without importing it here)."""
-    from core import gguf_tools
+    from core.gguf import tools as gguf_tools
 
     return gguf_tools.quantizer_installed()
 
@@ -103,7 +103,8 @@ class GgufChat:
         self._close()
         if not path.is_file():
             raise ModelError(f"the GGUF file {path} is gone", "export the run again (Runs page, Export panel)")
-        from core import gguf_read, gguf_tools
+        from core.gguf import read as gguf_read
+        from core.gguf import tools as gguf_tools
 
         meta = gguf_read.metadata(path)
         arch = meta.get("general.architecture", "")
@@ -137,7 +138,7 @@ class GgufChat:
 
     def encode(self, messages: list[dict], settings) -> list[int]:
         """The prompt as the GGUF sees it: its embedded template, rendered and tokenised by it, length-checked."""
-        from core import data_tokenize
+        from core.data import tokenize as data_tokenize
         from core.chat import MIN_REPLY, message_text
 
         msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages or []]
@@ -209,7 +210,7 @@ def _export_info(gguf: Path) -> dict:
 
 def _run_system(run_id: str | None) -> str:
     """The run's data.system (what its rows trained with when they had no system turn); "" when the run is gone."""
-    from core import runs
+    from core.runs import folder as runs
 
     if not run_id:
         return ""

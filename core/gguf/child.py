@@ -1,4 +1,4 @@
-"""Child process for GGUF export (run as a script by core.gguf_tools.run_child, never imported by the app).
+"""Child process for GGUF export (run as a script by core.gguf.tools.run_child, never imported by the app).
 
     convert MODEL_DIR OUT.gguf OUTTYPE [PRE]   llama.cpp's convert_hf_to_gguf.py, with its own gguf-py first on
                                                PYTHONPATH (set by the parent). PRE: the llama.cpp pre-tokenizer
@@ -22,7 +22,7 @@ import queue
 import sys
 import threading
 
-# run as a script, this file's folder (core/) is first on sys.path, and its module names (config, data, models...)
+# run as a script, this file's folder (core/gguf/) is first on sys.path, and its module names (read, export, chat...)
 # would shadow the converter's imports
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)

@@ -122,7 +122,8 @@ def machine_plan(cfg) -> Plan:
 
 def _fits(cfg, gpus) -> tuple:
     """Does a DDP replica fit the smallest card, and does FSDP over w cards (from the model's config alone)?"""
-    from core import models, vram
+    from core import models
+    from core.estimate import vram
     from core.errors import GarageError
 
     try:

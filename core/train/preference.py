@@ -1,11 +1,11 @@
 """Preference tuning in the training child: DPO and ORPO with TRL's own trainers, inside the same run folder,
-callback, stop / resume and checkpoints as SFT (core/training.py calls in here when train.objective is not sft).
+callback, stop / resume and checkpoints as SFT (core/train/child.py calls in here when train.objective is not sft).
 
 - DPO: trl.DPOTrainer. The reference is the policy with its LoRA adapter disabled (peft's disable_adapter): no
   second copy of the model, on a 4-bit base too. Continuing from a finished run's adapter, the reference is a
   frozen copy of that adapter (TRL's "ref" adapter, adapter-sized): the SFT model is what DPO measures against.
 - ORPO: trl.experimental.orpo.ORPOTrainer (no reference; SFT loss on the chosen reply + lambda * odds-ratio term).
-- Rows come tokenised from core.data_pref (prompt_ids / chosen_ids / rejected_ids), so the trainers' own
+- Rows come tokenised from core.data.pref (prompt_ids / chosen_ids / rejected_ids), so the trainers' own
   tokenisation is skipped: what the preview showed is what trains.
 - TRL's logged metrics become the events' preference fields (core.events PREFERENCE_FIELDS).
 
@@ -20,7 +20,7 @@ import sys
 import torch
 
 from core import events as ev
-from core.train_callbacks import GarageCallback, GarageTrainer
+from core.train.callbacks import GarageCallback, GarageTrainer
 
 # TRL's log keys (DPOTrainer.log / ORPOTrainer.store_metrics; "eval_" in front during evaluation) -> our fields
 TRL_KEYS = {"rewards/chosen": ev.REWARD_CHOSEN, "rewards/rejected": ev.REWARD_REJECTED,
@@ -34,7 +34,7 @@ def args_class(cfg):
     if t.objective == "dpo":
         from trl import DPOConfig
 
-        # max_length=None: core.data_pref already cut every pair to data.max_len
+        # max_length=None: core.data.pref already cut every pair to data.max_len
         return functools.partial(DPOConfig, beta=t.dpo_beta, loss_type=[t.dpo_loss], max_length=None,
                                  precompute_ref_log_probs=False, dataset_num_proc=None)
     from trl.experimental.orpo import ORPOConfig
@@ -48,7 +48,8 @@ def continue_adapter(model, cfg):
     """The finished run's adapter (train.from_run), trainable, on the base already loaded."""
     from peft import PeftModel
 
-    from core import run_files, runs
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
     from core.errors import ConfigError
 
     src = run_files.resolve_run(cfg.train.from_run)
@@ -70,7 +71,7 @@ def continue_adapter(model, cfg):
 
 class PairCollator:
     """TRL's collator for the objective, counting real tokens (both sequences of every pair) and the sum of
-    squared lengths, as core.collate's collators do for tokens/s and MFU."""
+    squared lengths, as core.train.collate's collators do for tokens/s and MFU."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -88,7 +89,7 @@ class PairCollator:
 
 
 def _orpo_row(feature, model=None) -> dict:
-    """ORPOTrainer.tokenize_row for rows already tokenised by core.data_pref."""
+    """ORPOTrainer.tokenize_row for rows already tokenised by core.data.pref."""
     p, c, r = feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"]
     return {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p),
             "chosen_input_ids": p + c, "chosen_attention_mask": [1] * (len(p) + len(c)),
@@ -104,7 +105,7 @@ def _dpo_class():
 
     class GarageDPOTrainer(GarageTrainer, DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset  # tokenised and checked by core.data_pref
+            return dataset  # tokenised and checked by core.data.pref
 
     return GarageDPOTrainer
 

@@ -24,7 +24,7 @@ _IGNORE = -100
 
 class PadCollator:
     """Pads each batch to its own longest row (rounded up to multiple_of): input_ids with the pad id, labels with
-    -100, attention_mask 0. Rows that are already packed (core.data_tokenize.PackedRows, with position_ids) get
+    -100, attention_mask 0. Rows that are already packed (core.data.tokenize.PackedRows, with position_ids) get
     position_ids and no attention_mask, so their examples do not attend to each other either."""
 
     def __init__(self, pad_id: int, multiple_of: int = 1):

@@ -1,6 +1,6 @@
 """Start, stop, find and resume the training child process. One training job per LoRA Garage home at a time.
 
-The lock and the identity of a run's process live in core.procs: the runner takes the lock, hands it to the child
+The lock and the identity of a run's process live in core.runs.procs: the runner takes the lock, hands it to the child
 as an inherited file descriptor (the child holds it for its whole life), and keeps the child so its exit code can
 be read. The child is `python -m core train --run-dir DIR`, started with an argument list (never a shell), in its
 own session (so Stop reaches it and its helpers, and an app restart does not kill it), output to DIR/train.log.
@@ -16,7 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from core import access, paths, procs, runs
+from core import paths
+from core.runs import access
+from core.runs import procs
+from core.runs import folder as runs
 from core.config import RunConfig
 from core.errors import BusyError, RunError
 
@@ -120,7 +123,7 @@ def delete(run_id: str) -> None:
 # ---------------------------------------------------------------- the lock
 
 def acquire_lock(run_id: str) -> int:
-    """Take the training lock (core.procs); a holder whose run has already ended is waited for, not busy."""
+    """Take the training lock (core.runs.procs); a holder whose run has already ended is waited for, not busy."""
     return procs.acquire_lock(run_id, holder_ended=runs.run_ended)
 
 
@@ -170,7 +173,7 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
 
 def _kill_ranks(run_dir: Path) -> None:
     """The ranks of a multi-process run live in their own sessions (the launcher starts them so): end them too."""
-    from core import distributed
+    from core.train import distributed
 
     for pid_path in distributed.ranks_dir(run_dir).glob("rank*.pid"):
         try:

@@ -1,5 +1,5 @@
 """What a GPU can do on paper: dense bf16 tensor FLOP/s by card name, from the vendors' spec sheets. The one table
-behind the ETA's assumed throughput (core.eta) and the MFU the trainer reports (core.train_callbacks.FlopsModel)."""
+behind the ETA's assumed throughput (core.estimate.eta) and the MFU the trainer reports (core.train.callbacks.FlopsModel)."""
 
 from __future__ import annotations
 

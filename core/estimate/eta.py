@@ -5,7 +5,7 @@ steps x the mean of the last 20 step times), counted down from the time that eve
 comes from runs measured on this machine that were of similar size (same method and device, model size within 2x,
 tokens per step within 4x), their rate scaled by model size; with fewer than two such runs it is a guess and says
 so, with its range: one run alone (perhaps on a busy machine) is averaged with the rate assumed from the device's
-peak FLOP/s (core.gpu_specs), never taken as it is.
+peak FLOP/s (core.estimate.gpu_specs), never taken as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from core import gpu_specs, paths
+from core import paths
+from core.estimate import gpu_specs
 
 # Assumed sustained training throughput when nothing was measured yet, as FLOP/s. LoRA costs about
 # 4 * params FLOPs per trained token (forward 2N, backward through activations 2N; no weight gradients).
@@ -25,7 +26,7 @@ from core import gpu_specs, paths
 # batch 4 x ~100 tokens, ~2 s/step). GPU: 35% of the card's dense bf16 peak, a typical hobbyist MFU.
 CPU_ASSUMED_FLOPS = 1.0e11
 GPU_ASSUMED_MFU = 0.35
-GPU_DEFAULT_PEAK = 50e12  # a card not in core.gpu_specs' table
+GPU_DEFAULT_PEAK = 50e12  # a card not in core.estimate.gpu_specs' table
 
 SIMILAR_PARAMS = 2.0          # a measured run counts when its model is within this factor of the planned one
 SIMILAR_TOKENS_PER_STEP = 4.0  # ... and its tokens per optimizer step within this factor
@@ -241,7 +242,8 @@ def _median(xs: list[float]) -> float:
 @lru_cache(maxsize=64)
 def _params(source: str) -> int:
     """A model's parameter count from its config (0 when it cannot be read: the run then compares by nothing)."""
-    from core import models, vram
+    from core import models
+    from core.estimate import vram
     from core.errors import GarageError
 
     try:

@@ -1,5 +1,5 @@
 """`export --gguf DIR`: merge the adapter into its 16-bit base, convert with llama.cpp's own converter, quantize,
-write an Ollama Modelfile and README.txt, and check that the GGUF answers like the adapter (core.gguf_parity).
+write an Ollama Modelfile and README.txt, and check that the GGUF answers like the adapter (core.gguf.parity).
 
 Nothing is deleted when a parity check fails: export.json and the panel say exactly what differs. A failure while
 writing (a full disk, a converter error) removes every file this export made and leaves DIR as it was.
@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from core import gguf_read, gguf_tools, modelfile
+from core.gguf import read as gguf_read
+from core.gguf import tools as gguf_tools
+from core.gguf import modelfile
 from core.errors import DiskFull, GarageError
 
 Say = Callable[[str], None]
@@ -24,7 +26,9 @@ Say = Callable[[str], None]
 def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = None, checkpoint: int | None = None,
                 say: Say | None = None, parity: bool = True) -> dict:
     """Write the GGUF export into `out_dir` (new or empty) and return what export.json holds."""
-    from core import export, run_files, runs
+    from core import export
+    from core.runs import resolve as run_files
+    from core.runs import folder as runs
 
     say = say or (lambda m: None)
     quants = list(dict.fromkeys(q.lower() for q in (quants or ["q8_0"])))
@@ -61,7 +65,9 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
 
 
 def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity) -> dict:
-    from core import data, data_tokenize, export, models
+    from core import export, models
+    from core.data import sft as data
+    from core.data import tokenize as data_tokenize
     from core.chat import GenSettings
 
     base_path = models.resolve(cfg.model.source)
@@ -138,7 +144,7 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
 
 
 def _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, say) -> list[dict]:
-    from core import gguf_parity
+    from core.gguf import parity as gguf_parity
 
     items = data.demo_eval_set(cfg.data.source)
     if not items:
@@ -204,7 +210,7 @@ def readme(report: dict, order: list[str]) -> str:
               "llama.cpp:", f"  llama-cli -m {main} -cnv", f"  llama-server -m {main} --jinja", "",
               "LM Studio:", f"  lms import {main}   (or drag the .gguf into LM Studio's My Models)", ""]
     if report["parity"]:
-        from core import gguf_parity
+        from core.gguf import parity as gguf_parity
 
         lines.append("Parity with the adapter (export.json has the details):")
         lines += [f"  {gguf_parity.summary(r)}" for r in report["parity"]]

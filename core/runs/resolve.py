@@ -1,6 +1,6 @@
 """A run's adapters as chat, eval and export use them: which run ("latest" = the newest completed one), which
 adapter (final or checkpoint N), whether it exists, whether it fits the loaded base, and the chat template it
-trained with. The folder layout itself is core.runs'; this module reads it, and writes nothing.
+trained with. The folder layout itself is core.runs.folder'; this module reads it, and writes nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from core import models, runs
+from core import models
+from core.runs import folder as runs
 from core.errors import GarageError, ModelError
 
 
@@ -85,7 +86,7 @@ def ensure_chat_template(tokenizer, adapter_dir: Path | None = None) -> str | No
     """Give the tokenizer the template the run trained with: the one saved with the adapter, else the model's
     own, else the fallback (so an exported model chats the same way). Returns the fallback notice for a model
     without a template of its own (data_tokenize.fallback_notice), None when it has one."""
-    from core import data_tokenize
+    from core.data import tokenize as data_tokenize
 
     notice = data_tokenize.fallback_notice(tokenizer)
     saved = models.saved_chat_template(adapter_dir) if adapter_dir is not None else None

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from core import procs
+from core.runs import procs
 from core.config import RunConfig, dump_yaml, load_yaml
 from core.errors import DiskFull, RunError
 from core.paths import runs_dir
@@ -130,7 +130,7 @@ def read_status(run_dir: Path, reconcile: bool = True) -> dict:
 
 
 def _record_death(run_dir: Path, st: dict) -> dict:
-    """A run that claims to be active: if its process is gone (core.procs.check), mark it failed (stopped when a
+    """A run that claims to be active: if its process is gone (core.runs.procs.check), mark it failed (stopped when a
     stop was asked for) with how it ended and the tail of train.log. Returns the (possibly new) status."""
     death = procs.check(run_dir, st)
     if death is None:

@@ -1,4 +1,4 @@
-"""The pieces core/training.py plugs into transformers' Trainer (the collators are in core/collate.py): a seeded length-grouped
+"""The pieces core/train/child.py plugs into transformers' Trainer (the collators are in core/train/collate.py): a seeded length-grouped
 sampler, a thin Trainer subclass (phase tracking, NaN bookkeeping, test-only fault hooks) and the callback that
 talks to the UI through the run folder (events.jsonl, status.json, COMPLETE markers, stop requests).
 
@@ -20,9 +20,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from core import distributed, hardware, runs
+from core import hardware
+from core.train import distributed
+from core.runs import folder as runs
 from core import events as ev
-from core.collate import PadCollator
+from core.train.collate import PadCollator
 
 # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
 # at least SLOW_STEP_S more: time for a test to act mid-run on a fast machine; the numbers are untouched)
@@ -79,7 +81,7 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
     accelerate's skip-batches wrapper."""
 
     def __init__(self, batch_size: int, dataset, seed: int, trainer: Trainer):
-        # core.data's token rows know their lengths without building every row
+        # core.data.sft's token rows know their lengths without building every row
         lengths = [dataset.length(i) for i in range(len(dataset))] if hasattr(dataset, "length") else None
         super().__init__(batch_size, dataset=dataset, lengths=lengths)
         self.seed = seed
@@ -378,7 +380,7 @@ class FlopsModel:
     LoRA trains no base weights, so a token costs ~4N FLOPs in the base linears (2N forward, 2N for the gradient
     w.r.t. the activations; no weight gradients), N = base parameters excluding the input embedding lookup.
     Causal attention adds, per example of length L and per layer, 2*d*L^2 forward (QK^T and AV, half the square)
-    and twice that backward: 6*d*L^2. peak: dense bf16 tensor FLOP/s from core.gpu_specs (vendor spec
+    and twice that backward: 6*d*L^2. peak: dense bf16 tensor FLOP/s from core.estimate.gpu_specs (vendor spec
     sheets); an unknown GPU gets no MFU rather than a made-up one."""
 
     def __init__(self, params: int, layers: int, hidden: int, peak: float):
@@ -386,7 +388,7 @@ class FlopsModel:
 
     @classmethod
     def for_model(cls, model, gpu_name: str) -> "FlopsModel | None":
-        from core.gpu_specs import peak_bf16
+        from core.estimate.gpu_specs import peak_bf16
 
         peak = peak_bf16(gpu_name)
         if peak is None:

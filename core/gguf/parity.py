@@ -8,7 +8,7 @@ loaded back with llama.cpp's runtime (llama-cpp-python) when installed, else wit
  (b) teacher-forced agreement: the adapter's greedy reply fed to both; per reply position, does the top-1 token
      match, and the largest logit difference. Thresholds per quant type below (greedy text equality is no test:
      near-ties flip under quantization);
- (c) the eval score with the dataset's checker (core.data.score_answer) for the adapter and the GGUF, side by side,
+ (c) the eval score with the dataset's checker (core.data.sft.score_answer) for the adapter and the GGUF, side by side,
      where the dataset has one (the built-in demo data);
  (d) stops: every prompt on which the adapter's reply ended with an end-of-turn token within the budget must end
      so on the GGUF too.
@@ -41,7 +41,9 @@ def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core import data, data_tokenize, models
+    from core import models
+    from core.data import sft as data
+    from core.data import tokenize as data_tokenize
 
     tok = models.load_tokenizer(merged_dir)  # the merged folder's tokenizer carries the run's template
     renderer = data_tokenize.Renderer(tok)
@@ -90,7 +92,7 @@ def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
 def _compare(runtime, quant: str, ref: Reference, say) -> dict:
     import torch
 
-    from core import data
+    from core.data import sft as data
 
     same_prompt, agree, total, max_diff, same_answer, stops, ok_ad, ok_gg = 0, 0, 0, 0.0, 0, 0, 0, 0
     mismatches = []
@@ -150,20 +152,20 @@ def summary(row: dict) -> str:
 
 
 def _has_llama_cpp() -> bool:
-    from core import gguf_tools
+    from core.gguf import tools as gguf_tools
 
     return gguf_tools.quantizer_installed()
 
 
 class LlamaCppRuntime:
-    """The GGUF in llama.cpp (in a child process, core.gguf_tools.LlamaChild): its own tokenizer, its embedded
+    """The GGUF in llama.cpp (in a child process, core.gguf.tools.LlamaChild): its own tokenizer, its embedded
     template rendered with jinja2 (as llama-cpp-python does), its logits and its end-of-generation tokens."""
     name = "llama.cpp"
 
     def __init__(self, gguf: Path, n_ctx: int = 1024):
         import tempfile
 
-        from core import gguf_tools
+        from core.gguf import tools as gguf_tools
 
         self.child = gguf_tools.LlamaChild(gguf, n_ctx, logits=True)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
@@ -195,7 +197,7 @@ class TransformersRuntime:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from core import gguf_read
+        from core.gguf import read as gguf_read
 
         self.fields = gguf_read.metadata(gguf)
         self.tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

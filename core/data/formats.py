@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 
-from core.data_read import Where, kind_of
-from core.data_turns import Conversation, content_of, fill_placeholders, loss_weight, tool_calls, tools_list
+from core.data.read import Where, kind_of
+from core.data.turns import Conversation, content_of, fill_placeholders, loss_weight, tool_calls, tools_list
 from core.errors import DatasetError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "pairs", "text")

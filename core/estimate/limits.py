@@ -17,7 +17,8 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 def check(cfg: RunConfig, model_config: dict | None = None) -> None:
     """ConfigError for the first setting that cannot be meant. Reads the model's config.json (ModelError when
     the model cannot be found: checked here, before anything is created) and counts the dataset's lines."""
-    from core import models, vram
+    from core import models
+    from core.estimate import vram
 
     if model_config is None:
         model_config = models.read_config(cfg.model.source)
@@ -56,7 +57,7 @@ def context_length(model_config: dict) -> int | None:
 def _row_guess(cfg: RunConfig) -> int:
     """An upper bound on the training rows without reading them all: lines of a .jsonl / .csv file (what the
     data reader's progress bar uses), or data.limit when it is smaller. 0 when unknown."""
-    from core.data_read import estimate_total
+    from core.data.read import estimate_total
 
     rows = estimate_total(cfg.data.source)
     if cfg.data.limit:

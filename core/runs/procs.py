@@ -1,5 +1,5 @@
 """Process identity and the training lock: who is training, is that process still the one that wrote the run's
-status, how did it end. core.runs (status reads) and core.runner (start / stop) both import this; it imports
+status, how did it end. core.runs.folder (status reads) and core.runs.runner (start / stop) both import this; it imports
 neither, so there is no circle, and a status read never calls up into the runner.
 
 The lock is an fcntl lock on $LORA_GARAGE_HOME/train.lock, taken with LOCK_NB and handed to the training child as
@@ -30,7 +30,7 @@ from core.errors import BusyError, RunError
 LOCK_FD_ENV = "LORA_GARAGE_LOCK_FD"
 EXIT_GRACE_S = 60.0  # how long a run that has written its final state may take to exit and let go of the lock
 LAUNCHED_BY_CLI = "cli"   # status.json launched_by: a foreground `python -m core train`
-LAUNCHED_BY_APP = "app"   # ... or core.runner (the app, or `train --detach`)
+LAUNCHED_BY_APP = "app"   # ... or core.runs.runner (the app, or `train --detach`)
 
 # by pid, not run id: run ids repeat across homes (tests, two apps), pids do not while we hold the Popen
 _children: dict[int, subprocess.Popen] = {}  # pid -> the child this process started
@@ -82,7 +82,7 @@ def hold_lock(run_id: str, fd: int | None = None, holder_ended: Callable[[str], 
         fd = int(os.environ.pop(LOCK_FD_ENV))
         # make sure the descriptor really is the lock on our home's lock file, held by us
         if os.fstat(fd).st_ino != os.stat(lock_path()).st_ino:
-            raise RunError(f"{LOCK_FD_ENV} does not point at {lock_path()}", "start runs through core.runner")
+            raise RunError(f"{LOCK_FD_ENV} does not point at {lock_path()}", "start runs through core.runs.runner")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours: succeeds at once
     if fd is None:
         fd = acquire_lock(run_id, holder_ended)

@@ -21,9 +21,9 @@ import html
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.data_formats import PROMPT_KEYS, SYSTEM_KEYS, _turns
-from core.data_read import Where, estimate_total, iter_records, kind_of
-from core.data_tokenize import Renderer, encode, segments
+from core.data.formats import PROMPT_KEYS, SYSTEM_KEYS, _turns
+from core.data.read import Where, estimate_total, iter_records, kind_of
+from core.data.tokenize import Renderer, encode, segments
 from core.errors import DatasetError
 
 SHAPES = ("strings", "sharegpt", "messages")
@@ -257,8 +257,8 @@ def _sample(texts, encs, p: int, lengths, max_len: int) -> PairSample:
 
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
-    """core.data.prepare for train.objective dpo / orpo: a Prepared whose rows are PairRows."""
-    from core.data import DataStats, Prepared, hold_out
+    """core.data.sft.prepare for train.objective dpo / orpo: a Prepared whose rows are PairRows."""
+    from core.data.sft import DataStats, Prepared, hold_out
 
     data = cfg.data
     renderer = Renderer(tokenizer)

@@ -17,7 +17,7 @@ import re
 from array import array
 from collections.abc import Sequence
 
-from core.data_read import Where
+from core.data.read import Where
 from core.errors import DatasetError
 
 # The fallback for models without a chat template: plain ChatML. Assistant turns end with the model's own
