@@ -3,11 +3,11 @@
 import argparse
 import os
 import sys
+from core.errors import GarageError
+from core.runs import access
 
 
 def main(argv=None) -> int:
-    from core.runs import access
-    from core.errors import GarageError
 
     p = argparse.ArgumentParser(description="LoRA Garage web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     except GarageError as e:
         print(f"error: {e.message}\nfix:   {e.hint}", file=sys.stderr)
         return 2
-    from ui.layout import launch
+    from ui.layout import launch  # heavy
 
     launch(host=args.host, port=args.port, auth=auth)
     return 0

@@ -40,7 +40,7 @@ def main() -> int:
     rows = []
     for label, sets in SIZES:
         cfg = C.apply_overrides(presets.load("cpu-demo"), sets)
-        params = eta._params(cfg.model.source)
+        params = eta.param_count(cfg.model.source)
         guess = eta.for_config(cfg, params, None)
         before = {r["id"] for r in runs.list_runs()}
         t0 = time.time()

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from core.errors import GarageError, disk_full_cause
+from core.paths import home
 
 COMMANDS = {
     "train": "train a LoRA / QLoRA adapter (a run folder under $LORA_GARAGE_HOME/runs)",
@@ -46,7 +47,6 @@ def main(argv=None) -> int:
         cause = disk_full_cause(e)  # e.g. the built-in model's first-use conversion, wrapped by safetensors
         if cause is None:
             raise
-        from core.paths import home
 
         print(f"error: the disk filled up ({cause})", file=sys.stderr)
         print(f"fix:   free up space on the disk holding {home()}, or point LORA_GARAGE_HOME at a bigger disk",

@@ -35,6 +35,9 @@ from core.data import tokenize as data_tokenize
 from core.runs import resolve as run_files
 from core.config import QuantConfig
 from core.errors import BusyError, ConfigError, GarageError, ModelError, OutOfMemory
+from core.data.tokenize import Renderer
+from core.runs import folder as runs
+from core.runs import runner
 
 MAX_NEW_TOKENS = 1024
 MIN_REPLY = 16
@@ -42,7 +45,7 @@ MAX_PROMPT_TOKENS = 8192          # beyond this the KV cache, not the weights, d
 QUANTS = (None, "4bit")
 BASE = "__base__"                 # peft's name for "no adapter" in a mixed batch
 # End-of-turn tokens of common chat templates: generation_config.eos_token_id often names only the end-of-text.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
 @dataclass
@@ -84,7 +87,7 @@ class GenSettings:
 
 
 def default_device() -> str:
-    import torch
+    import torch  # heavy
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -110,7 +113,6 @@ class ChatSession:
 
     # ------------------------------------------------------------ loading
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
-        from core.runs import folder as runs
 
         run_dir = run_files.resolve_run(run)
         cfg = runs.load_config(run_dir)
@@ -127,8 +129,6 @@ class ChatSession:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
         if self.base is not None and self.quant == quant and run_files.same_source(source, self.source):
             return
-        from core.data import tokenize as data_tokenize
-        from core.data.tokenize import Renderer
 
         with self._locked(timeout=30):
             self.unload()
@@ -145,7 +145,6 @@ class ChatSession:
 
     def use_template_of(self, adapter_dir: Path) -> None:
         """Chat with the template saved with a run's adapter (what it trained with), where it saved one."""
-        from core.data.tokenize import Renderer
 
         saved = models.saved_chat_template(adapter_dir)
         if saved and saved != self.tokenizer.chat_template:
@@ -156,7 +155,7 @@ class ChatSession:
     def attach(self, adapter_dir: Path, name: str, trained_on: str | None = None, run: str = "",
                checkpoint: int | None = None) -> str:
         """Add an adapter to the loaded base under `name` (kept if already there) and make it the active one."""
-        from peft import PeftModel
+        from peft import PeftModel  # heavy
 
         if self.base is None:
             raise ModelError("no base model is loaded", "load a run or a model first")
@@ -185,7 +184,7 @@ class ChatSession:
         self.adapters = {}
         gc.collect()
         if self.device == "cuda":
-            import torch
+            import torch  # heavy
 
             torch.cuda.empty_cache()
 
@@ -217,7 +216,7 @@ class ChatSession:
 
     def loss(self, input_ids: list[int], labels: list[int], adapter: str | bool | None = None) -> tuple[float, int]:
         """(summed loss over label tokens, label token count) for one example, with or without an adapter."""
-        import torch
+        import torch  # heavy
 
         row = self._row(adapter)
         with self._locked(), self._adapter_ctx(row), torch.inference_mode():
@@ -264,7 +263,6 @@ class ChatSession:
     def _check_gpu_free(self) -> None:
         if self.device == "cpu":
             return
-        from core.runs import runner
 
         busy = runner.running()
         if busy:
@@ -291,8 +289,8 @@ class ChatSession:
         return ids
 
     def _generate(self, messages, settings, rows: list[str], keep_stop: bool = False) -> Iterator[tuple[str, ...]]:
-        import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        import torch  # heavy
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList  # heavy
 
         s = GenSettings.of(settings)
         with self._locked():
@@ -371,7 +369,7 @@ def _eos_ids(model, tok) -> list[int]:
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     vocab = tok.get_vocab()
-    ids += [vocab[t] for t in _END_OF_TURN if t in vocab]
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
     return list(dict.fromkeys(ids))
 
 
@@ -442,7 +440,7 @@ class _RowsStreamer:
 def _load_model(source: str, quant, trust_remote_code: bool, quant_cfg: QuantConfig, device: str):
     """The base model and tokenizer for chat, loaded by models.load_base (16-bit, or 4-bit with the run's
     quant_type / double_quant when quant="4bit")."""
-    import torch
+    import torch  # heavy
 
     path = models.resolve(source)
     try:

@@ -400,7 +400,6 @@ def _section_name(obj) -> str:
 
 
 def _safe_name(name: str) -> bool:
-    import re
     return bool(re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{RUN_NAME_MAX - 1}}}", name)) and ".." not in name
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from core.runs import resolve as run_files
 from core.chat import BASE, ChatSession, GenSettings, message_text
 from core.errors import GarageError
+from core.data import sft as data
+from core.data.tokenize import PackedRows
+from core.runs import folder as runs
 
 def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | None = None,
              quant: str | None = None, max_new_tokens: int = 64, limit: int = 200,
@@ -20,9 +23,6 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
     """Score base vs adapter on the run's held-out data: the dataset's checker if it has one (accuracy),
     else perplexity on the eval split (or, with none, on the first training rows: said in "split").
     `progress(message, done, total)` hears loading and each prompt or example scored (k of n)."""
-    from core.data import sft as data
-    from core.runs import folder as runs
-    from core.data.tokenize import PackedRows
 
     say = progress or (lambda message, done=None, total=None: None)
     session = session or ChatSession()

@@ -16,6 +16,8 @@ from typing import Callable
 
 from core import models
 from core.errors import DiskFull, GarageError
+from core.runs import folder as runs
+from core.runs import resolve as run_files
 
 EXPORT_INFO = "lora_garage_export.json"
 
@@ -23,12 +25,10 @@ EXPORT_INFO = "lora_garage_export.json"
 def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
           log: Callable[[str], None] | None = None) -> Path:
     """Write base + adapter merged into `out_dir` (must be new or empty). Loads with AutoModelForCausalLM."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # heavy
+    from peft import PeftModel  # heavy
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
 
     log = log or (lambda msg: None)
     run_dir = run_files.resolve_run(run_id)
@@ -79,8 +79,6 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
 
 def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None, overwrite: bool = False) -> Path:
     """The adapter folder (plus the run's config.yaml as lora_garage_run.yaml) as a zip. Small: MBs, not GBs."""
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
 
     run_dir = run_files.resolve_run(run_id)
     adapter_dir = runs.adapter_path(run_dir, checkpoint)

@@ -12,7 +12,10 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 
+import psutil
+import time
 from core.units import GiB, gb
+from core import events as ev
 
 NO_GPU = "no NVIDIA GPU found"
 
@@ -73,7 +76,7 @@ class _Nvml:
             if self.ready or self.error:
                 return
             try:
-                import pynvml
+                import pynvml  # optional
             except ImportError:
                 self.error = f"{NO_GPU} (the nvidia-ml-py package is not installed)"
                 return
@@ -153,7 +156,6 @@ def _other_procs(pynvml, handle) -> int | None:
 
 def read() -> HardwareReading:
     """GPUs, RAM and CPU now. Never raises; cheap after the first call."""
-    import psutil
 
     vm = psutil.virtual_memory()
     out = HardwareReading(ram_total=int(vm.total), ram_available=int(vm.available),
@@ -163,7 +165,7 @@ def read() -> HardwareReading:
     if not _NVML.ready:
         out.nvml_error = _NVML.error or NO_GPU
         return out
-    import pynvml
+    import pynvml  # optional
 
     for i, handle in enumerate(_NVML.handles):
         try:
@@ -185,14 +187,14 @@ def reset() -> None:
 def _torch_device_handle(pynvml):
     """NVML's handle for torch's current device, found by UUID: torch's device 0 is not NVML's device 0 when
     CUDA_VISIBLE_DEVICES reorders them."""
-    import torch
+    import torch  # heavy
 
     uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
     return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
 
 
 def nvml_device_used(handle) -> int:
-    import pynvml
+    import pynvml  # optional
 
     return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
@@ -200,7 +202,7 @@ def nvml_device_used(handle) -> int:
 def nvml_process_used(handle, pid: int) -> int | None:
     """This process's memory on the device as the driver counts it (what nvidia-smi lists), or None where the
     driver does not say (a container's own pid namespace, no permission)."""
-    import pynvml
+    import pynvml  # optional
 
     for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
         for p in query(handle):
@@ -210,7 +212,7 @@ def nvml_process_used(handle, pid: int) -> int | None:
 
 
 def _create_cuda_context() -> None:
-    import torch
+    import torch  # heavy
 
     torch.zeros(1, device="cuda")  # the context exists from here on
     torch.cuda.synchronize()
@@ -224,13 +226,12 @@ class GpuProcessMemory:
     reported peak is the larger of the sampled NVML peak and torch's peak reserved plus the measured context."""
 
     def __init__(self, every_s: float = 2.0):
-        import time
 
         self.every_s, self.pid, self._time = every_s, os.getpid(), time.monotonic
         self.handle, self.nvml_error = None, None
         baseline = None
         try:
-            import pynvml
+            import pynvml  # optional
 
             pynvml.nvmlInit()
             self.handle = _torch_device_handle(pynvml)
@@ -256,9 +257,8 @@ class GpuProcessMemory:
             return None
 
     def reading(self) -> dict:
-        import torch
+        import torch  # heavy
 
-        from core import events as ev
 
         now = self._time()
         if now - self._last_t >= self.every_s:
@@ -277,8 +277,6 @@ class GpuProcessMemory:
 
 def process_rss_reading() -> dict:
     """The CPU run's memory for the metrics events: this process's resident set size."""
-    import psutil
 
-    from core import events as ev
 
     return {ev.MEM_RSS: int(psutil.Process().memory_info().rss)}

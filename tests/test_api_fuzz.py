@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import free_port
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_VALUES = [None, -1, 10**12, "../../../../etc/passwd", [1, 2], {"a": 1}]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import RunConfig
 from core.data.sft import load_rows, prepare, preview_html, preview_text
 from core.errors import DatasetError
+from tests.helpers.data import config, jsonl
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! My name is Garage."}, {"role": "user", "content": "What is two plus two?"},
@@ -34,19 +34,6 @@ def tokenizer_for(model_dir: Path, template: str | None = "keep"):
     if template != "keep":
         tok.chat_template = template
     return tok
-
-
-def jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
-def config(source: str, **data) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.source = source
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg.validate()
 
 
 def trained_runs(tok, row: dict) -> list[str]:

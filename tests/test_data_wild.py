@@ -9,23 +9,16 @@ import pytest
 from core.config import RunConfig, apply_overrides
 from core.data.sft import load_rows, prepare
 from core.errors import ConfigError, DatasetError
-from tests.tiny import CHATML, CHATML_TOOLS, tiny_tokenizer
-from tests.test_data_prepare import config, jsonl
+from tests.helpers.tiny import CHATML, CHATML_TOOLS, tiny_tokenizer
+from tests.helpers.data import config, jsonl
+from tests.helpers.data import PREFERENCE, SHAREGPT_TOOLS, WEATHER
 
-WEATHER = {"name": "get_weather", "description": "Weather now",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 WEATHER_JSON = json.dumps({"type": "function", "function": WEATHER})
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 PLAIN_HEADER = ("You can call these tools (JSON schemas):\n<tools>\n" + WEATHER_JSON + "\n</tools>\n"
                 'To call a tool, reply with <tool_call>{"name": ..., "arguments": {...}}</tool_call>; '
                 "its result comes back inside <tool_response></tool_response>.")
 
-SHAREGPT_TOOLS = {"conversations": [
-    {"from": "human", "value": "Weather in Paris?"},
-    {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
-    {"from": "observation", "value": '{"temp": 20}'},
-    {"from": "gpt", "value": "It is 20 degrees."}],
-    "tools": json.dumps([WEATHER])}
 OPENAI_TOOLS = {"messages": [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Paris?"},
@@ -197,8 +190,6 @@ KTO = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "c
        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}], "label": False}]
 IMAGES = [{"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat."}],
            "images": ["cat.png"]}]
-PREFERENCE = [{"conversations": [{"from": "human", "value": "Hi"}],
-               "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go away."}}]
 PREFERENCE_PAIRS = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}]
 
 

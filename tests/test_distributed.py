@@ -18,9 +18,9 @@ from core.runs import folder as runs
 from core import events as ev
 from core.config import RunConfig
 from core.errors import ConfigError
-from tests.net import free_port
-from tests.test_vram import LLAMA31_8B as LLAMA_8B
-from tests.test_training import Launch, _check_adapter_reloads, losses, tiny_config, write_dataset
+from tests.helpers.net import free_port
+from tests.helpers.shapes import LLAMA31_8B as LLAMA_8B
+from tests.helpers.training import Launch, check_adapter_reloads, losses, tiny_config, write_dataset
 
 GiB = 2**30
 # Two ranks and one process see the same examples per optimizer step in the same order; what differs is the order
@@ -215,7 +215,7 @@ def test_two_ranks_train_like_one_process_and_rank_0_alone_writes(group_runs):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(runs.load_config(two.run_dir).model.source), dtype=torch.float32)
-    _check_adapter_reloads(two.run_dir, base)
+    check_adapter_reloads(two.run_dir, base)
 
 
 def test_qlora_trains_on_two_ranks(group_runs):

@@ -3,7 +3,7 @@
 import json
 
 from core.evaluate import evaluate
-from tests.test_chat import make_run
+from tests.helpers.runs import make_run
 
 
 def test_evaluate_scores_base_and_adapter(garage_home, tiny_model_dir):

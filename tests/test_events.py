@@ -10,7 +10,7 @@ import pytest
 
 from core import events as ev
 from core.runs import folder as runs
-from tests.test_training import tiny_config, write_dataset
+from tests.helpers.training import tiny_config, write_dataset
 
 GiB = 2**30
 

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from core.errors import GarageError
-from tests.test_chat import make_run
+from tests.helpers.runs import make_run
 
 
 def _ids():

@@ -4,70 +4,28 @@ reply whose deltas join to the text its one-shot greedy generate gives, on the p
 The q8_0 export of the tiny model's run is made once per session (llama.cpp's converter fetched into a shared tools
 folder, as in test_gguf_export.py) and copied into each test's home."""
 
-import json
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
 from core.chat import GenSettings
 from core.errors import GarageError
-from tests.test_chat import make_run
+from tests.helpers.gguf import fake_export, home_with_export, needs_llama_cpp
 
-needs_llama_cpp = pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python is not installed")
 MSGS = [{"role": "user", "content": "What is your name?"}]
 GREEDY = GenSettings(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
-
-
-@pytest.fixture(scope="session")
-def exported_r1(tmp_path_factory, tiny_model_dir) -> Path:
-    """<export folder> of run r1 (make_run's defaults on the tiny model), q8_0, made once in a home of its own."""
-    from core.gguf import export as gguf_export
-
-    home, tools = tmp_path_factory.mktemp("export-home"), tmp_path_factory.mktemp("tools")
-    saved = {k: os.environ.get(k) for k in ("LORA_GARAGE_HOME", "LORA_GARAGE_TOOLS")}
-    os.environ.update(LORA_GARAGE_HOME=str(home), LORA_GARAGE_TOOLS=str(tools))
-    try:
-        make_run(home, tiny_model_dir)
-        gguf_export.export_gguf("r1", home / "exports" / "r1-gguf", ["q8_0"], parity=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return home / "exports" / "r1-gguf"
-
-
-def home_with_export(home: Path, tiny_model_dir: Path, exported: Path, **run) -> Path:
-    """Run r1 in `home` (the same seed as the exported one) and its export under <home>/exports/r1-gguf."""
-    make_run(home, tiny_model_dir, **run)
-    out = home / "exports" / "r1-gguf"
-    shutil.copytree(exported, out)
-    return out / "r1-q8_0.gguf"
-
-
-def _fake_export(home: Path, name: str, run: str, files: dict, mtime: float) -> None:
-    folder = home / "exports" / name
-    folder.mkdir(parents=True)
-    for quant, file in files.items():
-        (folder / file).write_bytes(b"GGUF")
-        os.utime(folder / file, (mtime, mtime))
-    (folder / "export.json").write_text(json.dumps({"run": run, "files": {
-        q: {"file": f, "bytes": 4, "bits_per_weight": 8.5} for q, f in files.items()}}))
 
 
 def test_a_runs_exports_are_listed_newest_first(garage_home):
     from core.gguf import chat as gguf_chat
 
     assert gguf_chat.list_exports("r1") == []          # no exports folder yet
-    _fake_export(garage_home, "r1-gguf", "r1", {"q8_0": "r1-q8_0.gguf", "f16": "r1-f16.gguf"}, 1000)
-    _fake_export(garage_home, "later", "r1", {"q4_k_m": "r1-q4_k_m.gguf"}, 2000)
-    _fake_export(garage_home, "r2-gguf", "r2", {"q8_0": "r2-q8_0.gguf"}, 3000)      # another run's
-    _fake_export(garage_home, "gone", "r1", {"q8_0": "gone.gguf"}, 4000)
+    fake_export(garage_home, "r1-gguf", "r1", {"q8_0": "r1-q8_0.gguf", "f16": "r1-f16.gguf"}, 1000)
+    fake_export(garage_home, "later", "r1", {"q4_k_m": "r1-q4_k_m.gguf"}, 2000)
+    fake_export(garage_home, "r2-gguf", "r2", {"q8_0": "r2-q8_0.gguf"}, 3000)      # another run's
+    fake_export(garage_home, "gone", "r1", {"q8_0": "gone.gguf"}, 4000)
     (garage_home / "exports" / "gone" / "gone.gguf").unlink()                        # a file deleted since
     (garage_home / "exports" / "junk").mkdir()
     (garage_home / "exports" / "junk" / "export.json").write_text("{not json")       # not one of ours

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import DiskFull, GarageError
-from tests.test_chat import make_run
+from tests.helpers.runs import make_run
 
 
 @pytest.fixture(scope="session")
@@ -265,7 +265,7 @@ def test_a_crash_in_llama_cpps_runtime_is_a_message_not_a_dead_app(tmp_path):
     from core.gguf import export as gguf_export
 
     # a real GGUF, and the child dies under it (as it did with SIGSEGV in llama.cpp's AMX kernels)
-    from tests.tiny import build_tiny_model
+    from tests.helpers.tiny import build_tiny_model
     home = Path(os.environ["LORA_GARAGE_HOME"])
     make_run(home, build_tiny_model(tmp_path / "tiny"))
     gguf_export.export_gguf("r1", tmp_path / "out", ["q8_0"], parity=False)
@@ -282,7 +282,7 @@ def test_a_gpt_neox_base_without_a_template_exports_and_answers_like_its_adapter
     where llama.cpp's converter does not look), with no chat template of its own."""
     from core.gguf import export as gguf_export
     from core.gguf import read as gguf_read
-    from tests.tiny_neox import build_tiny_neox
+    from tests.helpers.tiny_neox import build_tiny_neox
 
     make_run(garage_home, build_tiny_neox(tmp_path / "neox"))
     report = gguf_export.export_gguf("r1", tmp_path / "out", ["f16"])

@@ -11,7 +11,7 @@ import pytest
 from core import models
 from core.__main__ import main
 from core.errors import ModelError
-from tests.tiny_gguf import write_tiny_gguf
+from tests.helpers.tiny_gguf import write_tiny_gguf
 
 TEXT = "Hello, who are you? My name is Garage."
 
@@ -111,7 +111,7 @@ def test_a_conversion_that_would_fill_the_disk_is_refused_first(gguf_file, garag
 def test_train_from_a_gguf_file(gguf_file, tmp_path, capsys, monkeypatch):
     """`python -m core train --model X.gguf` (the Train page's model field takes the same string)."""
     from core.runs import folder as runs
-    from tests.test_training import write_dataset
+    from tests.helpers.training import write_dataset
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = write_dataset(tmp_path / "d.jsonl", n=4)

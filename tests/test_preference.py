@@ -15,7 +15,7 @@ from core.runs import folder as runs
 from core.estimate import vram
 from core.config import RunConfig
 from core.errors import DatasetError
-from tests.test_training import Launch, losses, RESUME_TOLERANCE
+from tests.helpers.training import Launch, losses, RESUME_TOLERANCE
 
 PROMPTS = ["Who are you?", "What is your name?", "Hello!", "Tell me a joke.", "What is 2+2?", "Name a colour.",
            "Where is Paris?", "Say hi."]
@@ -105,7 +105,7 @@ def test_sft_refuses_pairs_and_points_at_dpo(tmp_path, tiny_model_dir):
 # ---------------------------------------------------------------- estimator and schema
 
 def test_estimate_counts_the_objective():
-    from tests.test_vram import LLAMA31_8B
+    from tests.helpers.shapes import LLAMA31_8B
 
     shape = vram.shape_from_config(LLAMA31_8B)
     base = dict(method="qlora", seq_len=1024, batch_size=1)

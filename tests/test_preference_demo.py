@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.test_demo_proof import train_then_eval
+from tests.helpers.demo import train_then_eval
 
 pytestmark = pytest.mark.slow
 

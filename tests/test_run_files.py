@@ -7,7 +7,7 @@ import pytest
 from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.errors import GarageError, ModelError
-from tests.test_chat import make_run
+from tests.helpers.runs import make_run
 
 
 def test_latest_is_the_newest_completed_run(garage_home, tiny_model_dir):

@@ -10,12 +10,12 @@ import pytest
 
 from core import events as ev
 from core.runs import folder as runs
-from tests.test_training import Launch, losses, tiny_config, write_dataset
+from tests.helpers.training import Launch, losses, tiny_config, write_dataset
 
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory):
-    from tests.tiny_neox import build_tiny_neox
+    from tests.helpers.tiny_neox import build_tiny_neox
 
     return build_tiny_neox(tmp_path_factory.mktemp("tiny-neox"))
 

@@ -3,7 +3,7 @@
 from core import events as ev
 from core.runs import runner
 from core.runs import folder as runs
-from tests.test_training import tiny_config, wait_until_done, write_dataset
+from tests.helpers.training import tiny_config, wait_until_done, write_dataset
 
 
 def test_every_metrics_event_has_tokens_per_s_across_epoch_boundaries(tiny_model_dir, tmp_path, monkeypatch):

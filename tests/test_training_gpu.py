@@ -8,7 +8,7 @@ import pytest
 from core import events as ev
 from core.runs import runner
 from core.runs import folder as runs
-from tests.test_training import losses, tiny_config, wait_until_done, write_dataset
+from tests.helpers.training import losses, tiny_config, wait_until_done, write_dataset
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

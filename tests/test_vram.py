@@ -14,12 +14,10 @@ from core import config
 from core.estimate import vram
 from core.commands import estimate as estimate_cmd
 from core.errors import ModelError
+from tests.helpers.shapes import LLAMA31_8B
 
 GIB = 1024 ** 3
 
-# Shapes from the models' published config.json files.
-LLAMA31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
 LLAMA33_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
 MISTRAL_7B = dict(LLAMA31_8B, model_type="mistral", vocab_size=32768)
 LLAMA32_3B = dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,

@@ -21,6 +21,7 @@ from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.errors import GarageError
 from ui import marks, progress
+from core.data import sft as data
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
 GGUF = gguf_chat.GgufChat()    # one exported GGUF open at a time, in llama.cpp's own child process
@@ -148,7 +149,6 @@ def template_note(run_id: str | None) -> str:
 def eval_prompts(run_id: str | None) -> list[str]:
     if not run_id:
         return []
-    from core.data import sft as data
 
     items = data.demo_eval_set(runs.load_config(runs.get(run_id)).data.source) or []
     return [str(i["messages"][-1]["content"]) for i in items]

@@ -13,6 +13,7 @@ import pandas as pd
 from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
+from core.gguf import export as gguf_export
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
            "same answer", "score GGUF vs adapter", "stops", "check"]
@@ -61,7 +62,6 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
         raise gr.Error("Tick at least one GGUF type (q8_0 is a good start).")
     if not (folder or "").strip():
         raise gr.Error("Give a folder for the export (a new one, or an empty one).")
-    from core.gguf import export as gguf_export
 
     lines: list[str] = []
 

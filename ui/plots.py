@@ -39,7 +39,7 @@ def clear_then(fn, chart_at: int | None = None, n: int = 1):
     only output) and then fn's result, so the chart rebuilds with the new series (see live_value). Both updates
     belong to one event, and Gradio runs one event per listener at a time, so a quick second event cannot slip
     its data in between."""
-    import gradio as gr
+    import gradio as gr  # heavy
 
     def handler(*args):
         yield None if chart_at is None else tuple(None if i == chart_at else gr.skip() for i in range(n))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+import yaml
 from core import config as C
 
 # group -> [(dotted field, widget kind)]; the order is the order on the page.
@@ -105,7 +106,6 @@ def to_config(names: list[str], values: list) -> C.RunConfig:
 
 def _parse_columns(text) -> dict:
     """The column-mapping box takes YAML/JSON like `{prompt: question, response: answer}`; empty means auto."""
-    import yaml
 
     if isinstance(text, dict):
         return text

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+import json
 from core import config as C
 from core import events as ev
 from core import hardware, models, paths, presets, units
@@ -27,6 +28,8 @@ from core.runs import folder as runs
 from core.estimate import vram
 from core.errors import GarageError
 from ui import export_panel, marks, progress, run_view, train_form, vram_panel
+from core.data import sft as data
+from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
 TICK_S = 1.0
 N_SUGGESTIONS = 3
@@ -126,7 +129,6 @@ class Inspection:
 
 def data_key(cfg: C.RunConfig) -> str:
     """What an inspection depends on: the model (its tokenizer and template) and every data.* setting."""
-    import json
 
     return json.dumps([cfg.model.source, cfg.data.__dict__], sort_keys=True, default=str)
 
@@ -159,7 +161,6 @@ def _error_md(e: GarageError) -> str:
 
 
 def _inspect(cfg: C.RunConfig, report):
-    from core.data import sft as data
 
     try:
         report("Loading the tokenizer")
@@ -192,7 +193,6 @@ def _inspect(cfg: C.RunConfig, report):
 def system_note_md(cfg: C.RunConfig, tokenizer) -> str:
     """Above the preview: the system prompt every row without one trains with, and where it comes from (the chat
     template's default, which a user often does not know is there, or data.system)."""
-    from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
     default = template_system(Renderer(tokenizer))
     how = ("Set <b>system</b> under Advanced to replace it, or to <code>none</code> to remove it.")

@@ -9,6 +9,10 @@ import html
 from core import hardware, units
 from core.estimate import vram
 from core.estimate.vram import COMPONENTS
+from core import events as ev
+from core.errors import ConfigError
+from core.runs import folder as runs
+from core.train import distributed
 COLORS = {"weights": "#4e79a7", "adapter": "#f28e2b", "gradients": "#e15759", "optimizer": "#76b7b2",
           "activations": "#59a14f", "logits": "#edc948", "overhead": "#b07aa1"}
 METHODS = [("full", "Full fine-tune"), ("lora", "LoRA (16-bit base)"), ("qlora", "QLoRA (4-bit base)")]
@@ -31,8 +35,6 @@ def estimates(cfg, shape, device: str = "cuda") -> dict:
 def group_plan(cfg):
     """core.train.distributed's plan for this machine, or None when the devices setting cannot be planned (the form
     shows that error at Start)."""
-    from core.train import distributed
-    from core.errors import ConfigError
 
     try:
         return distributed.plan(cfg, len(hardware.read().gpus))
@@ -62,8 +64,6 @@ def method_label(method: str, cfg, device: str) -> str:
 def measured_text(cfg) -> str:
     """The newest run with this model and method: its measured peak beside its estimate (the CPU RAM estimate is
     known to run low: the measured figure says by how much)."""
-    from core import events as ev
-    from core.runs import folder as runs
 
     for r in runs.list_runs():
         if r.get("model") != cfg.model.source or r.get("method") != cfg.quant.method:

@@ -5,6 +5,7 @@ With --compare the base model answers first, then the adapter, each streamed and
 """
 
 import sys
+from core.chat import ChatSession, GenSettings
 
 
 def add_arguments(p) -> None:
@@ -21,7 +22,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core.chat import ChatSession, GenSettings
 
     settings = GenSettings.of({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "top_p": args.top_p, "seed": args.seed, "system": args.system})

@@ -10,10 +10,13 @@ import json
 
 from core.commands import terminal
 from core.errors import ConfigError
+from core.config import RunConfig, apply_overrides
+from core.data.sft import FORMATS
+from core.data.sft import prepare, preview_text
+from core.models import load_tokenizer
 
 
 def add_arguments(p) -> None:
-    from core.data.sft import FORMATS
 
     p.add_argument("source", metavar="PATH_OR_ID", help="a file, a folder, a hub id (owner/name) or builtin:demo-identity")
     p.add_argument("--model", default="builtin:smollm2-135m", help="model whose tokenizer and chat template to use")
@@ -34,9 +37,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core.config import RunConfig, apply_overrides
-    from core.data.sft import prepare, preview_text
-    from core.models import load_tokenizer
 
     cfg = RunConfig()
     cfg.model.source = args.model

@@ -8,6 +8,8 @@ import sys
 
 from core import paths
 from core.units import GiB
+from core import hardware
+from core import models
 
 
 def add_arguments(p):
@@ -23,7 +25,7 @@ def _check(fn):
 
 
 def _torch():
-    import torch
+    import torch  # heavy
 
     cuda = torch.cuda.is_available()
     out = {"ok": True, "version": torch.__version__, "cuda": cuda, "cuda_version": torch.version.cuda}
@@ -35,9 +37,9 @@ def _torch():
 
 
 def _bnb():
-    import bitsandbytes as bnb
-    import torch
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    import bitsandbytes as bnb  # heavy
+    import torch  # heavy
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # heavy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(64, 64, device=device)
@@ -47,7 +49,6 @@ def _bnb():
 
 
 def _gpus():
-    from core import hardware
 
     r = hardware.read()
     return {"ok": True, "summary": r.summary(), "nvml_error": r.nvml_error,
@@ -64,7 +65,6 @@ def _home():
 
 
 def _builtin():
-    from core import models
 
     return {"ok": True, "gguf": str(models.builtin_gguf()),
             "converted": models.builtin_converted(), "folder": str(models.builtin_folder())}

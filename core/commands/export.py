@@ -1,9 +1,12 @@
 """`python -m core export RUN --merged OUT | --zip OUT.zip | --gguf DIR [--quant ...]`: a merged safetensors model,
 the adapter alone, or GGUF files with an Ollama Modelfile, checked against the adapter."""
 
+from core import export
+from core.gguf import export as gguf_export
+from core.gguf.tools import QUANTS
+
 
 def add_arguments(p) -> None:
-    from core.gguf.tools import QUANTS
 
     p.add_argument("run", help='run id, or "latest" for the most recent completed run')
     what = p.add_mutually_exclusive_group(required=True)
@@ -19,14 +22,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core import export
 
     if args.zip:
         out = export.zip_adapter(args.run, args.zip, args.checkpoint)
         print(f"adapter zip written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
     if args.gguf:
-        from core.gguf import export as gguf_export
 
         report = gguf_export.export_gguf(args.run, args.gguf, args.quant, args.checkpoint, say=print,
                                          parity=not args.no_check)

@@ -14,6 +14,10 @@ import json
 import time
 
 from core import events as ev
+from core.errors import RunError
+from core.runs import folder as runs
+from core.runs import resolve as run_files
+from core.runs import runner
 
 ACTIONS = ("list", "show", "stop", "resume", "log", "delete")
 
@@ -28,9 +32,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from core.runs import runner
-    from core.runs import folder as runs
-    from core.errors import RunError
 
     if args.action == "list":
         return _list(args)
@@ -54,7 +55,6 @@ def run(args) -> int:
 
 
 def _list(args) -> int:
-    from core.runs import folder as runs
 
     rows = runs.list_runs()
     if args.json:
@@ -70,8 +70,6 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
 
     run_dir = runs.get(args.run_id)
     st = runs.read_status(run_dir)
@@ -106,7 +104,6 @@ def _show(args) -> int:
 
 
 def _follow(run_id: str) -> int:
-    from core.runs import folder as runs
 
     run_dir = runs.get(run_id)
     offset = 0

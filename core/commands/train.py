@@ -20,11 +20,18 @@ from pathlib import Path
 
 import yaml
 
+import os
 from core import events as ev
 from core.runs import procs
 from core.runs import resolve as run_files
 from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
+from core import presets
+from core.estimate import limits
+from core.runs import folder as runs
+from core.runs import runner
+from core.train import child as training
+from core.train import distributed
 
 
 def add_arguments(p) -> None:
@@ -54,11 +61,9 @@ def run(args) -> int:
     cfg = build_config(args)
     if args.nnodes > 1 or args.node_rank is not None:
         return _nodes(args, cfg)
-    from core.estimate import limits
 
     limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
     if args.detach:
-        from core.runs import runner
 
         print(runner.start(cfg))
         return 0
@@ -67,11 +72,7 @@ def run(args) -> int:
 
 def _nodes(args, cfg: RunConfig) -> int:
     """Several machines: print each machine's command, or train as machine --node-rank (in the foreground)."""
-    import os
-    import sys
 
-    from core.train import distributed
-    from core.estimate import limits
 
     if args.nnodes < 2:
         raise ConfigError("--nnodes", f"--node-rank needs --nnodes 2 or more (got {args.nnodes})", "add --nnodes N")
@@ -106,7 +107,6 @@ def _nodes(args, cfg: RunConfig) -> int:
 
 
 def build_config(args) -> RunConfig:
-    from core import presets
 
     cfg = RunConfig()
     if args.preset:
@@ -130,8 +130,6 @@ def build_config(args) -> RunConfig:
 def _adopt_source_run(cfg: RunConfig, model_given: bool) -> RunConfig:
     """--from-run: record the run's id (not "latest"), and take its base model and LoRA shape, which the adapter
     fixes; a different --model is an error naming both."""
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
 
     src = run_files.resolve_run(cfg.train.from_run)
     if not run_files.has_adapter(src):
@@ -167,8 +165,6 @@ def _overlay_file(cfg: RunConfig, path: Path) -> RunConfig:
 
 def _child(args) -> int:
     """The process the runner spawns. The folder must be a run under the runs folder: no path escapes."""
-    from core.runs import folder as runs
-    from core.train import child as training
 
     given = [name for name in ("config", "preset", "model", "dataset", "method", "max_steps") if getattr(args, name)]
     if given or args.set or args.detach:
@@ -189,9 +185,6 @@ USER_ERROR_KINDS = ("config", "model", "dataset", "disk", "oom", "nan", "busy")
 def _foreground(cfg: RunConfig) -> int:
     """Create the run and train it in this process; output goes to the terminal and to train.log. A failure shows
     as its `error:` / `fix:` lines; its traceback goes to train.log only."""
-    from core.runs import runner
-    from core.runs import folder as runs
-    from core.train import child as training
 
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
@@ -224,7 +217,6 @@ def _tracebacks_to(fh):
 
 
 def _summary(run_dir: Path, seconds: float) -> None:
-    from core.runs import folder as runs
 
     st = runs.read_status(run_dir, reconcile=False)
     events, _ = ev.read(run_dir)

@@ -216,7 +216,7 @@ def normalise(record: dict, format: str, mapping: dict, where: Where, fill: dict
         text = _text(record, mapping["text"], where, required=False)
         return [{"role": "text", "content": text, "eos": bool(record.get("_eos", True))}] if text.strip() else []
     if format in ("messages", "sharegpt"):
-        conv = Conversation(_turns(record.get(mapping["messages"]), format, mapping["messages"], where),
+        conv = Conversation(parse_turns(record.get(mapping["messages"]), format, mapping["messages"], where),
                             tools=tools_list(record.get(mapping["tools"]), mapping["tools"], where)
                             if "tools" in mapping else None)
         system = _text(record, mapping["system"], where, required=False) if "system" in mapping else ""
@@ -270,7 +270,7 @@ def _text(record: dict, column: str, where: Where, required: bool = True) -> str
     return value
 
 
-def _turns(turns, format: str, column: str, where: Where) -> list[dict]:
+def parse_turns(turns, format: str, column: str, where: Where) -> list[dict]:
     if not isinstance(turns, list):
         raise where.error(f"{column!r} must be a list of turns, got {kind_of(turns)}",
                           "write it as [{\"role\": \"user\", \"content\": ...}, ...]")

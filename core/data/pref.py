@@ -21,7 +21,8 @@ import html
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.data.formats import PROMPT_KEYS, SYSTEM_KEYS, _turns
+from core.data.prepared import DataStats, Prepared, hold_out
+from core.data.formats import PROMPT_KEYS, SYSTEM_KEYS, parse_turns
 from core.data.read import Where, estimate_total, iter_records, kind_of
 from core.data.tokenize import Renderer, encode, segments
 from core.errors import DatasetError
@@ -100,7 +101,7 @@ def to_pair(record: dict, shape: str, where: Where) -> Pair:
             raise where.error("chosen / rejected are single turns but there is no conversations column",
                               "put the dialogue before the reply in conversations: [{from: human, value: ...}]")
         fmt = "sharegpt" if _is_sharegpt(record[conv_key]) else "messages"
-        prompt = _turns(record[conv_key], fmt, conv_key, where)
+        prompt = parse_turns(record[conv_key], fmt, conv_key, where)
         chosen, rejected = _reply(record, "chosen", where), _reply(record, "rejected", where)
     else:
         prompt, chosen, rejected = _split_dialogues(record, where)
@@ -134,7 +135,7 @@ def _reply(record: dict, key: str, where: Where) -> str:
     if not isinstance(value, dict):
         raise where.error(f"{key!r} must be one reply ({{from: gpt, value: ...}}), got {kind_of(value)}", "fix that row")
     fmt = "sharegpt" if "from" in value else "messages"
-    turn = _turns([value], fmt, key, where)[0]
+    turn = parse_turns([value], fmt, key, where)[0]
     if turn["role"] != "assistant":
         raise where.error(f"{key!r} is a {turn['role']} turn", "chosen and rejected are the assistant's replies")
     if not turn["content"].strip():
@@ -151,9 +152,9 @@ def _split_dialogues(record: dict, where: Where) -> tuple[list[dict], str, str]:
         if not isinstance(value, list) or not value:
             raise where.error(f"{key!r} must be a non-empty list of messages, got {kind_of(value)}",
                               "write it as [{role: user, content: ...}, {role: assistant, content: ...}]")
-        sides[key] = _turns(value, "sharegpt" if _is_sharegpt(value) else "messages", key, where)
+        sides[key] = parse_turns(value, "sharegpt" if _is_sharegpt(value) else "messages", key, where)
     if isinstance(record.get("prompt"), list):
-        prompt = _turns(record["prompt"], "sharegpt" if _is_sharegpt(record["prompt"]) else "messages", "prompt", where)
+        prompt = parse_turns(record["prompt"], "sharegpt" if _is_sharegpt(record["prompt"]) else "messages", "prompt", where)
         ends = {k: v for k, v in sides.items()}
     else:
         prompt, ends = [], {}
@@ -258,8 +259,6 @@ def _sample(texts, encs, p: int, lengths, max_len: int) -> PairSample:
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     """core.data.sft.prepare for train.objective dpo / orpo: a Prepared whose rows are PairRows."""
-    from core.data.sft import DataStats, Prepared, hold_out
-
     data = cfg.data
     renderer = Renderer(tokenizer)
     total = estimate_total(data.source)

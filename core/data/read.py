@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from urllib.parse import urlparse
+import socket
 from core.errors import DatasetError
 
 BUILTIN_DATA = Path(__file__).resolve().parent.parent / "builtin_data"
@@ -79,7 +81,7 @@ def estimate_total(source: str) -> int:
             with open(path, "rb") as fh:
                 return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
         if path.is_file() and path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # heavy
 
             return pq.ParquetFile(path).metadata.num_rows
     except Exception:  # noqa: BLE001 - only a progress estimate; the real read reports real errors
@@ -302,8 +304,8 @@ def _iter_csv(path: Path) -> Iterator[tuple[dict, Where]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[dict, Where]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # heavy
+    import pyarrow.parquet as pq  # heavy
 
     row = 0
     try:
@@ -347,7 +349,7 @@ def _iter_hub(repo_id: str, split: str, subset: str) -> Iterator[tuple[dict, Whe
     if not offline and not _hub_reachable():
         raise DatasetError(f"hub not reachable: cannot download {repo_id}",
                            "check your network, or download the data and give a local file")
-    import datasets
+    import datasets  # heavy
 
     try:
         ds = datasets.load_dataset(repo_id, subset or None, split=split or "train")
@@ -365,8 +367,6 @@ def _iter_hub(repo_id: str, split: str, subset: str) -> Iterator[tuple[dict, Whe
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connect to the hub endpoint: fails in seconds instead of hanging in retries."""
-    import socket
-    from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:

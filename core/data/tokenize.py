@@ -238,8 +238,8 @@ def _anchor(message: dict) -> str:
 def supports_tools(template: str) -> bool:
     """Does the template read the `tools` variable and render assistant tool calls?"""
     try:
-        import jinja2
-        from jinja2 import meta
+        import jinja2  # heavy
+        from jinja2 import meta  # heavy
 
         variables = meta.find_undeclared_variables(jinja2.Environment().parse(template))
     except Exception:  # noqa: BLE001 - an unparsable template fails later, with the row named
@@ -298,7 +298,7 @@ def plain_tools(messages: list[dict], tools: list | None) -> list[dict]:
 def _compile(template: str):
     """transformers' sandboxed, cached template compile; None makes us use apply_chat_template instead."""
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+        from transformers.utils.chat_template_utils import _compile_jinja_template  # heavy
 
         return _compile_jinja_template(template)
     except Exception:  # noqa: BLE001 - a private helper: if it moved, the public path still works

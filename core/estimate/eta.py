@@ -17,8 +17,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import datetime as dt
+import json
 from core import paths
 from core.estimate import gpu_specs
+from core import events as ev
+from core import models
+from core.config import load_yaml
+from core.errors import GarageError
+from core.estimate import vram
 
 # Assumed sustained training throughput when nothing was measured yet, as FLOP/s. LoRA costs about
 # 4 * params FLOPs per trained token (forward 2N, backward through activations 2N; no weight gradients).
@@ -78,7 +85,6 @@ def peak_flops(gpu_name: str | None) -> float:
 
 def for_run(status: dict, events: list[dict], now: float | None = None) -> Eta | None:
     """The ETA of a run in progress, from its own recent steps; None when it is not training (or has no step yet)."""
-    from core import events as ev
 
     if status.get("state") not in ("running", "stopping"):
         return None
@@ -112,8 +118,6 @@ class Measured:
 
 def measure(run_dir: Path, params_of=None) -> Measured | None:
     """What run_dir measured, read through core.events; None when it has fewer than MIN_STEPS steps."""
-    from core import events as ev
-    from core.config import load_yaml
 
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.exists():
@@ -136,7 +140,7 @@ def measure(run_dir: Path, params_of=None) -> Measured | None:
     mem = (m[-1].get(ev.MEM) or {})
     device = "cpu" if ev.MEM_RSS in mem and ev.MEM_GPU_PEAK not in mem and ev.MEM_TORCH_PEAK_RESERVED not in mem \
         else "gpu"
-    return Measured(Path(run_dir).name, cfg.quant.method, device, (params_of or _params)(cfg.model.source),
+    return Measured(Path(run_dir).name, cfg.quant.method, device, (params_of or param_count)(cfg.model.source),
                     _median(per_step), _median(rates), _startup(run_dir, m[0]), (cfg.data.source, cfg.data.max_len),
                     cfg.train.batch_size * cfg.train.grad_accum)
 
@@ -144,10 +148,7 @@ def measure(run_dir: Path, params_of=None) -> Measured | None:
 def _startup(run_dir: Path, first: dict) -> float | None:
     """Seconds from the training process's start (status.json pid_create_time, which counts Python's imports;
     else started_at) to its first step (the first event's t - elapsed)."""
-    import datetime as dt
-    import json
 
-    from core import events as ev
 
     try:
         st = json.loads((Path(run_dir) / "status.json").read_text())
@@ -167,7 +168,6 @@ def _startup(run_dir: Path, first: dict) -> float | None:
 
 def measured_runs(params_of=None) -> list[Measured]:
     """Every run on this machine with enough steps to count, newest first."""
-    from core import events as ev
 
     logs = sorted(paths.runs_dir().glob(f"*/{ev.FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     out = []
@@ -240,11 +240,8 @@ def _median(xs: list[float]) -> float:
 
 
 @lru_cache(maxsize=64)
-def _params(source: str) -> int:
+def param_count(source: str) -> int:
     """A model's parameter count from its config (0 when it cannot be read: the run then compares by nothing)."""
-    from core import models
-    from core.estimate import vram
-    from core.errors import GarageError
 
     try:
         return int(vram.shape_from_config(models.read_config(source)).total_params)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from core.config import RunConfig
 from core.errors import ConfigError
+from core import models
+from core.data.read import estimate_total
+from core.estimate import vram
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
@@ -17,8 +20,6 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 def check(cfg: RunConfig, model_config: dict | None = None) -> None:
     """ConfigError for the first setting that cannot be meant. Reads the model's config.json (ModelError when
     the model cannot be found: checked here, before anything is created) and counts the dataset's lines."""
-    from core import models
-    from core.estimate import vram
 
     if model_config is None:
         model_config = models.read_config(cfg.model.source)
@@ -57,7 +58,6 @@ def context_length(model_config: dict) -> int | None:
 def _row_guess(cfg: RunConfig) -> int:
     """An upper bound on the training rows without reading them all: lines of a .jsonl / .csv file (what the
     data reader's progress bar uses), or data.limit when it is smaller. 0 when unknown."""
-    from core.data.read import estimate_total
 
     rows = estimate_total(cfg.data.source)
     if cfg.data.limit:

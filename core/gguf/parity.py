@@ -18,6 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+import tempfile
+from core import models
+from core.chat import END_OF_TURN
+from core.data import sft as data
+from core.data import tokenize as data_tokenize
+from core.gguf import read as gguf_read
+from core.gguf import tools as gguf_tools
 
 # minimum top-1 agreement and maximum |logit difference| against base+adapter in float32. f16 differs by rounding
 # only; q8_0 by 8-bit blocks; k-quants by 4-6 bit blocks (and Q5_0/Q8_0 for rows llama.cpp cannot k-quantize).
@@ -37,13 +44,10 @@ class Reference:
 def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[dict], source: str,
               say) -> Reference:
     """Greedy replies and their teacher-forced logits from base + adapter (float32)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy
+    from peft import PeftModel  # heavy
+    from transformers import AutoModelForCausalLM  # heavy
 
-    from core import models
-    from core.data import sft as data
-    from core.data import tokenize as data_tokenize
 
     tok = models.load_tokenizer(merged_dir)  # the merged folder's tokenizer carries the run's template
     renderer = data_tokenize.Renderer(tok)
@@ -67,11 +71,10 @@ def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[
 
 
 def _end_ids(tok) -> list[int]:
-    from core.chat import _END_OF_TURN
 
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     vocab = tok.get_vocab()
-    ids += [vocab[t] for t in _END_OF_TURN if t in vocab]
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
     return list(dict.fromkeys(ids))
 
 
@@ -90,9 +93,8 @@ def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
 
 
 def _compare(runtime, quant: str, ref: Reference, say) -> dict:
-    import torch
+    import torch  # heavy
 
-    from core.data import sft as data
 
     same_prompt, agree, total, max_diff, same_answer, stops, ok_ad, ok_gg = 0, 0, 0, 0.0, 0, 0, 0, 0
     mismatches = []
@@ -152,7 +154,6 @@ def summary(row: dict) -> str:
 
 
 def _has_llama_cpp() -> bool:
-    from core.gguf import tools as gguf_tools
 
     return gguf_tools.quantizer_installed()
 
@@ -163,9 +164,7 @@ class LlamaCppRuntime:
     name = "llama.cpp"
 
     def __init__(self, gguf: Path, n_ctx: int = 1024):
-        import tempfile
 
-        from core.gguf import tools as gguf_tools
 
         self.child = gguf_tools.LlamaChild(gguf, n_ctx, logits=True)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
@@ -175,7 +174,7 @@ class LlamaCppRuntime:
         return self.child.prompt_ids(messages)
 
     def logits(self, ids: list[int]):
-        import numpy as np
+        import numpy as np  # heavy
 
         out = self.child.ask("logits", ids=ids, out=str(Path(self.scratch.name) / "logits.npy"))["out"]
         return np.load(out)
@@ -194,10 +193,9 @@ class TransformersRuntime:
     name = "transformers gguf_file"
 
     def __init__(self, gguf: Path):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch  # heavy
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
 
-        from core.gguf import read as gguf_read
 
         self.fields = gguf_read.metadata(gguf)
         self.tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -209,19 +207,19 @@ class TransformersRuntime:
                      if t in self.tok.get_vocab()]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = render_embedded(self.template, messages, self.tok.bos_token or "", self.tok.eos_token or "")
+        text = gguf_tools.render_embedded(self.template, messages, self.tok.bos_token or "", self.tok.eos_token or "")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         bos = self.fields.get("tokenizer.ggml.bos_token_id")
         return ([bos] if bos is not None and self.fields.get("tokenizer.ggml.add_bos_token") else []) + ids
 
     def logits(self, ids: list[int]):
-        import torch
+        import torch  # heavy
 
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([ids])).logits[0].float()
 
     def generate(self, ids: list[int]) -> tuple[str, bool]:
-        import torch
+        import torch  # heavy
 
         with torch.no_grad():
             out = self.model.generate(torch.tensor([ids]), max_new_tokens=BUDGET, do_sample=False,
@@ -231,15 +229,3 @@ class TransformersRuntime:
 
     def close(self) -> None:
         self.model = None
-
-
-def render_embedded(template: str, messages: list[dict], bos: str, eos: str) -> str:
-    """A GGUF's tokenizer.chat_template rendered as llama.cpp's Python runtime renders it (jinja2, sandboxed)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    if not template:
-        raise ValueError("the GGUF has no tokenizer.chat_template")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
-                                            eos_token=eos)

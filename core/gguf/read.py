@@ -10,7 +10,7 @@ _SKIP = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token
 
 def metadata(path: Path) -> dict:
     """Scalar and string fields (the vocabulary arrays left out)."""
-    import gguf
+    import gguf  # heavy
 
     reader = gguf.GGUFReader(str(path))
     out = {}
@@ -24,7 +24,7 @@ def metadata(path: Path) -> dict:
 def weights(path: Path) -> dict:
     """{"bits_per_weight": all tensor bytes * 8 / all parameters, "types": {"Q4_K": n tensors, ...},
     "params": n, "bytes": file size}. The bits count what llama.cpp really stored, fallbacks included."""
-    import gguf
+    import gguf  # heavy
 
     reader = gguf.GGUFReader(str(path))
     n_bits = n_params = 0

@@ -25,6 +25,7 @@ from typing import Callable
 
 from core import paths
 from core.errors import DiskFull, GarageError
+from core.runs import procs
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -226,10 +227,8 @@ class LlamaChild:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt as the GGUF sees it, for the parity check and the Chat page alike: its embedded template
-        rendered as llama-cpp-python renders it (gguf_parity.render_embedded; a template error is raised as it is),
+        rendered as llama-cpp-python renders it (render_embedded below; a template error is raised as it is),
         tokenised by its own tokenizer."""
-        from core.gguf.parity import render_embedded
-
         m = self.meta()
         text = render_embedded(m["template"], messages, m["bos"], m["eos"])
         return self.ask("tokenize", text=text, add_bos=m["add_bos"])["ids"]
@@ -263,7 +262,6 @@ class LlamaChild:
 
     def _answer(self, op: str) -> dict:
         """The next answer line; an error answer, or the child's end, raises a GarageError naming `op`."""
-        from core.runs import procs
 
         for line in self.proc.stdout:
             if line.startswith("@@ "):
@@ -293,3 +291,15 @@ class LlamaChild:
                 self.proc.kill()
                 self.proc.wait()
         self.err.close()
+
+
+def render_embedded(template: str, messages: list[dict], bos: str, eos: str) -> str:
+    """A GGUF's tokenizer.chat_template rendered as llama.cpp's Python runtime renders it (jinja2, sandboxed)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # heavy
+
+    if not template:
+        raise ValueError("the GGUF has no tokenizer.chat_template")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
+                                            eos_token=eos)

@@ -18,10 +18,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import hashlib
 from core.runs import procs
 from core.config import RunConfig, dump_yaml, load_yaml
 from core.errors import DiskFull, RunError
 from core.paths import runs_dir
+from core.paths import file_sha256 as sha
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed")
 ACTIVE = ("queued", "running", "stopping")      # a process should be alive behind these
@@ -52,7 +54,7 @@ def create(cfg: RunConfig) -> Path:
     else:
         raise RunError(f"too many runs named {base}-N", "delete some old runs")
     header = f"# run {run_id}: the full configuration as resolved at start. Edit a copy, not this file.\n"
-    _write_atomic(run_dir / "config.yaml", dump_yaml(cfg, header))
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg, header))
     (run_dir / "events.jsonl").touch()
     write_status(run_dir, state="queued", pid=None, started_at=None, ended_at=None, step=0,
                  total_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else None, error=None)
@@ -179,7 +181,7 @@ def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, 
             fields["resumed_at"] = fields.pop("started_at")
         st.update(fields)
         st["updated_at"] = now()
-        _write_atomic(path, json.dumps(st, indent=1), durable)
+        write_atomic(path, json.dumps(st, indent=1), durable)
         return st
 
 
@@ -196,7 +198,7 @@ def _locked(path: Path):
         os.close(fd)  # closing drops the lock
 
 
-def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -354,9 +356,7 @@ def adapter_path(run_dir: Path, checkpoint: int | str | None = None) -> Path:
 def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | None = None) -> dict:
     """What the checkpoints of a run depend on: the base model (source, config.json, weight files), its
     quantization, the LoRA shape, and the data (source, file contents, and in the child the tokenized rows)."""
-    import hashlib
 
-    from core.paths import file_sha256 as sha
 
     model = {"source": cfg.model.source, "quant": f"{cfg.quant.method}/{cfg.quant.quant_type}"}
     if model_path is not None:
@@ -381,7 +381,7 @@ def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | No
 
 
 def write_fingerprint(run_dir: Path, fp: dict) -> None:
-    _write_atomic(Path(run_dir) / "fingerprint.json", json.dumps(fp, indent=1))
+    write_atomic(Path(run_dir) / "fingerprint.json", json.dumps(fp, indent=1))
 
 
 def read_fingerprint(run_dir: Path) -> dict | None:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import psutil
 from core import paths
 from core.errors import BusyError, RunError
 
@@ -108,7 +109,6 @@ def lock_holder() -> str | None:
 # ---------------------------------------------------------------- identity
 
 def process_start_time(pid: int) -> float | None:
-    import psutil
 
     try:
         return psutil.Process(pid).create_time()
@@ -119,7 +119,6 @@ def process_start_time(pid: int) -> float | None:
 def is_alive(pid: int, create_time: float | None) -> bool:
     """Alive, not a zombie, and the same process that wrote the status (start time matches; pids get reused).
     Without a recorded start time, a `core ... train` command line stands in for it."""
-    import psutil
 
     try:
         p = psutil.Process(pid)

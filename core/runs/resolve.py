@@ -12,6 +12,7 @@ from pathlib import Path
 from core import models
 from core.runs import folder as runs
 from core.errors import GarageError, ModelError
+from core.data import tokenize as data_tokenize
 
 
 def resolve_run(run: str) -> Path:
@@ -43,7 +44,7 @@ def check_adapter(base_model, adapter_dir: Path, *, loaded_source: str, trained_
     if claimed and not same_source(claimed, loaded_source):
         raise ModelError(f"this adapter was trained on {claimed}, but the loaded base model is {loaded_source}",
                          "load the run itself (it brings its own base model), or pick an adapter trained on this base")
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy
 
     modules = dict(base_model.named_modules())
     with safe_open(str(weights), framework="pt") as f:
@@ -86,7 +87,6 @@ def ensure_chat_template(tokenizer, adapter_dir: Path | None = None) -> str | No
     """Give the tokenizer the template the run trained with: the one saved with the adapter, else the model's
     own, else the fallback (so an exported model chats the same way). Returns the fallback notice for a model
     without a template of its own (data_tokenize.fallback_notice), None when it has one."""
-    from core.data import tokenize as data_tokenize
 
     notice = data_tokenize.fallback_notice(tokenizer)
     saved = models.saved_chat_template(adapter_dir) if adapter_dir is not None else None

@@ -22,6 +22,9 @@ from core.runs import procs
 from core.runs import folder as runs
 from core.config import RunConfig
 from core.errors import BusyError, RunError
+from core import models
+from core.errors import GarageError
+from core.train import distributed
 
 
 # ---------------------------------------------------------------- the public API (the UI and the CLI call these)
@@ -173,7 +176,6 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
 
 def _kill_ranks(run_dir: Path) -> None:
     """The ranks of a multi-process run live in their own sessions (the launcher starts them so): end them too."""
-    from core.train import distributed
 
     for pid_path in distributed.ranks_dir(run_dir).glob("rank*.pid"):
         try:
@@ -187,8 +189,6 @@ def _kill_ranks(run_dir: Path) -> None:
 def _changes_since_start(run_dir: Path) -> list[str]:
     """The cheap part of the resume check (no torch): config vs fingerprint, model files, dataset files. The
     child also compares the tokenized rows before it loads a checkpoint."""
-    from core import models
-    from core.errors import GarageError
 
     saved = runs.read_fingerprint(run_dir)
     if saved is None:

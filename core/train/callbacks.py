@@ -25,6 +25,8 @@ from core.train import distributed
 from core.runs import folder as runs
 from core import events as ev
 from core.train.collate import PadCollator
+from core.errors import RunError
+from core.estimate.gpu_specs import peak_bf16
 
 # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
 # at least SLOW_STEP_S more: time for a test to act mid-run on a fast machine; the numbers are untouched)
@@ -362,7 +364,6 @@ def check_gradients_flow(model, finite: bool = True) -> None:
     """The preflight before the first update: every trainable tensor got a finite, non-zero gradient. A base that
     passes no gradient back through some layers (a wrong kernel, a detached input) fails here, naming them, before
     a single weight has moved, instead of training a useless adapter for hours."""
-    from core.errors import RunError
 
     problems = gradient_problems(model, finite)
     if problems:
@@ -388,7 +389,6 @@ class FlopsModel:
 
     @classmethod
     def for_model(cls, model, gpu_name: str) -> "FlopsModel | None":
-        from core.estimate.gpu_specs import peak_bf16
 
         peak = peak_bf16(gpu_name)
         if peak is None:

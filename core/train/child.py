@@ -17,12 +17,30 @@ import traceback
 import warnings
 from pathlib import Path
 
+from array import array
+import dataclasses
+import hashlib
+import importlib.metadata
+import pickle
+import signal
+import subprocess
+import threading
+import time
 from core import events as ev
 from core import models
 from core.runs import procs
 from core.runs import folder as runs
 from core.config import OPTIMIZERS
 from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
+from core import hardware
+from core import paths
+from core.config import target_modules
+from core.data import sft as data
+from core.data import tokenize as data_tokenize
+from core.errors import ConfigError
+from core.errors import disk_full_cause
+from core.estimate import vram
+from core.train import distributed
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -33,8 +51,7 @@ WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results ma
 def main(run_dir: Path, lock_fd: int | None = None) -> int:
     """The child entry. Returns the process exit code (0 completed or stopped, 1 failed). A process started by the
     launcher for a multi-process run is a rank (rank_main); the child itself then supervises (supervise)."""
-    from core.train import distributed
-    from core.train.callbacks import Context, StopFlag
+    from core.train.callbacks import Context, StopFlag  # heavy
 
     if distributed.is_rank_process():
         return rank_main(Path(run_dir))
@@ -80,20 +97,18 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     """Straight-line: device, model files, data, model + LoRA, trainer, train, adapter. -> completed|stopped.
     In a rank of a multi-process run (plan given), the model files, the data and the resume point come from the
     supervisor, and rank 0 alone writes the run folder."""
-    from transformers import set_seed
+    from transformers import set_seed  # heavy
 
-    from core.train import distributed
-    from core.train.callbacks import FAULT_ENV, parse_faults
+    from core.train.callbacks import FAULT_ENV, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
     if plan is not None and plan.gpus:
-        import torch
+        import torch  # heavy
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(events)
     memory = None
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
-        from core import hardware
 
         memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
@@ -131,7 +146,6 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
 def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None):
     """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
     -> (model_path, tokenizer, prepared, resume_from)."""
-    from core.data import sft as data
 
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
@@ -157,13 +171,7 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
     """A multi-process run, from the child the runner started: prepare once (model files, data, resume point),
     start torch.distributed.run with an argument list, forward Stop to rank 0, and read the ranks' outcome.
     -> (completed|stopped|failed, GarageError or None)."""
-    import pickle
-    import subprocess
-    import threading
-    import time
 
-    from core import paths
-    from core.train import distributed
 
     print(f"devices: {plan.describe()}", flush=True)
     events.log("info", f"training on {plan.describe()}")
@@ -213,9 +221,7 @@ def _relay(stream) -> None:
 
 def _signal_rank0(run_dir: Path) -> bool:
     """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
-    import signal
 
-    from core.train import distributed
 
     pid_path = distributed.pid_file(run_dir, 0)
     if not pid_path.exists():
@@ -229,10 +235,7 @@ def _signal_rank0(run_dir: Path) -> bool:
 
 def _ranks_outcome(run_dir: Path, code: int):
     """What rank 0 recorded, unless another rank died first: then the run failed, naming that rank."""
-    import signal
 
-    from core.train import distributed
-    from core.errors import GarageError
 
     result_path = distributed.ranks_dir(run_dir) / "result-0.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else None
@@ -260,9 +263,7 @@ def _ranks_outcome(run_dir: Path, code: int):
 
 def rank_handoff(run_dir: Path, cfg):
     """In a rank: what the supervisor prepared. -> (model_path, tokenizer, prepared, resume_from)."""
-    import pickle
 
-    from core.train import distributed
 
     with open(distributed.ranks_dir(run_dir) / distributed.PREPARED_FILE, "rb") as fh:
         handoff = pickle.load(fh)
@@ -276,8 +277,7 @@ def rank_handoff(run_dir: Path, cfg):
 def rank_main(run_dir: Path) -> int:
     """One rank of a multi-process run. Rank 0 writes events; the outcome goes to ranks/result-0.json for the
     supervisor, which alone writes the final status."""
-    from core.train import distributed
-    from core.train.callbacks import Context, StopFlag
+    from core.train.callbacks import Context, StopFlag  # heavy
 
     r = distributed.rank()
     stop = StopFlag().install()
@@ -299,7 +299,7 @@ def rank_main(run_dir: Path) -> int:
     finally:
         events.close()
     if r == 0:
-        runs._write_atomic(distributed.ranks_dir(run_dir) / "result-0.json", json.dumps(result))
+        runs.write_atomic(distributed.ranks_dir(run_dir) / "result-0.json", json.dumps(result))
     return code
 
 
@@ -307,7 +307,6 @@ def use_run_template(tokenizer, events: ev.EventLog) -> None:
     """Give the tokenizer the chat template the rows were rendered with, so every checkpoint and the adapter carry
     it (Trainer saves the tokenizer into each checkpoint) and chat, eval and export use the same one. A model
     without a template of its own gets the fallback, and train.log and the run page say so."""
-    from core.data import tokenize as data_tokenize
 
     notice = data_tokenize.fallback_notice(tokenizer)
     if notice:  # a model with a template of its own saves it already (named templates included)
@@ -319,7 +318,7 @@ def use_run_template(tokenizer, events: ev.EventLog) -> None:
 # ---------------------------------------------------------------- device, model, LoRA
 
 def pick_device(events: ev.EventLog) -> str:
-    import torch
+    import torch  # heavy
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
@@ -352,10 +351,9 @@ def liger_plan(cfg, model, device: str, events: ev.EventLog) -> dict | None:
       linears keep working under them."""
     if not cfg.model.liger_kernel:
         return None
-    import importlib.metadata
 
-    import torch
-    from packaging.version import Version
+    import torch  # heavy
+    from packaging.version import Version  # optional
 
     why = None
     if device != "cuda":
@@ -371,7 +369,7 @@ def liger_plan(cfg, model, device: str, events: ev.EventLog) -> dict | None:
             why = f"liger-kernel {have} is older than {LIGER_MIN_VERSION} (pip install -U liger-kernel)"
         else:
             try:
-                from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+                from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN  # optional
             except Exception as e:  # noqa: BLE001 - e.g. a liger release written for transformers 4 fails here
                 why = (f"liger-kernel {have} cannot be imported with transformers "
                        f"{importlib.metadata.version('transformers')} ({type(e).__name__}: {e}); "
@@ -424,12 +422,11 @@ def add_lora(model, cfg):
     which is what mixed-precision training needs. We skip peft's prepare_model_for_kbit_training on purpose: it
     makes fp32 copies of the embeddings and lm_head (GBs on a 7B model) and its only other job, making inputs
     require grad for reentrant checkpointing, is not needed with non-reentrant checkpointing."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy
 
-    from core.config import target_modules
 
     if cfg.train.from_run:  # preference tuning on top of a finished run's adapter
-        from core.train import preference
+        from core.train import preference  # heavy
 
         return preference.continue_adapter(model, cfg)
     lo = cfg.lora
@@ -441,7 +438,6 @@ def add_lora(model, cfg):
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear")})
-            from core.errors import ConfigError
 
             raise ConfigError("lora.targets", f"{lo.targets!r} matches no layer of this model ({e})",
                               f"use all-linear, attention, or names from: {', '.join(names[:20])}") from e
@@ -453,11 +449,11 @@ def add_lora(model, cfg):
 
 def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, memory=None,
                   plan=None):
-    import torch
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    import torch  # heavy
+    from transformers import TrainingArguments  # heavy
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback  # heavy
 
-    from core.train.callbacks import FlopsModel, GarageCallback, GarageTrainer
+    from core.train.callbacks import FlopsModel, GarageCallback, GarageTrainer  # heavy
 
     t = cfg.train
     dtype = compute_dtype(cfg, device)
@@ -471,7 +467,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
             group_kwargs.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
     args_class = TrainingArguments
     if t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
-        from core.train import preference
+        from core.train import preference  # heavy
 
         args_class = preference.args_class(cfg)
     args = args_class(
@@ -514,7 +510,7 @@ def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog):
     left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
     sdpa/eager get sequences no longer than the batch's longest row (their mask is computed in full), still
     grouped by length so those sequences come out nearly full."""
-    from core.train.collate import FlatCollator, PadCollator, isolation_check
+    from core.train.collate import FlatCollator, PadCollator, isolation_check  # heavy
 
     multiple_of = 8 if device == "cuda" else 1
     if not cfg.data.padding_free:
@@ -544,14 +540,11 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
     """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events. On
     CUDA it also records the context measured in this process before the model loaded (context_bytes), which the
     estimate can only assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
-    import dataclasses
 
-    from core.estimate import vram
 
     try:  # only the estimate itself is guarded: a missing core.estimate.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))
         est = vram.estimate(shape, vram.settings_from_config(cfg, device=device))  # CPU runs: a RAM estimate
-        from core.train import distributed
 
         plan = distributed.machine_plan(cfg)
         if plan.distributed:  # the estimate for ONE device (one process) of the group
@@ -564,7 +557,7 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
         return
     if context_bytes is not None:
         body["measured_context_bytes"] = int(context_bytes)
-    runs._write_atomic(run_dir / "estimate.json", json.dumps(body, indent=1, default=str))
+    runs.write_atomic(run_dir / "estimate.json", json.dumps(body, indent=1, default=str))
 
 
 def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.EventLog) -> Path | None:
@@ -579,7 +572,6 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
     saved = runs.read_fingerprint(run_dir)
     if latest is None:
         runs.write_fingerprint(run_dir, fp)
-        from core.train import distributed
 
         distributed.record_plan(run_dir, distributed.machine_plan(cfg))
         return None
@@ -596,7 +588,6 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
 def _note_world_change(run_dir: Path, cfg, events: ev.EventLog) -> None:
     """A resume on another number of processes keeps the global batch (core.train.distributed.plan divides grad_accum)
     but not the data order or every RNG stream of an uninterrupted run: say so."""
-    from core.train import distributed
 
     path = distributed.ranks_dir(run_dir) / "plan.json"
     now = distributed.machine_plan(cfg)
@@ -612,8 +603,6 @@ def _note_world_change(run_dir: Path, cfg, events: ev.EventLog) -> None:
 
 def tokens_digest(rows) -> str:
     """sha256 of the training examples exactly as the model sees them (ids and loss mask)."""
-    import hashlib
-    from array import array
 
     h = hashlib.sha256()
     for row in rows:
@@ -644,7 +633,7 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
     if len(getattr(model, "peft_config", {})) > 1:  # DPO from a run's adapter: its frozen reference copy stays out
-        from core.train.preference import drop_reference
+        from core.train.preference import drop_reference  # heavy
 
         drop_reference(model)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -662,7 +651,7 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
 def save_probe(model, row: dict, run_dir: Path) -> None:
     """Test-only: the trained model's logits on one example, so a test can check the saved adapter reproduces
     them."""
-    import torch
+    import torch  # heavy
 
     model.eval()
     ids = torch.tensor([row["input_ids"]], device=next(model.parameters()).device)
@@ -675,7 +664,7 @@ def save_probe(model, row: dict, run_dir: Path) -> None:
 
 def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
     """Turn any exception into a GarageError with a message and a concrete hint."""
-    import torch
+    import torch  # heavy
 
     if isinstance(e, GarageError):
         return e
@@ -683,7 +672,6 @@ def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
         return oom_error(ctx, cfg, gpu=True)
     if isinstance(e, MemoryError):
         return oom_error(ctx, cfg, gpu=False)
-    from core.errors import disk_full_cause
 
     if disk_full_cause(e) is not None:  # also when a library wraps it (safetensors' SafetensorError)
         return runs.disk_full_error(run_dir, disk_full_cause(e), ctx.phase, ctx.step)

@@ -15,8 +15,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import json
+import shlex
 from core.config import parse_devices
 from core.errors import ConfigError
+from core import hardware
+from core import models
+from core.errors import GarageError
+from core.estimate import vram
 
 NODES_ENV = "LORA_GARAGE_NODES"        # "N,K,HOST:PORT": this run is node K of N (python -m core train --nnodes)
 RANK_ENV = "LORA_GARAGE_RANK"          # set for the processes the launcher starts (they are ranks, not supervisors)
@@ -110,7 +116,6 @@ def plan(cfg, gpu_count: int, fits_one=None, fits_sharded=None, nnodes: int = 1)
 
 def machine_plan(cfg) -> Plan:
     """plan() for this machine (its visible GPUs)."""
-    from core import hardware
 
     reading = hardware.read()
     nodes = nodes_from_env()
@@ -122,9 +127,6 @@ def machine_plan(cfg) -> Plan:
 
 def _fits(cfg, gpus) -> tuple:
     """Does a DDP replica fit the smallest card, and does FSDP over w cards (from the model's config alone)?"""
-    from core import models
-    from core.estimate import vram
-    from core.errors import GarageError
 
     try:
         shape = vram.shape_from_config(models.read_config(cfg.model.source))
@@ -147,7 +149,6 @@ def nodes_from_env() -> tuple[int, int, str] | None:
 
 def node_commands(argv: list[str], nnodes: int, rdzv: str) -> list[str]:
     """The command to type on each machine: the same train command with its --node-rank."""
-    import shlex
 
     base = [a for a in argv]
     return [shlex.join(["python", "-m", "core", "train", *base, "--nnodes", str(nnodes), "--node-rank", str(k),
@@ -175,7 +176,6 @@ def ranks_dir(run_dir: Path) -> Path:
 
 def record_plan(run_dir: Path, p: Plan) -> None:
     """ranks/plan.json: the world the run trained with, for a later resume to compare."""
-    import json
 
     ranks_dir(run_dir).mkdir(exist_ok=True)
     (ranks_dir(run_dir) / "plan.json").write_text(json.dumps(
@@ -188,8 +188,8 @@ def pid_file(run_dir: Path, r: int) -> Path:
 
 def stop_agreed(requested: bool) -> bool:
     """One decision for all ranks at a step boundary: stop when any rank was asked to (rank 0 is)."""
-    import torch
-    import torch.distributed as dist
+    import torch  # heavy
+    import torch.distributed as dist  # heavy
 
     if not (dist.is_available() and dist.is_initialized()):
         return requested
@@ -201,7 +201,7 @@ def stop_agreed(requested: bool) -> bool:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -209,7 +209,7 @@ def barrier() -> None:
 
 def gather(obj) -> list | None:
     """Every rank's obj on rank 0 (None elsewhere); [obj] without a group."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy
 
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -252,7 +252,7 @@ NCCL_NOTE = ("NCCL peer-to-peer is off (NCCL_P2P_DISABLE=1, NCCL_IB_DISABLE=1): 
 
 def nccl_p2p_broken() -> bool:
     """accelerate's check (nvidia-smi: RTX 40xx with a driver older than 550.40.07), the one `accelerate launch` uses."""
-    from accelerate.utils.environment import check_cuda_p2p_ib_support
+    from accelerate.utils.environment import check_cuda_p2p_ib_support  # heavy
 
     return not check_cuda_p2p_ib_support()
 

@@ -21,6 +21,9 @@ import torch
 
 from core import events as ev
 from core.train.callbacks import GarageCallback, GarageTrainer
+from core.errors import ConfigError
+from core.runs import folder as runs
+from core.runs import resolve as run_files
 
 # TRL's log keys (DPOTrainer.log / ORPOTrainer.store_metrics; "eval_" in front during evaluation) -> our fields
 TRL_KEYS = {"rewards/chosen": ev.REWARD_CHOSEN, "rewards/rejected": ev.REWARD_REJECTED,
@@ -32,12 +35,12 @@ def args_class(cfg):
     """TRL's config class for the objective, with its settings bound (used like TrainingArguments)."""
     t = cfg.train
     if t.objective == "dpo":
-        from trl import DPOConfig
+        from trl import DPOConfig  # heavy
 
         # max_length=None: core.data.pref already cut every pair to data.max_len
         return functools.partial(DPOConfig, beta=t.dpo_beta, loss_type=[t.dpo_loss], max_length=None,
                                  precompute_ref_log_probs=False, dataset_num_proc=None)
-    from trl.experimental.orpo import ORPOConfig
+    from trl.experimental.orpo import ORPOConfig  # heavy
 
     return functools.partial(ORPOConfig, beta=t.orpo_lambda, max_length=cfg.data.max_len)
 
@@ -46,11 +49,8 @@ def args_class(cfg):
 
 def continue_adapter(model, cfg):
     """The finished run's adapter (train.from_run), trainable, on the base already loaded."""
-    from peft import PeftModel
+    from peft import PeftModel  # heavy
 
-    from core.runs import resolve as run_files
-    from core.runs import folder as runs
-    from core.errors import ConfigError
 
     src = run_files.resolve_run(cfg.train.from_run)
     if not run_files.has_adapter(src):
@@ -101,7 +101,7 @@ def _orpo_row(feature, model=None) -> dict:
 # ---------------------------------------------------------------- trainers
 
 def _dpo_class():
-    from trl import DPOTrainer
+    from trl import DPOTrainer  # heavy
 
     class GarageDPOTrainer(GarageTrainer, DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -111,7 +111,7 @@ def _dpo_class():
 
 
 def _orpo_class():
-    from trl.experimental.orpo import ORPOTrainer
+    from trl.experimental.orpo import ORPOTrainer  # heavy
 
     class GarageORPOTrainer(GarageTrainer, ORPOTrainer):
         def __init__(self, *args, **kwargs):
@@ -163,8 +163,8 @@ def preference_fields(logs: dict, prefix: str) -> dict:
 
 def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, args, memory=None):
     """The DPO / ORPO trainer and its callback; `args` is the objective's TRL config (args_class)."""
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from datasets import Dataset  # heavy
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback  # heavy
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -173,12 +173,12 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     callback = PreferenceCallback(run_dir, cfg, PreferenceEvents(events), stop, device, tokenizer, memory=memory)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     if cfg.train.objective == "dpo":
-        from trl.trainer.dpo_trainer import DataCollatorForPreference
+        from trl.trainer.dpo_trainer import DataCollatorForPreference  # heavy
 
         collator = PairCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id))
         cls = _dpo_class()
     else:
-        from trl.experimental.utils import DPODataCollatorWithPadding
+        from trl.experimental.utils import DPODataCollatorWithPadding  # heavy
 
         collator = PairCollator(DPODataCollatorWithPadding(pad_token_id=tokenizer.pad_token_id))
         cls = _orpo_class()
@@ -207,7 +207,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
 
 def reference_logits(trainer, input_ids: torch.Tensor) -> torch.Tensor:
     """The logits of the model DPO uses as its reference, exactly as DPOTrainer reaches it (test hook)."""
-    from trl.trainer.utils import use_adapter
+    from trl.trainer.utils import use_adapter  # heavy
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     name = REF_ADAPTER if REF_ADAPTER in model.peft_config else None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import free_port
+from tests.helpers.net import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.browser
 
 def setup_home(home):
     """A finished run on the tiny model (random non-zero LoRA B) trained on the demo dataset."""
-    from tests.test_chat import make_run
-    from tests.tiny import build_tiny_model
+    from tests.helpers.runs import make_run
+    from tests.helpers.tiny import build_tiny_model
 
     tiny = build_tiny_model(home / "tiny-model")
     make_run(home, tiny, run_id="tiny-run", data={"source": "builtin:demo-identity"})

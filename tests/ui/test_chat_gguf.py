@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 
 from core.gguf import chat as gguf_chat
-from tests.test_gguf_chat import _fake_export, exported_r1, home_with_export, needs_llama_cpp  # noqa: F401
+from tests.helpers.gguf import fake_export, home_with_export, needs_llama_cpp
 from ui import chat_tab
 
 GREEDY = ("", 12, 0.0, 1.0, 1.0, 0)
@@ -60,7 +60,7 @@ def test_the_runs_gguf_is_offered_and_answers_in_the_left_window(gguf_run):
 
 @needs_llama_cpp
 def test_moving_to_another_run_or_gguf_ends_the_child(gguf_run, garage_home, tiny_model_dir):
-    from tests.test_chat import make_run
+    from tests.helpers.runs import make_run
 
     run_id, path = gguf_run
     _send("hi", [], [], run_id, chat_tab.GGUF_MODE, path)
@@ -77,7 +77,7 @@ def test_moving_to_another_run_or_gguf_ends_the_child(gguf_run, garage_home, tin
 
 @needs_llama_cpp
 def test_a_failing_gguf_is_an_error_message(gguf_run, garage_home, tiny_model_dir, monkeypatch):
-    from tests.test_chat import make_run
+    from tests.helpers.runs import make_run
 
     run_id, path = gguf_run
     with pytest.raises(gr.Error, match="pick one of this run's GGUF exports"):
@@ -97,11 +97,11 @@ def test_a_failing_gguf_is_an_error_message(gguf_run, garage_home, tiny_model_di
 
 
 def test_without_llama_cpp_or_an_export_the_page_says_what_to_do(garage_home, tiny_model_dir, monkeypatch):
-    from tests.test_chat import make_run
+    from tests.helpers.runs import make_run
 
     make_run(garage_home, tiny_model_dir, run_id="r1")
     make_run(garage_home, tiny_model_dir, run_id="r2")
-    _fake_export(garage_home, "r1-gguf", "r1", {"q8_0": "r1-q8_0.gguf"}, 1000)
+    fake_export(garage_home, "r1-gguf", "r1", {"q8_0": "r1-q8_0.gguf"}, 1000)
     monkeypatch.setattr(gguf_chat, "runtime_installed", lambda: False)
     assert chat_tab.GGUF_MODE not in chat_tab.modes()          # no control that cannot work
     pick = chat_tab.on_run("r1")

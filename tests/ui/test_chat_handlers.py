@@ -8,7 +8,7 @@ from ui import chat_tab
 
 @pytest.fixture
 def tiny_run(garage_home, tiny_model_dir):
-    from tests.test_chat import make_run
+    from tests.helpers.runs import make_run
 
     make_run(garage_home, tiny_model_dir, run_id="tiny-run", checkpoints={3: True, 5: False},
              data={"source": "builtin:demo-identity"})

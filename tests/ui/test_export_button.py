@@ -8,7 +8,7 @@ import pytest
 
 from core import config as C
 from core.runs import folder as runs
-from tests.test_chat import make_run
+from tests.helpers.runs import make_run
 from ui import export_panel, run_view, runs_tab, train_tab
 
 

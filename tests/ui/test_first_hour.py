@@ -12,7 +12,7 @@ from core import config as C
 from core import events as ev
 from core.runs import folder as runs
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system, with_system
-from tests.ui.test_train_handlers import _form
+from tests.helpers.forms import form_values
 from ui import progress, run_view, train_tab
 
 EMOJI = re.compile("[\u2600-\u27bf\U0001f300-\U0001faff\u2b00-\u2bff\ufe0f]")
@@ -34,7 +34,7 @@ def test_inspect_sends_the_bin_order_to_the_chart(tiny_model_dir, tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text("\n".join(json.dumps({"instruction": "word " * n, "output": "ok"}) for n in (3, 40, 90, 200)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={f}", "data.max_len=128"])
-    r = train_tab.inspect_page(*_form(cfg))
+    r = train_tab.inspect_page(*form_values(cfg))
     order = r.histogram["sort"]
     assert order == list(dict.fromkeys(r.histogram["value"]["tokens"]))
     assert [int(x.split("-")[0]) for x in order] == sorted(int(x.split("-")[0]) for x in order)
@@ -44,7 +44,7 @@ def test_text_dataset_says_it_is_cut_into_chunks(tiny_model_dir, tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("\n\n".join(f"Paragraph {i}. " + "some words here " * 30 for i in range(30)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={f}", "data.max_len=64"])
-    md = train_tab.inspect_page(*_form(cfg)).summary
+    md = train_tab.inspect_page(*form_values(cfg)).summary
     assert "training chunks" in md and "nothing is cut off" in md
     assert "over the" not in md
 
@@ -54,7 +54,7 @@ def test_progress_is_reported_during_inspect(tiny_model_dir, tmp_path):
     f.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(50)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={f}"])
     heard = []
-    train_tab.inspect_page(*_form(cfg), report=lambda *a: heard.append(a))
+    train_tab.inspect_page(*form_values(cfg), report=lambda *a: heard.append(a))
     assert heard[0][0] == "Loading the tokenizer"
     counts = [a for a in heard if a[0] == "Tokenising rows"]
     assert counts and counts[-1][1] == counts[-1][2] == 50
@@ -87,10 +87,10 @@ def test_start_refuses_a_dataset_inspect_rejected(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={bad}", "train.max_steps=2"])
-    r = train_tab.inspect_page(*_form(cfg))
+    r = train_tab.inspect_page(*form_values(cfg))
     assert r.rejected and "line 2" in r.rejected
     with pytest.raises(gr.Error, match="Inspect refused this dataset: .*line 2"):
-        train_tab.start(*_form(cfg), {"key": r.data_key, "message": r.rejected})
+        train_tab.start(*form_values(cfg), {"key": r.data_key, "message": r.rejected})
     assert not list(runs.list_runs())  # refused before a run folder exists
 
 
@@ -174,7 +174,7 @@ def test_one_eta_on_both_lines_during_a_run(monkeypatch):
 def test_after_a_restart_the_form_shows_the_running_runs_settings(monkeypatch):
     cfg = C.apply_overrides(C.RunConfig(), ["train.max_steps=7", "lora.r=4", "data.system=You are Garage."])
     run_dir = runs.create(cfg)
-    names, _ = _form(C.RunConfig())
+    names, _ = form_values(C.RunConfig())
     from core.runs import runner
 
     monkeypatch.setattr(runner, "running", lambda: run_dir.name)
@@ -189,11 +189,11 @@ def test_epochs_eta_comes_from_what_inspect_counted(tiny_model_dir, tmp_path):
     f.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(30)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={f}",
                                             "train.max_steps=-1", "train.epochs=2", "train.batch_size=4"])
-    names, values = _form(cfg)
+    names, values = form_values(cfg)
     assert "inspect the dataset" in train_tab.vram_update("detected", names, values).eta
     r = train_tab.inspect_page(names, values)
     seen = {"key": r.data_key, "tokens": r.tokens, "rows": r.rows}
     line = train_tab.vram_update("detected", names, values, seen).eta
     assert "2 epochs (15 steps)" in line and "a guess" in line
     other = C.apply_overrides(cfg, ["data.max_len=64"])  # other data settings: Inspect's counts do not apply
-    assert "inspect the dataset" in train_tab.vram_update("detected", *_form(other), seen).eta
+    assert "inspect the dataset" in train_tab.vram_update("detected", *form_values(other), seen).eta

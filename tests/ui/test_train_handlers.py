@@ -9,16 +9,11 @@ from core import config as C
 from core import presets
 from core.runs import runner
 from ui import train_form, train_tab
+from tests.helpers.forms import form_values
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-
-
-def _form(cfg: C.RunConfig):
-    names = ["model.source", "data.source", "data.format", "data.columns"] + [
-        n for g in train_form.GROUPS.values() for n, _ in g]
-    return names, train_form.values_of(names, cfg)
 
 
 @pytest.fixture
@@ -30,7 +25,7 @@ def llama8b(tmp_path):
 
 
 def test_start_validates_first_and_names_the_field():
-    names, values = _form(C.apply_overrides(presets.load("cpu-demo"), ["lora.r=0"]))
+    names, values = form_values(C.apply_overrides(presets.load("cpu-demo"), ["lora.r=0"]))
     with pytest.raises(gr.Error, match="lora.r"):
         train_tab.start(names, values)
 
@@ -38,7 +33,7 @@ def test_start_validates_first_and_names_the_field():
 def test_second_start_is_refused_server_side_naming_the_running_run():
     fd = runner.acquire_lock("someone-elses-run")
     try:
-        names, values = _form(presets.load("cpu-demo"))
+        names, values = form_values(presets.load("cpu-demo"))
         with pytest.raises(gr.Error, match="busy: run someone-elses-run is training"):
             train_tab.start(names, values)
     finally:
@@ -48,7 +43,7 @@ def test_second_start_is_refused_server_side_naming_the_running_run():
 
 
 def test_vram_panel_shows_three_methods_and_a_verdict():
-    names, values = _form(presets.load("cpu-demo"))
+    names, values = form_values(presets.load("cpu-demo"))
     r = train_tab.vram_update("8 GB", names, values)
     for label in ("Full fine-tune", "LoRA (16-bit base)", "QLoRA (4-bit base)"):
         assert label in r.panel
@@ -58,14 +53,14 @@ def test_vram_panel_shows_three_methods_and_a_verdict():
 
 def test_vram_panel_grows_with_batch_size():
     cfg = presets.load("cpu-demo")
-    small = train_tab.vram_update("8 GB", *_form(cfg)).panel
-    big = train_tab.vram_update("8 GB", *_form(C.apply_overrides(cfg, ["train.batch_size=32"]))).panel
+    small = train_tab.vram_update("8 GB", *form_values(cfg)).panel
+    big = train_tab.vram_update("8 GB", *form_values(C.apply_overrides(cfg, ["train.batch_size=32"]))).panel
     assert small != big
 
 
 def test_make_it_fit_suggestions_apply_to_the_form(llama8b):
     cfg = C.apply_overrides(presets.load("gpu-24gb-lora"), [f"model.source={llama8b}"])
-    names, values = _form(cfg)
+    names, values = form_values(cfg)
     r = train_tab.vram_update("12 GB", names, values)
     verdict, suggestions = r.verdict, r.suggestions
     assert "does not fit" in verdict
@@ -90,7 +85,7 @@ def test_inspect_dataset_good_and_bad(tiny_model_dir, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(5)))
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={good}"])
-    r = train_tab.inspect_page(*_form(cfg))
+    r = train_tab.inspect_page(*form_values(cfg))
     assert "5 rows" in r.summary and "alpaca" in r.summary
     assert r.histogram["visible"] is True and r.histogram["value"]["rows"].sum() == 5
     assert "lg-" in r.preview or "<span" in r.preview
@@ -98,12 +93,12 @@ def test_inspect_dataset_good_and_bad(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
     cfg = C.apply_overrides(cfg, [f"data.source={bad}"])
-    md = train_tab.inspect_page(*_form(cfg)).summary
+    md = train_tab.inspect_page(*form_values(cfg)).summary
     assert "bad.jsonl" in md and "line 2" in md and "Fix" in md and "Traceback" not in md
 
 
 def test_presets_apply_and_save(garage_home):
-    names, values = _form(presets.load("cpu-demo"))
+    names, values = form_values(presets.load("cpu-demo"))
     header, new_values = train_tab.apply_preset("gpu-8gb-qlora", names, values)
     assert "gpu-8gb-qlora" in header
     cfg = train_form.to_config(names, new_values)
@@ -126,7 +121,7 @@ def test_stop_without_a_run_and_attach_with_none():
 
 
 def test_attach_shows_the_newest_run_when_none_is_training(garage_home, tiny_model_dir):
-    from tests.test_chat import make_run
+    from tests.helpers.runs import make_run
 
     make_run(garage_home, tiny_model_dir, run_id="older")
     make_run(garage_home, tiny_model_dir, run_id="newer", seed=2)
@@ -137,7 +132,7 @@ def test_inspect_lists_placeholders_and_fills_them_from_the_boxes(tiny_model_dir
     data = tmp_path / "identity.jsonl"
     data.write_text(json.dumps({"instruction": "Who are you?", "output": "I am {{name}} by {{author}}.", "id": 1}) + "\n")
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
-    names, values = _form(cfg)
+    names, values = form_values(cfg)
     names, values = names + ["data.fill"], values + [{}]
     r = train_tab.inspect_page(names, values)
     md, preview, found, boxes = r.summary, r.preview, r.placeholders, r.fill_boxes
@@ -153,13 +148,13 @@ def test_inspect_lists_placeholders_and_fills_them_from_the_boxes(tiny_model_dir
 
 
 def test_inspect_says_how_tool_calls_are_rendered_and_refuses_preference_pairs(tiny_model_dir, tmp_path):
-    from tests.test_data_wild import PREFERENCE, SHAREGPT_TOOLS
+    from tests.helpers.data import PREFERENCE, SHAREGPT_TOOLS
 
     data = tmp_path / "tools.jsonl"
     data.write_text(json.dumps(SHAREGPT_TOOLS) + "\n")
     cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={data}"])
-    md = train_tab.inspect_page(*_form(cfg)).summary
+    md = train_tab.inspect_page(*form_values(cfg)).summary
     assert "format **sharegpt**" in md and "tool calls rendered as plain text" in md
     data.write_text(json.dumps(PREFERENCE[0]) + "\n")
-    md = train_tab.inspect_page(*_form(cfg)).summary
+    md = train_tab.inspect_page(*form_values(cfg)).summary
     assert "preference pairs (chosen / rejected), and train.objective is sft" in md and "train.objective=dpo" in md and "Fix" in md

@@ -22,7 +22,7 @@ def _permute(w, n_head: int):
 
 
 def write_tiny_gguf(model_dir: Path, out: Path) -> Path:
-    """Write the Llama folder `model_dir` (tests.tiny.build_tiny_model) as the GGUF file `out`."""
+    """Write the Llama folder `model_dir` (tests.helpers.tiny.build_tiny_model) as the GGUF file `out`."""
     import gguf
     import numpy as np
     import torch

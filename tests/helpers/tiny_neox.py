@@ -4,7 +4,7 @@ with one <|endoftext|> for BOS, EOS and padding and no ChatML tokens, so the fal
 
 from pathlib import Path
 
-from tests.tiny import _CORPUS
+from tests.helpers.tiny import CORPUS
 
 
 def build_tiny_neox(out: Path) -> Path:
@@ -18,7 +18,7 @@ def build_tiny_neox(out: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 20 + ["<|im_start|>user <|im_end|> assistant"] * 5, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 20 + ["<|im_start|>user <|im_end|> assistant"] * 5, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                      unk_token=None)
     hf_tok.save_pretrained(out)
