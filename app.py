@@ -8,7 +8,6 @@ from core.runs import access
 
 
 def main(argv=None) -> int:
-
     p = argparse.ArgumentParser(description="LoRA Garage web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)

@@ -113,7 +113,6 @@ class ChatSession:
 
     # ------------------------------------------------------------ loading
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
-
         run_dir = run_files.resolve_run(run)
         cfg = runs.load_config(run_dir)
         path = runs.adapter_path(run_dir, checkpoint)

@@ -29,7 +29,6 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     from peft import PeftModel  # heavy
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
-
     log = log or (lambda msg: None)
     run_dir = run_files.resolve_run(run_id)
     cfg = runs.load_config(run_dir)

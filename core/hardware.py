@@ -226,7 +226,6 @@ class GpuProcessMemory:
     reported peak is the larger of the sampled NVML peak and torch's peak reserved plus the measured context."""
 
     def __init__(self, every_s: float = 2.0):
-
         self.every_s, self.pid, self._time = every_s, os.getpid(), time.monotonic
         self.handle, self.nvml_error = None, None
         baseline = None
@@ -259,7 +258,6 @@ class GpuProcessMemory:
     def reading(self) -> dict:
         import torch  # heavy
 
-
         now = self._time()
         if now - self._last_t >= self.every_s:
             self._last_t, self._last = now, self._process(self._baseline)
@@ -277,6 +275,5 @@ class GpuProcessMemory:
 
 def process_rss_reading() -> dict:
     """The CPU run's memory for the metrics events: this process's resident set size."""
-
 
     return {ev.MEM_RSS: int(psutil.Process().memory_info().rss)}

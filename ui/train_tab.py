@@ -161,7 +161,6 @@ def _error_md(e: GarageError) -> str:
 
 
 def _inspect(cfg: C.RunConfig, report):
-
     try:
         report("Loading the tokenizer")
         tok = models.load_tokenizer(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code,

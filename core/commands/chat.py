@@ -22,7 +22,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-
     settings = GenSettings.of({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "top_p": args.top_p, "seed": args.seed, "system": args.system})
     session = ChatSession()

@@ -17,7 +17,6 @@ from core.models import load_tokenizer
 
 
 def add_arguments(p) -> None:
-
     p.add_argument("source", metavar="PATH_OR_ID", help="a file, a folder, a hub id (owner/name) or builtin:demo-identity")
     p.add_argument("--model", default="builtin:smollm2-135m", help="model whose tokenizer and chat template to use")
     p.add_argument("--max-len", type=int, default=512, help="the cutoff in tokens (data.max_len)")
@@ -37,7 +36,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-
     cfg = RunConfig()
     cfg.model.source = args.model
     d = cfg.data

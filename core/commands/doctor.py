@@ -49,7 +49,6 @@ def _bnb():
 
 
 def _gpus():
-
     r = hardware.read()
     return {"ok": True, "summary": r.summary(), "nvml_error": r.nvml_error,
             "gpus": [{"index": g.index, "name": g.name, "total_gb": round(g.total / GiB, 2),
@@ -65,7 +64,6 @@ def _home():
 
 
 def _builtin():
-
     return {"ok": True, "gguf": str(models.builtin_gguf()),
             "converted": models.builtin_converted(), "folder": str(models.builtin_folder())}
 

@@ -72,7 +72,6 @@ def _target(args) -> tuple[dict | None, int | None, str, str]:
     """(gpu dict for --json, usable bytes or None when there is nothing to check against, one line for people
     saying what was estimated for, and how to get a verdict when there is none)."""
     if args.cpu:
-
         r = hardware.read()
         return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}", ""
     if args.gpu_gb:

@@ -20,7 +20,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-
     session = ChatSession()
     progress = terminal.bar(args.json)  # loading, then prompt k of n; nothing when piped or --json
     r = evaluate(args.run, args.checkpoint, session=session, quant=args.quant, max_new_tokens=args.max_new_tokens,

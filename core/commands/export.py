@@ -7,7 +7,6 @@ from core.gguf.tools import QUANTS
 
 
 def add_arguments(p) -> None:
-
     p.add_argument("run", help='run id, or "latest" for the most recent completed run')
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--merged", metavar="OUT", help="folder for base + adapter merged (loads with AutoModelForCausalLM)")
@@ -22,13 +21,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-
     if args.zip:
         out = export.zip_adapter(args.run, args.zip, args.checkpoint)
         print(f"adapter zip written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
     if args.gguf:
-
         report = gguf_export.export_gguf(args.run, args.gguf, args.quant, args.checkpoint, say=print,
                                          parity=not args.no_check)
         for q, f in report["files"].items():

@@ -32,7 +32,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-
     if args.action == "list":
         return _list(args)
     if not args.run_id:
@@ -55,7 +54,6 @@ def run(args) -> int:
 
 
 def _list(args) -> int:
-
     rows = runs.list_runs()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -70,7 +68,6 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-
     run_dir = runs.get(args.run_id)
     st = runs.read_status(run_dir)
     events, _ = ev.read(run_dir)
@@ -104,7 +101,6 @@ def _show(args) -> int:
 
 
 def _follow(run_id: str) -> int:
-
     run_dir = runs.get(run_id)
     offset = 0
     while True:

@@ -64,7 +64,6 @@ def run(args) -> int:
 
     limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
     if args.detach:
-
         print(runner.start(cfg))
         return 0
     return _foreground(cfg)
@@ -72,7 +71,6 @@ def run(args) -> int:
 
 def _nodes(args, cfg: RunConfig) -> int:
     """Several machines: print each machine's command, or train as machine --node-rank (in the foreground)."""
-
 
     if args.nnodes < 2:
         raise ConfigError("--nnodes", f"--node-rank needs --nnodes 2 or more (got {args.nnodes})", "add --nnodes N")
@@ -107,7 +105,6 @@ def _nodes(args, cfg: RunConfig) -> int:
 
 
 def build_config(args) -> RunConfig:
-
     cfg = RunConfig()
     if args.preset:
         cfg = presets.apply(args.preset, cfg)
@@ -217,7 +214,6 @@ def _tracebacks_to(fh):
 
 
 def _summary(run_dir: Path, seconds: float) -> None:
-
     st = runs.read_status(run_dir, reconcile=False)
     events, _ = ev.read(run_dir)
     last = ev.last_metric(events, ev.LOSS)

@@ -169,7 +169,6 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) 
     """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`. For train.objective
     dpo / orpo the rows are chosen / rejected pairs (core.data.pref)."""
     if cfg.train.objective != "sft":
-
         return data_pref.prepare(cfg, tokenizer, progress)
     data = cfg.data
     renderer = Renderer(tokenizer, data.system)

@@ -149,7 +149,6 @@ def _startup(run_dir: Path, first: dict) -> float | None:
     """Seconds from the training process's start (status.json pid_create_time, which counts Python's imports;
     else started_at) to its first step (the first event's t - elapsed)."""
 
-
     try:
         st = json.loads((Path(run_dir) / "status.json").read_text())
     except FileNotFoundError:

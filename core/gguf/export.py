@@ -143,7 +143,6 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
 
 
 def _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, say) -> list[dict]:
-
     items = data.demo_eval_set(cfg.data.source)
     if not items:
         rows, _, _ = data.load_rows(cfg.data.source, cfg.data.format, cfg.data.columns or None, limit=8)
@@ -208,7 +207,6 @@ def readme(report: dict, order: list[str]) -> str:
               "llama.cpp:", f"  llama-cli -m {main} -cnv", f"  llama-server -m {main} --jinja", "",
               "LM Studio:", f"  lms import {main}   (or drag the .gguf into LM Studio's My Models)", ""]
     if report["parity"]:
-
         lines.append("Parity with the adapter (export.json has the details):")
         lines += [f"  {gguf_parity.summary(r)}" for r in report["parity"]]
     for n in report["notes"]:

@@ -48,7 +48,6 @@ def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[
     from peft import PeftModel  # heavy
     from transformers import AutoModelForCausalLM  # heavy
 
-
     tok = models.load_tokenizer(merged_dir)  # the merged folder's tokenizer carries the run's template
     renderer = data_tokenize.Renderer(tok)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
@@ -71,7 +70,6 @@ def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[
 
 
 def _end_ids(tok) -> list[int]:
-
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     vocab = tok.get_vocab()
     ids += [vocab[t] for t in END_OF_TURN if t in vocab]
@@ -94,7 +92,6 @@ def check(gguf: Path, quant: str, ref: Reference, say) -> dict:
 
 def _compare(runtime, quant: str, ref: Reference, say) -> dict:
     import torch  # heavy
-
 
     same_prompt, agree, total, max_diff, same_answer, stops, ok_ad, ok_gg = 0, 0, 0, 0.0, 0, 0, 0, 0
     mismatches = []
@@ -154,7 +151,6 @@ def summary(row: dict) -> str:
 
 
 def _has_llama_cpp() -> bool:
-
     return gguf_tools.quantizer_installed()
 
 
@@ -164,8 +160,6 @@ class LlamaCppRuntime:
     name = "llama.cpp"
 
     def __init__(self, gguf: Path, n_ctx: int = 1024):
-
-
         self.child = gguf_tools.LlamaChild(gguf, n_ctx, logits=True)
         self.scratch = tempfile.TemporaryDirectory(prefix="gguf-logits-")
         self.child.meta()   # loads the model now: a file llama.cpp cannot load fails before the first prompt
@@ -195,7 +189,6 @@ class TransformersRuntime:
     def __init__(self, gguf: Path):
         import torch  # heavy
         from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
-
 
         self.fields = gguf_read.metadata(gguf)
         self.tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

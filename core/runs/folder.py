@@ -357,7 +357,6 @@ def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | No
     """What the checkpoints of a run depend on: the base model (source, config.json, weight files), its
     quantization, the LoRA shape, and the data (source, file contents, and in the child the tokenized rows)."""
 
-
     model = {"source": cfg.model.source, "quant": f"{cfg.quant.method}/{cfg.quant.quant_type}"}
     if model_path is not None:
         model_path = Path(model_path)

@@ -109,7 +109,6 @@ def lock_holder() -> str | None:
 # ---------------------------------------------------------------- identity
 
 def process_start_time(pid: int) -> float | None:
-
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:

@@ -389,7 +389,6 @@ class FlopsModel:
 
     @classmethod
     def for_model(cls, model, gpu_name: str) -> "FlopsModel | None":
-
         peak = peak_bf16(gpu_name)
         if peak is None:
             return None

@@ -109,7 +109,6 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     device = pick_device(events)
     memory = None
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
-
         memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
 
@@ -172,7 +171,6 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
     start torch.distributed.run with an argument list, forward Stop to rank 0, and read the ranks' outcome.
     -> (completed|stopped|failed, GarageError or None)."""
 
-
     print(f"devices: {plan.describe()}", flush=True)
     events.log("info", f"training on {plan.describe()}")
     for note in plan.notes:
@@ -222,7 +220,6 @@ def _relay(stream) -> None:
 def _signal_rank0(run_dir: Path) -> bool:
     """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
 
-
     pid_path = distributed.pid_file(run_dir, 0)
     if not pid_path.exists():
         return False  # rank 0 has not started yet: try again on the next tick
@@ -235,7 +232,6 @@ def _signal_rank0(run_dir: Path) -> bool:
 
 def _ranks_outcome(run_dir: Path, code: int):
     """What rank 0 recorded, unless another rank died first: then the run failed, naming that rank."""
-
 
     result_path = distributed.ranks_dir(run_dir) / "result-0.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else None
@@ -263,7 +259,6 @@ def _ranks_outcome(run_dir: Path, code: int):
 
 def rank_handoff(run_dir: Path, cfg):
     """In a rank: what the supervisor prepared. -> (model_path, tokenizer, prepared, resume_from)."""
-
 
     with open(distributed.ranks_dir(run_dir) / distributed.PREPARED_FILE, "rb") as fh:
         handoff = pickle.load(fh)
@@ -424,7 +419,6 @@ def add_lora(model, cfg):
     require grad for reentrant checkpointing, is not needed with non-reentrant checkpointing."""
     from peft import LoraConfig, get_peft_model  # heavy
 
-
     if cfg.train.from_run:  # preference tuning on top of a finished run's adapter
         from core.train import preference  # heavy
 
@@ -540,7 +534,6 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
     """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events. On
     CUDA it also records the context measured in this process before the model loaded (context_bytes), which the
     estimate can only assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
-
 
     try:  # only the estimate itself is guarded: a missing core.estimate.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))

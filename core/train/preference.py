@@ -51,7 +51,6 @@ def continue_adapter(model, cfg):
     """The finished run's adapter (train.from_run), trainable, on the base already loaded."""
     from peft import PeftModel  # heavy
 
-
     src = run_files.resolve_run(cfg.train.from_run)
     if not run_files.has_adapter(src):
         raise ConfigError("train.from_run", f"run {src.name} has no final adapter (it did not complete)",
