@@ -22,7 +22,6 @@ from core import events as ev
 from core import hardware, models, paths, presets, units
 from core.runs import access
 from core.estimate import eta
-from core.estimate import limits
 from core.runs import runner
 from core.runs import folder as runs
 from core.estimate import vram
@@ -394,12 +393,10 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     refused (with these very data settings and model) is refused here too, with the same message, rather than
     failing in the child with a traceback in train.log."""
     try:
-        cfg = train_form.to_config(names, values).validate()
+        cfg = train_form.to_config(names, values)
         if rejected and rejected.get("key") == data_key(cfg):
             raise gr.Error(f"Inspect refused this dataset: {rejected['message']}")
-        access.check_config(cfg)
-        limits.check(cfg)
-        return runner.start(cfg)
+        return runner.start(cfg)  # admits the settings (validate, access, limits) once, as for the CLI
     except GarageError as e:
         raise gr.Error(str(e))
 

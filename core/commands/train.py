@@ -27,7 +27,6 @@ from core.runs import resolve as run_files
 from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 from core import presets
-from core.estimate import limits
 from core.runs import folder as runs
 from core.runs import runner
 from core.train import child as training
@@ -61,8 +60,6 @@ def run(args) -> int:
     cfg = build_config(args)
     if args.nnodes > 1 or args.node_rank is not None:
         return _nodes(args, cfg)
-
-    limits.check(cfg)  # the model exists and no setting is beyond it: checked before a run folder is made
     if args.detach:
         print(runner.start(cfg))
         return 0
@@ -78,6 +75,7 @@ def _nodes(args, cfg: RunConfig) -> int:
         raise ConfigError("--rdzv", "several machines need the address of machine 0 as HOST:PORT",
                           "add --rdzv 192.168.1.10:29500 (a port free on machine 0)")
     if args.node_rank is None:
+        runner.admit(cfg)  # a typo is caught here, before the user types the command on every machine
         argv = [a for a in sys.argv[1:] if a != "train"]
         keep, skip = [], False
         for a in argv:  # the node flags are written anew for each machine
@@ -99,7 +97,6 @@ def _nodes(args, cfg: RunConfig) -> int:
     if args.detach:
         raise ConfigError("--detach", "a machine of a several-machine run trains in the foreground",
                           "drop --detach (use nohup or tmux to keep it running)")
-    limits.check(cfg)
     os.environ[distributed.NODES_ENV] = f"{args.nnodes},{args.node_rank},{args.rdzv}"
     return _foreground(cfg)
 
@@ -121,7 +118,7 @@ def build_config(args) -> RunConfig:
     if cfg.train.from_run:
         cfg = _adopt_source_run(cfg, model_given=args.model is not None or any(s.startswith("model.source=")
                                                                               for s in args.set))
-    return cfg.validate()
+    return cfg
 
 
 def _adopt_source_run(cfg: RunConfig, model_given: bool) -> RunConfig:
@@ -183,6 +180,7 @@ def _foreground(cfg: RunConfig) -> int:
     """Create the run and train it in this process; output goes to the terminal and to train.log. A failure shows
     as its `error:` / `fix:` lines; its traceback goes to train.log only."""
 
+    runner.admit(cfg)
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
     runs.write_status(run_dir, launched_by=procs.LAUNCHED_BY_CLI)

@@ -36,8 +36,8 @@ _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 # ---------------------------------------------------------------- creating and finding runs
 
 def create(cfg: RunConfig) -> Path:
-    """A new run folder holding config.yaml (written once), status.json (queued) and an empty events.jsonl."""
-    cfg.validate()
+    """A new run folder holding config.yaml (written once), status.json (queued) and an empty events.jsonl.
+    The settings were admitted before (core.runs.runner.admit, the one check every way of starting uses)."""
     base = cfg.output.run_name or _derived_name(cfg)
     root = runs_dir()
     for n in range(1, 1000):

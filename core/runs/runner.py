@@ -25,15 +25,26 @@ from core.errors import BusyError, RunError
 from core import models
 from core.errors import GarageError
 from core.train import distributed
+from core.estimate import limits
 
 
 # ---------------------------------------------------------------- the public API (the UI and the CLI call these)
 
-def start(cfg: RunConfig) -> str:
-    """Create a run folder and start training it in the background. Returns the run id. BusyError if a run is
-    already training on this machine."""
+def admit(cfg: RunConfig) -> RunConfig:
+    """The one check before a run folder is made, whichever way a run starts (the Start button, `train`,
+    `train --detach`, one machine of several): each setting on its own (config.validate), what a shared app may
+    read (access: with --allow-dir, no dataset or model outside its folders), and the bounds that need the model's
+    shape and the dataset's size (limits). Raises ConfigError / ModelError naming the field and the fix."""
     cfg.validate()
-    access.check_config(cfg)  # a shared app (--allow-dir) reads no dataset or model outside its folders
+    access.check_config(cfg)
+    limits.check(cfg)
+    return cfg
+
+
+def start(cfg: RunConfig) -> str:
+    """Admit the settings, create a run folder and start training it in the background. Returns the run id.
+    BusyError if a run is already training on this machine."""
+    admit(cfg)
     fd = acquire_lock("(starting)")
     try:
         run_dir = runs.create(cfg)
