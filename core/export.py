@@ -11,10 +11,14 @@ import json
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from core import models
+from core.config import RunConfig
+from core.data import tokenize as data_tokenize
 from core.errors import DiskFull, GarageError
 from core.runs import folder as runs
 from core.runs import resolve as run_files
@@ -22,19 +26,52 @@ from core.runs import resolve as run_files
 EXPORT_INFO = "lora_garage_export.json"
 
 
+@dataclass
+class Source:
+    """What an export reads, resolved once: the run folder, its settings and the adapter (final or a checkpoint's).
+    Every export (merged, zip, GGUF) starts from one; the base model folder is resolved on first use."""
+    run_dir: Path
+    cfg: RunConfig
+    adapter_dir: Path
+    checkpoint: int | None = None
+
+    @cached_property
+    def base_path(self) -> Path:
+        return models.resolve(self.cfg.model.source)
+
+
+def source(run_id: str, checkpoint: int | None = None) -> Source:
+    """The run (an id, a folder or "latest") and its adapter; refuses a run without one, naming the fix."""
+    run_dir = run_files.resolve_run(run_id)
+    adapter_dir = runs.adapter_path(run_dir, checkpoint)
+    return Source(run_dir, runs.load_config(run_dir), adapter_dir, checkpoint)
+
+
+@dataclass
+class Merged:
+    """A merged model folder, with the tokenizer it was written with (the run's chat template in it) and whether
+    the base had no chat template of its own (the run trained with the fallback)."""
+    path: Path
+    tokenizer: Any
+    template_is_fallback: bool
+
+
 def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
           log: Callable[[str], None] | None = None) -> Path:
     """Write base + adapter merged into `out_dir` (must be new or empty). Loads with AutoModelForCausalLM."""
+    return merge_source(source(run_id, checkpoint), out_dir, log).path
+
+
+def merge_source(src: Source, out_dir: str | Path, log: Callable[[str], None] | None = None) -> Merged:
+    """merge() for a Source already resolved (the GGUF export goes on with the returned tokenizer)."""
     import torch  # heavy
     from peft import PeftModel  # heavy
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
     log = log or (lambda msg: None)
-    run_dir = run_files.resolve_run(run_id)
-    cfg = runs.load_config(run_dir)
-    adapter_dir = runs.adapter_path(run_dir, checkpoint)
+    run_dir, cfg, adapter_dir, checkpoint = src.run_dir, src.cfg, src.adapter_dir, src.checkpoint
     out = fresh_target(Path(out_dir))
-    base_path = models.resolve(cfg.model.source)
+    base_path = src.base_path
     models.check_safetensors(base_path)
     size = sum(f.stat().st_size for f in base_path.glob("*.safetensors"))
     _check_space(out.parent, size)
@@ -58,6 +95,7 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
     with torch.no_grad():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
     tok = models.load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    fallback = data_tokenize.chat_template(tok)[1]  # before the run's template is put in
     notice = run_files.ensure_chat_template(tok, adapter_dir)  # the exported model chats with the run's template
     if notice:
         log(f"note: {notice}; the merged model carries that template")
@@ -73,14 +111,14 @@ def merge(run_id: str, out_dir: str | Path, checkpoint: int | None = None,
         out.rmdir()   # fresh_target allowed only an empty folder
     os.replace(tmp, out)
     log(f"merged model written to {out}")
-    return out
+    return Merged(out, tok, fallback)
 
 
 def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None, overwrite: bool = False) -> Path:
     """The adapter folder (plus the run's config.yaml as lora_garage_run.yaml) as a zip. Small: MBs, not GBs."""
 
-    run_dir = run_files.resolve_run(run_id)
-    adapter_dir = runs.adapter_path(run_dir, checkpoint)
+    src = source(run_id, checkpoint)
+    run_dir, adapter_dir = src.run_dir, src.adapter_dir
     out = Path(out_zip).expanduser()
     if out.suffix.lower() != ".zip":
         raise GarageError(f"{out} does not end in .zip", "name the file like my-adapter.zip")

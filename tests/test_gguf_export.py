@@ -14,6 +14,8 @@ import pytest
 from core.errors import DiskFull, GarageError
 from tests.helpers.runs import make_run
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="session")
 def shared_tools(tmp_path_factory) -> Path:
@@ -33,7 +35,8 @@ def _logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(garage_home, tiny_model_dir, tmp_path):
+def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(garage_home, tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
     import gguf as pypi_gguf
     import torch
     from peft import PeftModel
@@ -43,10 +46,20 @@ def test_f16_and_q8_0_reload_with_the_adapters_logits_and_a_checked_modelfile(ga
     from core.gguf import read as gguf_read
     from core.gguf import tools as gguf_tools
 
+    from core import models
+    from core.runs import resolve as run_files
+
     run = make_run(garage_home, tiny_model_dir)
     said = []
     out = tmp_path / "gguf"
+    calls = {"resolve_run": 0, "load_tokenizer": 0}
+    for module, name in ((run_files, "resolve_run"), (models, "load_tokenizer")):
+        def counted(*a, _real=getattr(module, name), _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, name, counted)
     report = gguf_export.export_gguf("r1", out, ["f16", "q8_0"], say=said.append)
+    assert calls == {"resolve_run": 1, "load_tokenizer": 1}  # the run resolved, the tokenizer loaded, once per export
     assert any("downloading llama.cpp's converter" in s or "using llama.cpp's converter" in s for s in said) \
         or (gguf_tools.converter_dir() / "VERIFIED").is_file()
     assert "sha256" in (gguf_tools.converter_dir() / "VERIFIED").read_text()

@@ -19,13 +19,11 @@ from core.gguf import read as gguf_read
 from core.gguf import tools as gguf_tools
 from core.gguf import modelfile
 from core.errors import DiskFull, GarageError
-from core import export, models
+from core import export
 from core.chat import GenSettings
 from core.data import sft as data
 from core.data import tokenize as data_tokenize
 from core.gguf import parity as gguf_parity
-from core.runs import folder as runs
-from core.runs import resolve as run_files
 
 Say = Callable[[str], None]
 
@@ -39,9 +37,7 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
     bad = [q for q in quants if q not in gguf_tools.QUANTS]
     if bad:
         raise GarageError(f"unknown --quant {bad[0]}", f"use one or more of: {', '.join(gguf_tools.QUANTS)}")
-    run_dir = run_files.resolve_run(run_id)
-    adapter_dir = runs.adapter_path(run_dir, checkpoint)   # refuses a run without an adapter, naming the fix
-    cfg = runs.load_config(run_dir)
+    src = export.source(run_id, checkpoint)   # refuses a run without an adapter, naming the fix
     out = export.fresh_target(Path(out_dir))
     needs_quantizer = [q for q in quants if q in gguf_tools.K_QUANTS]
     times: dict = {}
@@ -53,10 +49,10 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
 
     created_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.name).strip("-") or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.run_dir.name).strip("-") or "model"
     work = out / ".work"
     try:
-        info = _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity)
+        info = _build(src, out, work, name, quants, converter, times, say, parity)
     except BaseException as e:
         _remove_partial(out, created_dir)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -68,12 +64,13 @@ def export_gguf(run_id: str, out_dir: str | Path, quants: list[str] | None = Non
     return info
 
 
-def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, converter, times, say, parity) -> dict:
-    base_path = models.resolve(cfg.model.source)
+def _build(src: export.Source, out, work, name, quants, converter, times, say, parity) -> dict:
+    run_dir, cfg, adapter_dir, checkpoint, base_path = src.run_dir, src.cfg, src.adapter_dir, src.checkpoint, src.base_path
     _check_space(out, base_path, quants)
     t = time.monotonic()
     say("step 1/4: merging the adapter into the 16-bit base")
-    merged = export.merge(run_dir.name, work / "merged", checkpoint, log=say)
+    done = export.merge_source(src, work / "merged", log=say)
+    merged, tok, fallback = done.path, done.tokenizer, done.template_is_fallback
     notes = json.loads((merged / export.EXPORT_INFO).read_text())["notes"]
     times["merge"] = round(time.monotonic() - t, 1)
 
@@ -99,7 +96,6 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
         gguf_tools.run_child(["quantize", str(f16), str(files[q]), q], None, say, f"quantizing to {q}")
         times[f"quantize_{q}"] = round(time.monotonic() - t, 1)
 
-    tok = models.load_tokenizer(merged)
     renderer = data_tokenize.Renderer(tok)
     template_src = renderer.template
     bos_text = tok.bos_token if tok.bos_token and "bos_token" in template_src else ""
@@ -113,8 +109,7 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
         template_note = (f"the Modelfile has no TEMPLATE: {e}; Ollama will use the template embedded in the GGUF "
                          "if it recognises it, check the first answers")
         notes.append(template_note)
-    fallback = data_tokenize.chat_template(models.load_tokenizer(base_path))[1]   # the base had none of its own
-    if fallback:
+    if fallback:   # the base had no chat template of its own
         notes.append("the base model has no chat template: the run trained with LoRA Garage's ChatML fallback, "
                      "which is embedded in the GGUF and written into the Modelfile")
     order = [q for q in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16") if q in files]
@@ -134,7 +129,7 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
     if parity:
         t = time.monotonic()
         say("step 4/4: parity check against base + adapter")
-        report["parity"] = _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, say)
+        report["parity"] = _parity(run_dir, cfg, base_path, tok, adapter_dir, files, order, data, say)
         times["parity"] = round(time.monotonic() - t, 1)
     shutil.rmtree(work)
     (out / "README.txt").write_text(readme(report, order))
@@ -142,7 +137,7 @@ def _build(run_dir, cfg, adapter_dir, checkpoint, out, work, name, quants, conve
     return report
 
 
-def _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, say) -> list[dict]:
+def _parity(run_dir, cfg, base_path, tok, adapter_dir, files, order, data, say) -> list[dict]:
     items = data.demo_eval_set(cfg.data.source)
     if not items:
         rows, _, _ = data.load_rows(cfg.data.source, cfg.data.format, cfg.data.columns or None, limit=8)
@@ -155,7 +150,7 @@ def _parity(run_dir, cfg, base_path, merged, adapter_dir, files, order, data, sa
             raise GarageError("the run's dataset has no conversation with a prompt and a reply to check the export on",
                               "export with --no-check, or train on chat data")
     items = items[:20]
-    ref = gguf_parity.reference(merged, base_path, adapter_dir, items, cfg.data.source, say)
+    ref = gguf_parity.reference(tok, base_path, adapter_dir, items, cfg.data.source, say)
     rows = []
     for q in reversed(order):
         row = gguf_parity.check(files[q], q, ref, say)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import tempfile
-from core import models
 from core.chat import END_OF_TURN
 from core.data import sft as data
 from core.data import tokenize as data_tokenize
@@ -41,14 +40,13 @@ class Reference:
     source: str
 
 
-def reference(merged_dir: Path, base_path: Path, adapter_dir: Path, items: list[dict], source: str,
-              say) -> Reference:
-    """Greedy replies and their teacher-forced logits from base + adapter (float32)."""
+def reference(tok, base_path: Path, adapter_dir: Path, items: list[dict], source: str, say) -> Reference:
+    """Greedy replies and their teacher-forced logits from base + adapter (float32). `tok` is the merged model's
+    tokenizer, which carries the run's chat template."""
     import torch  # heavy
     from peft import PeftModel  # heavy
     from transformers import AutoModelForCausalLM  # heavy
 
-    tok = models.load_tokenizer(merged_dir)  # the merged folder's tokenizer carries the run's template
     renderer = data_tokenize.Renderer(tok)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
