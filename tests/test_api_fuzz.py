@@ -18,6 +18,8 @@ import pytest
 
 from tests.helpers.net import free_port
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 BAD_VALUES = [None, -1, 10**12, "../../../../etc/passwd", [1, 2], {"a": 1}]
 GENERIC = "has not enabled verbose error reporting"

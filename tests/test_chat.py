@@ -183,6 +183,7 @@ def test_4bit_chat_on_cpu(session, garage_home, tiny_model_dir):
     assert _last(session.stream(MSGS, {"max_new_tokens": 4, "temperature": 0}, adapter=name)) is not None
 
 
+@pytest.mark.integration
 def test_cli_one_shot_prompt_with_compare(garage_home, tiny_model_dir):
     make_run(garage_home, tiny_model_dir)
     root = Path(__file__).resolve().parent.parent

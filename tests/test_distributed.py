@@ -22,6 +22,8 @@ from tests.helpers.net import free_port
 from tests.helpers.shapes import LLAMA31_8B as LLAMA_8B
 from tests.helpers.training import Launch, check_adapter_reloads, losses, tiny_config, write_dataset
 
+pytestmark = pytest.mark.integration
+
 GiB = 2**30
 # Two ranks and one process see the same examples per optimizer step in the same order; what differs is the order
 # of floating-point sums (the all-reduce vs one accumulation). Measured here: <= 1e-6 relative over 10 steps.

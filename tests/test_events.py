@@ -68,6 +68,7 @@ class FakeCuda:
         return base + min(self.calls, 4) * 100 * 2**20
 
 
+@pytest.mark.integration
 def test_the_real_callback_on_cuda_feeds_the_charts_and_the_runs_table(tmp_path, tiny_model_dir, monkeypatch):
     from core import hardware
     from ui import plots, run_view, runs_tab
@@ -126,6 +127,7 @@ def test_the_real_callback_on_cuda_feeds_the_charts_and_the_runs_table(tmp_path,
     assert f"peak memory: {peak / GiB:.2f} GB GPU peak (process, NVML)" in out.getvalue()
 
 
+@pytest.mark.integration
 def test_the_real_callback_on_the_cpu_reports_rss_against_the_ram_estimate(tmp_path, tiny_model_dir):
     from ui import plots, runs_tab
 

@@ -14,6 +14,8 @@ from core.chat import GenSettings
 from core.errors import GarageError
 from tests.helpers.gguf import fake_export, home_with_export, needs_llama_cpp
 
+pytestmark = pytest.mark.integration
+
 MSGS = [{"role": "user", "content": "What is your name?"}]
 GREEDY = GenSettings(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
 

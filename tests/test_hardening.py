@@ -61,6 +61,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.integration
 def test_a_disk_that_fills_during_a_checkpoint_save_is_named_and_the_partial_save_set_aside(tmp_path):
     """A 4 MB tmpfs as the app home (mounted in a private user + mount namespace, so no root is needed)."""
     fs = tmp_path / "small-fs"
@@ -230,6 +231,7 @@ def _cli(*args, home: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.integration
 def test_foreground_train_reports_user_errors_without_a_traceback(tmp_path, garage_home, tiny_model_dir):
     out = _cli("--model", "/nonexistent", home=garage_home)
     assert out.returncode == 2, out.stderr

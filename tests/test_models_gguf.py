@@ -108,6 +108,7 @@ def test_a_conversion_that_would_fill_the_disk_is_refused_first(gguf_file, garag
         [n for n in before if not n.endswith(".lock")]     # no folder, not even a half-written one
 
 
+@pytest.mark.integration
 def test_train_from_a_gguf_file(gguf_file, tmp_path, capsys, monkeypatch):
     """`python -m core train --model X.gguf` (the Train page's model field takes the same string)."""
     from core.runs import folder as runs

@@ -17,6 +17,8 @@ from core.config import RunConfig
 from core.errors import DatasetError
 from tests.helpers.training import Launch, losses, RESUME_TOLERANCE
 
+pytestmark = pytest.mark.integration
+
 PROMPTS = ["Who are you?", "What is your name?", "Hello!", "Tell me a joke.", "What is 2+2?", "Name a colour.",
            "Where is Paris?", "Say hi."]
 

@@ -12,6 +12,8 @@ from core import events as ev
 from core.runs import folder as runs
 from tests.helpers.training import Launch, losses, tiny_config, write_dataset
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory):

@@ -1,9 +1,12 @@
+import pytest
 """Metrics events of a real run: tokens/s is counted for the batches each step trained, epoch boundaries included."""
 
 from core import events as ev
 from core.runs import runner
 from core.runs import folder as runs
 from tests.helpers.training import tiny_config, wait_until_done, write_dataset
+
+pytestmark = pytest.mark.integration
 
 
 def test_every_metrics_event_has_tokens_per_s_across_epoch_boundaries(tiny_model_dir, tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ from core.config import RunConfig
 from core.errors import BusyError
 from tests.helpers.training import ONE_THREAD, Launch, RESUME_TOLERANCE, check_adapter_reloads, losses, tiny_config, write_dataset
 
+pytestmark = pytest.mark.integration
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -11,6 +11,8 @@ import torch
 
 from core.estimate import vram
 
+pytestmark = pytest.mark.integration  # measures real allocations of tiny forward / backward passes
+
 # Mid-size: real enough to exercise GQA, untied embeddings and bnb's 8-bit optimizer path (tensors >= 4096).
 MID = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
            num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)

@@ -1,6 +1,9 @@
+import pytest
 """The app serves its page on a free port, with the three tabs and the hardware bar."""
 
 from tests.e2e.conftest import shot
+
+pytestmark = pytest.mark.browser
 
 
 def test_page_shows_three_tabs_and_cpu_only_bar(app_server, page):

@@ -12,6 +12,8 @@ from core.gguf import chat as gguf_chat
 from tests.helpers.gguf import fake_export, home_with_export, needs_llama_cpp
 from ui import chat_tab
 
+pytestmark = pytest.mark.integration
+
 GREEDY = ("", 12, 0.0, 1.0, 1.0, 0)
 
 
