@@ -4,7 +4,8 @@
 - the presets table lists every presets/*.yaml file, and nothing else;
 - every `python -m core ...` line shown (code blocks and inline code) parses with the real parser;
 - the README's "What is where" names every package of core/ and ui/;
-- the README stays a newcomer's page (at most 180 lines) that links every docs page, and no local link is broken.
+- the README stays a newcomer's page (at most 180 lines) that links every docs page, and no local link is broken;
+- repository paths named in the docs exist, and docs/architecture.md names only modules that exist.
 
 Regenerate the help blocks of docs/cli.md after changing a command: `.venv/bin/python -m tests.test_docs --write`.
 """
@@ -275,6 +276,39 @@ def test_local_links_resolve():
             if not (page.parent / target.split("#")[0]).exists():
                 broken.append(f"{_rel(page)} -> {target}")
     assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+
+
+REPO_PATH = re.compile(r"(?<![\w/.$~<-])((?:core|ui|tests|bench|presets|docs)(?:/[\w.*<>-]*)+)")
+
+
+def test_repo_paths_named_in_the_docs_exist():
+    """core/estimate/constants.py, tests/helpers/tiny.py, bench/results/x.*: a moved file leaves no stale path
+    (a path with a <placeholder> is a pattern, not a file)."""
+    stale = []
+    for page in pages():
+        for match in REPO_PATH.finditer(page.read_text()):
+            path = match.group(1).rstrip(".,:;")
+            if "<" not in path and not list(ROOT.glob(path.rstrip("/") or ".")):
+                stale.append(f"{_rel(page)}: {path}")
+    assert not stale, "paths named in the docs that are not in the repository:\n" + "\n".join(stale)
+
+
+def test_architecture_names_only_modules_that_exist():
+    """In docs/architecture.md, each `name.py` under a '## core/PKG/' heading is a module of that package, and
+    under the shared base's heading a module at core/'s top."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing, checked = [], 0
+    for heading, body in re.findall(r"^## ([^\n]*)\n(.*?)(?=^## |\Z)", text, re.M | re.S):
+        package = re.search(r"core/(\w+)/", heading)
+        folder = ROOT / "core" / package.group(1) if package else ROOT / "core" if "core/ top" in heading else None
+        if folder is None:
+            continue
+        for name in re.findall(r"`(\w+\.py)`", body):
+            checked += 1
+            if not (folder / name).is_file():
+                missing.append(f"{name} under '## {heading}' (no {_rel(folder / name)})")
+    assert checked >= 30, f"only {checked} module names found in docs/architecture.md: did its headings change?"
+    assert not missing, "docs/architecture.md names modules that do not exist:\n" + "\n".join(missing)
 
 
 if __name__ == "__main__":
