@@ -12,29 +12,36 @@ COMMANDS = {
     "train": "train a LoRA / QLoRA adapter (a run folder under $LORA_GARAGE_HOME/runs)",
     "data": "inspect a dataset: detected format, columns, token lengths, rendered examples",
     "estimate": "VRAM estimate for full / LoRA / QLoRA and whether it fits your GPU",
-    "runs": "list runs, show one, stop or resume it",
+    "runs": "list runs; show, stop, resume, log or delete one",
     "chat": "chat with a trained adapter (or compare it with the base model)",
     "eval": "score base vs adapter on a run's held-out eval prompts",
-    "export": "merge an adapter into its base model, or zip the adapter",
+    "export": "merge an adapter into its base, zip it, or write GGUF + an Ollama Modelfile (--gguf)",
     "doctor": "what LoRA Garage sees: Python, torch, bitsandbytes, GPUs, RAM, home folder, disk",
 }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, every command's arguments included; parsing runs nothing (docs test uses it)."""
     parser = argparse.ArgumentParser(prog="python -m core", description="LoRA Garage: LoRA / QLoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
     for name, help_text in COMMANDS.items():
-        mod = importlib.import_module(f"core.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        modules[name] = mod
+        _command(name).add_arguments(p)
+    return parser
+
+
+def _command(name: str):
+    return importlib.import_module(f"core.commands.{name}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(_command(args.command).run(args) or 0)
     except GarageError as e:
         print(f"error: {e.message}", file=sys.stderr)
         if e.hint:
