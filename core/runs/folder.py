@@ -1,4 +1,4 @@
-"""The run folder contract (see design.md): $LORA_GARAGE_HOME/runs/<run-id>/ with config.yaml, status.json,
+"""The run folder contract (docs/architecture.md): $LORA_GARAGE_HOME/runs/<run-id>/ with config.yaml, status.json,
 events.jsonl, estimate.json, train.log, checkpoints/ and adapter/.
 
 The child process writes these files, everyone else reads them. status.json is replaced atomically (tmp +
