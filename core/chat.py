@@ -124,9 +124,11 @@ class ChatSession:
                            run=run_dir.name, checkpoint=checkpoint)
 
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
-        """Load (or keep, when source and quant match) the base model. Frees a different one first."""
+        """Load (or keep, when source and quant match) the base model. Frees a different one first. The plain base
+        chats without the last run's data.system (load_run sets it again after this)."""
         if quant not in QUANTS:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
+        self.run_system = ""
         if self.base is not None and self.quant == quant and run_files.same_source(source, self.source):
             return
 

@@ -115,6 +115,24 @@ def test_two_adapters_and_a_checkpoint_switch_without_reloading_the_base(session
     assert (_logits(session, a) - first).abs().max() > 1e-3
 
 
+def test_a_plain_base_does_not_keep_the_last_runs_system_prompt(session, garage_home, tiny_model_dir):
+    """A run trained with data.system chats with it; loading the plain base afterwards (kept in memory, as the
+    same source) renders with the template's own default again, as a fresh session does."""
+    from core.chat import ChatSession, GenSettings
+
+    make_run(garage_home, tiny_model_dir, data={"system": "You are Garage."})
+    settings = GenSettings(**GREEDY)
+    session.load_run("r1")
+    assert "You are Garage." in session.tokenizer.decode(session.encode(MSGS, settings))
+    base = session.base
+    session.load_base(str(tiny_model_dir))
+    assert session.base is base  # kept: only the run's settings are let go
+    fresh = ChatSession(device="cpu")
+    fresh.load_base(str(tiny_model_dir))
+    assert session.encode(MSGS, settings) == fresh.encode(MSGS, settings)
+    assert "You are Garage." not in session.tokenizer.decode(session.encode(MSGS, settings))
+
+
 def test_an_adapter_for_another_base_is_refused(session, garage_home, tiny_model_dir, tiny_model_dir_llama3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
