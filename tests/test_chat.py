@@ -246,3 +246,52 @@ def test_a_slow_reader_still_gets_the_final_text():
     fast.put(torch.tensor([1]))
     fast.end()
     assert list(it)[-1] == ("ab",)
+
+
+@pytest.fixture(scope="module")
+def neox_tokenizer(tmp_path_factory):
+    """The tiny NeoX's tokenizer: no <|im_end|> token, so the fallback's end marker is several plain tokens."""
+    from core import models
+    from core.data import tokenize as data_tokenize
+    from tests.helpers.tiny_neox import build_tiny_neox
+
+    tok = models.load_tokenizer(build_tiny_neox(tmp_path_factory.mktemp("tiny-neox")))
+    assert data_tokenize.stop_strings(tok) == ["<|im_end|>"]
+    return tok
+
+
+def _streamed(tok, ids: list[int]) -> tuple[list[str], str]:
+    """Every text a reader sees while `ids` are generated (the token limit falls after the last), and the final."""
+    import torch
+
+    from core.chat import _RowsStreamer
+
+    streamer = _RowsStreamer(tok, 1, {tok.eos_token_id}, ["<|im_end|>"])
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt comes first and is skipped
+    seen = []
+    for t in ids:
+        streamer.put(torch.tensor([t]))
+        seen.append(streamer.texts[0])
+    streamer.end()
+    return seen, streamer.texts[0]
+
+
+def test_no_part_of_a_text_end_marker_reaches_the_reader(neox_tokenizer):
+    """The marker is several tokens: whichever token the limit cuts at, neither a streamed state nor the final
+    reply holds a piece of it (seen as a new user: 'I am a<|im_end'). A tail that only looks like the start of
+    the marker is held back until the next tokens tell, then shown."""
+    tok = neox_tokenizer
+    reply = "I am a"
+    ids = tok(reply + "<|im_end|><|im_start|>user", add_special_tokens=False)["input_ids"]
+    reply_tokens = len(tok(reply, add_special_tokens=False)["input_ids"])
+    assert len(ids) - reply_tokens > 3  # the marker really is split over several tokens
+    for k in range(1, len(ids) + 1):  # the token limit after k tokens
+        seen, final = _streamed(tok, ids[:k])
+        assert all(reply.startswith(text) for text in seen + [final]), (k, seen, final)
+        if k > reply_tokens:
+            assert final == reply, (k, final)
+    legit = "Use <| and <|im here."
+    seen, final = _streamed(tok, tok(legit, add_special_tokens=False)["input_ids"])
+    assert final == legit and all(legit.startswith(text) for text in seen)
+    marker = "<|im_end|>"
+    assert not any(text.endswith(marker[:n]) for text in seen for n in range(1, len(marker)))  # held, then shown
