@@ -121,8 +121,10 @@ def test_chosen_messages_and_rejected_messages_are_read_as_message_lists(tmp_pat
     after_prompt = {"prompt": sides["chosen"][:1], "chosen_messages": sides["chosen"][1:],
                     "rejected_messages": sides["rejected"][1:]}
     expected = _prepare(tmp_path, tiny_model_dir, [sides]).train[0]
-    assert _prepare(tmp_path, tiny_model_dir, [whole]).train[0] == expected
-    assert _prepare(tmp_path, tiny_model_dir, [after_prompt]).train[0] == expected
+    for row, columns in ((whole, {}), (after_prompt, {"prompt": "prompt"})):
+        prepared = _prepare(tmp_path, tiny_model_dir, [row])
+        assert prepared.train[0] == expected
+        assert prepared.stats.columns == {**columns, "chosen": "chosen_messages", "rejected": "rejected_messages"}
     bad = {"chosen_messages": sides["chosen"], "rejected_messages": [{"role": "user", "content": "Bye"}]}
     with pytest.raises(DatasetError) as e:
         _prepare(tmp_path, tiny_model_dir, [whole, bad])

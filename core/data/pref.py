@@ -191,16 +191,18 @@ def _split_dialogues(record: dict, keys: tuple[str, str], where: Where) -> tuple
 
 
 def columns_of(record: dict, shape: str) -> dict:
-    """Which column gives the prompt, the system prompt and each reply, for the summary."""
+    """Which column gives the prompt, the system prompt and each reply, for the summary. Whole dialogues have no
+    prompt column: the prompt is the turns the two sides share."""
     chosen, rejected = side_keys(record)
     if shape == "strings":
-        prompt = next((k for k in PROMPT_KEYS if k in record), "")
+        prompt = next((k for k in PROMPT_KEYS if k in record), None)
     elif shape == "sharegpt":
-        prompt = next((k for k in ("conversations", "messages", "conversation") if k in record), "")
+        prompt = next((k for k in ("conversations", "messages", "conversation") if k in record), None)
     else:
-        prompt = "prompt" if isinstance(record.get("prompt"), list) else f"the turns {chosen} and {rejected} share"
+        prompt = "prompt" if isinstance(record.get("prompt"), list) else None
     system = next((k for k in SYSTEM_KEYS if k in record), None)
-    return {"prompt": prompt, **({"system": system} if system else {}), "chosen": chosen, "rejected": rejected}
+    return {**({"prompt": prompt} if prompt else {}), **({"system": system} if system else {}), "chosen": chosen,
+            "rejected": rejected}
 
 
 def read_pairs(source: str, split: str = "train", subset: str = "", limit: int = 0, found: dict | None = None):
