@@ -123,9 +123,11 @@ class ChatSession:
                            run=run_dir.name, checkpoint=checkpoint)
 
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
-        """Load (or keep, when source and quant match) the base model. Frees a different one first."""
+        """Load (or keep, when source and quant match) the base model. Frees a different one first. The plain base
+        chats without the last run's data.system (load_run sets it again after this)."""
         if quant not in QUANTS:
             raise ConfigError("quant", f"{quant!r} is not one of none, 4bit", "use 4bit when VRAM is short")
+        self.run_system = ""
         if self.base is not None and self.quant == quant and run_files.same_source(source, self.source):
             return
 
@@ -401,7 +403,7 @@ class _RowsStreamer:
             self.ids[i].append(tid)
             # hold back a trailing half-decoded character (byte-level BPE splits UTF-8 across tokens)
             text, ended = self._cut(self.tok.decode(self.ids[i], skip_special_tokens=True))
-            self.texts[i], self.done[i] = (text if ended else text.rstrip("\ufffd")), ended
+            self.texts[i], self.done[i] = (text if ended else self._held(text.rstrip("\ufffd"))), ended
         self.q.put(tuple(self.texts))
 
     def _cut(self, text: str) -> tuple[str, bool]:
@@ -409,9 +411,18 @@ class _RowsStreamer:
         cuts = [text.find(t) for t in self.stop_texts if t in text]
         return (text[:min(cuts)], True) if cuts else (text, False)
 
+    def _held(self, text: str) -> str:
+        """The text without a tail that could be the start of a marker ("<|im_"): shown once the next tokens show
+        it is not one, dropped when the reply ends there (the token limit cut the marker)."""
+        for n in range(min(len(text), max((len(t) for t in self.stop_texts), default=1) - 1), 0, -1):
+            if any(t.startswith(text[-n:]) for t in self.stop_texts):
+                return text[:-n]
+        return text
+
     def end(self) -> None:
         self.end_at = time.perf_counter()
-        self.texts = [self._cut(self.tok.decode(r, skip_special_tokens=True))[0] for r in self.ids]
+        cuts = [self._cut(self.tok.decode(r, skip_special_tokens=True)) for r in self.ids]
+        self.texts = [text if ended else self._held(text) for text, ended in cuts]
         self.q.put(tuple(self.texts))
         self.q.put(None)
 

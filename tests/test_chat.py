@@ -115,6 +115,24 @@ def test_two_adapters_and_a_checkpoint_switch_without_reloading_the_base(session
     assert (_logits(session, a) - first).abs().max() > 1e-3
 
 
+def test_a_plain_base_does_not_keep_the_last_runs_system_prompt(session, garage_home, tiny_model_dir):
+    """A run trained with data.system chats with it; loading the plain base afterwards (kept in memory, as the
+    same source) renders with the template's own default again, as a fresh session does."""
+    from core.chat import ChatSession, GenSettings
+
+    make_run(garage_home, tiny_model_dir, data={"system": "You are Garage."})
+    settings = GenSettings(**GREEDY)
+    session.load_run("r1")
+    assert "You are Garage." in session.tokenizer.decode(session.encode(MSGS, settings))
+    base = session.base
+    session.load_base(str(tiny_model_dir))
+    assert session.base is base  # kept: only the run's settings are let go
+    fresh = ChatSession(device="cpu")
+    fresh.load_base(str(tiny_model_dir))
+    assert session.encode(MSGS, settings) == fresh.encode(MSGS, settings)
+    assert "You are Garage." not in session.tokenizer.decode(session.encode(MSGS, settings))
+
+
 def test_an_adapter_for_another_base_is_refused(session, garage_home, tiny_model_dir, tiny_model_dir_llama3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -229,3 +247,52 @@ def test_a_slow_reader_still_gets_the_final_text():
     fast.put(torch.tensor([1]))
     fast.end()
     assert list(it)[-1] == ("ab",)
+
+
+@pytest.fixture(scope="module")
+def neox_tokenizer(tmp_path_factory):
+    """The tiny NeoX's tokenizer: no <|im_end|> token, so the fallback's end marker is several plain tokens."""
+    from core import models
+    from core.data import tokenize as data_tokenize
+    from tests.helpers.tiny_neox import build_tiny_neox
+
+    tok = models.load_tokenizer(build_tiny_neox(tmp_path_factory.mktemp("tiny-neox")))
+    assert data_tokenize.stop_strings(tok) == ["<|im_end|>"]
+    return tok
+
+
+def _streamed(tok, ids: list[int]) -> tuple[list[str], str]:
+    """Every text a reader sees while `ids` are generated (the token limit falls after the last), and the final."""
+    import torch
+
+    from core.chat import _RowsStreamer
+
+    streamer = _RowsStreamer(tok, 1, {tok.eos_token_id}, ["<|im_end|>"])
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt comes first and is skipped
+    seen = []
+    for t in ids:
+        streamer.put(torch.tensor([t]))
+        seen.append(streamer.texts[0])
+    streamer.end()
+    return seen, streamer.texts[0]
+
+
+def test_no_part_of_a_text_end_marker_reaches_the_reader(neox_tokenizer):
+    """The marker is several tokens: whichever token the limit cuts at, neither a streamed state nor the final
+    reply holds a piece of it (seen as a new user: 'I am a<|im_end'). A tail that only looks like the start of
+    the marker is held back until the next tokens tell, then shown."""
+    tok = neox_tokenizer
+    reply = "I am a"
+    ids = tok(reply + "<|im_end|><|im_start|>user", add_special_tokens=False)["input_ids"]
+    reply_tokens = len(tok(reply, add_special_tokens=False)["input_ids"])
+    assert len(ids) - reply_tokens > 3  # the marker really is split over several tokens
+    for k in range(1, len(ids) + 1):  # the token limit after k tokens
+        seen, final = _streamed(tok, ids[:k])
+        assert all(reply.startswith(text) for text in seen + [final]), (k, seen, final)
+        if k > reply_tokens:
+            assert final == reply, (k, final)
+    legit = "Use <| and <|im here."
+    seen, final = _streamed(tok, tok(legit, add_special_tokens=False)["input_ids"])
+    assert final == legit and all(legit.startswith(text) for text in seen)
+    marker = "<|im_end|>"
+    assert not any(text.endswith(marker[:n]) for text in seen for n in range(1, len(marker)))  # held, then shown

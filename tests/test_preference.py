@@ -93,6 +93,77 @@ def test_bad_pairs_name_the_row(tmp_path, tiny_model_dir, row, needles):
         assert n in msg
 
 
+@pytest.mark.parametrize("system, expected", [("Answer in French.", "<|im_start|>system\nAnswer in French.<|im_end|>"),
+                                              ("none", "<|im_start|>system\n<|im_end|>")])
+def test_pairs_take_data_system_by_the_rule_sft_uses(tmp_path, tiny_model_dir, system, expected):
+    """data.system reaches a pair's prompt as it reaches an SFT row's: rows without a system turn get it, a row
+    with its own keeps it; the prompt tokens are the SFT row's tokens before the reply."""
+    from core import models
+
+    own = dict(SHAPES["strings"], system="Be brief.")
+    prepared = _prepare(tmp_path, tiny_model_dir, [SHAPES["strings"], own], system=system)
+    tok = models.load_tokenizer(tiny_model_dir)
+    given, kept = (tok.decode(r["prompt_ids"]) for r in prepared.train)
+    assert given.startswith(expected + "\n<|im_start|>user\nHi")
+    assert kept.startswith("<|im_start|>system\nBe brief.<|im_end|>") and expected not in kept
+    sft_file = tmp_path / "sft.jsonl"
+    sft_file.write_text(json.dumps({"prompt": "Hi", "response": "Hello! Over and out."}) + "\n")
+    cfg = pref_config(tiny_model_dir, sft_file, objective="sft")
+    cfg.data.system = system
+    sft_ids = data.prepare(cfg, tok).train[0]["input_ids"]
+    pair = prepared.train[0]
+    assert sft_ids == pair["prompt_ids"] + pair["chosen_ids"]
+
+
+def test_chosen_messages_and_rejected_messages_are_read_as_message_lists(tmp_path, tiny_model_dir):
+    """The newer pair columns (each side the whole dialogue ending in its reply, or the reply alone after a
+    prompt list) give the same tokens as chosen / rejected; the SFT reader names them as pairs too."""
+    sides = SHAPES["messages"]
+    whole = {"chosen_messages": sides["chosen"], "rejected_messages": sides["rejected"]}
+    after_prompt = {"prompt": sides["chosen"][:1], "chosen_messages": sides["chosen"][1:],
+                    "rejected_messages": sides["rejected"][1:]}
+    expected = _prepare(tmp_path, tiny_model_dir, [sides]).train[0]
+    for row, columns in ((whole, {}), (after_prompt, {"prompt": "prompt"})):
+        prepared = _prepare(tmp_path, tiny_model_dir, [row])
+        assert prepared.train[0] == expected
+        assert prepared.stats.columns == {**columns, "chosen": "chosen_messages", "rejected": "rejected_messages"}
+    bad = {"chosen_messages": sides["chosen"], "rejected_messages": [{"role": "user", "content": "Bye"}]}
+    with pytest.raises(DatasetError) as e:
+        _prepare(tmp_path, tiny_model_dir, [whole, bad])
+    assert e.value.line == 2 and "rejected_messages" in e.value.message
+    from core import models
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(whole) + "\n")
+    with pytest.raises(DatasetError) as e:
+        data.prepare(pref_config(tiny_model_dir, f, objective="sft"), models.load_tokenizer(tiny_model_dir))
+    assert "preference pairs" in e.value.message and "train.objective=dpo" in e.value.hint
+
+
+def test_data_command_inspects_pairs_with_objective(tmp_path, tiny_model_dir, capsys):
+    """`python -m core data FILE --objective dpo` shows the pairs (prompt untrained, both replies marked); as SFT
+    the same file is refused with a hint naming that flag."""
+    from core.__main__ import main
+
+    f = write_pairs(tmp_path / "pairs.jsonl", n=3)
+    args = ["data", str(f), "--model", str(tiny_model_dir), "--max-len", "64"]
+    assert main(args) == 2
+    assert "--objective dpo" in capsys.readouterr().err
+    assert main(args + ["--objective", "dpo"]) == 0
+    text = capsys.readouterr().out
+    assert "format    preference pairs (dpo)" in text and "pairs     3" in text
+    assert "prompt <- prompt, chosen <- chosen, rejected <- rejected" in text
+    assert "--- pair 1 ---\n<|im_start|>user\nWho are you?<|im_end|>" in text
+    assert "⟦Sure. Over and out.<|im_end|>" in text and "⟦I do not know, sorry about that.<|im_end|>" in text
+    assert main(args + ["--objective", "orpo", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 3 and out["objective"] == "orpo" and out["train_on"] == "replies"
+    first = out["examples"][0]
+    assert first["chosen"] == [["Sure. Over and out.<|im_end|>\n", True]] and not any(m for _, m in first["prompt"])
+    assert main(args + ["--objective", "dpo", "--format", "messages"]) == 2
+    assert "--format applies to --objective sft" in capsys.readouterr().err
+
+
 def test_sft_refuses_pairs_and_points_at_dpo(tmp_path, tiny_model_dir):
     with pytest.raises(DatasetError) as e:
         from core import models

@@ -30,7 +30,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
          "function_call": "assistant", "tool_call": "assistant", "observation": "tool", "tool": "tool",
          "function": "tool", "ipython": "tool"}
 # Columns that change what a row means: training it as plain chat without them would be silently wrong.
-PREFERENCE_KEYS = ("chosen", "rejected")
+PREFERENCE_KEYS = ("chosen", "rejected", "chosen_messages", "rejected_messages")
 LABEL_KEYS = ("label", "kto_tag")
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 # data.columns keys: our role names, plus the names people naturally write for them.
@@ -188,8 +188,9 @@ def check_meaning(record: dict, mapping: dict, where: Where) -> None:
     if any(k in keys for k in PREFERENCE_KEYS) and not chose:
         raise where.error(f"this is a file of preference pairs (chosen / rejected), and train.objective is sft; "
                           f"columns found: {_cols(record)}",
-                          "train the pairs with train.objective=dpo (or orpo; --objective dpo on the command "
-                          "line, objective on the Train page's Preference panel); for supervised fine-tuning "
+                          "train the pairs with train.objective=dpo (or orpo): the flag --objective dpo of "
+                          "python -m core train and python -m core data, or objective on the Train page's "
+                          "Preference panel; for supervised fine-tuning "
                           "give one reply per prompt, or map the preferred reply "
                           "yourself (data.columns {prompt: prompt, response: chosen}; the rejected replies are "
                           "then left out)")

@@ -8,7 +8,11 @@ Shapes (auto-detected per file):
                  (LLaMA-Factory's shape; role/content objects work too)
     messages     {"chosen": [{role, content}...], "rejected": [{role, content}...]} holding the whole dialogue,
                  the shared turns being the prompt (UltraFeedback); or TRL's {"prompt": [turns], "chosen":
-                 [reply turn], "rejected": [reply turn]}
+                 [reply turn], "rejected": [reply turn]}. The sides may be named chosen_messages /
+                 rejected_messages instead (a newer pair format), read the same way.
+
+data.system applies as in SFT (core.data.tokenize.Renderer.for_template): a pair whose prompt has no system turn
+gets it; a pair with its own keeps it.
 
 A pair becomes {"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt rendered with the generation prompt,
 each reply the rest of the rendered dialogue (its end-of-turn token included). Those are the columns TRL's
@@ -28,10 +32,12 @@ from core.data.tokenize import Renderer, encode, segments
 from core.errors import DatasetError
 
 SHAPES = ("strings", "sharegpt", "messages")
+SIDE_KEYS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"))
 KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _SAMPLES = 5
 ACCEPTED = ("prompt / chosen / rejected text columns; conversations + chosen + rejected objects (ShareGPT); "
-            "chosen and rejected message lists holding the whole dialogue (UltraFeedback)")
+            "chosen and rejected message lists holding the whole dialogue (UltraFeedback; the columns may be named "
+            "chosen_messages / rejected_messages)")
 
 
 @dataclass
@@ -71,13 +77,19 @@ class PairSample:
 
 # ---------------------------------------------------------------- shapes
 
+def side_keys(record: dict) -> tuple[str, str]:
+    """The columns that hold the two replies: chosen / rejected, else chosen_messages / rejected_messages."""
+    return next((keys for keys in SIDE_KEYS if any(k in record for k in keys)), SIDE_KEYS[0])
+
+
 def detect_shape(record: dict, where: Where) -> str:
-    chosen, rejected = record.get("chosen"), record.get("rejected")
+    keys = side_keys(record)
+    chosen, rejected = (record.get(k) for k in keys)
     if chosen is None or rejected is None:
-        missing = "chosen" if chosen is None else "rejected"
+        missing = keys[0] if chosen is None else keys[1]
         raise where.error(f"a preference pair needs {missing!r}; columns found: {', '.join(map(str, record))}",
                           f"give every row chosen and rejected ({ACCEPTED})")
-    if isinstance(chosen, list) or isinstance(rejected, list):
+    if isinstance(chosen, list) or isinstance(rejected, list) or keys != SIDE_KEYS[0]:
         return "messages"
     if isinstance(chosen, dict) or isinstance(rejected, dict):
         return "sharegpt"
@@ -88,6 +100,7 @@ def to_pair(record: dict, shape: str, where: Where) -> Pair:
     """The record as a Pair. Raises DatasetError naming the row: empty sides, a pair whose two replies are the
     same, a prompt with no user turn."""
     system = next((record[k] for k in SYSTEM_KEYS if isinstance(record.get(k), str) and record[k].strip()), "")
+    keys = side_keys(record)
     if shape == "strings":
         key = next((k for k in PROMPT_KEYS if k in record), None)
         if key is None:
@@ -104,7 +117,7 @@ def to_pair(record: dict, shape: str, where: Where) -> Pair:
         prompt = parse_turns(record[conv_key], fmt, conv_key, where)
         chosen, rejected = _reply(record, "chosen", where), _reply(record, "rejected", where)
     else:
-        prompt, chosen, rejected = _split_dialogues(record, where)
+        prompt, chosen, rejected = _split_dialogues(record, keys, where)
     if system and not (prompt and prompt[0]["role"] == "system"):
         prompt.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "user" for m in prompt):
@@ -143,11 +156,11 @@ def _reply(record: dict, key: str, where: Where) -> str:
     return turn["content"]
 
 
-def _split_dialogues(record: dict, where: Where) -> tuple[list[dict], str, str]:
-    """UltraFeedback: chosen and rejected hold the whole dialogue; the prompt is what they share. TRL's
-    conversational shape: prompt holds the turns, chosen / rejected the reply alone."""
+def _split_dialogues(record: dict, keys: tuple[str, str], where: Where) -> tuple[list[dict], str, str]:
+    """UltraFeedback: chosen and rejected (under `keys`) hold the whole dialogue; the prompt is what they share.
+    TRL's conversational shape: prompt holds the turns, chosen / rejected the reply alone."""
     sides = {}
-    for key in ("chosen", "rejected"):
+    for key in keys:
         value = record.get(key)
         if not isinstance(value, list) or not value:
             raise where.error(f"{key!r} must be a non-empty list of messages, got {kind_of(value)}",
@@ -162,12 +175,12 @@ def _split_dialogues(record: dict, where: Where) -> tuple[list[dict], str, str]:
             if turns[-1]["role"] != "assistant":
                 raise where.error(f"{key!r} does not end with an assistant reply", "the last message is the reply")
             ends[key] = turns[-1:]
-        prompt = sides["chosen"][:-1]
-        if [(m["role"], m["content"]) for m in sides["rejected"][:-1]] != [(m["role"], m["content"]) for m in prompt]:
-            raise where.error("chosen and rejected start with different dialogues",
+        prompt = sides[keys[0]][:-1]
+        if [(m["role"], m["content"]) for m in sides[keys[1]][:-1]] != [(m["role"], m["content"]) for m in prompt]:
+            raise where.error(f"{keys[0]} and {keys[1]} start with different dialogues",
                               "both lists must hold the same turns before their last (assistant) reply")
     out = []
-    for key in ("chosen", "rejected"):
+    for key in keys:
         turns = ends[key]
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             raise where.error(f"{key!r} must be one assistant reply", "put earlier turns in the prompt")
@@ -177,11 +190,30 @@ def _split_dialogues(record: dict, where: Where) -> tuple[list[dict], str, str]:
     return prompt, out[0], out[1]
 
 
-def read_pairs(source: str, split: str = "train", subset: str = "", limit: int = 0):
-    """Yields (Pair, Where) of a source; the shape is taken from the first row and held for the others."""
+def columns_of(record: dict, shape: str) -> dict:
+    """Which column gives the prompt, the system prompt and each reply, for the summary. Whole dialogues have no
+    prompt column: the prompt is the turns the two sides share."""
+    chosen, rejected = side_keys(record)
+    if shape == "strings":
+        prompt = next((k for k in PROMPT_KEYS if k in record), None)
+    elif shape == "sharegpt":
+        prompt = next((k for k in ("conversations", "messages", "conversation") if k in record), None)
+    else:
+        prompt = "prompt" if isinstance(record.get("prompt"), list) else None
+    system = next((k for k in SYSTEM_KEYS if k in record), None)
+    return {**({"prompt": prompt} if prompt else {}), **({"system": system} if system else {}), "chosen": chosen,
+            "rejected": rejected}
+
+
+def read_pairs(source: str, split: str = "train", subset: str = "", limit: int = 0, found: dict | None = None):
+    """Yields (Pair, Where) of a source; the shape is taken from the first row and held for the others. `found`
+    gets the shape and columns_of the first row."""
     shape, n = None, 0
     for record, where in iter_records(source, split, subset):
-        shape = shape or detect_shape(record, where)
+        if shape is None:
+            shape = detect_shape(record, where)
+            if found is not None:
+                found.update(shape=shape, columns=columns_of(record, shape))
         yield to_pair(record, shape, where), where
         n += 1
         if limit and n >= limit:
@@ -203,11 +235,12 @@ class _Built:
 def tokenise(pairs, tokenizer, renderer: Renderer, data, progress: Callable | None = None, total: int = 0) -> _Built:
     built = _Built()
     for n, (pair, where) in enumerate(pairs, 1):
-        prompt_text = renderer._guarded(lambda: renderer.render(pair.prompt, add_generation_prompt=True), where)
+        prompt, tools, _ = renderer.for_template(pair.prompt)  # data.system and the rest, as SFT renders a row
+        prompt_text = renderer._guarded(lambda: renderer.render(prompt, add_generation_prompt=True, tools=tools), where)
         texts = [prompt_text]
         for reply in (pair.chosen, pair.rejected):
-            full = renderer._guarded(lambda: renderer.render(pair.prompt + [{"role": "assistant", "content": reply}]),
-                                     where)
+            full = renderer._guarded(lambda: renderer.render(prompt + [{"role": "assistant", "content": reply}],
+                                                             tools=tools), where)
             if not full.startswith(prompt_text):
                 raise where.error("the chat template renders the prompt differently once a reply follows, so the "
                                   "reply's tokens cannot be told apart", "use a model whose template appends replies")
@@ -260,9 +293,10 @@ def _sample(texts, encs, p: int, lengths, max_len: int) -> PairSample:
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     """core.data.sft.prepare for train.objective dpo / orpo: a Prepared whose rows are PairRows."""
     data = cfg.data
-    renderer = Renderer(tokenizer)
+    renderer = Renderer(tokenizer, data.system)
     total = estimate_total(data.source)
-    built = tokenise(read_pairs(data.source, data.split, data.subset, data.limit), tokenizer, renderer, data,
+    found: dict = {}
+    built = tokenise(read_pairs(data.source, data.split, data.subset, data.limit, found), tokenizer, renderer, data,
                      progress, total)
     if not built.rows:
         raise DatasetError(f"no preference pair of {data.source} is left (data.overlong=drop removed "
@@ -279,7 +313,7 @@ def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None):
     if progress:
         progress(len(built.lengths), len(built.lengths))
     stats = DataStats(rows=len(built.lengths), format=f"preference pairs ({cfg.train.objective})",
-                      columns={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, source=data.source,
+                      columns=found.get("columns", {}), source=data.source,
                       template_is_default=renderer.is_default, lengths=built.lengths, max_len=data.max_len,
                       truncated=built.truncated, dropped=built.dropped, trained_tokens=train.trained_tokens(),
                       total_tokens=train.total_tokens(), eval_rows=len(eval_rows or []), train_rows=len(train),
