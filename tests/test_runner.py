@@ -58,7 +58,7 @@ def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
     (run_dir / "train.log").write_text("loading...\nSegmentation fault\n")
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     runs.write_status(run_dir, pid=proc.pid, pid_create_time=procs.process_start_time(proc.pid))
-    procs.adopt(run_dir.name, proc)
+    procs.adopt(proc)
     proc.wait()
     st = runs.read_status(run_dir)
     assert st["state"] == "failed" and st["ended_at"]
@@ -70,7 +70,7 @@ def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
 def test_a_killed_child_reports_the_signal():
     proc = _sleeper()
     run_dir = _run(pid=proc.pid)
-    procs.adopt(run_dir.name, proc)
+    procs.adopt(proc)
     assert runs.read_status(run_dir)["state"] == "running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -104,7 +104,7 @@ def test_stop_sends_sigterm_then_kills_after_the_grace_period():
                             stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout.readline().strip() == b"ready"
     run_dir = _run(pid=proc.pid)
-    procs.adopt(run_dir.name, proc)
+    procs.adopt(proc)
     t0 = time.time()
     assert runner.stop(run_dir.name, grace_s=1.0) == "stopped"
     assert 1.0 <= time.time() - t0 < 15
@@ -176,3 +176,16 @@ def test_cli_runs_list_and_show(capsys):
     assert cli(["runs", "show", run_dir.name, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "stopped"
     assert cli(["runs", "show", "../x"]) == 2
+
+
+def test_every_parameter_of_the_process_helpers_is_used():
+    """A parameter nobody reads misleads the caller (procs kept run_id "for the callers' sake" while pids identify)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(procs))
+    dead = []
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        used = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        dead += [f"{fn.name}({a.arg})" for a in fn.args.args + fn.args.kwonlyargs if a.arg not in used]
+    assert dead == []

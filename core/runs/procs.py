@@ -143,7 +143,7 @@ def exit_words(code: int) -> str:
 
 # ---------------------------------------------------------------- children this process started
 
-def adopt(run_id: str, proc: subprocess.Popen) -> None:
+def adopt(proc: subprocess.Popen) -> None:
     """Keep a child we just spawned, and note when it ends (so a crash records its time of death)."""
     _children[proc.pid] = proc
     _exited_at.pop(proc.pid, None)   # a pid seen before belonged to an earlier child
@@ -151,8 +151,8 @@ def adopt(run_id: str, proc: subprocess.Popen) -> None:
     threading.Thread(target=_note_exit, args=(proc,), daemon=True).start()
 
 
-def child(run_id: str, pid: int | None) -> subprocess.Popen | None:
-    """The child with this pid that this process started (run_id kept for the callers' sake: pids identify)."""
+def child(pid: int | None) -> subprocess.Popen | None:
+    """The child with this pid that this process started."""
     return _children.get(pid) if pid is not None else None
 
 
@@ -164,11 +164,11 @@ def _note_exit(proc: subprocess.Popen) -> None:
     _exit_codes[proc.pid] = code
 
 
-def reap(run_id: str, pid: int, timeout: float) -> int | None:
+def reap(pid: int, timeout: float) -> int | None:
     """Exit code of a child we started (reaping it so it does not linger as a zombie); None if not ours."""
     if pid in _exit_codes:
         return _exit_codes[pid]
-    proc = child(run_id, pid)
+    proc = child(pid)
     if proc is not None:
         try:
             return proc.wait(timeout=timeout) if timeout else proc.poll()
@@ -195,7 +195,7 @@ class Death:
 def check(run_dir: Path, st: dict) -> Death | None:
     """None while the run's process lives (or may still be starting); else how it ended. `st` is its status."""
     pid = st.get("pid")
-    proc = child(run_dir.name, pid)
+    proc = child(pid)
     if proc is not None:
         code = _exit_codes.get(pid)  # set by _note_exit once the child is reaped
         if code is None:
@@ -208,7 +208,7 @@ def check(run_dir: Path, st: dict) -> Death | None:
     elif is_alive(pid, st.get("pid_create_time")):
         return None
     else:
-        code = reap(run_dir.name, pid, timeout=0)
+        code = reap(pid, timeout=0)
     if code is None:
         how = f"exit code unknown: {_started_by(st)}" if pid else "it never started"
     else:

@@ -158,7 +158,7 @@ def _spawn(run_dir: Path, lock_fd: int) -> subprocess.Popen:
         raise RunError(f"could not start the training process: {e}", f"check that {sys.executable} runs") from e
     finally:
         log.close()
-    procs.adopt(run_dir.name, proc)
+    procs.adopt(proc)
     runs.update_status(run_dir, ("queued",), pid=proc.pid, pid_create_time=procs.process_start_time(proc.pid),
                        launched_by=procs.LAUNCHED_BY_APP)
     return proc
@@ -177,7 +177,7 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
             os.killpg(pid, signal.SIGKILL)  # a child we spawned leads its own session: this takes its helpers too
         else:
             os.kill(pid, signal.SIGKILL)  # a foreground `python -m core train` shares its shell's group
-        procs.reap(run_dir.name, pid, timeout=10)
+        procs.reap(pid, timeout=10)
         _kill_ranks(run_dir)
         runs.update_status(run_dir, runs.ACTIVE, state="stopped", ended_at=runs.now(), error={
             "kind": "run", "message": f"did not stop within {grace_s:.0f} s and was killed; the current step was lost",
