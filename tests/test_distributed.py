@@ -84,8 +84,9 @@ def test_a_resume_on_another_number_of_processes_says_what_changed(tmp_path):
 
     distributed.record_plan(tmp_path, distributed.plan(_cfg(devices="2", batch_size=2, grad_accum=4), 0))
     log = ev.EventLog(tmp_path)
-    training._note_world_change(tmp_path, _cfg(devices="1", batch_size=2, grad_accum=4), log)
-    training._note_world_change(tmp_path, _cfg(devices="1", batch_size=2, grad_accum=4), log)  # now recorded: quiet
+    one = distributed.plan(_cfg(devices="1", batch_size=2, grad_accum=4), 0)
+    training._note_world_change(tmp_path, one, log)
+    training._note_world_change(tmp_path, one, log)  # now recorded: quiet
     log.close()
     said = [e[ev.MESSAGE] for e in ev.logs(ev.read(tmp_path)[0])]
     assert len(said) == 1 and said[0].startswith("resuming on 1 process(es), the run started on 2")

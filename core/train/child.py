@@ -77,7 +77,7 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
                 runs.write_status(run_dir, state="failed", ended_at=runs.now(), error=error.to_dict())
                 return 1
         else:
-            outcome = train(run_dir, cfg, events, stop, ctx)
+            outcome = train(run_dir, cfg, events, stop, ctx, plan)
     except BaseException as e:  # noqa: BLE001 - every failure is logged, classified and written to status.json
         traceback.print_exc()
         error = classify(e, ctx, cfg, run_dir)
@@ -93,16 +93,17 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     return 0  # the lock goes with the process
 
 
-def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
+def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dict | None = None) -> str:
     """Straight-line: device, model files, data, model + LoRA, trainer, train, adapter. -> completed|stopped.
-    In a rank of a multi-process run (plan given), the model files, the data and the resume point come from the
-    supervisor, and rank 0 alone writes the run folder."""
+    `plan` is the run's one plan (distributed.machine_plan, made once per run). In a rank of a multi-process run
+    (handoff given), the model files, the data and the resume point come from the supervisor, and rank 0 alone
+    writes the run folder."""
     from transformers import set_seed  # heavy
 
     from core.train.callbacks import FAULT_ENV, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
-    if plan is not None and plan.gpus:
+    if handoff is not None and plan.gpus:
         import torch  # heavy
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -112,10 +113,10 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
         memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
 
-    if plan is not None:
-        model_path, tokenizer, prepared, resume_from = rank_handoff(run_dir, cfg)
+    if handoff is not None:
+        model_path, tokenizer, prepared, resume_from = rank_handoff(handoff, cfg)
     else:
-        model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device, memory)
+        model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device, memory, plan=plan)
         if stop.requested:
             return "stopped"
 
@@ -142,14 +143,14 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     return "stopped" if stop.requested else "completed"
 
 
-def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None):
+def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None, *, plan):
     """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
     -> (model_path, tokenizer, prepared, resume_from)."""
 
     ctx.phase = "load"
     model_path = models.resolve(cfg.model.source)
     models.check_safetensors(model_path)
-    write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None)
+    write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None, plan)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
@@ -161,7 +162,7 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
     stats.pop("lengths", None)
     events.data(stats)
     use_run_template(tokenizer, events)
-    return model_path, tokenizer, prepared, prepare_resume(run_dir, cfg, model_path, prepared, events)
+    return model_path, tokenizer, prepared, prepare_resume(run_dir, cfg, model_path, prepared, events, plan)
 
 
 # ---------------------------------------------------------------- several processes
@@ -180,7 +181,7 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
         print(f"WARNING: {distributed.NCCL_NOTE}", flush=True)
         events.log("warning", distributed.NCCL_NOTE)
     device = "cuda" if plan.gpus else "cpu"
-    model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device)
+    model_path, tokenizer, prepared, resume_from = prepare_run(run_dir, cfg, events, ctx, device, plan=plan)
     if stop.requested:
         return "stopped", None
     rdir = distributed.ranks_dir(run_dir)
@@ -189,7 +190,7 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
         old.unlink()
     with open(rdir / distributed.PREPARED_FILE, "wb") as fh:  # our own data, read back by our own ranks
         pickle.dump({"model_path": str(model_path), "prepared": prepared, "chat_template": tokenizer.chat_template,
-                     "resume_from": str(resume_from) if resume_from else None}, fh)
+                     "resume_from": str(resume_from) if resume_from else None, "plan": plan}, fh)
     nnodes, node_rank, rdzv = distributed.nodes_from_env() or (1, 0, None)
     cmd = distributed.launch_command(run_dir, plan, nnodes, node_rank, rdzv)
     print("launch: " + " ".join(cmd), flush=True)
@@ -257,11 +258,14 @@ def _ranks_outcome(run_dir: Path, code: int):
     return result["state"], None
 
 
-def rank_handoff(run_dir: Path, cfg):
-    """In a rank: what the supervisor prepared. -> (model_path, tokenizer, prepared, resume_from)."""
-
+def read_handoff(run_dir: Path) -> dict:
+    """In a rank: what the supervisor prepared and pickled into ranks/ (its plan included: the run plans once)."""
     with open(distributed.ranks_dir(run_dir) / distributed.PREPARED_FILE, "rb") as fh:
-        handoff = pickle.load(fh)
+        return pickle.load(fh)
+
+
+def rank_handoff(handoff: dict, cfg):
+    """In a rank: the supervisor's handoff as train() uses it. -> (model_path, tokenizer, prepared, resume_from)."""
     model_path = Path(handoff["model_path"])
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.chat_template = handoff["chat_template"]  # what the rows were rendered with (saved with the adapter)
@@ -283,8 +287,8 @@ def rank_main(run_dir: Path) -> int:
     result: dict
     try:
         cfg = runs.load_config(run_dir)
-        plan = distributed.machine_plan(cfg)
-        result = {"state": train(run_dir, cfg, events, stop, ctx, plan=plan)}
+        handoff = read_handoff(run_dir)
+        result = {"state": train(run_dir, cfg, events, stop, ctx, handoff["plan"], handoff)}
         code = 0
     except BaseException as e:  # noqa: BLE001 - classified like a one-process failure, handed to the supervisor
         traceback.print_exc()
@@ -530,17 +534,16 @@ def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog):
 # ---------------------------------------------------------------- before training: estimate, resume, disk
 
 def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, device: str = "cuda",
-                   context_bytes: int | None = None) -> None:
-    """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events. On
-    CUDA it also records the context measured in this process before the model loaded (context_bytes), which the
-    estimate can only assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
+                   context_bytes: int | None = None, plan=None) -> None:
+    """estimate.json: the VRAM estimate at launch, to hold against the measured peak in the metrics events; with
+    the run's plan (None: one device) of several devices, the estimate for one of them. On CUDA it also records
+    the context measured in this process before the model loaded (context_bytes), which the estimate can only
+    assume (its cuda_context component): runs.estimate_bytes swaps one for the other."""
 
     try:  # only the estimate itself is guarded: a missing core.estimate.vram is a broken install and fails loudly
         shape = vram.shape_from_config(json.loads((model_path / "config.json").read_text()))
         est = vram.estimate(shape, vram.settings_from_config(cfg, device=device))  # CPU runs: a RAM estimate
-
-        plan = distributed.machine_plan(cfg)
-        if plan.distributed:  # the estimate for ONE device (one process) of the group
+        if plan is not None and plan.distributed:  # the estimate for ONE device (one process) of the group
             est = vram.per_gpu(est, plan.strategy, plan.world_size)
         body = est.to_dict() if hasattr(est, "to_dict") else dataclasses.asdict(est)
     except Exception as e:  # noqa: BLE001 - the estimate is advice, not a reason to refuse training; say why it is missing
@@ -553,7 +556,7 @@ def write_estimate(run_dir: Path, cfg, model_path: Path, events: ev.EventLog, de
     runs.write_atomic(run_dir / "estimate.json", json.dumps(body, indent=1, default=str))
 
 
-def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.EventLog) -> Path | None:
+def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.EventLog, plan) -> Path | None:
     """On a fresh run, record the fingerprint. On a resume, set partial checkpoints aside and refuse to continue
     if the model, LoRA shape or data differ from what the checkpoints were trained with."""
     for p in runs.set_aside_partial(run_dir):
@@ -565,8 +568,7 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
     saved = runs.read_fingerprint(run_dir)
     if latest is None:
         runs.write_fingerprint(run_dir, fp)
-
-        distributed.record_plan(run_dir, distributed.machine_plan(cfg))
+        distributed.record_plan(run_dir, plan)
         return None
     problems = runs.compare_fingerprints(saved, fp) if saved else []
     if problems:
@@ -574,16 +576,15 @@ def prepare_resume(run_dir: Path, cfg, model_path: Path, prepared, events: ev.Ev
                        "restore what changed, or start a new run with the new settings")
     print(f"resuming from {latest.name}", flush=True)
     events.log("info", f"resuming from {latest.name}")
-    _note_world_change(run_dir, cfg, events)
+    _note_world_change(run_dir, plan, events)
     return latest
 
 
-def _note_world_change(run_dir: Path, cfg, events: ev.EventLog) -> None:
+def _note_world_change(run_dir: Path, now, events: ev.EventLog) -> None:
     """A resume on another number of processes keeps the global batch (core.train.distributed.plan divides grad_accum)
     but not the data order or every RNG stream of an uninterrupted run: say so."""
 
     path = distributed.ranks_dir(run_dir) / "plan.json"
-    now = distributed.machine_plan(cfg)
     before = json.loads(path.read_text()) if path.exists() else {"world_size": 1, "effective_batch": None}
     if before["world_size"] != now.world_size:
         msg = (f"resuming on {now.world_size} process(es), the run started on {before['world_size']}: the effective "

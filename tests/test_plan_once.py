@@ -1,0 +1,58 @@
+"""The run's own plan (core.train.distributed.machine_plan: devices, strategy with the fits checks, per-rank
+grad_accum) is made once per run start in the training child and once per VRAM panel update, and both show the
+same strategy."""
+
+import signal
+
+import pytest
+
+from core import hardware
+from core.runs import folder as runs
+from core.train import distributed
+from tests.helpers.training import tiny_config, write_dataset
+
+
+def _count_planning(monkeypatch) -> dict:
+    """Count NVML reads (hardware.read) and plans (distributed.plan) from here on."""
+    counts = {"read": 0, "plan": 0}
+    real_read, real_plan = hardware.read, distributed.plan
+
+    def read():
+        counts["read"] += 1
+        return real_read()
+
+    def plan(*a, **k):
+        counts["plan"] += 1
+        return real_plan(*a, **k)
+
+    monkeypatch.setattr(hardware, "read", read)
+    monkeypatch.setattr(distributed, "plan", plan)
+    return counts
+
+
+@pytest.fixture
+def keep_signals():
+    """The child installs its Stop handlers (SIGTERM, SIGINT) in this process: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_a_run_start_plans_once_with_one_nvml_read(tmp_path, tiny_model_dir, monkeypatch, keep_signals):
+    from core.train import child
+
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "d.jsonl", n=4), max_steps=1, save_steps=100)
+    run_dir = runs.create(cfg)
+    counts = _count_planning(monkeypatch)
+    fds = []
+    real_hold = child.procs.hold_lock
+    monkeypatch.setattr(child.procs, "hold_lock", lambda *a, **k: fds.append(real_hold(*a, **k)) or fds[-1])
+    try:
+        assert child.main(run_dir) == 0, runs.read_status(run_dir)
+    finally:
+        for fd in fds:  # the lock goes with the process; this one is pytest's
+            import os
+            os.close(fd)
+    assert runs.read_status(run_dir)["state"] == "completed"
+    assert counts == {"read": 1, "plan": 1}
