@@ -56,3 +56,36 @@ def test_a_run_start_plans_once_with_one_nvml_read(tmp_path, tiny_model_dir, mon
             os.close(fd)
     assert runs.read_status(run_dir)["state"] == "completed"
     assert counts == {"read": 1, "plan": 1}
+
+
+def test_the_vram_panel_shows_the_strategy_the_run_picks(tmp_path, monkeypatch):
+    """Two 20 GB cards and a 16-bit LoRA of an 8B model that fits neither alone: the run shards it (FSDP), so the
+    panel's per-GPU rows and its plan line say FSDP too, from one NVML read per update."""
+    import json
+
+    from core.estimate import vram
+    from tests.helpers.forms import form_values
+    from tests.helpers.shapes import LLAMA31_8B
+    from ui import train_tab
+
+    model = tmp_path / "llama-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA31_8B))
+    cfg = tiny_config(model, write_dataset(tmp_path / "d.jsonl", n=4))
+    cfg.quant.method, cfg.train.grad_checkpointing, cfg.data.max_len = "lora", True, 2048
+    card = hardware.GpuReading(index=0, name="NVIDIA GeForce RTX 4080", total=20 * 2**30, free=20 * 2**30,
+                               used=0)
+    monkeypatch.setattr(hardware, "read", lambda: hardware.HardwareReading(gpus=[card, card]))
+    run_plan = distributed.machine_plan(cfg)  # what the training child decides on this machine
+    assert run_plan.strategy == "fsdp"
+
+    counts = _count_planning(monkeypatch)
+    names, values = form_values(cfg)
+    view = train_tab.vram_update("detected", names, values)
+    assert "strategy fsdp" in view.panel and "strategy ddp" not in view.panel
+    one = vram.estimate(vram.shape_from_config(LLAMA31_8B), vram.settings_from_config(cfg, device="cuda"))
+    per_gpu = vram.per_gpu(one, "fsdp", 2).total_bytes
+    assert f"{per_gpu / 2**30:.2f} GB" in view.panel
+    assert counts["read"] == 1
+    from ui import vram_panel
+    assert vram_panel.plans(cfg, hardware.read())["qlora"].strategy == "ddp"  # auto shards only a 16-bit LoRA

@@ -303,14 +303,15 @@ def vram_update(target: str, names: list[str], values: list, inspected: dict | N
     chosen = cfg.quant.method if cfg.quant.method in ("lora", "qlora") else "lora"
     reading = hardware.read()
     device = "cpu" if target == "detected" and not reading.gpus else "cuda"  # a GPU size picked: plan for it
-    ests = vram_panel.estimates(cfg, shape, device)
+    plans = vram_panel.plans(cfg, reading, shape)  # once per update: the run's own plan (what the training child picks)
+    ests = vram_panel.estimates(cfg, shape, device, plans)
     total, free, label = vram_panel.gpu_budget(target, reading)
     if device == "cpu":
         label = "this machine's RAM (no NVIDIA GPU: training runs on the CPU in fp32; pick a GPU size to plan for one)"
-    panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen, device)
+    panel = vram_panel.render(cfg, shape, ests, total, free, label, chosen, device, plans["run"])
     verdict = vram_panel.verdict_text(ests[chosen], total, free)
     if total is None and not reading.gpus:
-        verdict = vram_panel.cpu_verdict_text(cfg, shape, chosen, reading)
+        verdict = vram_panel.cpu_verdict_text(cfg, shape, chosen, reading, plans["run"])
     suggestions = []
     if total and vram.verdict(ests[chosen], total, free).status != "fits":
         suggestions = [x for x in vram.suggest(shape, vram.settings_from_config(cfg), free or total) if x.changes]

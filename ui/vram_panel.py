@@ -3,6 +3,7 @@ a verdict, and "make it fit" suggestions. Pure formatting over core.estimate.vra
 
 from __future__ import annotations
 
+import copy
 import functools
 import html
 
@@ -22,29 +23,39 @@ TARGET_SIZES_GB = [6, 8, 12, 16, 24, 48, 80]
 gb = functools.partial(units.gb, digits=2)  # the panel compares close sizes: two decimals
 
 
-def estimates(cfg, shape, device: str = "cuda") -> dict:
+def estimates(cfg, shape, device: str = "cuda", plans: dict | None = None) -> dict:
     """method -> Estimate for the current settings, with only the method swapped (on `device`: cpu is fp32 RAM).
-    With several devices (train.devices) each is the estimate for ONE of them under the planned strategy."""
+    With several devices (train.devices) each is the estimate for ONE of them under its plan's strategy (`plans`,
+    from plans(); None: one device)."""
     ests = {m: vram.estimate(shape, vram.settings_from_config(cfg, method=m, device=device)) for m, _ in METHODS}
-    p = group_plan(cfg)
-    if p is not None and p.distributed and device == "cuda":
-        ests = {m: vram.per_gpu(e, p.strategy, p.world_size) for m, e in ests.items()}
+    if device == "cuda":
+        for m, e in ests.items():
+            p = (plans or {}).get(m)
+            if p is not None and p.distributed:
+                ests[m] = vram.per_gpu(e, p.strategy, p.world_size)
     return ests
 
 
-def group_plan(cfg):
-    """core.train.distributed's plan for this machine, or None when the devices setting cannot be planned (the form
-    shows that error at Start)."""
-
+def plans(cfg, reading, shape=None) -> dict:
+    """The plans of one panel update, from one hardware reading (and the model's shape the panel read): "run" is the plan a run of these settings makes
+    (core.train.distributed.machine_plan, the training child's own, fits checks included), and each method of the
+    panel's rows has the plan with only the method swapped (auto shards only a 16-bit LoRA that no card holds).
+    All None when train.devices cannot be planned (the form shows that error at Start)."""
     try:
-        return distributed.plan(cfg, len(hardware.read().gpus))
+        run = distributed.machine_plan(cfg, reading, shape)
+        out = {"run": run}
+        for m, _ in METHODS:
+            swapped = copy.deepcopy(cfg)
+            swapped.quant.method = m
+            out[m] = run if m == cfg.quant.method else distributed.machine_plan(swapped, reading, shape)
+        return out
     except ConfigError:
-        return None
+        return {"run": None, **{m: None for m, _ in METHODS}}
 
 
-def plan_html(cfg) -> str:
-    """One line under the panel's title: how many processes, the strategy, the effective batch."""
-    p = group_plan(cfg)
+def plan_html(p) -> str:
+    """One line under the panel's title: how many processes, the strategy, the effective batch (p: the run's plan,
+    or None)."""
     if p is None or not p.distributed:
         return ""
     per = "per GPU" if p.gpus else "per process"
@@ -91,7 +102,7 @@ def gpu_budget(target: str, reading=None) -> tuple[int | None, int | None, str]:
 
 
 def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_label: str, chosen: str,
-           device: str = "cuda") -> str:
+           device: str = "cuda", plan=None) -> str:
     scale = max([e.total_bytes for e in ests.values()] + [total or 0]) * 1.05 or 1
     rows = []
     for method, _ in METHODS:
@@ -116,7 +127,7 @@ def render(cfg, shape, ests: dict, total: int | None, free: int | None, gpu_labe
     line_legend = ("<span style='white-space:nowrap'><span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #222\"></span> GPU total</span> <span style='color:#cf222e;white-space:nowrap'>"
                    "<span style=\"display:inline-block;width:0;height:10px;border-left:2px dashed #cf222e\"></span> free now</span>") if total else ""
     style = "<style>.lg-line{position:absolute;top:-3px;bottom:-3px;border-left:2px dashed}</style>"
-    return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{plan_html(cfg)}"
+    return (f"{style}<div><div class='lg-dim'>Checked against {html.escape(gpu_label)}</div>{plan_html(plan)}"
             f"{''.join(rows)}"
             f"<div style='font-size:.85em'>{legend} {line_legend}</div>{_table(ests[chosen])}</div>")
 
@@ -143,11 +154,10 @@ def verdict_text(e, total, free) -> str:
     return f"**{v.status}**: {v.message}" if v.message else f"**{v.status}**"
 
 
-def cpu_verdict_text(cfg, shape, method: str, reading) -> str:
+def cpu_verdict_text(cfg, shape, method: str, reading, p=None) -> str:
     """No GPU: training runs on the CPU in fp32, so hold the CPU estimate against the RAM, as the GPU verdict
-    holds the VRAM estimate against the card."""
+    holds the VRAM estimate against the card (p: the run's plan; None: one process)."""
     e = vram.estimate(shape, vram.settings_from_config(cfg, method=method, device="cpu"))
-    p = group_plan(cfg)
     procs = p.world_size if p is not None and p.distributed and not p.gpus else 1
     v = vram.verdict(e.total_bytes * procs, reading.ram_total, reading.ram_available)  # every process holds a replica
     where = "in RAM (no GPU: training runs on the CPU, slowly)" + (f", {procs} processes" if procs > 1 else "")

@@ -114,24 +114,25 @@ def plan(cfg, gpu_count: int, fits_one=None, fits_sharded=None, nnodes: int = 1)
                 grad_accum=accum, effective_batch=t.batch_size * accum * world, batch_size=t.batch_size, notes=notes)
 
 
-def machine_plan(cfg) -> Plan:
-    """plan() for this machine (its visible GPUs)."""
-
-    reading = hardware.read()
+def machine_plan(cfg, reading: hardware.HardwareReading | None = None, shape=None) -> Plan:
+    """plan() for this machine (its visible GPUs, read now unless `reading` is given), with the fits checks that
+    let auto shard a 16-bit LoRA no single card holds (on the model's `shape`, read from its config unless given).
+    The one plan of a run: the training child makes it once, the VRAM panel shows it."""
+    reading = reading or hardware.read()
     nodes = nodes_from_env()
     fits_one = fits_sharded = None
     if len(reading.gpus) > 1 and cfg.train.strategy == "auto" and cfg.quant.method == "lora":
-        fits_one, fits_sharded = _fits(cfg, reading.gpus)
+        fits_one, fits_sharded = _fits(cfg, reading.gpus, shape)
     return plan(cfg, len(reading.gpus), fits_one, fits_sharded, nnodes=nodes[0] if nodes else 1)
 
 
-def _fits(cfg, gpus) -> tuple:
+def _fits(cfg, gpus, shape=None) -> tuple:
     """Does a DDP replica fit the smallest card, and does FSDP over w cards (from the model's config alone)?"""
-
-    try:
-        shape = vram.shape_from_config(models.read_config(cfg.model.source))
-    except GarageError:
-        return None, None  # unknown: auto keeps DDP, and the run's own estimate.json says how it went
+    if shape is None:
+        try:
+            shape = vram.shape_from_config(models.read_config(cfg.model.source))
+        except GarageError:
+            return None, None  # unknown: auto keeps DDP, and the run's own estimate.json says how it went
     est = vram.estimate(shape, vram.settings_from_config(cfg, device="cuda"))
     card = min(g.total for g in gpus)
     return (vram.verdict(vram.per_gpu(est, "ddp", len(gpus)), card).fits,

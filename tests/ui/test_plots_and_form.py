@@ -151,15 +151,18 @@ def test_the_vram_panel_plans_several_devices(monkeypatch):
     cfg.train.devices, cfg.train.batch_size, cfg.train.grad_accum = "2", 2, 4
     monkeypatch.setattr(hardware, "read", lambda: hardware.HardwareReading(ram_total=64 * 2**30,
                                                                            ram_available=32 * 2**30, cpu_count=2))
-    text = vram_panel.plan_html(cfg)
+    plans = vram_panel.plans(cfg, hardware.read())
+    text = vram_panel.plan_html(plans["run"])
     assert "per process x 2" in text and "effective batch 8 = batch 2 x grad_accum 2 x 2" in text
     shape = vram.shape_from_config(json.loads(
         (Path(C.__file__).parent / "builtin_models" / "smollm2-135m-config.json").read_text()))
     one = vram.estimate(shape, vram.settings_from_config(cfg, device="cpu"))
-    assert f"{2 * one.total_bytes / 2**30:.2f} GB" in vram_panel.cpu_verdict_text(cfg, shape, "lora", hardware.read())
+    assert f"{2 * one.total_bytes / 2**30:.2f} GB" in vram_panel.cpu_verdict_text(cfg, shape, "lora", hardware.read(),
+                                                                                 plans["run"])
     gpu = hardware.GpuReading(index=0, name="RTX 3090", total=24 * 2**30, free=24 * 2**30, used=0)
     monkeypatch.setattr(hardware, "read", lambda: hardware.HardwareReading(gpus=[gpu, gpu]))
-    ests = vram_panel.estimates(cfg, shape, "cuda")
+    plans = vram_panel.plans(cfg, hardware.read())
+    ests = vram_panel.estimates(cfg, shape, "cuda", plans)
     single = vram.estimate(shape, vram.settings_from_config(cfg, method="lora", device="cuda"))
     assert ests["lora"].total_bytes == vram.per_gpu(single, "ddp", 2).total_bytes > single.total_bytes
-    assert "per GPU x 2" in vram_panel.plan_html(cfg)
+    assert "per GPU x 2" in vram_panel.plan_html(plans["run"])
