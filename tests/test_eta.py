@@ -146,3 +146,25 @@ def test_for_config_uses_the_tokens_per_row_measured_on_the_same_data():
     seen = eta.Measured("a", "lora", "cpu", PARAMS, 100.0, 50.0, data=(cfg.data.source, 512), rows_per_step=2)
     e = eta.for_config(cfg, PARAMS, None, measured=[seen, seen])
     assert abs(e.seconds - 10 * 4 * 50 / 50.0) < 1e-6  # 50 tokens a row, not 256 (half the cutoff)
+
+
+def test_measured_runs_reads_again_only_the_runs_whose_events_changed(monkeypatch):
+    """Every form change asks for the measured runs: an unchanged run is not parsed again, a grown one is, and a
+    deleted one is gone."""
+    import shutil
+
+    a, b = _run(6, 250.0, 1024.0), _run(6, 250.0, 1024.0)
+    read, real_read = [], ev.read
+    monkeypatch.setattr(ev, "read", lambda run_dir, offset=0: read.append(run_dir.name) or real_read(run_dir, offset))
+    params = lambda source: PARAMS  # noqa: E731 - one function for every call, as the app's default is
+    assert len(eta.measured_runs(params)) == 2 and sorted(read) == sorted([a.name, b.name])
+    read.clear()
+    assert len(eta.measured_runs(params)) == 2 and read == []
+    log = ev.EventLog(b)  # b trains on (resumed), twice as fast: read again, and its new rate counts
+    for i in range(7, 13):
+        log.write({ev.T: 2000.0 + i, **_metrics(i, 12, 500.0, 1024.0 / 250.0)})
+    log.close()
+    found = {m.run: m for m in eta.measured_runs(params)}
+    assert read == [b.name] and found[b.name].tokens_per_s == 500.0 and found[a.name].tokens_per_s == 250.0
+    shutil.rmtree(a)
+    assert [m.run for m in eta.measured_runs(params)] == [b.name]

@@ -165,19 +165,40 @@ def _startup(run_dir: Path, first: dict) -> float | None:
     return startup if 0 <= startup < 24 * 3600 else None
 
 
-def measured_runs(params_of=None) -> list[Measured]:
-    """Every run on this machine with enough steps to count, newest first."""
+# events file -> ((mtime_ns, size, params_of), what measure() gave: Measured, None, or the exception it raised).
+# Replaced whole (one assignment) by each measured_runs call, so concurrent page handlers never see it half-built.
+_measured_cache: dict[Path, tuple[tuple, object]] = {}
 
-    logs = sorted(paths.runs_dir().glob(f"*/{ev.FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    out = []
-    for log in logs:
+
+def measured_runs(params_of=None) -> list[Measured]:
+    """Every run on this machine with enough steps to count, newest first. The form asks on every change: a run is
+    parsed again only when its events file changed (mtime or size; a run's config is written once, and a resume
+    appends events)."""
+    global _measured_cache
+
+    logs = []
+    for log in paths.runs_dir().glob(f"*/{ev.FILE}"):
         try:
-            found = measure(log.parent, params_of)
-        except Exception as e:  # noqa: BLE001 - an old unreadable run must not break the page: it does not count
-            warnings.warn(f"ETA: run {log.parent.name} not counted as a measurement: {e}", stacklevel=2)
-            continue
-        if found:
+            logs.append((log, log.stat()))
+        except FileNotFoundError:
+            continue  # deleted between the listing and now: it is no longer a run
+    logs.sort(key=lambda item: item[1].st_mtime, reverse=True)
+    cache, out = {}, []
+    for log, st in logs:
+        key = (st.st_mtime_ns, st.st_size, params_of)
+        hit = _measured_cache.get(log)
+        if hit is None or hit[0] != key:
+            try:
+                hit = (key, measure(log.parent, params_of))
+            except Exception as e:  # noqa: BLE001 - an old unreadable run must not break the page: it does not count
+                hit = (key, e)
+        cache[log] = hit
+        found = hit[1]
+        if isinstance(found, Exception):
+            warnings.warn(f"ETA: run {log.parent.name} not counted as a measurement: {found}", stacklevel=2)
+        elif found:
             out.append(found)
+    _measured_cache = cache
     return [m for m in out if m.tokens_per_s > 0]
 
 
