@@ -18,7 +18,6 @@ import pandas as pd
 
 import json
 from core import config as C
-from core import events as ev
 from core import hardware, models, paths, presets, units
 from core.runs import access
 from core.estimate import eta
@@ -356,18 +355,20 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | Non
     return "ETA: inspect the dataset to know the steps per epoch."
 
 
-def running_eta_md(run_id: str | None) -> str | None:
-    """The ETA line while run_id trains: the same figure as the run status below (core.estimate.eta.for_run), so the page
-    never shows two; None when it is not training (the line then shows the next run's ETA)."""
+def running_eta_md(run_id: str | None, tail: dict | None) -> tuple[str | None, dict | None]:
+    """The ETA line while run_id trains: the same figure as the run status below (core.estimate.eta.for_run), so the
+    page never shows two; None when it is not training (the line then shows the next run's ETA). `tail` is what
+    the previous tick read (core.estimate.eta.follow): each tick reads only what the run appended. -> (line, tail)."""
     if not run_id:
-        return None
+        return None, None
     try:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError:
-        return None
-    left = eta.for_run(status, ev.read(run_dir)[0])
-    return f"**ETA** of run {html.escape(run_id)}: {left.text()}" if left else None
+        return None, None
+    tail = eta.follow(run_dir, tail)
+    left = eta.for_run(status, tail["metrics"])
+    return (f"**ETA** of run {html.escape(run_id)}: {left.text()}" if left else None), tail
 
 
 def suggestion_buttons(suggestions: list) -> list:
@@ -580,11 +581,13 @@ def build() -> TrainTab:
     run_view.wire(view, run_id, timer)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
-    def _eta_tick(rid, t, insp, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
-        line = running_eta_md(rid)
-        return line if line is not None else eta_line(t, names, list(v), insp)
+    eta_tail = gr.State(None)  # what the ETA line has read of the running run's events
 
-    timer.tick(_eta_tick, [run_id, target, inspected] + widgets, eta_md, show_progress="hidden")
+    def _eta_tick(rid, tail, t, insp, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
+        line, tail = running_eta_md(rid, tail)
+        return {eta_md: line if line is not None else eta_line(t, names, list(v), insp), eta_tail: tail}
+
+    timer.tick(_eta_tick, [run_id, eta_tail, target, inspected] + widgets, [eta_md, eta_tail], show_progress="hidden")
 
     def _on_load(*v):
         rid = attach()

@@ -37,10 +37,11 @@ def estimates(cfg, shape, device: str = "cuda", plans: dict | None = None) -> di
 
 
 def plans(cfg, reading, shape=None) -> dict:
-    """The plans of one panel update, from one hardware reading (and the model's shape the panel read): "run" is the plan a run of these settings makes
-    (core.train.distributed.machine_plan, the training child's own, fits checks included), and each method of the
-    panel's rows has the plan with only the method swapped (auto shards only a 16-bit LoRA that no card holds).
-    All None when train.devices cannot be planned (the form shows that error at Start)."""
+    """The plans of one panel update, from one hardware reading and the model's shape the panel read: "run" is the
+    plan a run of these settings makes (core.train.distributed.machine_plan, the training child's own, fits checks
+    included), and each method of the panel's rows has the plan with only the method swapped (auto shards only a
+    16-bit LoRA that no card holds). All None when train.devices cannot be planned (the form shows that error at
+    Start)."""
     try:
         run = distributed.machine_plan(cfg, reading, shape)
         out = {"run": run}

@@ -100,6 +100,17 @@ def for_run(status: dict, events: list[dict], now: float | None = None) -> Eta |
     return Eta(remaining, tps, f"from this run's last {n} step{'s' if n > 1 else ''}")
 
 
+def follow(run_dir: Path, tail: dict | None) -> dict:
+    """A run's metrics curve read on from where `tail` stopped (core.events.read from its offset: only the bytes
+    appended since are parsed), for a view that polls a running run. -> the new tail {"run_dir", "offset",
+    "metrics"}; None or another run's tail starts from the beginning."""
+    if not tail or tail.get("run_dir") != str(run_dir):
+        tail = {"run_dir": str(run_dir), "offset": 0, "metrics": []}
+    new, offset = ev.read(run_dir, tail["offset"])
+    # the curve so far plus the new events is the curve of the whole file: a resume event drops the superseded steps
+    return {"run_dir": str(run_dir), "offset": offset, "metrics": ev.metrics(tail["metrics"] + new)}
+
+
 # ---------------------------------------------------------------- before a run
 
 @dataclass
