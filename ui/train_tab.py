@@ -395,7 +395,7 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     refused (with these very data settings and model) is refused here too, with the same message, rather than
     failing in the child with a traceback in train.log."""
     try:
-        cfg = train_form.to_config(names, values)
+        cfg = runner.pin_source_run(train_form.to_config(names, values))  # "latest" -> its run id, as the CLI
         if rejected and rejected.get("key") == data_key(cfg):
             raise gr.Error(f"Inspect refused this dataset: {rejected['message']}")
         return runner.start(cfg)  # admits the settings (validate, access, limits) once, as for the CLI

@@ -115,28 +115,8 @@ def build_config(args) -> RunConfig:
         if value is not None:  # set directly: a path or hub id must not go through YAML parsing
             d[section][name] = value
     cfg = apply_overrides(from_dict(d), args.set)  # --set last, so it wins
-    if cfg.train.from_run:
-        cfg = _adopt_source_run(cfg, model_given=args.model is not None or any(s.startswith("model.source=")
-                                                                              for s in args.set))
-    return cfg
-
-
-def _adopt_source_run(cfg: RunConfig, model_given: bool) -> RunConfig:
-    """--from-run: record the run's id (not "latest"), and take its base model and LoRA shape, which the adapter
-    fixes; a different --model is an error naming both."""
-
-    src = run_files.resolve_run(cfg.train.from_run)
-    if not run_files.has_adapter(src):
-        raise ConfigError("train.from_run", f"run {src.name} has no final adapter (it did not complete)",
-                          "continue from a completed run, or leave --from-run out to start from the base")
-    src_cfg = runs.load_config(src)
-    if model_given and not run_files.same_source(cfg.model.source, src_cfg.model.source):
-        raise ConfigError("train.from_run", f"run {src.name} trained on {src_cfg.model.source}, not {cfg.model.source}",
-                          f"leave --model out (the run's base is used) or pick a run trained on {cfg.model.source}")
-    cfg.train.from_run = src.name
-    cfg.model.source = src_cfg.model.source
-    cfg.lora = src_cfg.lora
-    return cfg
+    return runner.pin_source_run(cfg, model_given=args.model is not None or any(s.startswith("model.source=")
+                                                                                for s in args.set))
 
 
 def _overlay_file(cfg: RunConfig, path: Path) -> RunConfig:

@@ -19,9 +19,10 @@ from pathlib import Path
 from core import paths
 from core.runs import access
 from core.runs import procs
+from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.config import RunConfig
-from core.errors import BusyError, RunError
+from core.errors import BusyError, ConfigError, RunError
 from core import models
 from core.errors import GarageError
 from core.train import distributed
@@ -53,6 +54,27 @@ def start(cfg: RunConfig) -> str:
     finally:
         os.close(fd)  # the child holds its own copy of the lock now (or nobody does, if the spawn failed)
     return run_dir.name
+
+
+def pin_source_run(cfg: RunConfig, model_given: bool = True) -> RunConfig:
+    """train.from_run, before a Start (the app's and the CLI's): record the run's id, never "latest" (which would
+    name another run by the time this one resumes), and take its base model and LoRA shape, which its adapter
+    fixes. A model given that differs is an error naming both; model_given=False takes the run's base."""
+    if not cfg.train.from_run:
+        return cfg
+    src = run_files.resolve_run(cfg.train.from_run)
+    if not run_files.has_adapter(src):
+        raise ConfigError("train.from_run", f"run {src.name} has no final adapter (it did not complete)",
+                          "continue from a completed run, or leave train.from_run empty to start from the base")
+    src_cfg = runs.load_config(src)
+    if model_given and not run_files.same_source(cfg.model.source, src_cfg.model.source):
+        raise ConfigError("train.from_run", f"run {src.name} trained on {src_cfg.model.source}, not {cfg.model.source}",
+                          f"pick {src_cfg.model.source} as the base model (on the command line, leave --model out: "
+                          f"the run's base is used), or pick a run trained on {cfg.model.source}")
+    cfg.train.from_run = src.name
+    cfg.model.source = src_cfg.model.source
+    cfg.lora = src_cfg.lora
+    return cfg
 
 
 def stop(run_id: str, grace_s: float = 30.0, wait: bool = True) -> str:
