@@ -10,7 +10,6 @@ refuse them.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Callable
 
 import importlib.util
 from core.errors import DiskFull, ModelError
+from core.runs import portable
 from core.paths import models_dir
 from core.estimate import vram
 
@@ -346,12 +346,12 @@ def drop_gguf_quantization(config) -> bool:
 
 @contextmanager
 def _lock(path: Path):
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = portable.open_lock(path)
+    try:
+        lock.acquire(blocking=True)
+        yield
+    finally:
+        lock.close()
 
 
 # ---------------------------------------------------------------- loading

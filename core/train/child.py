@@ -48,7 +48,7 @@ PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one 
 WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results may be (wrong|incorrect))"
 
 
-def main(run_dir: Path, lock_fd: int | None = None) -> int:
+def main(run_dir: Path, lock=None) -> int:
     """The child entry. Returns the process exit code (0 completed or stopped, 1 failed). A process started by the
     launcher for a multi-process run is a rank (rank_main); the child itself then supervises (supervise)."""
     from core.train.callbacks import Context, StopFlag  # heavy
@@ -56,9 +56,9 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     if distributed.is_rank_process():
         return rank_main(Path(run_dir))
     run_dir = Path(run_dir)
-    stop = StopFlag().install()
+    stop = StopFlag(run_dir).install()
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
-    lock_fd = procs.hold_lock(run_dir.name, lock_fd, runs.run_ended)  # BusyError (exit 2) if another run trains
+    lock = procs.hold_lock(run_dir.name, lock, runs.run_ended)  # BusyError (exit 2) if another run trains
     ctx = Context()
     events = ev.EventLog(run_dir)
     if runs.read_status(run_dir, reconcile=False).get("state") == "stopping":
@@ -280,7 +280,7 @@ def rank_main(run_dir: Path) -> int:
     from core.train.callbacks import Context, StopFlag  # heavy
 
     r = distributed.rank()
-    stop = StopFlag().install()
+    stop = StopFlag(run_dir).install()
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
     distributed.pid_file(run_dir, r).write_text(str(os.getpid()))
     events = ev.EventLog(run_dir) if r == 0 else ev.NoEvents()
