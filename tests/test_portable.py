@@ -91,6 +91,8 @@ def test_a_real_run_refuses_a_second_start_stops_on_request_and_resumes(tiny_mod
         assert runs.read_status(run_dir)["state"] in runs.ACTIVE, runs.tail_log(run_dir, 40)
         assert time.time() < deadline, runs.tail_log(run_dir, 40)
         time.sleep(0.3)
+    # an Apple GPU's missing ops fall back to the CPU in the child (the variable is harmless elsewhere)
+    assert psutil.Process(runs.read_status(run_dir)["pid"]).environ().get("PYTORCH_ENABLE_MPS_FALLBACK") == "1"
     assert runner.stop(run_id, grace_s=240) == "stopped"
     st = runs.read_status(run_dir)
     assert st["error"] is None, st["error"]  # stopped by the request, not killed

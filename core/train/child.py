@@ -106,7 +106,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
         import torch  # heavy
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(events)
+    device = pick_device(events, cfg.train.device, cfg)
     memory = None
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
 
@@ -317,16 +317,19 @@ def use_run_template(tokenizer, events: ev.EventLog) -> None:
 
 # ---------------------------------------------------------------- device, model, LoRA
 
-def pick_device(events: ev.EventLog) -> str:
-    import torch  # heavy
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        print(f"device: CUDA ({name})", flush=True)
+def pick_device(events: ev.EventLog, requested: str = "auto", cfg=None) -> str:
+    """hardware.pick_device (cuda, then mps, then cpu; train.device overrides), said in train.log and the events;
+    on mps, a 4-/8-bit setting bitsandbytes cannot run there is refused (models.check_device_support)."""
+    device = hardware.pick_device(requested)
+    if cfg is not None:
+        models.check_device_support(device, cfg.quant.method, cfg.train.optimizer)
+    if device != "cpu":
+        name = hardware.device_name(device)
+        print(f"device: {name}", flush=True)
         events.log("info", f"training on {name}")
-        return "cuda"
-    msg = ("no CUDA GPU found: training on the CPU. That is slow: fine for the cpu-demo preset and tiny models, "
-           "hours for anything bigger")
+        return device
+    msg = ("no CUDA or Apple GPU found: training on the CPU. That is slow: fine for the cpu-demo preset and tiny "
+           "models, hours for anything bigger") if requested == "auto" else "training on the CPU (train.device=cpu)"
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
     events.log("warning", msg)
     return "cpu"
