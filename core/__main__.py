@@ -20,8 +20,8 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core", description="LoRA Garage: LoRA / QLoRA fine-tuning.")
+def main(argv=None, prog: str = "python -m core") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA Garage: LoRA / QLoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, help_text in COMMANDS.items():
