@@ -97,7 +97,8 @@ def hold_lock(run_id: str, lock=None, holder_ended: Callable[[str], bool] | None
             raise RunError(f"{LOCK_FD_ENV} does not point at {lock_path()}", "start runs through core.runs.runner")
         lock = portable.lock_from_fd(fd)
         if not lock.acquire(blocking=False):  # already ours: succeeds at once
-            raise RunError(f"{LOCK_FD_ENV} names a lock this process does not hold", "start runs through core.runs.runner")
+            raise RunError(f"{LOCK_FD_ENV} names a lock this process does not hold",
+                           "start runs through core.runs.runner")
     if lock is None:
         lock = acquire_lock(run_id, holder_ended)
     _write_holder(lock, run_id)

@@ -47,8 +47,9 @@ def start(cfg: RunConfig) -> str:
 
 def stop(run_id: str, grace_s: float = 30.0, wait: bool = True) -> str:
     """Ask the run to stop (a stop request in its folder: it finishes the current step, saves a marked checkpoint
-    and the adapter, and ends as `stopped`); its process tree is killed after grace_s. With wait=False returns at once and a thread does the waiting.
-    Returns the state: the final one when waiting, else "stopping"."""
+    and the adapter, and ends as `stopped`); after grace_s it is interrupted, then its process tree killed. With
+    wait=False returns at once and a thread does the waiting. Returns the state: the final one when waiting, else
+    "stopping"."""
     run_dir = runs.get(run_id)
     st = runs.read_status(run_dir)
     if st.get("state") not in runs.ACTIVE:

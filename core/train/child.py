@@ -22,12 +22,12 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import pickle
-import signal
 import subprocess
 import threading
 import time
 from core import events as ev
 from core import models
+from core.runs import portable
 from core.runs import procs
 from core.runs import folder as runs
 from core.config import OPTIMIZERS
@@ -204,8 +204,9 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
     pump.start()
     forwarded = False
     while proc.poll() is None:
-        if stop.requested and not forwarded:
-            forwarded = _signal_rank0(run_dir)
+        if stop.requested and not forwarded:  # Stop's request file, or a signal to this process: rank 0 polls the file
+            portable.request_stop(run_dir)
+            forwarded = True
         time.sleep(0.2)
     pump.join(timeout=10)
     if node_rank > 0:  # rank 0 and the run's events, checkpoints and adapter live on node 0
@@ -217,20 +218,6 @@ def _relay(stream) -> None:
     for line in iter(stream.readline, b""):
         sys.stdout.write(line.decode("utf-8", errors="replace"))
         sys.stdout.flush()
-
-
-def _signal_rank0(run_dir: Path) -> bool:
-    """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
-
-
-    pid_path = distributed.pid_file(run_dir, 0)
-    if not pid_path.exists():
-        return False  # rank 0 has not started yet: try again on the next tick
-    try:
-        os.kill(int(pid_path.read_text()), signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    return True
 
 
 def _ranks_outcome(run_dir: Path, code: int):
@@ -280,7 +267,7 @@ def rank_main(run_dir: Path) -> int:
     from core.train.callbacks import Context, StopFlag  # heavy
 
     r = distributed.rank()
-    stop = StopFlag(run_dir).install()
+    stop = StopFlag(run_dir if r == 0 else None).install()  # rank 0 hears Stop and tells the others at a step boundary
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
     distributed.pid_file(run_dir, r).write_text(str(os.getpid()))
     events = ev.EventLog(run_dir) if r == 0 else ev.NoEvents()
