@@ -1,14 +1,29 @@
-"""LoRA Garage: `python app.py [--host H] [--port P] [--home DIR] [--auth USER[:PASSWORD]] [--allow-dir DIR]`."""
+"""LoRA Garage: `python app.py [--host H] [--port P] [--home DIR] [--auth USER[:PASSWORD]] [--allow-dir DIR]`.
+
+Installed (pip install .), the `lora-garage` command is `console` below: the app with these flags, or with a
+command first (`lora-garage train ...`) the CLI that `python -m core` is."""
 
 import argparse
 import os
 import sys
+from core.__main__ import COMMANDS
+from core.__main__ import main as cli_main
 from core.errors import GarageError
 from core.runs import access
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="LoRA Garage web app")
+def console(argv=None) -> int:
+    """The `lora-garage` console command: `lora-garage COMMAND ...` runs the CLI, anything else the app."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return cli_main(argv, prog="lora-garage")
+    return main(argv, prog="lora-garage")
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    commands = "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+    p = argparse.ArgumentParser(prog=prog, description="LoRA Garage web app", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"headless commands ({prog or 'python -m core'} COMMAND --help for each):\n{commands}")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--home", help="app home folder (default: $LORA_GARAGE_HOME or ~/lora-garage)")

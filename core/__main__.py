@@ -20,9 +20,10 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line, every command's arguments included; parsing runs nothing (docs test uses it)."""
-    parser = argparse.ArgumentParser(prog="python -m core", description="LoRA Garage: LoRA / QLoRA fine-tuning.")
+def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
+    """The whole command line, every command's arguments included; parsing runs nothing (docs test uses it).
+    `prog` is the name shown in help: `lora-garage` when the console command runs it."""
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA Garage: LoRA / QLoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -34,8 +35,8 @@ def _command(name: str):
     return importlib.import_module(f"core.commands.{name}")
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "python -m core") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

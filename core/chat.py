@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from core import hardware
 from core import models
 from core.data import tokenize as data_tokenize
 from core.runs import resolve as run_files
@@ -87,9 +88,8 @@ class GenSettings:
 
 
 def default_device() -> str:
-    import torch  # heavy
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """hardware.pick_device: cuda, then mps, then cpu (the same picker as training, eval and doctor)."""
+    return hardware.pick_device()
 
 
 # ---------------------------------------------------------------- the session
@@ -98,7 +98,7 @@ class ChatSession:
     """One loaded base model + named adapters. Methods are safe to call from Gradio worker threads."""
 
     def __init__(self, device: str | None = None):
-        self.device = device            # None = cuda when available, decided at load (keeps torch out of import)
+        self.device = device            # None = hardware.pick_device() at load (keeps torch out of import)
         self.source = self.quant = None
         self.base = self.model = self.tokenizer = None   # base: the transformers model; model: the PeftModel
         self.renderer = None                              # core.data.sft's chat-template renderer: as in training
@@ -134,6 +134,8 @@ class ChatSession:
         with self._locked(timeout=30):
             self.unload()
             self.device = self.device or default_device()
+            if quant == "4bit":
+                models.check_device_support(self.device, "qlora")  # mps: only where bitsandbytes runs there
             self._check_gpu_free()
             self.base, self.tokenizer = _load_model(source, quant, trust_remote_code, quant_cfg or QuantConfig(),
                                                     self.device)

@@ -27,6 +27,7 @@ OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "pag
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEVICE_KINDS = ("auto", "cuda", "mps", "cpu")  # core.hardware.pick_device's choices
 OBJECTIVES = ("sft", "dpo", "orpo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
@@ -111,6 +112,8 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
     devices: str = _f("auto", "Where to train: auto (every visible GPU, else one CPU process), a count (2: two GPUs, "
                        "or on a machine without GPUs two CPU processes over gloo), or GPU indices (0,1).")
+    device: str = _f("auto", "Which kind of device: auto (a CUDA GPU, else an Apple Silicon GPU (mps), else the CPU), "
+                     "cuda, mps or cpu.", DEVICE_KINDS)
     strategy: str = _f("auto", "How several devices share the work: auto (one device: single; several: ddp when the "
                         "per-GPU estimate fits, fsdp for a 16-bit LoRA that only fits sharded), single, ddp, fsdp.",
                        STRATEGIES)

@@ -1,4 +1,5 @@
-"""What this machine has: NVIDIA GPUs (through NVML, the library behind nvidia-smi), RAM and CPU.
+"""What this machine has: NVIDIA GPUs (through NVML, the library behind nvidia-smi), an Apple Silicon GPU, RAM and CPU,
+and the one device picker (cuda, then mps, then cpu; train.device overrides) that training, chat, eval and doctor use.
 
 `read()` is cheap enough to poll every few seconds and never raises: NVML is initialised once and its device
 handles cached; a machine without the NVIDIA driver gets a reading that says so. psutil's cpu_percent is
@@ -9,6 +10,9 @@ labelled "GB" as GPU vendors and nvidia-smi size cards.
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 
@@ -16,8 +20,12 @@ import psutil
 import time
 from core.units import GiB, gb
 from core import events as ev
+from core.config import DEVICE_KINDS
+from core.errors import ConfigError
 
 NO_GPU = "no NVIDIA GPU found"
+DEVICES = DEVICE_KINDS  # train.device
+MPS_RAM_MARGIN = 0.25  # share of a Mac's RAM left to macOS and the app when the GPU shares it (estimator verdict)
 
 
 @dataclass
@@ -51,8 +59,11 @@ class HardwareReading:
     ram_available: int = 0
     cpu_count: int = 0
     cpu_percent: float | None = None
+    apple_gpu: str | None = None     # "Apple M2 Pro" on an Apple Silicon Mac: its GPU shares the RAM (MPS)
 
     def summary(self) -> str:
+        if not self.gpus and self.apple_gpu:
+            return f"{self.apple_gpu} GPU (MPS, shares the {gb(self.ram_total)} of RAM)"
         if not self.gpus:
             return f"CPU only ({self.nvml_error or NO_GPU})"
         return " | ".join(g.summary() for g in self.gpus)
@@ -160,7 +171,7 @@ def read() -> HardwareReading:
     vm = psutil.virtual_memory()
     out = HardwareReading(ram_total=int(vm.total), ram_available=int(vm.available),
                           cpu_count=psutil.cpu_count() or os.cpu_count() or 0,
-                          cpu_percent=psutil.cpu_percent(interval=None))
+                          cpu_percent=psutil.cpu_percent(interval=None), apple_gpu=apple_gpu())
     _NVML.init()
     if not _NVML.ready:
         out.nvml_error = _NVML.error or NO_GPU
@@ -180,6 +191,68 @@ def read() -> HardwareReading:
 def reset() -> None:
     """Forget NVML's cached state so the next read() initialises again."""
     _NVML.reset()
+    _APPLE.clear()
+
+
+# ---------------------------------------------------------------- Apple Silicon and the device picker
+
+_APPLE: dict = {}  # the chip's name, read once
+
+
+def apple_gpu() -> str | None:
+    """The Apple Silicon chip ("Apple M2 Pro") whose GPU PyTorch reaches as "mps", or None off an arm64 Mac.
+    Read once from sysctl (no torch: the hardware bar polls this)."""
+    if "name" not in _APPLE:
+        name = None
+        if sys.platform == "darwin" and platform.machine() == "arm64":
+            try:
+                name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                      timeout=5).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                name = None
+            name = name or "Apple Silicon"
+        _APPLE["name"] = name
+    return _APPLE["name"]
+
+
+def mps_available() -> bool:
+    """PyTorch can use the Apple GPU (a torch built with MPS, on macOS 12.3+ on Apple Silicon)."""
+    import torch  # heavy
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(requested: str = "auto") -> str:
+    """The device a model runs on: cuda when PyTorch sees an NVIDIA GPU, else mps on an Apple Silicon Mac, else
+    cpu. `requested` (train.device) picks one instead; ConfigError naming train.device when it is not there."""
+    import torch  # heavy
+
+    if requested not in DEVICES:
+        raise ConfigError("train.device", f"{requested!r} is not one of {', '.join(DEVICES)}",
+                          "use auto (cuda, then mps, then cpu)")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise ConfigError("train.device", "cuda was asked for but PyTorch sees no CUDA GPU",
+                          "run python -m core doctor; install the CUDA build of torch, or use train.device=auto")
+    if requested in ("auto", "mps") and mps_available():
+        return "mps"
+    if requested == "mps":
+        raise ConfigError("train.device", "mps was asked for but PyTorch cannot use an Apple GPU here",
+                          "MPS needs an Apple Silicon Mac with macOS 12.3 or newer; use train.device=auto")
+    return "cpu"
+
+
+def device_name(device: str) -> str:
+    """The device as a user reads it: "CUDA (NVIDIA GeForce RTX 4090)", "MPS (Apple M2 Pro GPU)", "CPU"."""
+    if device == "cuda":
+        import torch  # heavy
+
+        return f"CUDA ({torch.cuda.get_device_name(0)})"
+    if device == "mps":
+        return f"MPS ({apple_gpu() or 'Apple'} GPU)"
+    return "CPU"
 
 
 # ---------------------------------------------------------------- this process's GPU memory (training child)

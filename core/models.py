@@ -10,7 +10,6 @@ refuse them.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import importlib.util
-from core.errors import DiskFull, ModelError
+from core.errors import ConfigError, DiskFull, ModelError
+from core.runs import portable
 from core.paths import models_dir
 from core.estimate import vram
 
@@ -346,12 +346,12 @@ def drop_gguf_quantization(config) -> bool:
 
 @contextmanager
 def _lock(path: Path):
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = portable.open_lock(path)
+    try:
+        lock.acquire(blocking=True)
+        yield
+    finally:
+        lock.close()
 
 
 # ---------------------------------------------------------------- loading
@@ -419,12 +419,85 @@ def dtype_for(device: str, want: str = "auto", method: str = "lora"):
 
     if device == "cpu":
         return torch.float32
+    if device == "mps":  # bf16 on macOS 14+, else fp16; an op MPS lacks runs on the CPU (PYTORCH_ENABLE_MPS_FALLBACK)
+        bf16 = torch.backends.mps.is_macos_or_newer(14, 0)
+        if want == "fp32":
+            return torch.float32
+        return torch.bfloat16 if want in ("auto", "bf16") and bf16 else torch.float16
     half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if want == "auto" or (want == "fp32" and method in ("qlora", "8bit")):
         return half
     if want == "bf16" and not torch.cuda.is_bf16_supported():
         return torch.float16  # pre-Ampere GPUs emulate bf16 slowly; fp16 with loss scaling is the fast path
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[want]
+
+
+MPS_BNB_FEATURES = {"qlora": "QLoRA (4-bit)", "8bit": "8-bit loading", "optim8bit": "8-bit optimizers"}
+
+
+def check_device_support(device: str, method: str, optimizer: str = "adamw") -> None:
+    """On Apple's GPU (mps), QLoRA, 8-bit loading and 8-bit optimizers need bitsandbytes kernels for it: refused by
+    name, pointing at LoRA, unless the installed bitsandbytes runs that op on mps (bnb_mps_support)."""
+    if device != "mps":
+        return
+    wanted = [k for k, on in (("qlora", method == "qlora"), ("8bit", method == "8bit"),
+                              ("optim8bit", optimizer != "adamw")) if on]
+    if not wanted:
+        return
+    works = bnb_mps_support()
+    for kind in wanted:
+        why = works.get(kind)
+        if why is None:
+            continue
+        field = "train.optimizer" if kind == "optim8bit" else "quant.method"
+        fix = ("use train.optimizer=adamw" if kind == "optim8bit" else
+               "use quant.method=lora: LoRA in 16-bit runs on the Apple GPU (pick a smaller model if it does not fit)")
+        raise ConfigError(field, f"{MPS_BNB_FEATURES[kind]} does not run on the Apple GPU (mps) here: {why}", fix)
+
+
+_BNB_MPS: dict = {}
+
+
+def bnb_mps_support() -> dict[str, str | None]:
+    """Whether the installed bitsandbytes runs each 4-/8-bit op on mps: {kind: None (works) or why not}. Each is
+    tried once on a small tensor (an op that raises or gives wrong numbers does not work)."""
+    if _BNB_MPS:
+        return dict(_BNB_MPS)
+    try:
+        import bitsandbytes as bnb  # optional
+        import torch  # heavy
+        from bitsandbytes import functional as F  # optional
+    except Exception as e:  # noqa: BLE001 - not installed or broken: that is the answer
+        return {k: f"bitsandbytes cannot be imported ({type(e).__name__}: {e})" for k in MPS_BNB_FEATURES}
+
+    def attempt(fn) -> str | None:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            return f"bitsandbytes {bnb.__version__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def four_bit():
+        x = torch.randn(64, 64, device="mps")
+        q, state = F.quantize_4bit(x, quant_type="nf4")
+        err = (F.dequantize_4bit(q, state) - x).abs().mean().item()
+        return None if err < 0.2 else f"4-bit round trip error {err:.3f}"
+
+    def eight_bit():
+        x = torch.randn(64, 64, device="mps", dtype=torch.float16)
+        q, stats, _ = F.int8_vectorwise_quant(x)
+        err = (F.int8_vectorwise_dequant(q, stats) - x.float()).abs().mean().item()
+        return None if err < 0.05 else f"8-bit round trip error {err:.3f}"
+
+    def optim():
+        p = torch.nn.Parameter(torch.randn(4096, device="mps"))
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return None if (p.detach() - before).abs().max().item() > 0 else "the 8-bit AdamW step changed nothing"
+
+    _BNB_MPS.update(qlora=attempt(four_bit), **{"8bit": attempt(eight_bit)}, optim8bit=attempt(optim))
+    return dict(_BNB_MPS)
 
 
 def attn_implementation(want: str, device: str) -> str:
@@ -488,7 +561,7 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
 
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # a rank's own GPU (set from LOCAL_RANK)
     elif not for_training:
-        kwargs["device_map"] = {"": "cpu"}
+        kwargs["device_map"] = {"": device}  # cpu, or mps (Apple's GPU)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not for_training:
         model.eval()

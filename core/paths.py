@@ -40,5 +40,8 @@ def user_presets_dir() -> Path:
     return d
 
 
+# the folder holding core/ (a checkout, or site-packages in an installed copy): the training child runs from here
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_PRESETS_DIR = REPO_ROOT / "presets"
+# presets/ at the top of a checkout; an installed copy carries it inside the package (pyproject.toml maps it)
+_PACKAGED_PRESETS = Path(__file__).resolve().parent / "builtin_presets"
+BUILTIN_PRESETS_DIR = _PACKAGED_PRESETS if _PACKAGED_PRESETS.is_dir() else REPO_ROOT / "presets"

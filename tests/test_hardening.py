@@ -90,7 +90,7 @@ def test_a_disk_that_fills_during_a_checkpoint_save_is_named_and_the_partial_sav
 HOLDER = """
 import os, sys, time
 from core.runs import runner
-fd = runner.acquire_lock(sys.argv[1])
+lock = runner.acquire_lock(sys.argv[1])
 print("held", flush=True)
 sys.stdin.readline()   # the test says when to "finish": the lock goes when this process exits
 time.sleep(0.3)        # a process still tearing down after its final status was written
@@ -113,8 +113,7 @@ def test_a_run_that_has_ended_is_not_busy_while_its_process_exits():
         runs.write_status(run_dir, state="stopped")  # the final state is written, the process not gone yet
         proc.stdin.write("done\n")
         proc.stdin.flush()
-        fd = runner.acquire_lock("next")  # waits for the exiting holder instead of saying busy
-        os.close(fd)
+        runner.acquire_lock("next").close()  # waits for the exiting holder instead of saying busy
     finally:
         proc.stdin.close()
         proc.wait()

@@ -1,15 +1,16 @@
 """core/runs/runner.py without training: the lock, noticing dead children, attaching, resume refusals, CLI guards.
-Stand-in processes are plain `python -c` sleepers, so these tests take seconds."""
+Stand-in processes are plain `python -c` sleepers, so these tests take seconds. They use no POSIX call of their
+own (core.runs.portable starts the children), so test_portable.py runs them again with no POSIX calls at all."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from core.runs import portable
 from core.runs import procs
 from core.runs import runner
 from core.runs import folder as runs
@@ -18,9 +19,12 @@ from core.config import RunConfig
 from core.errors import BusyError, RunError
 
 
-def _sleeper(*extra_fds) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=extra_fds,
-                            start_new_session=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = "import sys, time; from core.runs import runner; lock = runner.acquire_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+
+
+def _sleeper(lock=None) -> subprocess.Popen:
+    return portable.popen_passing_lock([sys.executable, "-c", "import time; time.sleep(120)"], lock)
 
 
 def _run(state="running", pid=None, **fields):
@@ -33,24 +37,37 @@ def _run(state="running", pid=None, **fields):
 
 
 def test_second_lock_is_refused_naming_the_holder():
-    fd = runner.acquire_lock("run-a")
+    lock = runner.acquire_lock("run-a")
     try:
         with pytest.raises(BusyError, match="busy: run run-a is training"):
             runner.acquire_lock("run-b")
     finally:
-        os.close(fd)
-    os.close(runner.acquire_lock("run-b"))  # free again once closed
+        lock.close()
+    runner.acquire_lock("run-b").close()  # free again once closed
 
 
+def test_a_lock_held_by_another_process_dies_with_it():
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, "run-a"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              **portable.detached())
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(BusyError, match="run-a"):
+        runner.acquire_lock("run-b")
+    assert portable.kill_tree(holder.pid) == [holder.pid]
+    holder.wait()
+    runner.acquire_lock("run-b").close()  # the system dropped it: no stale lock to clean up
+
+
+@pytest.mark.skipif(portable.WINDOWS or os.environ.get(portable.LOCK_ENV) == "filelock",
+                    reason="only a POSIX lock is handed to a child as a descriptor")
 def test_lock_handed_to_a_child_dies_with_it():
-    fd = runner.acquire_lock("run-a")
-    child = _sleeper(fd)
-    os.close(fd)  # like runner.start: only the child holds it now
+    lock = runner.acquire_lock("run-a")
+    child = _sleeper(lock)
+    lock.close()  # like runner.start: only the child holds it now
     with pytest.raises(BusyError):
         runner.acquire_lock("run-b")
     child.kill()
     child.wait()
-    os.close(runner.acquire_lock("run-b"))  # the kernel dropped it: no stale lock to clean up
+    runner.acquire_lock("run-b").close()  # the kernel dropped it: no stale lock to clean up
 
 
 def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
@@ -72,9 +89,9 @@ def test_a_killed_child_reports_the_signal():
     run_dir = _run(pid=proc.pid)
     procs.adopt(proc)
     assert runs.read_status(run_dir)["state"] == "running"
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
-    assert "killed by SIGKILL" in runs.read_status(run_dir)["error"]["message"]
+    assert procs.exit_words(proc.returncode) in runs.read_status(run_dir)["error"]["message"]
 
 
 def test_a_reused_pid_is_not_taken_for_our_child():
@@ -97,21 +114,34 @@ def test_running_finds_the_live_run_after_a_restart_and_skips_dead_ones():
     assert runner.running() is None
 
 
-def test_stop_sends_sigterm_then_kills_after_the_grace_period():
-    # a process that ignores SIGTERM, standing in for a child stuck in a long step
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
-                            stdout=subprocess.PIPE, start_new_session=True)
-    assert proc.stdout.readline().strip() == b"ready"
+def test_stop_asks_then_kills_the_tree_after_the_grace_period():
+    # a process that ignores the stop request and SIGTERM, standing in for a child stuck in a long step; it has a
+    # helper process of its own, which must go too
+    proc = portable.popen_passing_lock([sys.executable, "-c", "import signal, subprocess, sys, time; "
+                                        "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                        "h = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                                        "print(h.pid, flush=True); time.sleep(120)"], None, stdout=subprocess.PIPE)
+    helper = int(proc.stdout.readline())
     run_dir = _run(pid=proc.pid)
     procs.adopt(proc)
     t0 = time.time()
     assert runner.stop(run_dir.name, grace_s=1.0) == "stopped"
     assert 1.0 <= time.time() - t0 < 15
-    assert proc.poll() == -signal.SIGKILL
+    assert proc.poll() is not None and proc.returncode != 0
+    assert not procs.is_alive(helper, None) and not _running(helper)
+    assert (run_dir / portable.STOP_FILE).exists()  # the request was made before the kill
     assert "did not stop within 1 s" in runs.read_status(run_dir)["error"]["message"]
     with pytest.raises(RunError, match="not running"):
         runner.stop(run_dir.name)
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_resume_refusals():

@@ -13,7 +13,9 @@ POLL_S = 5
 
 def render() -> str:
     r = hardware.read()
-    if not r.gpus:
+    if not r.gpus and r.apple_gpu:  # an Apple Silicon Mac: the GPU (MPS) shares the RAM shown on the right
+        gpu = f"<b>{html.escape(r.apple_gpu)} GPU</b> <span class='lg-dim'>(MPS, shares the RAM)</span>"
+    elif not r.gpus:
         gpu = f"<b>CPU only</b> <span class='lg-dim'>({html.escape(r.nvml_error or 'no NVIDIA GPU')})</span>"
     else:
         parts = []

@@ -28,7 +28,9 @@ def _torch():
     import torch  # heavy
 
     cuda = torch.cuda.is_available()
-    out = {"ok": True, "version": torch.__version__, "cuda": cuda, "cuda_version": torch.version.cuda}
+    device = hardware.pick_device()
+    out = {"ok": True, "version": torch.__version__, "cuda": cuda, "cuda_version": torch.version.cuda,
+           "mps": hardware.mps_available(), "device": device, "device_name": hardware.device_name(device)}
     if cuda:
         out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         out["bf16"] = torch.cuda.is_bf16_supported()
@@ -41,7 +43,7 @@ def _bnb():
     import torch  # heavy
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # heavy
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.pick_device()
     x = torch.randn(64, 64, device=device)
     q, state = quantize_4bit(x, quant_type="nf4", compress_statistics=True)
     err = (dequantize_4bit(q, state) - x).abs().mean().item()
@@ -54,7 +56,7 @@ def _gpus():
             "gpus": [{"index": g.index, "name": g.name, "total_gb": round(g.total / GiB, 2),
                       "free_gb": round(g.free / GiB, 2), "driver": g.driver} for g in r.gpus],
             "ram_total_gb": round(r.ram_total / GiB, 1), "ram_available_gb": round(r.ram_available / GiB, 1),
-            "cpu_count": r.cpu_count}
+            "cpu_count": r.cpu_count, "apple_gpu": r.apple_gpu}
 
 
 def _home():
@@ -87,8 +89,14 @@ def run(args) -> int:
     t, b, h, home, bi = (report[k] for k in ("torch", "bitsandbytes", "hardware", "home", "builtin_model"))
     print(f"Python        {report['python']['version']} ({report['python']['executable']})")
     if t.get("ok"):
-        dev = f"CUDA {t['cuda_version']}: {', '.join(t['devices'])}" if t["cuda"] else "CPU only (no CUDA device)"
+        if t["cuda"]:
+            dev = f"CUDA {t['cuda_version']}: {', '.join(t['devices'])}"
+        elif t["mps"]:
+            dev = f"MPS: {t['device_name']} (no CUDA device)"
+        else:
+            dev = "CPU only (no CUDA or Apple GPU)"
         print(f"torch         {t['version']}  {dev}  threads={t['threads']}")
+        print(f"device        training, chat and eval use {t['device_name']} (train.device=auto)")
     else:
         print(f"torch         NOT WORKING: {t['error']}")
     if b.get("ok"):
@@ -99,6 +107,8 @@ def run(args) -> int:
         if h["gpus"]:
             for g in h["gpus"]:
                 print(f"GPU {g['index']}         {g['name']}  {g['free_gb']:.1f} GB free of {g['total_gb']:.1f} GB  driver {g['driver']}")
+        elif h.get("apple_gpu"):
+            print(f"GPU           {h['apple_gpu']} GPU (MPS): shares the {h['ram_total_gb']} GB of RAM with the system")
         else:
             print(f"GPU           {h['nvml_error'] or 'no NVIDIA GPU'}; training runs on the CPU, slowly")
         print(f"RAM           {h['ram_available_gb']} GB available of {h['ram_total_gb']} GB, {h['cpu_count']} CPU cores")

@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu", action="store_true",
                    help="estimate RAM for training on this machine's CPU (fp32) and check it against the free RAM, "
                         "instead of GPU memory")
+    p.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None,
+                   help="cuda (default), cpu (the same as --cpu), or mps: an Apple Silicon GPU, which shares the Mac's "
+                        "RAM: checked against this machine's RAM less a margin for macOS and apps")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="train on N GPUs: the estimate is per GPU")
     p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
                    help="with --gpus N: ddp (a replica per GPU), fsdp (sharded), or auto (ddp when it fits, fsdp "
@@ -65,15 +68,27 @@ def _settings(args, method: str) -> vram.Settings:
     return vram.Settings(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets,
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
-                         attn=args.attn, device="cpu" if args.cpu else "cuda", objective=args.objective)
+                         attn=args.attn, device=_device(args), objective=args.objective)
+
+
+def _device(args) -> str:
+    if args.cpu and args.device not in (None, "cpu"):
+        raise ConfigError("--cpu", f"contradicts --device {args.device}", "use one of them")
+    return "cpu" if args.cpu else (args.device or "cuda")
 
 
 def _target(args) -> tuple[dict | None, int | None, str, str]:
     """(gpu dict for --json, usable bytes or None when there is nothing to check against, one line for people
     saying what was estimated for, and how to get a verdict when there is none)."""
-    if args.cpu:
+    if _device(args) == "cpu":
         r = hardware.read()
         return None, r.ram_available, f"CPU: {vram.gb(r.ram_available)} RAM available of {vram.gb(r.ram_total)}", ""
+    if _device(args) == "mps":  # unified memory: the GPU's limit is the RAM, less what macOS and the apps keep
+        r = hardware.read()
+        usable = int(r.ram_total * (1 - hardware.MPS_RAM_MARGIN))
+        chip = r.apple_gpu or "an Apple GPU (this machine is not an Apple Silicon Mac: its RAM stands in)"
+        return None, usable, (f"MPS: {chip}, {vram.gb(usable)} usable = {vram.gb(r.ram_total)} RAM less "
+                              f"{hardware.MPS_RAM_MARGIN:.0%} for macOS and apps"), ""
     if args.gpu_gb:
         usable = vram.card_bytes(args.gpu_gb)
         gpu = {"source": "chosen", "name": f"{args.gpu_gb:g} GB card", "total": int(args.gpu_gb * vram.K.GiB),
@@ -112,7 +127,7 @@ def run(args) -> int:
     v = vram.verdict(chosen, usable) if usable is not None else None
     suggestions = vram.suggest(shape, chosen.settings, usable) if v and v.status != "fits" else []
     if args.json:
-        out = {"model": args.model, "method": args.method, "device": "cpu" if args.cpu else "cuda",
+        out = {"model": args.model, "method": args.method, "device": _device(args),
                "total_bytes": chosen.total_bytes, "gpus": args.gpus,
                "strategy": args.strategy if args.gpus > 1 else "single",
                "components": chosen.components, "details": chosen.details, "params": shape.total_params,
@@ -148,7 +163,7 @@ def _print_table(args, shape, where, usable, suggestions, chosen, to_check="") -
       f"{', tied' if shape.tied else ''})\n")
     w(f"Run:   {args.seq_len} tokens x batch {args.batch_size}, rank {args.rank} on {args.targets}, {args.optim}, "
       f"checkpointing {'on' if args.grad_checkpointing else 'off'}, {args.attn}"
-      f"{', fp32 on CPU' if args.cpu else ', bf16/fp16 mixed precision on CUDA'}\n")
+      f"{ {'cpu': ', fp32 on CPU', 'mps': ', bf16/fp16 on the Apple GPU (MPS)'}.get(_device(args), ', bf16/fp16 mixed precision on CUDA')}\n")
     w(where + "\n\n")
     methods = list(COLUMNS) + ([("8bit", "8-bit")] if args.method == "8bit" else [])
     ests = [_one_gpu(args, vram.estimate(shape, _settings(args, m))) for m, _ in methods]

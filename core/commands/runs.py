@@ -2,7 +2,7 @@
 
   python -m core runs                    # the list, newest first
   python -m core runs show RUN           # status, last metrics, checkpoints, adapter
-  python -m core runs stop RUN           # SIGTERM: finish the step, save, mark stopped (SIGKILL after --grace)
+  python -m core runs stop RUN           # stop request: finish the step, save, mark stopped (killed after --grace)
   python -m core runs resume RUN [--wait]
   python -m core runs log RUN            # the end of train.log
   python -m core runs delete RUN
@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("action", nargs="?", default="list", choices=ACTIONS)
     p.add_argument("run_id", nargs="?", metavar="RUN")
     p.add_argument("--json", action="store_true", help="machine-readable output (list, show)")
-    p.add_argument("--grace", type=float, default=30.0, help="stop: seconds before SIGKILL (default 30)")
+    p.add_argument("--grace", type=float, default=30.0, help="stop: seconds before the run is killed (default 30)")
     p.add_argument("--wait", action="store_true", help="resume: wait until the run ends, printing its steps")
     p.add_argument("--lines", type=int, default=40, help="log: how many lines")
 

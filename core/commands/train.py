@@ -167,7 +167,7 @@ def _foreground(cfg: RunConfig) -> int:
     print(f"run {run_dir.name}\n  folder: {run_dir}", flush=True)
     t0 = time.time()
     with _Tee(run_dir / "train.log") as tee, _tracebacks_to(tee.fh):
-        code = training.main(run_dir, lock_fd=lock)
+        code = training.main(run_dir, lock=lock)
     _summary(run_dir, time.time() - t0)
     error = runs.read_status(run_dir, reconcile=False).get("error") or {}
     if code == 1 and error.get("kind") in USER_ERROR_KINDS:

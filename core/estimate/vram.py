@@ -185,7 +185,7 @@ class Settings:
     grad_checkpointing: bool = False
     optimizer: str = "adamw"             # adamw | adamw_8bit | paged_adamw_8bit
     attn: str = "sdpa"                   # sdpa | flash_attention_2 | eager
-    device: str = "cuda"                 # cuda | cpu
+    device: str = "cuda"                 # cuda | mps | cpu
     upcast_non_quantized: bool = False   # True: peft's prepare_model_for_kbit_training ran (core/train/child.py
                                          # skips it; many HF scripts call it) and made the rest fp32
     autocast: bool | None = None         # mixed precision; None = on for CUDA, off on CPU
@@ -407,7 +407,7 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     """Peak memory of a training step. Components sum to the peak; `details` shows the parts behind them."""
     s, d = settings, _dtypes(settings)
     for name, value, allowed in (("method", s.method, METHODS), ("optimizer", s.optimizer, tuple(OPTIMIZERS)),
-                                 ("attn", s.attn, ATTN_IMPLEMENTATIONS), ("device", s.device, ("cuda", "cpu")),
+                                 ("attn", s.attn, ATTN_IMPLEMENTATIONS), ("device", s.device, ("cuda", "mps", "cpu")),
                                  ("objective", s.objective, OBJECTIVES)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -467,6 +467,11 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     if s.device == "cpu":
         context = fragmentation = workspace = 0
         notes.append("CPU estimate: RAM for the step itself; Python, torch and the data loader come on top")
+    elif s.device == "mps":  # the same tensors as on CUDA; Metal has no CUDA context or cuBLAS workspace
+        context = workspace = 0
+        fragmentation = K.ALLOCATOR_FRAGMENTATION * (activations + logits + gradients)
+        notes.append("MPS estimate: the tensors as on CUDA, without a CUDA context; Metal's own overhead is not "
+                     "modelled. The GPU shares the Mac's RAM (unified memory)")
     else:
         context, workspace = K.CUDA_CONTEXT_BYTES, K.CUBLAS_WORKSPACE_BYTES
         fragmentation = K.ALLOCATOR_FRAGMENTATION * (activations + logits + gradients)

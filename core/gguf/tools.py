@@ -25,6 +25,7 @@ from typing import Callable
 
 from core import paths
 from core.errors import DiskFull, GarageError
+from core.runs import portable
 from core.runs import procs
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -122,7 +123,7 @@ def run_child(args: list[str], converter: Path | None, say: Say, what: str) -> s
     """Run core/gguf/child.py with `args`, pass its lines to `say`, return its output; a failure names `what`."""
     cmd = [sys.executable, str(CHILD)] + args
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=child_env(converter), start_new_session=True)
+                            env=child_env(converter), **portable.detached())
     lines = []
     for line in proc.stdout:
         line = line.rstrip()
@@ -213,7 +214,7 @@ class LlamaChild:
         self.proc = subprocess.Popen([sys.executable, str(CHILD), "serve", str(self.gguf), str(n_ctx),
                                       "logits" if logits else "last"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                     env=child_env(None), start_new_session=True)
+                                     env=child_env(None), **portable.detached())
 
     def ask(self, op: str, **fields) -> dict:
         self._send(op, fields)

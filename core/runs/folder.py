@@ -8,7 +8,6 @@ append-only, one flushed JSON object per line, so a reader can tail it from a by
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import hashlib
+from core.runs import portable
 from core.runs import procs
 from core.config import RunConfig, dump_yaml, load_yaml
 from core.errors import DiskFull, RunError
@@ -155,6 +155,15 @@ def run_ended(run_id: str) -> bool:
         return False
 
 
+def run_active(run_id: str) -> bool:
+    """Whether the run is queued / running / stopping with its process alive or still starting (a status read
+    that marks a run whose process died as failed)."""
+    try:
+        return read_status(get(run_id)).get("state") in ACTIVE
+    except RunError:
+        return False
+
+
 def write_status(run_dir: Path, durable: bool = True, **fields) -> dict:
     """Merge `fields` into status.json atomically; returns the new status. durable=False skips the fsync (for
     frequent step counters; a reader still never sees a half-written file)."""
@@ -190,12 +199,12 @@ now = procs.now
 
 @contextmanager
 def _locked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = portable.open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock.acquire(blocking=True)
         yield
     finally:
-        os.close(fd)  # closing drops the lock
+        lock.close()  # closing drops the lock
 
 
 def write_atomic(path: Path, text: str, durable: bool = True) -> None:

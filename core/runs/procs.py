@@ -2,9 +2,12 @@
 status, how did it end. core.runs.folder (status reads) and core.runs.runner (start / stop) both import this; it imports
 neither, so there is no circle, and a status read never calls up into the runner.
 
-The lock is an fcntl lock on $LORA_GARAGE_HOME/train.lock, taken with LOCK_NB and handed to the training child as
-an inherited file descriptor: the child holds it for its whole life and the kernel drops it when the child exits
-or is killed, so a lock can never go stale. The file's content (run id, pid) only names the holder.
+The lock is on $LORA_GARAGE_HOME/train.lock (core.runs.portable picks the system's own lock call), taken without
+waiting. On POSIX it is handed to the training child as an inherited file descriptor: the child holds it for its
+whole life and the kernel drops it when the child exits or is killed, so a lock can never go stale. Where a lock
+cannot be inherited (Windows), the runner names the new run as the holder and lets go after the spawn, and the
+child takes the lock over: it waits while the holder is its own run, and anyone else who finds the lock free but
+its named holder still active is told the machine is busy. The file's content (run id, pid) only names the holder.
 
 A run's process is identified by pid plus its start time (pids are reused). The children this process spawned
 are kept here so their exit codes can be read: a thread waits on each and records when it ended.
@@ -12,7 +15,6 @@ are kept here so their exit codes can be read: a thread waits on each and record
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -26,6 +28,7 @@ from typing import Callable
 
 import psutil
 from core import paths
+from core.runs import portable
 from core.errors import BusyError, RunError
 
 LOCK_FD_ENV = "LORA_GARAGE_LOCK_FD"
@@ -49,51 +52,61 @@ def lock_path() -> Path:
     return paths.home() / "train.lock"
 
 
-def acquire_lock(run_id: str, holder_ended: Callable[[str], bool] | None = None) -> int:
-    """Take the training lock; returns its file descriptor. BusyError naming the holder when a run is training.
-    A holder whose run has already ended (holder_ended(run_id): its status says stopped / completed / failed) is
-    only exiting (freeing the model, joining threads), so wait for the kernel to drop its lock instead of calling
-    the machine busy."""
-    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+def acquire_lock(run_id: str, holder_ended: Callable[[str], bool] | None = None,
+                 holder_active: Callable[[str], bool] | None = None):
+    """Take the training lock; returns the lock (portable.open_lock's object: .fd, .close()). BusyError naming the
+    holder when a run is training. A holder whose run has already ended (holder_ended(run_id): its status says
+    stopped / completed / failed) is only exiting (freeing the model, joining threads), so wait for the system to
+    drop its lock instead of calling the machine busy; a holder that is this very run is handing the lock over.
+    Where locks are not inherited, a free lock whose named holder is still active (holder_active(run_id): its
+    status and its live process say so) is being handed over to that run's child: busy too."""
+    lock = portable.open_lock(lock_path())
     deadline = time.monotonic() + EXIT_GRACE_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = lock_holder()
-            ended = bool(holder and holder_ended and holder_ended(holder))
-            if ended and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            os.close(fd)
-            if ended:
-                raise BusyError(f"busy: run {holder} has ended but its process still holds the training lock "
-                                f"after {EXIT_GRACE_S:.0f} s", f"end that process (pid in {lock_path()}) and try again")
-            holder = holder or "another run"
-            raise BusyError(f"busy: run {holder} is training",
-                            f"one training run at a time: wait for it, or stop it (python -m core runs stop {holder})")
-    _write_holder(fd, run_id)
-    return fd
+    while not lock.acquire(blocking=False):
+        holder = lock_holder()
+        ended = bool(holder and holder_ended and holder_ended(holder))
+        if (ended or holder == run_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
+        lock.close()
+        if ended:
+            raise BusyError(f"busy: run {holder} has ended but its process still holds the training lock "
+                            f"after {EXIT_GRACE_S:.0f} s", f"end that process (pid in {lock_path()}) and try again")
+        raise _busy(holder)
+    if not lock.inheritable:  # free, but its holder may be a child that has not taken it over yet
+        holder = lock_holder()
+        if holder and holder != run_id and holder_active and holder_active(holder):
+            lock.close()
+            raise _busy(holder)
+    _write_holder(lock, run_id)
+    return lock
 
 
-def hold_lock(run_id: str, fd: int | None = None, holder_ended: Callable[[str], bool] | None = None) -> int:
-    """In the child: keep the lock the runner handed over (LORA_GARAGE_LOCK_FD), or take it now."""
-    if fd is None and os.environ.get(LOCK_FD_ENV):
+def _busy(holder: str | None) -> BusyError:
+    holder = holder or "another run"
+    return BusyError(f"busy: run {holder} is training",
+                     f"one training run at a time: wait for it, or stop it (python -m core runs stop {holder})")
+
+
+def hold_lock(run_id: str, lock=None, holder_ended: Callable[[str], bool] | None = None):
+    """In the child: keep the lock the runner handed over (LORA_GARAGE_LOCK_FD, POSIX), or take it now."""
+    if lock is None and os.environ.get(LOCK_FD_ENV):
         fd = int(os.environ.pop(LOCK_FD_ENV))
         # make sure the descriptor really is the lock on our home's lock file, held by us
         if os.fstat(fd).st_ino != os.stat(lock_path()).st_ino:
             raise RunError(f"{LOCK_FD_ENV} does not point at {lock_path()}", "start runs through core.runs.runner")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours: succeeds at once
-    if fd is None:
-        fd = acquire_lock(run_id, holder_ended)
-    _write_holder(fd, run_id)
-    return fd
+        lock = portable.lock_from_fd(fd)
+        if not lock.acquire(blocking=False):  # already ours: succeeds at once
+            raise RunError(f"{LOCK_FD_ENV} names a lock this process does not hold",
+                           "start runs through core.runs.runner")
+    if lock is None:
+        lock = acquire_lock(run_id, holder_ended)
+    _write_holder(lock, run_id)
+    return lock
 
 
-def _write_holder(fd: int, run_id: str) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), 0)
+def _write_holder(lock, run_id: str) -> None:
+    portable.write_at_start(lock.fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode())
 
 
 def lock_holder() -> str | None:
@@ -174,11 +187,7 @@ def reap(pid: int, timeout: float) -> int | None:
             return proc.wait(timeout=timeout) if timeout else proc.poll()
         except subprocess.TimeoutExpired:
             return None
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return None
-    return os.waitstatus_to_exitcode(status) if done else None
+    return portable.reap_nohang(pid)
 
 
 # ---------------------------------------------------------------- a run whose process is gone
@@ -213,7 +222,7 @@ def check(run_dir: Path, st: dict) -> Death | None:
         how = f"exit code unknown: {_started_by(st)}" if pid else "it never started"
     else:
         how = exit_words(code)
-        if code == -signal.SIGKILL:
+        if code == portable.KILLED_CODE and not portable.WINDOWS:
             how += " (if nobody stopped it, the system may have run out of RAM)"
     ended = _exited_at.get(pid) if proc is not None else None
     if ended:

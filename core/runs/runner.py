@@ -1,15 +1,15 @@
 """Start, stop, find and resume the training child process. One training job per LoRA Garage home at a time.
 
 The lock and the identity of a run's process live in core.runs.procs: the runner takes the lock, hands it to the child
-as an inherited file descriptor (the child holds it for its whole life), and keeps the child so its exit code can
-be read. The child is `python -m core train --run-dir DIR`, started with an argument list (never a shell), in its
-own session (so Stop reaches it and its helpers, and an app restart does not kill it), output to DIR/train.log.
+(an inherited file descriptor on POSIX; on Windows the child takes it over), and keeps the child so its exit code
+can be read. The child is `python -m core train --run-dir DIR`, started with an argument list (never a shell), in
+its own process group (core.runs.portable: an app restart does not kill it), output to DIR/train.log. Stop writes
+a stop request the child polls at each step, so it needs no signal; after the grace period the tree is killed.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core import paths
 from core.runs import access
+from core.runs import portable
 from core.runs import procs
 from core.runs import resolve as run_files
 from core.runs import folder as runs
@@ -46,13 +47,13 @@ def start(cfg: RunConfig) -> str:
     """Admit the settings, create a run folder and start training it in the background. Returns the run id.
     BusyError if a run is already training on this machine."""
     admit(cfg)
-    fd = acquire_lock("(starting)")
+    lock = acquire_lock("(starting)")
     try:
         run_dir = runs.create(cfg)
-        procs.hold_lock(run_dir.name, fd)  # names the new run as the holder
-        _spawn(run_dir, fd)
+        procs.hold_lock(run_dir.name, lock)  # names the new run as the holder
+        _spawn(run_dir, lock)
     finally:
-        os.close(fd)  # the child holds its own copy of the lock now (or nobody does, if the spawn failed)
+        lock.close()  # the child holds its own copy of the lock now, or takes it over (or nobody, if the spawn failed)
     return run_dir.name
 
 
@@ -78,20 +79,17 @@ def pin_source_run(cfg: RunConfig, model_given: bool = True) -> RunConfig:
 
 
 def stop(run_id: str, grace_s: float = 30.0, wait: bool = True) -> str:
-    """Ask the run to stop (SIGTERM: it finishes the current step, saves a marked checkpoint and the adapter, and
-    ends as `stopped`); SIGKILL after grace_s. With wait=False returns at once and a thread does the waiting.
-    Returns the state: the final one when waiting, else "stopping"."""
+    """Ask the run to stop (a stop request in its folder: it finishes the current step, saves a marked checkpoint
+    and the adapter, and ends as `stopped`); after grace_s it is interrupted, then its process tree killed. With
+    wait=False returns at once and a thread does the waiting. Returns the state: the final one when waiting, else
+    "stopping"."""
     run_dir = runs.get(run_id)
     st = runs.read_status(run_dir)
     if st.get("state") not in runs.ACTIVE:
         raise RunError(f"run {run_id} is not running (it is {st.get('state')})", "nothing to stop")
     pid = st.get("pid")
     runs.update_status(run_dir, ("queued", "running"), state="stopping")
-    if pid:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass  # it ended in the meantime; reconcile below records how
+    portable.request_stop(run_dir)  # polled by the child; no signal, so the same on every system
     if not wait:
         threading.Thread(target=_wait_or_kill, args=(run_dir, pid, grace_s), daemon=True).start()
         return "stopping"
@@ -138,13 +136,13 @@ def resume(run_id: str) -> str:
     if problems:
         raise RunError(f"cannot resume {run_id}: " + "; ".join(problems),
                        "restore what changed, or start a new run with the new settings")
-    fd = acquire_lock(run_id)
+    lock = acquire_lock(run_id)
     try:
         runs.write_status(run_dir, state="queued", error=None, ended_at=None, noticed_at=None,
                           resumed_from=latest.name)
-        _spawn(run_dir, fd)
+        _spawn(run_dir, lock)
     finally:
-        os.close(fd)
+        lock.close()
     return run_id
 
 
@@ -158,21 +156,25 @@ def delete(run_id: str) -> None:
 
 # ---------------------------------------------------------------- the lock
 
-def acquire_lock(run_id: str) -> int:
+def acquire_lock(run_id: str):
     """Take the training lock (core.runs.procs); a holder whose run has already ended is waited for, not busy."""
-    return procs.acquire_lock(run_id, holder_ended=runs.run_ended)
+    return procs.acquire_lock(run_id, holder_ended=runs.run_ended, holder_active=runs.run_active)
 
 
 # ---------------------------------------------------------------- spawning and watching the child
 
-def _spawn(run_dir: Path, lock_fd: int) -> subprocess.Popen:
+def _spawn(run_dir: Path, lock) -> subprocess.Popen:
+    portable.clear_stop(run_dir)  # a resume forgets the request that stopped the run before
     log = open(run_dir / "train.log", "ab")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{procs.LOCK_FD_ENV: str(lock_fd)})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if lock.inheritable:
+        env[procs.LOCK_FD_ENV] = str(lock.fd)
     env.setdefault("LORA_GARAGE_HOME", str(paths.home()))
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # Apple GPUs: an op MPS lacks runs on the CPU, not an error
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "core", "train", "--run-dir", str(run_dir)],
-                                cwd=str(paths.REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(lock_fd,), env=env)
+        proc = portable.popen_passing_lock([sys.executable, "-m", "core", "train", "--run-dir", str(run_dir)], lock,
+                                           cwd=str(paths.REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, env=env)
     except OSError as e:
         runs.write_status(run_dir, state="failed", ended_at=runs.now(),
                           error={"kind": "run", "message": f"could not start the training process: {e}",
@@ -195,10 +197,7 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
         time.sleep(0.2)
     st = runs.read_status(run_dir)
     if st.get("state") in runs.ACTIVE and pid and procs.is_alive(pid, st.get("pid_create_time")):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)  # a child we spawned leads its own session: this takes its helpers too
-        else:
-            os.kill(pid, signal.SIGKILL)  # a foreground `python -m core train` shares its shell's group
+        portable.end_tree(pid, grace_s=min(2.0, grace_s))  # the child and its helpers (psutil), not its shell
         procs.reap(pid, timeout=10)
         _kill_ranks(run_dir)
         runs.update_status(run_dir, runs.ACTIVE, state="stopped", ended_at=runs.now(), error={
@@ -216,7 +215,7 @@ def _kill_ranks(run_dir: Path) -> None:
         except (OSError, ValueError):
             continue
         if procs.is_alive(pid, None):  # alive and a `core ... train` process (pids are reused)
-            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+            portable.kill_tree(pid)
 
 
 def _changes_since_start(run_dir: Path) -> list[str]:

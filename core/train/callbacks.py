@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from core import hardware
 from core.train import distributed
 from core.runs import folder as runs
+from core.runs import portable
 from core import events as ev
 from core.train.collate import PadCollator
 from core.errors import RunError
@@ -57,22 +58,38 @@ class Context:
 
 
 class StopFlag:
-    """SIGTERM (the runner's Stop) or a first Ctrl-C: finish the current step, save, exit as stopped.
-    A second Ctrl-C falls through to KeyboardInterrupt for someone who really wants out now."""
+    """A stop request (the runner's Stop writes one into the run folder: core.runs.portable), SIGTERM (or
+    CTRL_BREAK on Windows) or a first Ctrl-C: finish the current step, save, exit as stopped. The file needs no
+    signal, so Stop works the same on every system. A second Ctrl-C falls through to KeyboardInterrupt for
+    someone who really wants out now."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, run_dir: Path | None = None):
+        self.run_dir = run_dir
+        self._requested = False
+
+    @property
+    def requested(self) -> bool:
+        if not self._requested and self.run_dir is not None and portable.stop_requested(self.run_dir):
+            self._requested = True
+            print("stop requested: stopping after the current step", file=sys.stderr, flush=True)
+        return self._requested
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._requested = bool(value)
 
     def install(self) -> "StopFlag":
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+        if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT sent to the child's process group
+            signal.signal(signal.SIGBREAK, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self._requested and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.requested = True
+        self._requested = True
         print(f"received {signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True)
 
 
@@ -172,7 +189,7 @@ class GarageTrainer(Trainer):
         step = self.state.global_step
         if self.faults.get("killsave") == step:
             print(f"{FAULT_ENV}: SIGKILL in the middle of saving checkpoint-{step}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            portable.kill_tree(os.getpid())
         if self.faults.get("disk") == step:
             raise OSError(28, f"No space left on device (injected by {FAULT_ENV})", output_dir)
         super()._save_optimizer_and_scheduler(output_dir)

@@ -22,12 +22,12 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import pickle
-import signal
 import subprocess
 import threading
 import time
 from core import events as ev
 from core import models
+from core.runs import portable
 from core.runs import procs
 from core.runs import folder as runs
 from core.config import OPTIMIZERS
@@ -48,7 +48,7 @@ PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one 
 WRONG_RESULTS_WARNING = r"(?s).*(silently incorrect|incorrect results|results may be (wrong|incorrect))"
 
 
-def main(run_dir: Path, lock_fd: int | None = None) -> int:
+def main(run_dir: Path, lock=None) -> int:
     """The child entry. Returns the process exit code (0 completed or stopped, 1 failed). A process started by the
     launcher for a multi-process run is a rank (rank_main); the child itself then supervises (supervise)."""
     from core.train.callbacks import Context, StopFlag  # heavy
@@ -56,9 +56,9 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
     if distributed.is_rank_process():
         return rank_main(Path(run_dir))
     run_dir = Path(run_dir)
-    stop = StopFlag().install()
+    stop = StopFlag(run_dir).install()
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
-    lock_fd = procs.hold_lock(run_dir.name, lock_fd, runs.run_ended)  # BusyError (exit 2) if another run trains
+    lock = procs.hold_lock(run_dir.name, lock, runs.run_ended)  # BusyError (exit 2) if another run trains
     ctx = Context()
     events = ev.EventLog(run_dir)
     if runs.read_status(run_dir, reconcile=False).get("state") == "stopping":
@@ -107,7 +107,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
         import torch  # heavy
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(events)
+    device = pick_device(events, cfg.train.device, cfg)
     memory = None
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
         memory = hardware.GpuProcessMemory()
@@ -203,8 +203,9 @@ def supervise(run_dir: Path, cfg, plan, events: ev.EventLog, stop, ctx):
     pump.start()
     forwarded = False
     while proc.poll() is None:
-        if stop.requested and not forwarded:
-            forwarded = _signal_rank0(run_dir)
+        if stop.requested and not forwarded:  # Stop's request file, or a signal to this process: rank 0 polls the file
+            portable.request_stop(run_dir)
+            forwarded = True
         time.sleep(0.2)
     pump.join(timeout=10)
     if node_rank > 0:  # rank 0 and the run's events, checkpoints and adapter live on node 0
@@ -216,19 +217,6 @@ def _relay(stream) -> None:
     for line in iter(stream.readline, b""):
         sys.stdout.write(line.decode("utf-8", errors="replace"))
         sys.stdout.flush()
-
-
-def _signal_rank0(run_dir: Path) -> bool:
-    """Stop is one decision for all ranks: rank 0 hears it and tells the others at the next step boundary."""
-
-    pid_path = distributed.pid_file(run_dir, 0)
-    if not pid_path.exists():
-        return False  # rank 0 has not started yet: try again on the next tick
-    try:
-        os.kill(int(pid_path.read_text()), signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    return True
 
 
 def _ranks_outcome(run_dir: Path, code: int):
@@ -279,7 +267,7 @@ def rank_main(run_dir: Path) -> int:
     from core.train.callbacks import Context, StopFlag  # heavy
 
     r = distributed.rank()
-    stop = StopFlag().install()
+    stop = StopFlag(run_dir if r == 0 else None).install()  # rank 0 hears Stop and tells the others at a step boundary
     warnings.filterwarnings("error", message=WRONG_RESULTS_WARNING)
     distributed.pid_file(run_dir, r).write_text(str(os.getpid()))
     events = ev.EventLog(run_dir) if r == 0 else ev.NoEvents()
@@ -316,16 +304,19 @@ def use_run_template(tokenizer, events: ev.EventLog) -> None:
 
 # ---------------------------------------------------------------- device, model, LoRA
 
-def pick_device(events: ev.EventLog) -> str:
-    import torch  # heavy
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        print(f"device: CUDA ({name})", flush=True)
+def pick_device(events: ev.EventLog, requested: str = "auto", cfg=None) -> str:
+    """hardware.pick_device (cuda, then mps, then cpu; train.device overrides), said in train.log and the events;
+    on mps, a 4-/8-bit setting bitsandbytes cannot run there is refused (models.check_device_support)."""
+    device = hardware.pick_device(requested)
+    if cfg is not None:
+        models.check_device_support(device, cfg.quant.method, cfg.train.optimizer)
+    if device != "cpu":
+        name = hardware.device_name(device)
+        print(f"device: {name}", flush=True)
         events.log("info", f"training on {name}")
-        return "cuda"
-    msg = ("no CUDA GPU found: training on the CPU. That is slow: fine for the cpu-demo preset and tiny models, "
-           "hours for anything bigger")
+        return device
+    msg = ("no CUDA or Apple GPU found: training on the CPU. That is slow: fine for the cpu-demo preset and tiny "
+           "models, hours for anything bigger") if requested == "auto" else "training on the CPU (train.device=cpu)"
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
     events.log("warning", msg)
     return "cpu"

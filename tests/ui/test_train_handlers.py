@@ -31,15 +31,13 @@ def test_start_validates_first_and_names_the_field():
 
 
 def test_second_start_is_refused_server_side_naming_the_running_run():
-    fd = runner.acquire_lock("someone-elses-run")
+    lock = runner.acquire_lock("someone-elses-run")
     try:
         names, values = form_values(presets.load("cpu-demo"))
         with pytest.raises(gr.Error, match="busy: run someone-elses-run is training"):
             train_tab.start(names, values)
     finally:
-        import os
-
-        os.close(fd)
+        lock.close()
 
 
 def test_vram_panel_shows_three_methods_and_a_verdict():
