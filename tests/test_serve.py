@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,6 +89,29 @@ def test_cli_refuses_runs_of_two_bases_by_name(garage_home, tiny_model_dir, tiny
     assert main(["serve", "--runs", "alpha", "other"]) == 2
     err = capsys.readouterr().err
     assert "run other was trained on" in err and "this server holds" in err and "--runs other" in err
+
+
+def test_every_serve_command_in_the_docs_parses():
+    import argparse
+    import re
+    import shlex
+
+    from core.commands import serve as serve_command
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", page, flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip().startswith("python -m core serve")]
+    lines += re.findall(r"`(python -m core serve[^`]*)`", page)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    serve_command.add_arguments(parser)
+    checked = 0
+    for line in lines:
+        args = shlex.split(line)[4:]
+        if "[" in line or "--help" in args:     # the synopsis, and --help (it exits)
+            continue
+        parser.parse_args([a if a != "X" else "some-run" for a in args])
+        checked += 1
+    assert checked >= 3, lines
 
 
 # ---------------------------------------------------------------- a live server on loopback
