@@ -576,3 +576,55 @@ def snippet(url: str, model: str, key_env: bool = False) -> str:
             f'reply = client.chat.completions.create(model="{model}", '
             f'messages=[{{"role": "user", "content": "Hello!"}}])\n'
             f"print(reply.choices[0].message.content)")
+
+
+# ---------------------------------------------------------------- as a child process (the app's Serve switch)
+
+class Child:
+    """`python -m core serve --port PORT` in its own process group (argument list, never a shell); its output goes
+    to $LORA_GARAGE_HOME/serve.log. The app starts one and reads /health to know when it answers."""
+
+    def __init__(self, port: int):
+        import subprocess
+        import sys
+
+        from core.paths import home
+
+        self.port, self.log_path = int(port), home() / "serve.log"
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        with open(self.log_path, "w") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "core", "serve", "--port", str(self.port)],
+                                         stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def state(self) -> tuple[str, dict | None]:
+        """("starting" | "serving" | "ended", /health's answer when serving)."""
+        import httpx
+
+        if self.proc.poll() is not None:
+            return "ended", None
+        try:
+            r = httpx.get(self.url.replace("/v1", "/health"), timeout=2)
+        except httpx.TransportError:
+            return "starting", None
+        if r.status_code != 200:
+            return "starting", None
+        models = httpx.get(f"{self.url}/models", timeout=5).json()["data"]
+        return "serving", {**r.json(), "models": [m["id"] for m in models]}
+
+    def log_tail(self, chars: int = 2000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(ln for ln in text[-chars:].splitlines() if "Loading weights" not in ln)
+
+    def stop(self, grace: float = 10) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(grace)

@@ -345,3 +345,29 @@ def test_a_client_that_leaves_stops_its_generation(serve):
     assert server.recent[-1]["outcome"] == "cancelled" and server.recent[-1]["chunks"] == 0
     # and the next request is served
     assert client.chat.completions.create(model="beta", messages=MSGS, max_tokens=2).choices[0].message.content is not None
+
+
+@pytest.mark.integration
+def test_the_apps_serve_switch_starts_and_stops_the_cli_server(runs_home):
+    from ui import serve_panel
+
+    with pytest.raises(Exception, match="out of range"):
+        serve_panel.start(80)
+    port = free_port()
+    shown = serve_panel.start(port)
+    assert shown["polling"] and "Starting" in shown["status"]
+    try:
+        deadline = time.monotonic() + 600  # a busy 2-core machine took over 4 minutes to import and load
+        while (shown := serve_panel.poll())["polling"]:
+            assert time.monotonic() < deadline, serve_panel.CHILD.log_tail()
+            time.sleep(0.5)
+        assert "Serving" in shown["status"] and "`alpha`" in shown["status"] and "`beta`" in shown["status"], shown
+        assert f"http://127.0.0.1:{port}/v1" in shown["snippet"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": "beta", "messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        assert serve_panel.stop().startswith("Stopped")
+    assert "stopped" in serve_panel.poll()["status"].lower()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)

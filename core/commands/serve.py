@@ -48,7 +48,7 @@ def run(args) -> int:
     print(f"loading {base} (the first time can take a minute) ...", file=sys.stderr, flush=True)
     server.load()
     mem = server.memory()
-    print(f"loaded on {server.session.device}: weights {mem['base_bytes'] / 2**20:.0f} MiB, "
+    print(f"loaded on {server.session.device}: weights {mem['base_bytes'] / 2**20:.1f} MiB, "
           f"process resident {mem['rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     running = Running(server, args.host, args.port)
     print(f"serving {server.catalogue.name} and {len(served)} run(s) at {running.url}", file=sys.stderr)
