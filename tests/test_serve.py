@@ -371,3 +371,24 @@ def test_the_apps_serve_switch_starts_and_stops_the_cli_server(runs_home):
     assert "stopped" in serve_panel.poll()["status"].lower()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+@pytest.mark.integration
+def test_serving_on_a_gpu_while_a_run_trains_there_is_refused_by_name(serve, monkeypatch):
+    import openai
+
+    import core.runs.runner
+
+    running, client, _ = serve()
+    monkeypatch.setattr(core.runs.runner, "running", lambda: "r9")
+    monkeypatch.setattr(running.server.session, "device", "cuda")   # as the Chat page: GPU chat waits for training
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="alpha", messages=MSGS, max_tokens=2)
+    assert e.value.status_code == 503 and "r9" in e.value.body["message"] and e.value.body["code"] == "busy"
+    assert int(e.value.response.headers["retry-after"]) > 0
+    monkeypatch.setattr(running.server.session, "device", "cpu")
+    assert client.chat.completions.create(model="alpha", messages=MSGS, max_tokens=2).choices[0].message.content is not None
+    # a prompt longer than the model's context: a 400 naming the limit, not a crash
+    with pytest.raises(openai.BadRequestError, match="more than this model can take"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "word " * 600}],
+                                       max_tokens=2)
