@@ -2,6 +2,7 @@
 model names and a copy-paste snippet, stop it. One server per app process (like the Chat page's one session)."""
 
 import atexit
+import signal
 import time
 
 import gradio as gr
@@ -56,7 +57,9 @@ def stop() -> str:
     if CHILD is None or CHILD.proc.poll() is not None:
         return "Not serving."
     CHILD.stop()
-    return f"Stopped (exit code {CHILD.proc.returncode})."
+    code = CHILD.proc.returncode
+    # uvicorn shuts down cleanly on SIGTERM, then ends by that signal (-15): that is a normal stop
+    return "Stopped." if code in (0, -signal.SIGTERM) else f"Stopped (exit code {code}): see {CHILD.log_path}."
 
 
 def build() -> None:
