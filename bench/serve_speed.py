@@ -112,6 +112,9 @@ def main() -> int:
     client = OpenAI(base_url=running.url, api_key="none", timeout=600, max_retries=0)
     health = lambda: httpx.get(running.url.replace("/v1", "/health"), timeout=60).json()  # noqa: E731
     try:
+        # one base answer first: safetensors weights are memory-mapped and only count as resident once a forward
+        # pass has read them, which would put the whole base on the first adapter's account
+        client.chat.completions.create(model=base_name(args.source), messages=PROMPT, max_tokens=1)
         mem = [{"adapters": 0, "rss_mib": health()["memory"]["rss_bytes"] / 2**20, "adapter_mib": 0.0}]
         base_mib = health()["memory"]["base_bytes"] / 2**20
         for i, run_id in enumerate(run_ids, 1):
