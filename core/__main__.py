@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": "chat with a trained adapter (or compare it with the base model)",
     "eval": "score base vs adapter on a run's held-out eval prompts",
     "export": "merge an adapter into its base, zip it, or write GGUF + an Ollama Modelfile (--gguf)",
+    "serve": "serve the base model and every run's adapter through an OpenAI-compatible API",
     "doctor": "what LoRA Garage sees: Python, torch, bitsandbytes, GPUs, RAM, home folder, disk",
 }
 

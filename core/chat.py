@@ -103,6 +103,7 @@ class ChatSession:
         self.base = self.model = self.tokenizer = None   # base: the transformers model; model: the PeftModel
         self.renderer = None                              # core.data.sft's chat-template renderer: as in training
         self.template_notice: str | None = None           # set when the base has no chat template of its own
+        self.base_template: str | None = None             # the base's own template (or the default given it)
         self.stop_texts: list[str] = []                   # end-of-turn markers that are plain text in this vocabulary
         self.adapters: dict[str, dict] = {}             # name -> {run, checkpoint, path, trained_on, dora}
         self.context = 2048
@@ -119,8 +120,10 @@ class ChatSession:
         self.load_base(cfg.model.source, quant, cfg.model.trust_remote_code, cfg.quant)
         self.use_template_of(path)
         self.run_system = cfg.data.system
-        return self.attach(path, run_files.adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
+        name = self.attach(path, run_files.adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
                            run=run_dir.name, checkpoint=checkpoint)
+        self.adapters[name].update(template=self.tokenizer.chat_template, system=cfg.data.system)  # for use()
+        return name
 
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
         """Load (or keep, when source and quant match) the base model. Frees a different one first. The plain base
@@ -141,6 +144,7 @@ class ChatSession:
                                                     self.device)
             self.stop_texts = data_tokenize.stop_strings(self.tokenizer)
             self.template_notice = run_files.ensure_chat_template(self.tokenizer)
+            self.base_template = self.tokenizer.chat_template
             self.renderer = Renderer(self.tokenizer)
             self.source, self.quant = source, quant
             c = self.base.config
@@ -181,6 +185,27 @@ class ChatSession:
         self.adapters[name] = {"run": run, "checkpoint": checkpoint, "path": str(adapter_dir),
                                "trained_on": trained_on or "", "dora": dora, "stamp": stamp}
         return name
+
+    def use(self, adapter: str | None) -> str:
+        """Answer next as `adapter` (a loaded name) with its run's chat template and system prompt, or as the base
+        (None) with the base's own: the per-request switch a server needs (the Chat page keeps one run's template
+        for both sides instead). Returns the name to hand to stream()."""
+        row = self._row(adapter)
+        chosen = self.adapters.get(row, {})
+        template = chosen.get("template") or self.base_template
+        with self._locked():
+            if template != self.tokenizer.chat_template:
+                self.tokenizer.chat_template = template
+                self.renderer = Renderer(self.tokenizer)
+            self.run_system = chosen.get("system", "")
+        return row
+
+    def detach(self, name: str) -> None:
+        """Remove an adapter from the base (its weights are freed; the base stays loaded)."""
+        self._row(name)
+        with self._locked():
+            self.model.delete_adapter(name)
+            del self.adapters[name]
 
     def unload(self) -> None:
         self.base = self.model = self.tokenizer = self.renderer = self.source = self.quant = None

@@ -20,7 +20,7 @@ from core.gguf import chat as gguf_chat
 from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.errors import GarageError
-from ui import marks, progress
+from ui import marks, progress, serve_panel
 from core.data import sft as data
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
@@ -321,6 +321,7 @@ def build() -> ChatTab:
     score_btn = gr.Button("Score base vs adapter on the eval split")
     score_status = gr.HTML()  # loading, then prompt k of n, while Score runs
     score_md = gr.Markdown()
+    serve_panel.build()
 
     gen = [system, max_new, temperature, top_p, rep, seed]
     pending = gr.State("")  # the message being answered: the box is cleared at once, and refilled on an error
