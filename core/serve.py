@@ -31,12 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+import httpx
+import subprocess
+import sys
+import uvicorn
 from core.chat import MAX_NEW_TOKENS, ChatSession, GenSettings, message_text
 from core.errors import BusyError, GarageError, RunError
 from core.runs import folder as runs
+from core.runs import portable
 from core.runs import resolve as run_files
+from core.paths import home
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +334,6 @@ class Server:
 
     # ------------------------------------------------------------ reporting
     def memory(self) -> dict:
-        import psutil
-
         out = {"rss_bytes": psutil.Process().memory_info().rss, "base_bytes": None, "adapters": {}}
         base = self.session.base
         if base is not None:
@@ -350,10 +358,6 @@ class Server:
 # ---------------------------------------------------------------- the HTTP face
 
 def build_app(server: Server):
-    from fastapi import FastAPI, Request  # heavy
-    from fastapi.responses import JSONResponse, StreamingResponse  # heavy
-    from starlette.exceptions import HTTPException  # heavy
-
     app = FastAPI(title="LoRA Garage", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -537,8 +541,6 @@ class Running:
     """A uvicorn server on its own thread (tests, the bench and the app's Serve switch); stop() ends it."""
 
     def __init__(self, server: Server, host: str, port: int):
-        import uvicorn  # heavy
-
         check_exposure(host, server.api_key)
         self.server, self.host, self.port = server, host, port
         config = uvicorn.Config(build_app(server), host=host, port=port, log_level="warning", lifespan="off",
@@ -570,7 +572,7 @@ class Running:
 def snippet(url: str, model: str, key_env: bool = False) -> str:
     """The copy-paste client snippet the CLI and the app show."""
     key = f'os.environ["{API_KEY_ENV}"]' if key_env else '"not-needed"'
-    return (f"from openai import OpenAI\n"
+    return ("from openai import OpenAI\n"
             + ("import os\n" if key_env else "")
             + f'client = OpenAI(base_url="{url}", api_key={key})\n'
             f'reply = client.chat.completions.create(model="{model}", '
@@ -585,21 +587,15 @@ class Child:
     to $LORA_GARAGE_HOME/serve.log. The app starts one and reads /health to know when it answers."""
 
     def __init__(self, port: int):
-        import subprocess
-        import sys
-
-        from core.paths import home
-
         self.port, self.log_path = int(port), home() / "serve.log"
         self.url = f"http://127.0.0.1:{self.port}/v1"
         with open(self.log_path, "w") as log_file:
             self.proc = subprocess.Popen([sys.executable, "-m", "core", "serve", "--port", str(self.port)],
                                          stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         **portable.detached())
 
     def state(self) -> tuple[str, dict | None]:
         """("starting" | "serving" | "ended", /health's answer when serving)."""
-        import httpx
 
         if self.proc.poll() is not None:
             return "ended", None
@@ -617,14 +613,6 @@ class Child:
         return "\n".join(ln for ln in text[-chars:].splitlines() if "Loading weights" not in ln)
 
     def stop(self, grace: float = 10) -> None:
-        import os
-        import signal
-        import subprocess
-
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(grace)
+            portable.end_tree(self.proc.pid, grace_s=grace)  # SIGTERM / CTRL_BREAK_EVENT, then the whole tree killed
+            self.proc.wait(grace)

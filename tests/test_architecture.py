@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # what a function may import locally: loading them costs seconds, or they may be missing (on this system: fcntl,
 # msvcrt)
 HEAVY = {"torch", "transformers", "peft", "trl", "bitsandbytes", "gradio", "datasets", "accelerate",
-         "huggingface_hub", "safetensors", "numpy", "pyarrow", "gguf", "jinja2", "sentencepiece", "playwright"}
+         "huggingface_hub", "safetensors", "numpy", "pyarrow", "gguf", "jinja2", "sentencepiece", "playwright",
+         "fastapi", "starlette", "uvicorn"}
 OPTIONAL = {"fcntl", "msvcrt", "filelock", "llama_cpp", "liger_kernel", "pynvml", "convert_hf_to_gguf", "conversion", "kernels", "packaging"}
 TOP_LIMIT = 15
 
