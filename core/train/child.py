@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core.train import recovery
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -99,9 +100,11 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     supervisor, and rank 0 alone writes the run folder."""
     from transformers import set_seed  # heavy
 
-    from core.train.callbacks import FAULT_ENV, parse_faults  # heavy
+    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
+    if os.environ.get(FAULT_RANK_ENV, "") not in ("", str(distributed.rank())):
+        faults = {}  # test-only: the faults fire in one rank of a multi-process run
     if plan is not None and plan.gpus:
         import torch  # heavy
 
@@ -124,11 +127,20 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     model = load_model(cfg, device, model_path)
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
-    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                      memory=memory.reading if memory else None, plan=plan)
-
-    ctx.phase = "first step"
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery
+    while True:
+        trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                          memory=memory.reading if memory else None, plan=retry.plan)
+        ctx.phase = "first step"
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            break
+        except BaseException as e:  # noqa: BLE001 - only an out of memory with a remedy left is kept from failing
+            if not retry.take(e, trainer, ctx):
+                raise
+        resume_from = retry.recover(trainer, model)  # here, the error's frames (and their tensors) are gone
+        del trainer, callback
+        recovery.free_memory(device)
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
     if prepared.eval and not cfg.train.eval_steps and not stop.requested:
