@@ -31,11 +31,14 @@ from core.estimate.gpu_specs import peak_bf16
 
 # test-only: "oom@step3" (once: the retry at that step fits), "oomall@step3" (every time step 3 is tried),
 # "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more:
-# time for a test to act mid-run on a fast machine; the numbers are untouched). FAULT_RANK_ENV=N: in a
-# multi-process run the faults fire in rank N alone.
+# time for a test to act mid-run on a fast machine; the numbers are untouched). SIGKILL at a moment, for the fault
+# campaign (bench/fault_campaign.py): "killdata@step0" (tokenised, before the data event and the resume point),
+# "killload@step0" (base model loaded, before LoRA), "killstep@step3" (step 3's backward done, its optimizer step
+# not), "killsave@step4" (checkpoint-4 half written), "killfinal@step0" (final adapter written to its temporary
+# folder, not yet renamed). FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
 FAULT_ENV = "LORA_GARAGE_FAULT"
 FAULT_RANK_ENV = "LORA_GARAGE_FAULT_RANK"
-FAULT_KINDS = ("oom", "oomall", "nan", "disk", "killsave", "slow")
+FAULT_KINDS = ("oom", "oomall", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
 SLOW_STEP_S = 0.5
 
 
@@ -53,12 +56,20 @@ def parse_faults(text: str | None) -> dict[str, int]:
     return out
 
 
+def kill_point(faults: dict, kind: str, step: int = 0) -> None:
+    """Test-only: SIGKILL this process here when LORA_GARAGE_FAULT names this moment (kind@stepN)."""
+    if faults.get(kind) == step:
+        print(f"{FAULT_ENV}: SIGKILL at {kind}@step{step}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Context:
     """What the child is doing right now, so an error can say in which phase it happened."""
 
     def __init__(self):
         self.phase = "setup"
         self.step = 0
+        self.faults: dict = {}   # test-only (LORA_GARAGE_FAULT), for the kill points outside the trainer
 
 
 class StopFlag:
@@ -150,6 +161,7 @@ class GarageTrainer(Trainer):
         self.in_micro_step = True
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.in_micro_step = False
+        kill_point(self.faults, "killstep", step)
         bad = ~torch.isfinite(loss)  # no .item() here: one sync per optimizer step is enough
         self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
         return loss
