@@ -129,7 +129,7 @@ def test_an_out_of_memory_step_recovers_with_the_same_effective_batch_and_losses
     from ui import plots
 
     frame = plots.loss_frame(ev.read(run.run_dir)[0])
-    marks = frame[frame["series"] == "recovered: out of memory at step 4"]
+    marks = frame[frame["series"] == "recovered at step 4"]
     assert list(marks["step"]) == [4, 4] and marks["value"].min() < marks["value"].max()
     out = subprocess.run([sys.executable, "-m", "core", "runs", "show", run.run_id], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "LORA_GARAGE_HOME": str(run.home)})

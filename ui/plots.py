@@ -73,8 +73,8 @@ def recovery_marks(events: list[dict], values: list[float]) -> list[tuple]:
         return []
     low, high = min(values), max(values)
     return [row for r in ev.recoveries(events) if r.get(ev.AT_STEP) is not None
-            for row in ((r[ev.AT_STEP], low, f"recovered: out of memory at step {r[ev.AT_STEP]}"),
-                        (r[ev.AT_STEP], high, f"recovered: out of memory at step {r[ev.AT_STEP]}"))]
+            for row in ((r[ev.AT_STEP], low, f"recovered at step {r[ev.AT_STEP]}"),
+                        (r[ev.AT_STEP], high, f"recovered at step {r[ev.AT_STEP]}"))]
 
 
 def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:
