@@ -31,6 +31,7 @@ OBJECTIVES = ("sft", "dpo", "orpo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
 # train.oom_recovery: what the child may change by itself when a step runs out of memory (core.train.recovery)
 OOM_RECOVERY = ("auto", "off")
+PROBES = ("auto", "on", "off")  # train.probe: auto = on for a GPU, off for the CPU
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data.turns.PLACEHOLDER reads them
 RUN_NAME_MAX = 100
@@ -127,6 +128,10 @@ class TrainConfig:
                                    "grad_checkpointing on, and carries on from the last optimizer step; each change "
                                    "is recorded and the saved config keeps the final settings. off fails the run "
                                    "with suggestions instead.", OOM_RECOVERY)
+    probe: str = _f("auto", "Pre-flight probe: before step 1, one forward and backward pass at the longest batch "
+                            "the data will produce (no optimizer step), so an out of memory is recovered before "
+                            "training rather than hours in; its measured peak goes into estimate.json. auto: on "
+                            "for a GPU, off for the CPU. SFT only.", PROBES)
     sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
     objective: str = _f("sft", "What to learn: sft (imitate the replies), dpo (prefer the chosen reply over the "
                                "rejected one, against the base as reference), orpo (the same without a reference: "

@@ -7,6 +7,7 @@ The runs start together at module start (each in its own home) so their start-up
 off switch is checked with the other injected faults in tests/test_training.py.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,15 @@ def test_the_remedies_keep_the_effective_batch_and_come_in_order():
     assert recovery.next_remedy(_train(batch_size=4, oom_recovery="off")) is None
 
 
+def test_the_probe_is_on_for_a_gpu_and_off_for_the_cpu_unless_asked():
+    cfg = RunConfig()
+    assert recovery.probe_wanted(cfg, "cuda") and not recovery.probe_wanted(cfg, "cpu")
+    cfg.train.probe = "on"
+    assert recovery.probe_wanted(cfg, "cpu")
+    cfg.train.probe, cfg.train.objective = "auto", "dpo"  # SFT only: the preference collators differ
+    assert not recovery.probe_wanted(cfg, "cuda")
+
+
 def test_oom_recovery_is_a_validated_setting_with_help():
     from core.config import field_help
 
@@ -78,6 +88,8 @@ def oom_runs(tmp_path_factory, tiny_model_dir):
         # "halved" is that run started that way from the beginning
         "first": (cfg(max_steps=3), {"LORA_GARAGE_FAULT": "oom@step1"}),
         "halved": (cfg(max_steps=3, batch_size=1, grad_accum=4), {}),
+        # the pre-flight probe (on for this CPU run) runs out: the run starts with the smaller settings
+        "probe": (cfg(max_steps=3, probe="on"), {"LORA_GARAGE_FAULT": "oomprobe@step0"}),
         # every try of step 3 runs out: micro-batch 2 -> 1, then checkpointing on, then the triage
         "ladder": (cfg(max_steps=6), {"LORA_GARAGE_FAULT": "oomall@step3"}),
         "two": (two, {"LORA_GARAGE_FAULT": "oom@step4", "LORA_GARAGE_FAULT_RANK": "1"}),
@@ -182,3 +194,23 @@ def test_two_ranks_recover_together_when_one_runs_out(oom_runs):
         said = [line for line in log.splitlines() if line.startswith(f"[default{rank}]:recovered from out of memory")]
         assert len(said) == 1 and change in said[0], said
     assert list(losses(run.run_dir)) == list(range(1, 7))
+
+
+@pytest.mark.integration
+def test_an_out_of_memory_in_the_probe_starts_the_run_smaller_and_records_the_peak(oom_runs):
+    run, ref = oom_runs["runs"]["probe"], oom_runs["runs"]["halved"]
+    st = run.wait()
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    (r,) = _recovered(run.run_dir)
+    assert r[ev.AT_STEP] == 0 and r[ev.FROM_CHECKPOINT] is None and (r[ev.BATCH_SIZE], r[ev.GRAD_ACCUM]) == (1, 4)
+    assert r[ev.MESSAGE].startswith("recovered from out of memory in the pre-flight probe (before step 1): "
+                                    "micro-batch 2 -> 1")
+    probe = json.loads((run.run_dir / "estimate.json").read_text())["probe"]
+    assert probe["peak_bytes"] > 0 and probe["batch_size"] == 1 and probe["longest_row_tokens"] > 0
+    assert "pre-flight probe: forward + backward at the longest batch (1 x up to" in log
+    # the probe leaves no trace in the numbers: the run equals one started with the smaller settings
+    assert ref.wait()["state"] == "completed"
+    got, want = losses(run.run_dir), losses(ref.run_dir)
+    assert list(got) == list(want) == [1, 2, 3]
+    assert max(abs(want[s] - got[s]) for s in want) <= RESUME_TOLERANCE, (want, got)

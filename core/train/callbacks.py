@@ -30,6 +30,7 @@ from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
 
 # test-only: "oom@step3" (once: the retry at that step fits), "oomall@step3" (every time step 3 is tried),
+# "oomprobe@step0" (once, in the pre-flight probe),
 # "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more:
 # time for a test to act mid-run on a fast machine; the numbers are untouched). SIGKILL at a moment, for the fault
 # campaign (bench/fault_campaign.py): "killdata@step0" (tokenised, before the data event and the resume point),
@@ -38,7 +39,7 @@ from core.estimate.gpu_specs import peak_bf16
 # folder, not yet renamed). FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
 FAULT_ENV = "LORA_GARAGE_FAULT"
 FAULT_RANK_ENV = "LORA_GARAGE_FAULT_RANK"
-FAULT_KINDS = ("oom", "oomall", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
+FAULT_KINDS = ("oom", "oomall", "oomprobe", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
 SLOW_STEP_S = 0.5
 
 
@@ -131,6 +132,7 @@ class GarageTrainer(Trainer):
         # out-of-memory recovery (core.train.recovery): inside a forward/backward pass right now, and the RNG as
         # the current optimizer step's first micro-batch found it
         self.in_micro_step = False
+        self.probing = False           # the pre-flight probe's forward/backward (core.train.recovery.probe)
         self.rng_at_step_start: dict | None = None
         self._rng_step = -1
         self.group = distributed.is_rank_process()
@@ -187,7 +189,10 @@ class GarageTrainer(Trainer):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         # the injected out of memory comes at the end of the forward pass, as a real one in the forward would:
         # after DDP's own collectives of the forward (its buffer broadcast), which every rank must have joined
-        if model.training and (self.faults.get("oom") == step or self.faults.get("oomall") == step):
+        if self.probing and self.faults.get("oomprobe") == 0:
+            self.faults.pop("oomprobe")  # fires once: the probe at the smaller settings fits
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} in the pre-flight probe)")
+        if model.training and not self.probing and (self.faults.get("oom") == step or self.faults.get("oomall") == step):
             self.faults.pop("oom", None)  # "oom" fires once: the retry of that step fits
             raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
         if "nan" in self.faults and self.state.global_step + 1 >= self.faults["nan"] and model.training:

@@ -130,11 +130,15 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
     retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery
+    probed = False
     while True:
         trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                           memory=memory.reading if memory else None, plan=retry.plan)
-        ctx.phase = "first step"
         try:
+            if resume_from is None and not probed and recovery.probe_wanted(cfg, device):  # train.probe
+                recovery.record_probe(run_dir, recovery.probe(trainer, cfg, device, ctx))
+                probed = True
+            ctx.phase = "first step"
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             break
         except BaseException as e:  # noqa: BLE001 - only an out of memory with a remedy left is kept from failing

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import random
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ class Recovery:
                     "nothing left to change: micro-batch 1 and gradient checkpointing on")
             print(f"out of memory at step {ctx.step} ({why}); no recovery: {left}", file=sys.stderr, flush=True)
             return False
-        self.pending = {"remedy": remedy, "why": why, "at_step": ctx.step, "phase": ctx.phase,
+        self.pending = {"remedy": remedy, "why": why, "at_step": 0 if trainer.probing else ctx.step, "phase": ctx.phase,
                         "in_step": bool(trainer.in_micro_step), "mem": memory_now(self.device)}
         print(f"out of memory at step {ctx.step} during {ctx.phase} ({why}): recovering with {remedy.change}",
               file=sys.stderr, flush=True)
@@ -132,6 +133,7 @@ class Recovery:
         latest = runs.latest_checkpoint(self.run_dir)
         if p["in_step"]:
             restore_rng(trainer.rng_at_step_start)
+            trainer.probing = trainer.in_micro_step = False
             if step == 0:
                 resume, how = None, "no optimizer step had completed: restarts at step 1"
             elif latest is not None and runs.checkpoint_step(latest) == step:
@@ -151,7 +153,8 @@ class Recovery:
                 resume, how = None, f"the out of memory came {where}, and no checkpoint exists yet: restarts at step 1"
         self.apply(remedy)
         self.count += 1
-        message = f"recovered from out of memory at step {p['at_step']}: {remedy.change}; {how}"
+        where = "in the pre-flight probe (before step 1)" if p["phase"] == "probe" else f"at step {p['at_step']}"
+        message = f"recovered from out of memory {where}: {remedy.change}; {how}"
         print(message, flush=True)
         self.events.recovered(step=runs.checkpoint_step(resume) if resume else 0, at_step=p["at_step"],
                               what=remedy.what, why=p["why"], message=message, mem_before=p["mem"],
@@ -205,3 +208,58 @@ def restore_rng(state: dict | None) -> None:
     torch.random.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.random.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the pre-flight probe (train.probe)
+
+def probe_wanted(cfg, device: str) -> bool:
+    p = cfg.train.probe
+    return cfg.train.objective == "sft" and (p == "on" or (p == "auto" and device == "cuda"))
+
+
+def probe(trainer, cfg, device: str, ctx) -> dict:
+    """One forward and backward pass at the longest batch the data will produce (the batch_size longest rows,
+    collated as training collates them), the optimizer step skipped, gradients and RNG put back as they were.
+    An out of memory here goes to the caller's recovery, before step 1. -> what it measured."""
+    import torch  # heavy
+
+    ctx.phase, ctx.step = "probe", 0
+    ds = trainer.train_dataset
+    lengths = [ds.length(i) if hasattr(ds, "length") else len(ds[i]["input_ids"]) for i in range(len(ds))]
+    b = trainer.args.per_device_train_batch_size
+    longest = sorted(range(len(ds)), key=lambda i: -lengths[i])[:b]
+    batch = trainer.collator([ds[i] for i in longest])
+    inputs = {k: v.to(trainer.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    model = trainer.model
+    if cfg.train.grad_checkpointing:  # the Trainer turns it on only inside train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainer.rng_at_step_start = rng_state()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.in_micro_step = trainer.probing = True
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    trainer.in_micro_step = trainer.probing = False
+    peak = int(torch.cuda.max_memory_reserved()) if device == "cuda" else memory_now(device)
+    del loss, inputs
+    model.zero_grad(set_to_none=True)
+    restore_rng(trainer.rng_at_step_start)
+    free_memory(device)
+    out = {"peak_bytes": peak, "peak_kind": "torch_peak_reserved" if device == "cuda" else "rss",
+           "batch_size": b, "longest_row_tokens": max(lengths[i] for i in longest) if longest else 0,
+           "grad_checkpointing": bool(cfg.train.grad_checkpointing)}
+    print(f"pre-flight probe: forward + backward at the longest batch ({b} x up to {out['longest_row_tokens']} "
+          f"tokens) fits; peak {peak / 2**30:.2f} GB ({out['peak_kind']})", flush=True)
+    return out
+
+
+def record_probe(run_dir: Path, measured: dict) -> None:
+    """The probe's peak into estimate.json, beside the estimate made at launch (main rank only)."""
+    path = Path(run_dir) / "estimate.json"
+    if not distributed.is_main() or not path.is_file():
+        return
+    body = json.loads(path.read_text(encoding="utf-8"))
+    body["probe"] = measured
+    runs.write_atomic(path, json.dumps(body, indent=1, default=str))
