@@ -215,6 +215,8 @@ def _coerce(dotted: str, value, default):
     if isinstance(default, str):
         if value is None:
             return ""
+        if isinstance(value, bool) and ("on" if value else "off") in (field_choices(dotted) or ()):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
         if isinstance(value, list) and dotted == "lora.targets":
             return ",".join(str(v) for v in value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

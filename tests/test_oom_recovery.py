@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from core import events as ev
-from core.config import RunConfig, from_dict
+from core.config import RunConfig, apply_overrides, from_dict
 from core.errors import ConfigError
 from core.runs import folder as runs
 from core.runs import runner
@@ -24,6 +26,10 @@ from core.train import recovery
 from tests.helpers.training import RESUME_TOLERANCE, Launch, from_checkpoint, losses, tiny_config, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_yaml_text(text: str) -> RunConfig:
+    return from_dict(yaml.safe_load(text))
 
 
 # ---------------------------------------------------------------- the remedies (fast)
@@ -63,6 +69,10 @@ def test_oom_recovery_is_a_validated_setting_with_help():
 
     assert "micro-batch" in field_help("train.oom_recovery")
     assert from_dict({"train": {"oom_recovery": "off"}}).validate().train.oom_recovery == "off"
+    # YAML reads a bare off / on as false / true: `--set train.oom_recovery=off` and `probe: on` still mean them
+    assert apply_overrides(RunConfig(), ["train.oom_recovery=off"]).validate().train.oom_recovery == "off"
+    assert apply_overrides(RunConfig(), ["train.probe=on"]).validate().train.probe == "on"
+    assert load_yaml_text("train:\n  probe: off\n  oom_recovery: auto\n").train.probe == "off"
     with pytest.raises(ConfigError) as e:
         from_dict({"train": {"oom_recovery": "sometimes"}}).validate()
     assert e.value.field == "train.oom_recovery"
