@@ -129,24 +129,10 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     kill_point(faults, "killload")
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
-    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery
-    probed = False
-    while True:
-        trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                          memory=memory.reading if memory else None, plan=retry.plan)
-        try:
-            if resume_from is None and not probed and recovery.probe_wanted(cfg, device):  # train.probe
-                recovery.record_probe(run_dir, recovery.probe(trainer, cfg, device, ctx))
-                probed = True
-            ctx.phase = "first step"
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            break
-        except BaseException as e:  # noqa: BLE001 - only an out of memory with a remedy left is kept from failing
-            if not retry.take(e, trainer, ctx):
-                raise
-        resume_from = retry.recover(trainer, model)  # here, the error's frames (and their tensors) are gone
-        del trainer, callback
-        recovery.free_memory(device)
+    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery, train.probe
+    trainer, callback = retry.train(
+        lambda p: build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                memory=memory.reading if memory else None, plan=p), resume_from, ctx)
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
     if prepared.eval and not cfg.train.eval_steps and not stop.requested:

@@ -100,9 +100,30 @@ class Recovery:
 
     def __init__(self, run_dir: Path, cfg, model, events: ev.EventLog, device: str, plan=None):
         self.run_dir, self.cfg, self.events, self.device, self.plan = Path(run_dir), cfg, events, device, plan
+        self.model = model
         self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         self.count = 0
         self.pending: dict | None = None   # what the last out of memory was, until recover() acts on it
+
+    def train(self, build, resume_from: Path | None, ctx):
+        """trainer.train() with recovery: build(plan) -> (trainer, callback) makes a trainer for the current
+        settings; the pre-flight probe first where train.probe wants it. -> the (trainer, callback) that finished."""
+        probed = False
+        while True:
+            trainer, callback = build(self.plan)
+            try:
+                if resume_from is None and not probed and probe_wanted(self.cfg, self.device):
+                    record_probe(self.run_dir, probe(trainer, self.cfg, self.device, ctx))
+                    probed = True
+                ctx.phase = "first step"
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                return trainer, callback
+            except BaseException as e:  # noqa: BLE001 - only an out of memory with a remedy left is kept from failing
+                if not self.take(e, trainer, ctx):
+                    raise
+            resume_from = self.recover(trainer, self.model)  # here, the error's frames (and their tensors) are gone
+            del trainer, callback
+            free_memory(self.device)
 
     def take(self, e: BaseException, trainer, ctx) -> bool:
         """In the `except` of trainer.train(): True when this error is an out of memory the run recovers from
