@@ -30,6 +30,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_KINDS = ("auto", "cuda", "mps", "cpu")  # core.hardware.pick_device's choices
 OBJECTIVES = ("sft", "dpo", "orpo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
+# train.oom_recovery: what the child may change by itself when a step runs out of memory (core.train.recovery)
+OOM_RECOVERY = ("auto", "off")
+PROBES = ("auto", "on", "off")  # train.probe: auto = on for a GPU, off for the CPU
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data.turns.PLACEHOLDER reads them
 RUN_NAME_MAX = 100
@@ -123,6 +126,15 @@ class TrainConfig:
     save_steps: int = _f(50, "Save a checkpoint every N steps.")
     save_total_limit: int = _f(2, "Keep only the last K checkpoints.")
     nan_patience: int = _f(3, "Stop after this many consecutive NaN/inf losses.")
+    oom_recovery: str = _f("auto", "Out of memory in a step: auto halves the micro-batch and doubles grad_accum (same "
+                                   "effective batch and learning-rate schedule) down to 1, then turns "
+                                   "grad_checkpointing on, and carries on from the last optimizer step; each change "
+                                   "is recorded and the saved config keeps the final settings. off fails the run "
+                                   "with suggestions instead.", OOM_RECOVERY)
+    probe: str = _f("auto", "Pre-flight probe: before step 1, one forward and backward pass at the longest batch "
+                            "the data will produce (no optimizer step), so an out of memory is recovered before "
+                            "training rather than hours in; its measured peak goes into estimate.json. auto: on "
+                            "for a GPU, off for the CPU. SFT only.", PROBES)
     sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
     objective: str = _f("sft", "What to learn: sft (imitate the replies), dpo (prefer the chosen reply over the "
                                "rejected one, against the base as reference), orpo (the same without a reference: "
@@ -206,6 +218,8 @@ def _coerce(dotted: str, value, default):
     if isinstance(default, str):
         if value is None:
             return ""
+        if isinstance(value, bool) and ("on" if value else "off") in (field_choices(dotted) or ()):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
         if isinstance(value, list) and dotted == "lora.targets":
             return ",".join(str(v) for v in value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

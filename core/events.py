@@ -12,6 +12,11 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
     log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
     data     the dataset's stats at start (core.data.sft.DataStats.to_dict: format, rows, tokens, ...)
     resume   step (metrics after it, logged before a crash or stop, are superseded)
+    recovered  step (the last completed optimizer step the run carries on from), at_step (the step that ran out
+             of memory), what (REMEDY_*), why (the error's first line), message (what a person reads), mem_before
+             (bytes: torch's peak reserved on CUDA, the process RSS on the CPU), batch_size, grad_accum,
+             grad_checkpointing (the settings after the change), from_checkpoint (the checkpoint resumed, or null
+             for a restart at step 0)
 
 Memory ("mem"), in bytes. "Peak" means what a user sees: the whole process on the GPU as the driver counts it
 (NVML, what nvidia-smi shows: CUDA context + allocator cache + tensors), never less than torch's own peak reserved
@@ -30,6 +35,7 @@ FILE = "events.jsonl"
 # event types
 TYPE, T = "type", "t"
 METRICS, EVAL, SAMPLE, LOG, DATA, RESUME = "metrics", "eval", "sample", "log", "data", "resume"
+RECOVERED = "recovered"
 
 # metrics fields
 STEP, EPOCH, LOSS, LR, GRAD_NORM = "step", "epoch", "loss", "lr", "grad_norm"
@@ -43,6 +49,11 @@ REWARD_MARGIN, PREF_ACCURACY = "reward_margin", "pref_accuracy"
 PREFERENCE_FIELDS = (REWARD_CHOSEN, REWARD_REJECTED, REWARD_MARGIN, PREF_ACCURACY)
 PROMPT, TEXT = "prompt", "text"
 LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
+# recovered fields (core.train.recovery)
+AT_STEP, WHAT, WHY, MEM_BEFORE = "at_step", "what", "why", "mem_before"
+BATCH_SIZE, GRAD_ACCUM, GRAD_CHECKPOINTING, FROM_CHECKPOINT = ("batch_size", "grad_accum", "grad_checkpointing",
+                                                               "from_checkpoint")
+REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING = "micro_batch", "grad_checkpointing"
 
 # mem fields (bytes)
 MEM_RSS = "rss"                                    # CPU: process resident set size now
@@ -107,6 +118,16 @@ class EventLog:
 
     def resume(self, step: int) -> None:
         self.write({TYPE: RESUME, STEP: step})
+
+    def recovered(self, *, step: int, at_step: int, what: str, why: str, message: str, mem_before: int | None,
+                  batch_size: int, grad_accum: int, grad_checkpointing: bool, from_checkpoint: str | None) -> dict:
+        if what not in (REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING):
+            raise ValueError(f"unknown remedy {what!r}")
+        event = {TYPE: RECOVERED, STEP: step, AT_STEP: at_step, WHAT: what, WHY: why, MESSAGE: message,
+                 MEM_BEFORE: mem_before, BATCH_SIZE: batch_size, GRAD_ACCUM: grad_accum,
+                 GRAD_CHECKPOINTING: grad_checkpointing, FROM_CHECKPOINT: from_checkpoint}
+        self.write(event)
+        return event
 
     def close(self) -> None:
         self.fh.close()
@@ -174,6 +195,11 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
 
 def logs(events: list[dict]) -> list[dict]:
     return of_type(events, LOG)
+
+
+def recoveries(events: list[dict]) -> list[dict]:
+    """The run's recoveries from out of memory, oldest first (each says what changed, at which step)."""
+    return of_type(events, RECOVERED)
 
 
 def template_notice(events: list[dict]) -> str | None:

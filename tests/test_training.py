@@ -53,7 +53,7 @@ def launched(request, tmp_path_factory, tiny_model_dir, shared_models):
         "killed": (cfg(), {"LORA_GARAGE_FAULT": "killsave@step4"}),
         "qlora": (qlora, probe),
         "long": (cfg(max_steps=100_000, save_steps=50_000, lr=1e-4), {}),
-        "oom": (cfg(max_steps=6), {"LORA_GARAGE_FAULT": "oom@step3"}),
+        "oom": (cfg(max_steps=6, oom_recovery="off"), {"LORA_GARAGE_FAULT": "oom@step3"}),
         "nan": (cfg(max_steps=10, save_steps=1, nan_patience=2), {"LORA_GARAGE_FAULT": "nan@step3"}),
         "disk": (cfg(max_steps=6), {"LORA_GARAGE_FAULT": "disk@step4"}),
     }
@@ -201,6 +201,8 @@ def test_out_of_memory_fails_naming_the_phase_and_smaller_settings(launched):
     assert "OutOfMemoryError" in (run.run_dir / "train.log").read_text()  # the traceback is kept
     assert runs.latest_checkpoint(run.run_dir).name == "checkpoint-2"
     assert not (run.run_dir / "adapter").exists()  # never a final adapter after a failure
+    assert "no recovery: train.oom_recovery=off" in (run.run_dir / "train.log").read_text()
+    assert not ev.recoveries(ev.read(run.run_dir)[0])  # train.oom_recovery=off: as before recovery existed
 
 
 def test_nan_loss_stops_after_patience_and_keeps_the_last_good_checkpoint(launched):

@@ -62,7 +62,19 @@ def loss_frame(events: list[dict]) -> pd.DataFrame:
     rows += [(e[ev.STEP], s, "smoothed") for e, s in zip(m, ema([e[ev.LOSS] for e in m]))]
     rows += [(e[ev.STEP], e[ev.EVAL_LOSS], "eval loss") for e in ev.of_type(events, ev.EVAL)
              if _finite(e.get(ev.EVAL_LOSS))]
+    rows += recovery_marks(events, [r[1] for r in rows])
     return _frame(rows)
+
+
+def recovery_marks(events: list[dict], values: list[float]) -> list[tuple]:
+    """Each recovery from out of memory as a vertical mark across the chart's values at the step that ran out,
+    one series per recovery (a line through two points: a LinePlot draws no lone point)."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    return [row for r in ev.recoveries(events) if r.get(ev.AT_STEP) is not None
+            for row in ((r[ev.AT_STEP], low, f"recovered at step {r[ev.AT_STEP]}"),
+                        (r[ev.AT_STEP], high, f"recovered at step {r[ev.AT_STEP]}"))]
 
 
 def series_frame(events: list[dict], key: str, label: str) -> pd.DataFrame:

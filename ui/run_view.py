@@ -179,6 +179,9 @@ def status_md(run_id: str, status: dict) -> str:
         text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
     elif state == "stopped":
         text += "  \nStopped and saved. Resume continues training from the last checkpoint."
+    if status.get("recovered"):  # core.train.recovery: the latest change, the count when there were several
+        n = status.get("recoveries") or 1
+        text += f"  \n{marks.NOTE} {html.escape(str(status['recovered']))}" + (f" ({n} recoveries)" if n > 1 else "")
     return text
 
 

@@ -90,6 +90,8 @@ def open_run(run_id: str | None):
     md = f"**{html.escape(run_id)}**: {marks.state(str(status.get('state')))} · {_steps(status)} · folder: `{run_dir}`"
     if err:
         md += f"  \n{marks.ERROR} {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
+    for r in ev.recoveries(events):
+        md += f"  \n{marks.NOTE} {html.escape(str(r.get(ev.MESSAGE, '')))}"
     return md, plots.loss_frame(events), C.dump_yaml(cfg), cli_command(cfg)
 
 

@@ -75,7 +75,8 @@ def _show(args) -> int:
     info = {"id": run_dir.name, "path": str(run_dir), **st, "last_metrics": curve[-1] if curve else None,
             "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
             "adapter": str(run_dir / "adapter") if run_files.has_adapter(run_dir) else None,
-            "template_notice": ev.template_notice(events)}
+            "template_notice": ev.template_notice(events),
+            "recovered": [r.get(ev.MESSAGE) for r in ev.recoveries(events)]}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -94,6 +95,8 @@ def _show(args) -> int:
     notice = ev.template_notice(events)
     if notice:
         print(f"{'template':>12}: {notice}")
+    for message in info["recovered"]:
+        print(f"{'recovered':>12}: {message.removeprefix('recovered ')}")
     if st.get("error"):
         err = st["error"]
         print(f"{'error':>12}: [{err.get('kind')}] {err.get('message')}\n{'fix':>12}: {err.get('hint')}")

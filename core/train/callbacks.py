@@ -22,6 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from core import hardware
 from core.train import distributed
+from core.train import recovery
 from core.runs import folder as runs
 from core.runs import portable
 from core import events as ev
@@ -29,9 +30,17 @@ from core.train.collate import PadCollator
 from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
 
-# test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
-# at least SLOW_STEP_S more: time for a test to act mid-run on a fast machine; the numbers are untouched)
+# test-only: "oom@step3" (once: the retry at that step fits), "oomall@step3" (every time step 3 is tried),
+# "oomprobe@step0" (once, in the pre-flight probe),
+# "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more:
+# time for a test to act mid-run on a fast machine; the numbers are untouched). SIGKILL at a moment, for the fault
+# campaign (bench/fault_campaign.py): "killdata@step0" (tokenised, before the data event and the resume point),
+# "killload@step0" (base model loaded, before LoRA), "killstep@step3" (step 3's backward done, its optimizer step
+# not), "killsave@step4" (checkpoint-4 half written), "killfinal@step0" (final adapter written to its temporary
+# folder, not yet renamed). FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
 FAULT_ENV = "LORA_GARAGE_FAULT"
+FAULT_RANK_ENV = "LORA_GARAGE_FAULT_RANK"
+FAULT_KINDS = ("oom", "oomall", "oomprobe", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
 SLOW_STEP_S = 0.5
 
 
@@ -43,10 +52,17 @@ def parse_faults(text: str | None) -> dict[str, int]:
         if not item:
             continue
         kind, _, where = item.partition("@step")
-        if kind not in ("oom", "nan", "disk", "killsave", "slow") or not where.isdigit():
+        if kind not in FAULT_KINDS or not where.isdigit():
             raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (use e.g. oom@step3)")
         out[kind] = int(where)
     return out
+
+
+def kill_point(faults: dict, kind: str, step: int = 0) -> None:
+    """Test-only: SIGKILL this process here when LORA_GARAGE_FAULT names this moment (kind@stepN)."""
+    if faults.get(kind) == step:
+        print(f"{FAULT_ENV}: SIGKILL at {kind}@step{step}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Context:
@@ -55,6 +71,7 @@ class Context:
     def __init__(self):
         self.phase = "setup"
         self.step = 0
+        self.faults: dict = {}   # test-only (LORA_GARAGE_FAULT), for the kill points outside the trainer
 
 
 class StopFlag:
@@ -129,6 +146,13 @@ class GarageTrainer(Trainer):
         self.trained_attn_sq = 0
         self.nonfinite = None          # device bool tensor: any non-finite loss since the last optimizer step
         self.pause_seconds = 0.0       # time spent evaluating and saving, left out of tokens/s and the ETA
+        # out-of-memory recovery (core.train.recovery): inside a forward/backward pass right now, and the RNG as
+        # the current optimizer step's first micro-batch found it
+        self.in_micro_step = False
+        self.probing = False           # the pre-flight probe's forward/backward (core.train.recovery.probe)
+        self.rng_at_step_start: dict | None = None
+        self._rng_step = -1
+        self.group = distributed.is_rank_process()
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_by_length:
@@ -149,17 +173,45 @@ class GarageTrainer(Trainer):
         step = self.state.global_step + 1
         self.ctx.step = step
         self.ctx.phase = "first step" if step == self._initial_global_step + 1 else "train"
-        if self.faults.get("oom") == step:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
+        if self._rng_step != step:  # the first micro-batch of this optimizer step
+            self._rng_step, self.rng_at_step_start = step, recovery.rng_state()
         if "slow" in self.faults and step >= self.faults["slow"]:
             time.sleep(SLOW_STEP_S)
+        self.in_micro_step = True
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.in_micro_step = False
+        kill_point(self.faults, "killstep", step)
         bad = ~torch.isfinite(loss)  # no .item() here: one sync per optimizer step is enough
         self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
+        oom = None
+        try:
+            out = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            oom = e
+        # several processes: one decision before the backward pass's all-reduce, so every rank retries together
+        # with the same smaller settings instead of the others waiting in a collective the failed rank never joins
+        if self.group and distributed.stop_agreed(oom is not None) and oom is None:
+            raise torch.OutOfMemoryError(f"another rank ran out of memory at step {self.state.global_step + 1}")
+        if oom is not None:
+            raise oom
+        return out
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):
+        step = self.state.global_step + 1
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # the injected out of memory comes at the end of the forward pass, as a real one in the forward would:
+        # after DDP's own collectives of the forward (its buffer broadcast), which every rank must have joined
+        if self.probing and self.faults.get("oomprobe") == 0:
+            self.faults.pop("oomprobe")  # fires once: the probe at the smaller settings fits
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} in the pre-flight probe)")
+        if model.training and not self.probing and (self.faults.get("oom") == step or self.faults.get("oomall") == step):
+            self.faults.pop("oom", None)  # "oom" fires once: the retry of that step fits
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
         if "nan" in self.faults and self.state.global_step + 1 >= self.faults["nan"] and model.training:
             if return_outputs:
                 return out[0] * float("nan"), out[1]
@@ -183,6 +235,12 @@ class GarageTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         self.ctx.phase = phase
         self.pause_seconds += time.time() - t0
+
+    def save_now(self) -> None:
+        """A checkpoint of the last completed optimizer step from outside the training loop (out-of-memory
+        recovery): the same files, and the same COMPLETE marker through the callback, as a scheduled save."""
+        self._save_checkpoint(self.model, trial=None)
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         # runs after the adapter weights are written: the right moment to leave a partial checkpoint behind

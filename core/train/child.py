@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core.train import recovery
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -100,9 +101,12 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     writes the run folder."""
     from transformers import set_seed  # heavy
 
-    from core.train.callbacks import FAULT_ENV, parse_faults  # heavy
+    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, kill_point, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
+    if os.environ.get(FAULT_RANK_ENV, "") not in ("", str(distributed.rank())):
+        faults = {}  # test-only: the faults fire in one rank of a multi-process run
+    ctx.faults = faults
     if handoff is not None and plan.gpus:
         import torch  # heavy
 
@@ -122,13 +126,13 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
 
     ctx.phase = "load"
     model = load_model(cfg, device, model_path)
+    kill_point(faults, "killload")
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
-    trainer, callback = build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                      memory=memory.reading if memory else None, plan=plan)
-
-    ctx.phase = "first step"
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery, train.probe
+    trainer, callback = retry.train(
+        lambda p: build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
+                                memory=memory.reading if memory else None, plan=p), resume_from, ctx)
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
     if prepared.eval and not cfg.train.eval_steps and not stop.requested:
@@ -136,7 +140,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
 
     ctx.phase = "save"
     if distributed.is_main():
-        save_adapter(trainer.model, tokenizer, run_dir)
+        save_adapter(trainer.model, tokenizer, run_dir, before_rename=lambda: kill_point(faults, "killfinal"))
         if os.environ.get(PROBE_ENV) == "1":
             save_probe(trainer.model, prepared.train[0], run_dir)
     distributed.barrier()  # no rank ends (and tears the group down) before rank 0 has written the adapter
@@ -155,6 +159,10 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
 
     ctx.phase = "data"
     prepared = data.prepare(cfg, tokenizer)
+    if ctx.faults:  # test-only
+        from core.train.callbacks import kill_point  # heavy
+
+        kill_point(ctx.faults, "killdata")
     if not prepared.train:
         raise RunError("the dataset has no training rows left after preparation",
                        "check data.source, data.max_len and data.overlong (drop may have removed every row)")
@@ -612,9 +620,10 @@ def check_disk(run_dir: Path, model, cfg) -> None:
 
 # ---------------------------------------------------------------- after training
 
-def save_adapter(model, tokenizer, run_dir: Path) -> Path:
+def save_adapter(model, tokenizer, run_dir: Path, before_rename=None) -> Path:
     """adapter/ in PEFT format (adapter_model.safetensors + adapter_config.json) plus the tokenizer the run used.
-    Written to a temporary folder and renamed, so adapter/ is either the old complete one or the new one."""
+    Written to a temporary folder and renamed, so adapter/ is either the old complete one or the new one.
+    before_rename: test-only (the fault campaign's kill in the middle of the final save)."""
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
     if len(getattr(model, "peft_config", {})) > 1:  # DPO from a run's adapter: its frozen reference copy stays out
@@ -624,6 +633,8 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    if before_rename is not None:
+        before_rename()
     old = run_dir / ".adapter.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -78,6 +78,23 @@ class Launch:
             runner.resume(self.run_id)
 
 
+def from_checkpoint(home: Path, cfg: RunConfig, source: Path, checkpoint: str) -> Launch:
+    """A run that starts from another run's checkpoint with the settings in cfg: its folder is made in `home`, the
+    checkpoint and the fingerprint copied in, and the run resumed as a user resumes a stopped run."""
+    import shutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    with _Environ({"LORA_GARAGE_HOME": str(home)}):
+        run_dir = runs.create(cfg)
+        shutil.copytree(Path(source) / "checkpoints" / checkpoint, runs.checkpoints_dir(run_dir) / checkpoint)
+        runs.write_fingerprint(run_dir, runs.read_fingerprint(source))
+        runs.write_status(run_dir, state="stopped", ended_at=runs.now())
+    run = Launch.__new__(Launch)  # the folder exists already: only resume it
+    run.home, run.env, run.run_id, run.run_dir = home, {}, run_dir.name, run_dir
+    run.resume()
+    return run
+
+
 def wait_until_done(run_dir: Path, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

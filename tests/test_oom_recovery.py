@@ -1,0 +1,226 @@
+"""Out of memory in the middle of a run (train.oom_recovery, core/train/recovery.py): the injected out of memory
+(LORA_GARAGE_FAULT oom@stepK) of a real training child on the tiny model becomes a smaller step that carries on
+with the same effective batch, and the losses after it equal a run started with those settings from the same
+checkpoint; the remedies run out in their order and end in the triage; two CPU ranks recover together.
+
+The runs start together at module start (each in its own home) so their start-up overlaps on a small CPU. The
+off switch is checked with the other injected faults in tests/test_training.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import yaml
+
+from core import events as ev
+from core.config import RunConfig, apply_overrides, from_dict
+from core.errors import ConfigError
+from core.runs import folder as runs
+from core.runs import runner
+from core.train import recovery
+from tests.helpers.training import RESUME_TOLERANCE, Launch, from_checkpoint, losses, tiny_config, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_yaml_text(text: str) -> RunConfig:
+    return from_dict(yaml.safe_load(text))
+
+
+# ---------------------------------------------------------------- the remedies (fast)
+
+def _train(**kw):
+    t = RunConfig().train
+    for k, v in kw.items():
+        setattr(t, k, v)
+    return t
+
+
+def test_the_remedies_keep_the_effective_batch_and_come_in_order():
+    r = recovery.next_remedy(_train(batch_size=4, grad_accum=2))
+    assert (r.what, r.batch_size, r.grad_accum, r.grad_checkpointing) == (ev.REMEDY_MICRO_BATCH, 2, 4, False)
+    assert r.change == "micro-batch 4 -> 2, gradient accumulation 2 -> 4 (same effective batch)"
+    r = recovery.next_remedy(_train(batch_size=6, grad_accum=1))  # odd factors too: 6 = 2 x 3 -> 3 x 2
+    assert (r.batch_size, r.grad_accum) == (3, 2)
+    r = recovery.next_remedy(_train(batch_size=3, grad_accum=2))
+    assert (r.batch_size, r.grad_accum) == (1, 6)
+    r = recovery.next_remedy(_train(batch_size=1, grad_accum=8))
+    assert (r.what, r.batch_size, r.grad_accum, r.grad_checkpointing) == (ev.REMEDY_CHECKPOINTING, 1, 8, True)
+    assert recovery.next_remedy(_train(batch_size=1, grad_checkpointing=True)) is None
+    assert recovery.next_remedy(_train(batch_size=4, oom_recovery="off")) is None
+
+
+def test_the_probe_is_on_for_a_gpu_and_off_for_the_cpu_unless_asked():
+    cfg = RunConfig()
+    assert recovery.probe_wanted(cfg, "cuda") and not recovery.probe_wanted(cfg, "cpu")
+    cfg.train.probe = "on"
+    assert recovery.probe_wanted(cfg, "cpu")
+    cfg.train.probe, cfg.train.objective = "auto", "dpo"  # SFT only: the preference collators differ
+    assert not recovery.probe_wanted(cfg, "cuda")
+
+
+def test_oom_recovery_is_a_validated_setting_with_help():
+    from core.config import field_help
+
+    assert "micro-batch" in field_help("train.oom_recovery")
+    assert from_dict({"train": {"oom_recovery": "off"}}).validate().train.oom_recovery == "off"
+    # YAML reads a bare off / on as false / true: `--set train.oom_recovery=off` and `probe: on` still mean them
+    assert apply_overrides(RunConfig(), ["train.oom_recovery=off"]).validate().train.oom_recovery == "off"
+    assert apply_overrides(RunConfig(), ["train.probe=on"]).validate().train.probe == "on"
+    assert load_yaml_text("train:\n  probe: off\n  oom_recovery: auto\n").train.probe == "off"
+    with pytest.raises(ConfigError) as e:
+        from_dict({"train": {"oom_recovery": "sometimes"}}).validate()
+    assert e.value.field == "train.oom_recovery"
+
+
+# ---------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def oom_runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("oom")
+    data = write_dataset(root / "identity.jsonl")
+    data32 = write_dataset(root / "identity32.jsonl", n=32)
+
+    def cfg(**train):
+        return tiny_config(tiny_model_dir, data, **train)
+
+    two = tiny_config(tiny_model_dir, data32, max_steps=6, grad_accum=4, save_steps=2)
+    two.lora.dropout, two.train.devices = 0.0, "2"
+    specs = {
+        # every checkpoint kept: the reference starts from the one recovery saved (checkpoint-3)
+        "recover": (cfg(max_steps=6, save_total_limit=10), {"LORA_GARAGE_FAULT": "oom@step4"}),
+        # out of memory at step 1: no optimizer step done, so the run starts again with the smaller settings;
+        # "halved" is that run started that way from the beginning
+        "first": (cfg(max_steps=3), {"LORA_GARAGE_FAULT": "oom@step1"}),
+        "halved": (cfg(max_steps=3, batch_size=1, grad_accum=4), {}),
+        # the pre-flight probe (on for this CPU run) runs out: the run starts with the smaller settings
+        "probe": (cfg(max_steps=3, probe="on"), {"LORA_GARAGE_FAULT": "oomprobe@step0"}),
+        # every try of step 3 runs out: micro-batch 2 -> 1, then checkpointing on, then the triage
+        "ladder": (cfg(max_steps=6), {"LORA_GARAGE_FAULT": "oomall@step3"}),
+        "two": (two, {"LORA_GARAGE_FAULT": "oom@step4", "LORA_GARAGE_FAULT_RANK": "1"}),
+    }
+    launched = {name: Launch(root / f"home-{name}", c, env) for name, (c, env) in specs.items()}
+    yield {"runs": launched, "root": root, "model": tiny_model_dir, "data": data}
+    for run in launched.values():
+        with run.environ():
+            if runs.read_status(run.run_dir)["state"] in runs.ACTIVE:
+                runner.stop(run.run_id, grace_s=5)
+
+
+def _recovered(run_dir: Path) -> list[dict]:
+    return ev.recoveries(ev.read(run_dir)[0])
+
+
+@pytest.mark.integration
+def test_an_out_of_memory_step_recovers_with_the_same_effective_batch_and_losses(oom_runs, capsys):
+    run = oom_runs["runs"]["recover"]
+    st = run.wait()
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    got = losses(run.run_dir)
+    assert list(got) == list(range(1, 7))  # every optimizer step once: the schedule did not move
+    (r,) = _recovered(run.run_dir)
+    assert (r[ev.AT_STEP], r[ev.STEP], r[ev.WHAT], r[ev.FROM_CHECKPOINT]) == (4, 3, ev.REMEDY_MICRO_BATCH, "checkpoint-3")
+    assert (r[ev.BATCH_SIZE], r[ev.GRAD_ACCUM]) == (1, 4)  # effective batch 2 x 2 = 1 x 4
+    assert r[ev.MESSAGE].startswith("recovered from out of memory at step 4: micro-batch 2 -> 1, gradient "
+                                    "accumulation 2 -> 4 (same effective batch)")
+    assert "injected by LORA_GARAGE_FAULT" in r[ev.WHY] and r[ev.MEM_BEFORE] > 0
+    assert r[ev.MESSAGE] in log and st["recovered"] == r[ev.MESSAGE] and st["recoveries"] == 1
+    saved = runs.load_config(run.run_dir).train  # the config records the settings the run finished with
+    assert (saved.batch_size, saved.grad_accum, saved.grad_checkpointing) == (1, 4, False)
+    assert (run.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    # the same checkpoint, resumed by a run configured with micro-batch 1 and grad_accum 4 from the start
+    cfg = tiny_config(oom_runs["model"], oom_runs["data"], max_steps=6, save_total_limit=10, batch_size=1,
+                      grad_accum=4)
+    ref = from_checkpoint(oom_runs["root"] / "home-ref", cfg, run.run_dir, "checkpoint-3")
+    assert ref.wait()["state"] == "completed", runs.tail_log(ref.run_dir, 40)
+    want = losses(ref.run_dir)
+    assert list(want) == [4, 5, 6]
+    worst = max(abs(want[s] - got[s]) for s in (4, 5, 6))
+    with capsys.disabled():
+        print(f"\nOOM recovery equivalence: max |loss diff| over steps 4-6 = {worst:.3g} (tolerance {RESUME_TOLERANCE})")
+    assert worst <= RESUME_TOLERANCE, (want, got)
+
+    # the curve's marker and `runs show`
+    from ui import plots
+
+    frame = plots.loss_frame(ev.read(run.run_dir)[0])
+    marks = frame[frame["series"] == "recovered at step 4"]
+    assert list(marks["step"]) == [4, 4] and marks["value"].min() < marks["value"].max()
+    out = subprocess.run([sys.executable, "-m", "core", "runs", "show", run.run_id], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "LORA_GARAGE_HOME": str(run.home)})
+    assert out.returncode == 0, out.stderr
+    assert "recovered: from out of memory at step 4: micro-batch 2 -> 1" in out.stdout
+
+
+@pytest.mark.integration
+def test_an_out_of_memory_at_the_first_step_restarts_with_the_smaller_settings(oom_runs, capsys):
+    run, ref = oom_runs["runs"]["first"], oom_runs["runs"]["halved"]
+    st = run.wait()
+    assert st["state"] == "completed", runs.tail_log(run.run_dir, 40)
+    (r,) = _recovered(run.run_dir)
+    assert r[ev.FROM_CHECKPOINT] is None and r[ev.STEP] == 0 and "restarts at step 1" in r[ev.MESSAGE]
+    assert ref.wait()["state"] == "completed"
+    got, want = losses(run.run_dir), losses(ref.run_dir)
+    assert list(got) == list(want) == [1, 2, 3]
+    worst = max(abs(want[s] - got[s]) for s in want)
+    with capsys.disabled():
+        print(f"\nOOM at step 1 vs a run started halved: max |loss diff| = {worst:.3g}")
+    assert worst <= RESUME_TOLERANCE, (want, got)
+
+
+@pytest.mark.integration
+def test_the_remedies_run_out_in_order_and_the_run_fails_with_the_triage(oom_runs):
+    run = oom_runs["runs"]["ladder"]
+    st = run.wait()
+    assert st["state"] == "failed", runs.tail_log(run.run_dir, 40)
+    # the retry's first step is step 3, so the phase reads "first step"
+    assert st["error"]["kind"] == "oom" and st["error"]["message"] == "out of GPU memory during first step at step 3"
+    assert "data.max_len" in st["error"]["hint"] or "quant.method=qlora" in st["error"]["hint"]
+    steps = [(r[ev.WHAT], r[ev.BATCH_SIZE], r[ev.GRAD_ACCUM], r[ev.GRAD_CHECKPOINTING]) for r in _recovered(run.run_dir)]
+    assert steps == [(ev.REMEDY_MICRO_BATCH, 1, 4, False), (ev.REMEDY_CHECKPOINTING, 1, 4, True)]
+    log = (run.run_dir / "train.log").read_text()
+    assert "no recovery: nothing left to change: micro-batch 1 and gradient checkpointing on" in log
+    assert not (run.run_dir / "adapter").exists()
+
+
+@pytest.mark.integration
+def test_two_ranks_recover_together_when_one_runs_out(oom_runs):
+    run = oom_runs["runs"]["two"]
+    st = run.wait(600)
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-4000:]
+    (r,) = _recovered(run.run_dir)  # rank 0 writes the one event; it heard of rank 1's out of memory
+    assert "another rank ran out of memory at step 4" in r[ev.WHY]
+    assert (r[ev.BATCH_SIZE], r[ev.GRAD_ACCUM]) == (1, 8)
+    change = "micro-batch 2 -> 1, gradient accumulation 4 -> 8 (same effective batch)"
+    for rank in (0, 1):  # each rank took the same new settings and trained to the end
+        said = [line for line in log.splitlines() if line.startswith(f"[default{rank}]:recovered from out of memory")]
+        assert len(said) == 1 and change in said[0], said
+    assert list(losses(run.run_dir)) == list(range(1, 7))
+
+
+@pytest.mark.integration
+def test_an_out_of_memory_in_the_probe_starts_the_run_smaller_and_records_the_peak(oom_runs):
+    run, ref = oom_runs["runs"]["probe"], oom_runs["runs"]["halved"]
+    st = run.wait()
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    (r,) = _recovered(run.run_dir)
+    assert r[ev.AT_STEP] == 0 and r[ev.FROM_CHECKPOINT] is None and (r[ev.BATCH_SIZE], r[ev.GRAD_ACCUM]) == (1, 4)
+    assert r[ev.MESSAGE].startswith("recovered from out of memory in the pre-flight probe (before step 1): "
+                                    "micro-batch 2 -> 1")
+    probe = json.loads((run.run_dir / "estimate.json").read_text())["probe"]
+    assert probe["peak_bytes"] > 0 and probe["batch_size"] == 1 and probe["longest_row_tokens"] > 0
+    assert "pre-flight probe: forward + backward at the longest batch (1 x up to" in log
+    # the probe leaves no trace in the numbers: the run equals one started with the smaller settings
+    assert ref.wait()["state"] == "completed"
+    got, want = losses(run.run_dir), losses(ref.run_dir)
+    assert list(got) == list(want) == [1, 2, 3]
+    assert max(abs(want[s] - got[s]) for s in want) <= RESUME_TOLERANCE, (want, got)
