@@ -15,6 +15,7 @@ from core import events as ev
 from core.estimate import eta
 from core.runs import resolve as run_files
 from core.runs import folder as runs
+from core.runs import stopping
 from core.errors import GarageError
 from ui import marks, plots
 
@@ -177,9 +178,26 @@ def status_md(run_id: str, status: dict) -> str:
             text += f"  \n**Fix:** {html.escape(str(err['hint']))}"
     elif state == "completed":
         text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
-    elif state == "stopped":
-        text += "  \nStopped and saved. Resume continues training from the last checkpoint."
+    elif state in ("stopped", "stopping"):
+        text += stop_md(run_id, status)
     return text
+
+
+def stop_md(run_id: str, status: dict) -> str:
+    """What the Stop did, from status.json and the checkpoints on disk: a countdown while stopping, a kill in red
+    with what was kept and lost, "saved" only where a checkpoint was written."""
+    if status.get("state") == "stopping":
+        note = stopping.stopping_note(status)
+        return f"  \n{html.escape(note[:1].upper() + note[1:])}…"
+    try:
+        clean, what, fix = stopping.outcome(runs.get(run_id), status)
+    except GarageError as e:
+        return f"  \n{marks.ERROR} {html.escape(e.message)}"
+    if clean:
+        return f"  \n{html.escape(what)}. {html.escape(fix)}."
+    mark = marks.badge("killed", "bad") if status.get("error") else marks.NOTE
+    return (f"  \n{mark} <span class='lg-bad'>{html.escape(what[:1].upper() + what[1:])}</span>"
+            f"  \n**Fix:** {html.escape(fix)}")
 
 
 def progress_html(status: dict, events: list[dict]) -> str:

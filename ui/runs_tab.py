@@ -88,7 +88,9 @@ def open_run(run_id: str | None):
     events, _ = ev.read(run_dir, 0)
     err = status.get("error") or {}
     md = f"**{html.escape(run_id)}**: {marks.state(str(status.get('state')))} · {_steps(status)} · folder: `{run_dir}`"
-    if err:
+    if status.get("state") in ("stopped", "stopping"):
+        md += run_view.stop_md(run_id, status)  # the Train page's words: saved only where a checkpoint is
+    elif err:
         md += f"  \n{marks.ERROR} {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
     return md, plots.loss_frame(events), C.dump_yaml(cfg), cli_command(cfg)
 

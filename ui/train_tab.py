@@ -25,6 +25,7 @@ from core.estimate import eta
 from core.estimate import limits
 from core.runs import runner
 from core.runs import folder as runs
+from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
 from ui import export_panel, marks, progress, run_view, train_form, vram_panel
@@ -426,9 +427,10 @@ def stop(run_id: str | None) -> str:
         return "No run to stop."
     try:
         runner.request_stop(run_id)
+        note = stopping.stopping_note(runs.read_status(runs.get(run_id)))
     except GarageError as e:
         raise gr.Error(str(e))
-    return f"Stopping {run_id}: finishing the current step and saving a checkpoint…"
+    return f"{run_id}: {note}."
 
 
 def resume(run_id: str | None) -> str:
