@@ -268,12 +268,28 @@ def preset_md(name: str) -> str:
 
 
 def apply_preset(name: str, names: list[str], values: list) -> tuple[str, list]:
-    """-> (the preset's header as Markdown, the form's values with the preset applied, in `names` order)."""
+    """-> (the preset's header as Markdown, the form's values with the preset applied, in `names` order). A preset
+    sets every field it names and resets the others to their defaults (a DPO preset's objective does not linger
+    into the next preset); the description says which fields were put back."""
     try:
-        cfg = presets.apply(name, train_form.to_config(names, values))
+        cfg = presets.load(name)
     except GarageError as e:
         raise gr.Error(str(e))
-    return preset_md(name), train_form.values_of(names, cfg)
+    try:
+        current = dict(zip(names, train_form.values_of(names, train_form.to_config(names, values))))
+    except GarageError:  # a bad value in the form: the preset replaces it; the list of resets is then left out
+        current = {}
+    return preset_md(name) + reset_md(name, current), train_form.values_of(names, cfg)
+
+
+def reset_md(name: str, current: dict) -> str:
+    """Under the preset's header: that it resets what it does not name, and what that put back just now."""
+    text = (f"\n\n_This preset sets the {len(presets.named_fields(name))} fields it names and resets every other "
+            "field to its default._")
+    back = presets.resets(name, current)
+    if back:
+        text += " Reset now: " + ", ".join(f"`{f}` {html.escape(str(v))} → {html.escape(str(d))}" for f, v, d in back)
+    return text
 
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:

@@ -21,6 +21,7 @@ from core.runs import access
 from core.runs import procs
 from core.runs import folder as runs
 from core.runs import stopping
+from core.data import sft as data
 from core.config import RunConfig
 from core.errors import BusyError, RunError
 from core import models
@@ -35,6 +36,7 @@ def start(cfg: RunConfig) -> str:
     already training on this machine."""
     cfg.validate()
     access.check_config(cfg)  # a shared app (--allow-dir) reads no dataset or model outside its folders
+    data.check_fit(cfg)  # dpo on an SFT file is refused with Inspect's words, before a run folder exists
     fd = acquire_lock("(starting)")
     try:
         run_dir = runs.create(cfg)
