@@ -20,6 +20,7 @@ from core.gguf import chat as gguf_chat
 from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.errors import GarageError
+from ui.refuse import refusal
 from ui import marks, progress
 from core.data import sft as data
 
@@ -174,9 +175,9 @@ def start_turn(prompt, left, right, run_id, mode) -> tuple[str, list, list]:
     empty reply bubble added to each window that answers (the right one only in adapter-only mode)."""
     prompt = (prompt or "").strip() if isinstance(prompt, str) else ""
     if not prompt:
-        raise gr.Error("Type a message first.")
+        raise refusal("Type a message first.")
     if not run_id:
-        raise gr.Error("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
+        raise refusal("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
     turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     left, right = list(left or []), list(right or [])
     if mode != MODES[1]:
@@ -245,7 +246,7 @@ def _reply(left, right, run_id, ck_a, ck_b, mode, gen, gguf):
                 side[-1]["content"] = text
                 yield left, right
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def _gguf_path(run_id: str, gguf: str | None) -> Path:
@@ -267,11 +268,11 @@ def stop_generation() -> None:
 def score(run_id: str | None, ck_a: str | None, report=None) -> str:
     """The Score table; report(message, k, n) hears the loading and each prompt scored."""
     if not run_id:
-        raise gr.Error("Pick a run first.")
+        raise refusal("Pick a run first.")
     try:
         r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION, progress=report)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     if r["metric"] == "accuracy":
         head = (f"**Eval split ({r['n']} held-out prompts, the dataset's checker):** base **{100 * r['base']:.0f}%** · "
                 f"adapter **{100 * r['adapter']:.0f}%**")

@@ -28,6 +28,7 @@ from core.runs import folder as runs
 from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
+from ui.refuse import refusal
 from ui import export_panel, marks, progress, run_view, train_form, vram_panel
 from core.data import sft as data
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system
@@ -274,7 +275,7 @@ def apply_preset(name: str, names: list[str], values: list) -> tuple[str, list]:
     try:
         cfg = presets.load(name)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     try:
         current = dict(zip(names, train_form.values_of(names, train_form.to_config(names, values))))
     except GarageError:  # a bad value in the form: the preset replaces it; the list of resets is then left out
@@ -414,26 +415,26 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     try:
         cfg = train_form.to_config(names, values).validate()
         if rejected and rejected.get("key") == data_key(cfg):
-            raise gr.Error(f"Inspect refused this dataset: {rejected['message']}")
+            raise refusal(f"Inspect refused this dataset: {rejected['message']}")
         access.check_config(cfg)
         limits.check(cfg)
         return runner.start(cfg)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def open_export(run_id: str | None) -> dict:
     """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
     checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
     if not run_id:
-        raise gr.Error("No run to export: start one, or pick one on the Runs page.")
+        raise refusal("No run to export: start one, or pick one on the Runs page.")
     try:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     if not run_view.can_export(run_dir, status):
-        raise gr.Error(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
+        raise refusal(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
                        "or stop it (stopping saves the adapter).")
     return export_panel.opened_on(run_id)
 
@@ -445,17 +446,17 @@ def stop(run_id: str | None) -> str:
         runner.request_stop(run_id)
         note = stopping.stopping_note(runs.read_status(runs.get(run_id)))
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     return f"{run_id}: {note}."
 
 
 def resume(run_id: str | None) -> str:
     if not run_id:
-        raise gr.Error("No run selected to resume.")
+        raise refusal("No run selected to resume.")
     try:
         return runner.resume(run_id)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def running_form(names: list[str], run_id: str | None) -> list | None:

@@ -1,0 +1,31 @@
+"""A refusal is a message: one toast with its fix said once, one line in the app log, no traceback."""
+
+import gradio as gr
+import pytest
+
+from core import config as C
+from core.runs import folder as runs
+from ui import export_panel, train_tab
+from ui.refuse import refusal
+from core.errors import RunError
+
+
+def test_a_refusal_is_logged_as_one_line_and_gradio_prints_no_traceback(capsys):
+    err = refusal(RunError("run r1 has no final adapter", "train the run to the end"))
+    assert isinstance(err, gr.Error) and err.print_exception is False
+    assert capsys.readouterr().err == "refused: run r1 has no final adapter | fix: train the run to the end\n"
+
+
+def test_the_export_toast_says_its_fix_once(capsys):
+    run_dir = runs.create(C.RunConfig())
+    runs.write_status(run_dir, state="failed")
+    with pytest.raises(gr.Error) as e:
+        export_panel.export(run_dir.name, "/tmp/nowhere-honest", ["q8_0"], False, progress=lambda *a, **k: None)
+    text = str(e.value.message).lower()
+    assert text.count("fix") == 1 and "train the run to the end" in text
+
+
+def test_handlers_refuse_without_a_traceback():
+    with pytest.raises(gr.Error) as e:
+        train_tab.resume(None)
+    assert e.value.print_exception is False
