@@ -19,6 +19,7 @@ from core.runs import runner
 from core.runs import folder as runs
 from core.errors import GarageError
 from core.units import gb
+from ui.refuse import refusal
 from ui import export_panel, marks, plots, run_view, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "loss", "duration", "peak mem / estimate"]
@@ -141,13 +142,13 @@ def overlay(run_ids: list[str] | None) -> pd.DataFrame | None:
 
 def delete(run_id: str | None, confirmed: bool) -> str:
     if not run_id:
-        raise gr.Error("Pick a run first.")
+        raise refusal("Pick a run first.")
     if not confirmed:
-        raise gr.Error("Tick “yes, delete it” first: deleting removes the run's adapter and checkpoints for good.")
+        raise refusal("Tick “yes, delete it” first: deleting removes the run's adapter and checkpoints for good.")
     try:
         runner.delete(run_id)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     return f"Deleted {run_id}."
 
 
@@ -191,10 +192,6 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")
 
-    def _relist():
-        ids = [r["id"] for r in runs.list_runs()]
-        return table(), gr.update(choices=ids), gr.update(choices=ids)
-
     built_with = ids
 
     def _on_load():
@@ -207,7 +204,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
                 gr.skip() if same else gr.update(choices=ids, value=ids[:3]),
                 overlay(ids[:3])] + list(open_run(first))
 
-    refresh_btn.click(_relist, None, [grid, pick, compare])
+    refresh_btn.click(relist, [pick, compare], [grid, pick, compare])
     pick.change(plots.clear_then(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
 
     # the open run follows its files like the Train page: state, curve and buttons, until it ends
@@ -229,7 +226,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
 
     grid.select(_select, None, pick)
-    delete_btn.click(delete, [pick, sure], action_md).success(_relist, None, [grid, pick, compare]).then(
+    delete_btn.click(delete, [pick, sure], action_md).success(relist, [pick, compare], [grid, pick, compare]).then(
         lambda: False, None, sure)
     resume_btn.click(train_tab.resume, pick, train.run_id).success(
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])
