@@ -116,7 +116,6 @@ def refresh(run_id: str | None, cache: dict) -> dict:
               "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est),
               "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
-    pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     return {"status": status_md(run_id, status),
             "progress": progress_html(status, events) + template_html(events),
             **charts,
@@ -128,7 +127,7 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             "cache": cache,
             "charts": gr.update(visible=True),
             "pref": gr.update(visible=len(frames["accuracy"]) > 0),
-            "keep": not done or pending}
+            "keep": not done}
 
 
 def _blank(cache) -> dict:
@@ -136,7 +135,7 @@ def _blank(cache) -> dict:
         cache = {**cache, "sent": {}}
     hidden = gr.update(visible=False)
     return {"status": "No run yet. Press **Start training**.", "progress": "",
-            **{name: None for name in CHARTS},  # a chart given None builds afresh when data comes (plots.live_value)
+            **{name: hidden for name in CHARTS},  # hidden, never None: see plots.chart_update
             "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
             "charts": hidden, "pref": hidden}
 

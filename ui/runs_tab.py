@@ -104,7 +104,7 @@ def follow(run_id: str | None, sent: dict) -> dict:
     """The open run as its files say now, for the page's follow timer: summary, loss curve (sent only when its
     series change: plots.live_value), the buttons, and whether to keep following (the run is still active)."""
     if not run_id:
-        return {"summary": "Pick a run.", "curve": None, "resume": gr.update(visible=False),
+        return {"summary": "Pick a run.", "curve": gr.update(visible=False), "resume": gr.update(visible=False),
                 "chat": gr.update(visible=False), "active": False, "sent": sent, "relist": False}
     md, frame, _, _ = open_run(run_id)
     run_dir = runs.get(run_id)
@@ -182,8 +182,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         delete_btn = gr.Button("Delete run", variant="stop")
     action_md = gr.Markdown()
     with gr.Row():
-        # None until filled, and cleared before each refill (plots.clear_then): Gradio takes a chart's colours from
-        # the series it has when it goes from None to data, and keeps them
+        # None until filled, then never None again: hidden when empty, rebuilt by color_map (plots.chart_update)
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
@@ -202,18 +201,18 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         same = ids == built_with
         return [table(), gr.skip() if same else gr.update(choices=ids, value=first),
                 gr.skip() if same else gr.update(choices=ids, value=ids[:3]),
-                overlay(ids[:3])] + list(open_run(first))
+                plots.refill(overlay)(ids[:3])] + list(
+                    plots.refill(open_run, 1, 4)(first))
 
     refresh_btn.click(relist, [pick, compare], [grid, pick, compare])
-    pick.change(plots.clear_then(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
+    pick.change(plots.refill(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
 
     # the open run follows its files like the Train page: state, curve and buttons, until it ends
     follow_timer, sent = gr.Timer(2.0, active=True), gr.State({})
 
     def _follow(rid, sent_before):
         r = follow(rid, sent_before)
-        ended = not r["active"]
-        return {summary: r["summary"], curve: r["curve"] if r["curve"] is not None or not ended else gr.skip(),
+        return {summary: r["summary"], curve: r["curve"],
                 resume_btn: r["resume"], chat_btn: r["chat"], sent: r["sent"],
                 grid: table() if r["relist"] else gr.skip(),
                 follow_timer: gr.Timer(active=r["active"])}
@@ -221,7 +220,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     pick.change(lambda: ({}, gr.Timer(active=True)), None, [sent, follow_timer])
     follow_timer.tick(_follow, [pick, sent], [summary, curve, resume_btn, chat_btn, sent, grid, follow_timer],
                       show_progress="hidden")
-    compare.change(plots.clear_then(overlay), compare, overlay_plot)
+    compare.change(plots.refill(overlay), compare, overlay_plot)
     def _select(evt: gr.SelectData):
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
 
