@@ -408,6 +408,16 @@ def apply_suggestion(i: int, suggestions: list, names: list[str], values: list) 
 
 # ---------------------------------------------------------------- handlers: start / stop
 
+def form_check_md(names: list[str], values: list) -> str:
+    """Every field checked when it changes, by the same core.config validation Start uses: the first refusal,
+    naming the field and the fix, or nothing."""
+    try:
+        train_form.to_config(names, values).validate()
+    except GarageError as e:
+        return _error_md(e)
+    return ""
+
+
 def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     """Validate, then start the child process. Returns the run id; errors name the field. A dataset Inspect has
     refused (with these very data settings and model) is refused here too, with the same message, rather than
@@ -538,6 +548,7 @@ def build() -> TrainTab:
             suggestions = gr.State([])
             sugg_btns = [gr.Button(visible=False, size="sm", variant="secondary") for _ in range(N_SUGGESTIONS)]
             eta_md = gr.Markdown()
+            form_check = gr.Markdown()  # the first setting config.validate refuses, as soon as it changes
             with gr.Row():
                 start_btn = gr.Button("Start training", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
@@ -596,6 +607,8 @@ def build() -> TrainTab:
                 [suggestions] + widgets, widgets)
 
     # --- wiring: start / stop / live view
+    for w in widgets:
+        w.change(lambda *v: form_check_md(names, list(v)), widgets, form_check, queue=False, show_progress="hidden")
     start_btn.click(lambda rej, *v: start(names, list(v), rej), [rejected] + widgets, run_id).success(
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)

@@ -7,6 +7,7 @@ from core import config as C
 from core.runs import folder as runs
 from ui import export_panel, train_tab
 from ui.refuse import refusal
+from tests.helpers.forms import form_values
 from core.errors import RunError
 
 
@@ -29,3 +30,11 @@ def test_handlers_refuse_without_a_traceback():
     with pytest.raises(gr.Error) as e:
         train_tab.resume(None)
     assert e.value.print_exception is False
+
+
+def test_a_bad_field_is_flagged_when_it_changes_by_config_validate():
+    names, values = form_values(C.RunConfig())
+    assert train_tab.form_check_md(names, values) == ""
+    values[names.index("train.lr")] = -1
+    text = train_tab.form_check_md(names, values)
+    assert "learning rate must be &gt; 0, got -1" in text and "Fix:" in text
