@@ -179,6 +179,8 @@ def status_md(run_id: str, status: dict) -> str:
         text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
     elif state in ("stopped", "stopping"):
         text += stop_md(run_id, status)
+    elif state in ("queued", "running") and not status.get("step") and status.get("phase"):
+        text += f"  \nStarting, {html.escape(str(status['phase']))}…"  # the child's start-up phase, k of n
     return text
 
 

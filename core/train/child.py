@@ -121,6 +121,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
             return "stopped"
 
     ctx.phase = "load"
+    startup_phase(run_dir, 3)
     model = load_model(cfg, device, model_path)
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
@@ -128,6 +129,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
                                       memory=memory.reading if memory else None, plan=plan)
 
     ctx.phase = "first step"
+    startup_phase(run_dir, 4)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
@@ -143,18 +145,43 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
     return "stopped" if stop.requested else "completed"
 
 
+# what the child does before its first chart point, in order: status.json's `phase`, shown while step is 0
+STARTUP = ("finding the model files and loading the tokenizer", "tokenising the data", "loading the model and adding LoRA",
+           "the first step")
+
+
+def startup_phase(run_dir: Path, k: int, detail: str = "") -> None:
+    """Record start-up phase k (of STARTUP) in status.json, for the Train page (rank 0 alone writes the folder)."""
+    if distributed.is_main():
+        runs.write_status(run_dir, durable=False, phase=f"{k} of {len(STARTUP)}: {STARTUP[k - 1]}{detail}")
+
+
+def _rows_progress(run_dir: Path):
+    """data.prepare's progress as phase 2's row k of n, written at most once a second."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 1.0 or done == total:
+            last[0] = time.monotonic()
+            startup_phase(run_dir, 2, f" (row {done:,} of {total:,})")
+
+    return report
+
+
 def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None):
     """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
     -> (model_path, tokenizer, prepared, resume_from)."""
 
     ctx.phase = "load"
+    startup_phase(run_dir, 1)
     model_path = models.resolve(cfg.model.source)
     models.check_safetensors(model_path)
     write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
-    prepared = data.prepare(cfg, tokenizer)
+    startup_phase(run_dir, 2)
+    prepared = data.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
     if not prepared.train:
         raise RunError("the dataset has no training rows left after preparation",
                        "check data.source, data.max_len and data.overlong (drop may have removed every row)")

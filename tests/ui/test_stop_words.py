@@ -45,3 +45,15 @@ def test_while_stopping_the_page_counts_down_the_step():
                                                     stopping.STOP_GRACE_S: 120.0})
     text = run_view.status_md(run_dir.name, runs.read_status(run_dir))
     assert "Stopping after the current step" in text and "it is killed" in text
+
+
+def test_before_the_first_step_the_page_names_the_start_up_phase_k_of_n():
+    from core.train import child  # heavy
+
+    run_dir = runs.create(C.RunConfig())
+    runs.write_status(run_dir, state="running", step=0)
+    child._rows_progress(run_dir)(120, 480)
+    text = run_view.status_md(run_dir.name, runs.read_status(run_dir))
+    assert "Starting, 2 of 4: tokenising the data (row 120 of 480)" in text
+    child.startup_phase(run_dir, 4)
+    assert "4 of 4: the first step" in run_view.status_md(run_dir.name, runs.read_status(run_dir))
