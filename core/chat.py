@@ -123,6 +123,11 @@ class ChatSession:
         return self.attach(path, run_files.adapter_name(run_dir.name, checkpoint), trained_on=cfg.model.source,
                            run=run_dir.name, checkpoint=checkpoint)
 
+    def has_loaded(self, run: str, checkpoint: int | None = None) -> bool:
+        """Whether load_run(run, checkpoint) would find its base and adapter already loaded (nothing to wait for)."""
+        name = run_files.adapter_name(run, checkpoint)
+        return self.base is not None and name in self.adapters
+
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
         """Load (or keep, when source and quant match) the base model. Frees a different one first."""
         if quant not in QUANTS:

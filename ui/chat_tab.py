@@ -207,12 +207,21 @@ def reply(prompt, left, right, run_id, ck_a, ck_b, mode, system="", max_new=128,
     yield left, right
 
 
+def _loaded(run_id, ck_a, ck_b, mode) -> bool:
+    try:
+        wanted = [_checkpoint(ck_a)] + ([_checkpoint(ck_b)] if mode == MODES[2] else [])
+        return bool(run_id) and all(SESSION.has_loaded(run_id, ck) for ck in wanted)
+    except (GarageError, ValueError):
+        return False  # load_run below says what is wrong
+
+
 def _reply(left, right, run_id, ck_a, ck_b, mode, gen, gguf):
     settings = _settings(*gen)
     waiting = [side for side in (left, right) if side and side[-1]["role"] == "assistant"]
-    for side in waiting:  # loading the model can take seconds the first time: say so in the waiting bubbles
-        side[-1]["content"] = LOADING
-    yield left, right
+    if not _loaded(run_id, ck_a, ck_b, mode):  # loading takes seconds the first time: say so, and only then
+        for side in waiting:
+            side[-1]["content"] = LOADING
+        yield left, right
     try:
         name_a = SESSION.load_run(run_id, _checkpoint(ck_a))
         name_b = SESSION.load_run(run_id, _checkpoint(ck_b)) if mode == MODES[2] else None

@@ -5,7 +5,7 @@ import pytest
 
 from core import config as C
 from core.runs import folder as runs
-from ui import export_panel, train_tab
+from ui import chat_tab, export_panel, train_tab
 from ui.refuse import refusal
 from tests.helpers.forms import form_values
 from core.errors import RunError
@@ -38,3 +38,28 @@ def test_a_bad_field_is_flagged_when_it_changes_by_config_validate():
     values[names.index("train.lr")] = -1
     text = train_tab.form_check_md(names, values)
     assert "learning rate must be &gt; 0, got -1" in text and "Fix:" in text
+
+
+class _Session:
+    def __init__(self, loaded: bool):
+        self.loaded = loaded
+
+    def has_loaded(self, run, checkpoint=None):
+        return self.loaded
+
+    def load_run(self, run, checkpoint=None):
+        self.loaded = True
+        return "name"
+
+    def stream(self, msgs, settings, adapter=None):
+        yield "hello"
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_loading_the_model_shows_only_while_it_loads(monkeypatch, loaded):
+    monkeypatch.setattr(chat_tab, "SESSION", _Session(loaded))
+    right = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    shown = [r[-1]["content"] for _, r in chat_tab.reply("hi", [], right, "r1", chat_tab.FINAL, chat_tab.FINAL,
+                                                          chat_tab.MODES[1])]
+    assert (chat_tab.LOADING in shown) is (not loaded)
+    assert shown[-1] == "hello"
