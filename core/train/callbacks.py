@@ -29,9 +29,10 @@ from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
 
 # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
-# at least SLOW_STEP_S more: time for a test to act mid-run on a fast machine; the numbers are untouched)
+# at least SLOW_STEP_S more, or $LORA_GARAGE_SLOW_STEP_S: time for a test to act mid-run on a fast machine, or to
+# see a Stop wait for a long step; the numbers are untouched)
 FAULT_ENV = "LORA_GARAGE_FAULT"
-SLOW_STEP_S = 0.5
+SLOW_STEP_S = float(os.environ.get("LORA_GARAGE_SLOW_STEP_S", "0.5"))
 
 
 def parse_faults(text: str | None) -> dict[str, int]:
