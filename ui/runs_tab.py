@@ -22,9 +22,10 @@ from core.units import gb
 from ui.refuse import refusal
 from ui import export_panel, marks, plots, run_view, train_tab
 
-COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "loss", "duration", "peak mem / estimate"]
+COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
+           "peak mem / estimate"]
 # fits 1400 px without cutting a cell: short model and dataset names (the full ones are in the open run's config)
-COLUMN_WIDTHS = ["285px", "98px", "128px", "128px", "72px", "72px", "78px", "100px", "230px"]
+COLUMN_WIDTHS = ["285px", "98px", "120px", "120px", "72px", "84px", "80px", "72px", "96px", "220px"]
 
 
 def table() -> pd.DataFrame:
@@ -34,7 +35,8 @@ def table() -> pd.DataFrame:
         events, _ = ev.read(run_dir, 0)
         loss = ev.last_metric(events, ev.LOSS)
         rows.append([r["id"], r.get("state"), short_source(r.get("model", "")), short_source(r.get("dataset", "")),
-                     r.get("method", ""), f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
+                     r.get("method", ""), r.get("objective", ""),
+                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
                      f"{loss:.4f}" if loss is not None else "",
                      _duration(r.get("started_at"), r.get("ended_at")), peak_vs_estimate(run_dir, events)])
     return pd.DataFrame(rows, columns=COLUMNS)

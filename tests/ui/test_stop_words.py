@@ -57,3 +57,11 @@ def test_before_the_first_step_the_page_names_the_start_up_phase_k_of_n():
     assert "Starting, 2 of 4: tokenising the data (row 120 of 480)" in text
     child.startup_phase(run_dir, 4)
     assert "4 of 4: the first step" in run_view.status_md(run_dir.name, runs.read_status(run_dir))
+
+
+def test_the_runs_table_names_the_objective():
+    cfg = C.RunConfig()
+    cfg.train.objective = "dpo"
+    runs.create(cfg)
+    row = runs_tab.table().iloc[0]
+    assert row["method"] == "lora" and row["objective"] == "dpo"
