@@ -2,6 +2,10 @@
 a guess (with its range) when fewer than two similar runs exist, never one slow run alone. Events are written by
 the real EventLog and read back through core.events."""
 
+import os
+
+import pytest
+
 from core import config as C
 from core.estimate import eta
 from core.runs import folder as runs
@@ -146,3 +150,16 @@ def test_for_config_uses_the_tokens_per_row_measured_on_the_same_data():
     seen = eta.Measured("a", "lora", "cpu", PARAMS, 100.0, 50.0, data=(cfg.data.source, 512), rows_per_step=2)
     e = eta.for_config(cfg, PARAMS, None, measured=[seen, seen])
     assert abs(e.seconds - 10 * 4 * 50 / 50.0) < 1e-6  # 50 tokens a row, not 256 (half the cutoff)
+
+
+def test_a_busy_machine_slows_the_cpu_eta_and_says_why_and_loaded_runs_count_as_quiet_ones():
+    """The same measured runs read two ways: quiet now vs 2 cores' worth of other work now; and a run measured
+    under load (slowdown 2) predicts what a quiet machine does at twice its rate."""
+    cores = os.cpu_count() or 1
+    runs_ = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0) for i in range(2)]
+    quiet = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_, busy=0.0)
+    busy = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_, busy=float(cores))
+    assert busy.seconds == pytest.approx(2 * quiet.seconds)
+    assert "busy" not in quiet.source and "this machine is busy" in busy.source and "2.0x slower" in busy.source
+    loaded = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0, slowdown=2.0) for i in range(2)]
+    assert eta.before_start(10_000, 1000, "lora", None, 100.0, loaded).seconds == pytest.approx(quiet.seconds / 2)

@@ -361,7 +361,8 @@ def _gpu_name(target: str, reading) -> str | None:
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | None = None) -> str:
     """The ETA before Start: train.max_steps steps, or (epochs) the tokens Inspect counted for these data settings."""
-    e = eta.for_config(cfg, shape.total_params, gpu_name)
+    busy = eta.others_load() if gpu_name is None else 0.0  # a CPU run shares the cores with what runs now
+    e = eta.for_config(cfg, shape.total_params, gpu_name, busy=busy)
     if e is not None:
         return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
     if inspected and inspected.get("key") == data_key(cfg) and inspected.get("rows"):
@@ -370,7 +371,7 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | Non
         steps = -(-int(inspected["rows"] * t.epochs) // rows_per_step)
         per_step = inspected["tokens"] / inspected["rows"] * rows_per_step
         e = eta.before_start(int(inspected["tokens"] * t.epochs), shape.total_params, cfg.quant.method, gpu_name,
-                             per_step)
+                             per_step, busy=busy)
         return f"**ETA** for {t.epochs:g} epoch{'s' if t.epochs != 1 else ''} ({steps} steps): {e.text()}"
     return "ETA: inspect the dataset to know the steps per epoch."
 
