@@ -111,8 +111,9 @@ def gguf_choices(run_id: str | None) -> list[tuple[str, str]]:
     return [(f"GGUF: {e.file}", str(e.path)) for e in gguf_chat.list_exports(run_id)]
 
 
-def gguf_note(run_id: str | None) -> str:
-    """One line about chatting with the run's GGUF export: how to get llama-cpp-python, or how to make an export."""
+def gguf_note(run_id: str | None, mode: str | None = None) -> str:
+    """One line about chatting with the run's GGUF export: how to get llama-cpp-python, how to make an export, how
+    to choose the GGUF mode, or (in that mode) what the two windows are."""
     if not run_id:
         return ""
     exports = gguf_chat.list_exports(run_id)
@@ -125,6 +126,8 @@ def gguf_note(run_id: str | None) -> str:
                 f"\"{GGUF_MODE}\" here.")
     if GGUF_MODE not in SHOWN_MODES:
         return "llama-cpp-python was installed after the app started: restart the app to chat with the GGUF here."
+    if mode == GGUF_MODE:
+        return "The left window answers with the exported GGUF in llama.cpp's runtime, the right one with the adapter."
     return f"Choose \"{GGUF_MODE}\" to chat with the exported GGUF in llama.cpp's runtime beside the adapter."
 
 
@@ -347,7 +350,8 @@ def build() -> ChatTab:
         return gr.update(label=left_label(m, path))
 
     gguf_dd.change(_gguf_picked, [gguf_dd, mode], left)
-    mode.change(lambda m, path: gr.update(label=left_label(m, path)), [mode, gguf_dd], left)
+    mode.change(lambda m, path, rid: (gr.update(label=left_label(m, path)), gguf_note(rid, m)),
+                [mode, gguf_dd, run_dd], [left, gguf_md])
 
     def _pick(evt: gr.SelectData):
         return evt.value
