@@ -27,7 +27,7 @@ from core import events as ev
 from core.train.collate import PadCollator
 from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
-from core.estimate import eta
+from core.estimate import eta as run_eta  # `eta` is a local name in on_log
 
 # test-only: "oom@step3", "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes
 # at least SLOW_STEP_S more, or $LORA_GARAGE_SLOW_STEP_S: time for a test to act mid-run on a fast machine, or to
@@ -292,7 +292,7 @@ class GarageCallback(TrainerCallback):
         if (now - self._status_t > 2.0 or remaining == 0) and self.main:  # for the runs list: not needed per step
             self._status_t = now
             runs.write_status(self.run_dir, step=state.global_step, durable=False,
-                              **{eta.OTHERS_LOAD: eta.others_load(torch.get_num_threads())})
+                              **{run_eta.OTHERS_LOAD: run_eta.others_load(torch.get_num_threads())})
 
     def _logged(self, now: float, state) -> None:
         self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step
