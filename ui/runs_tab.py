@@ -25,7 +25,7 @@ from ui import export_panel, marks, plots, run_view, train_tab
 COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
            "peak mem / estimate"]
 # fits 1400 px without cutting a cell: short model and dataset names (the full ones are in the open run's config)
-COLUMN_WIDTHS = ["285px", "98px", "120px", "120px", "72px", "84px", "80px", "72px", "96px", "220px"]
+COLUMN_WIDTHS = ["268px", "84px", "108px", "108px", "66px", "96px", "72px", "70px", "86px", "246px"]
 
 
 def table() -> pd.DataFrame:

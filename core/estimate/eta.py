@@ -229,8 +229,9 @@ def before_start(total_tokens: int, params: int, method: str, gpu_name: str | No
     rates = [r.tokens_per_s * r.slowdown / now * r.params / max(params, 1) for r in runs]
     eta = _before_start(total_tokens, assumed, where, measured, runs, rates, device, params, gpu_name)
     if now >= 1 + BUSY_AT:
-        eta.source += (f"; this machine is busy: other programs keep about {now - 1:.1f}x its "
-                       f"{os.cpu_count()} cores' worth of work waiting, so training runs about {now:.1f}x slower")
+        cores = os.cpu_count() or 1
+        eta.source += (f"; this machine is busy: other programs keep about {(now - 1) * cores:.1f} cores' worth of "
+                       f"work running on its {cores} cores, so training runs about {now:.1f}x slower")
     return eta
 
 
