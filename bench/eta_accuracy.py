@@ -3,7 +3,11 @@ the runs already measured in this home), then the real run (`python -m core trai
 training time (the last step's elapsed) and its wall time (with model loading). Later sizes see the earlier runs
 as measurements, as a user's machine would.
 
-    LORA_GARAGE_HOME=/tmp/eta-home python bench/eta_accuracy.py [--json results/eta.json]
+    LORA_GARAGE_HOME=/tmp/eta-home python bench/eta_accuracy.py [--json results/eta.json] [--loaded]
+
+--loaded adds the loaded case: a busy loop on one core while each run trains (started a minute before, so the
+1-minute load average the ETA reads has seen it). The prediction reads the other programs' load as the Train
+page does (core.estimate.eta.others_load); the goal is within 30% of the training time.
 """
 
 from __future__ import annotations
@@ -36,16 +40,29 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--loaded", action="store_true", help="also run each size beside a busy loop on one core")
     args = ap.parse_args()
     rows = []
-    for label, sets in SIZES:
+    cases = [(label, sets, False) for label, sets in SIZES]
+    if args.loaded:
+        cases += [(f"{label}, loaded", sets, True) for label, sets in SIZES[1:3]]
+    for label, sets, loaded in cases:
+        hog = None
+        if loaded:
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(60)  # the load average the ETA reads is a 1-minute average
         cfg = C.apply_overrides(presets.load("cpu-demo"), sets)
         params = eta.param_count(cfg.model.source)
-        guess = eta.for_config(cfg, params, None)
+        guess = eta.for_config(cfg, params, None, busy=eta.others_load())
         before = {r["id"] for r in runs.list_runs()}
         t0 = time.time()
         cmd = [sys.executable, "-m", "core", "train", "--preset", "cpu-demo"] + [a for s in sets for a in ("--set", s)]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        finally:
+            if hog:
+                hog.kill()
+                hog.wait()
         wall = time.time() - t0
         new = [r for r in runs.list_runs() if r["id"] not in before]
         events = ev.read(runs.get(new[0]["id"]))[0]

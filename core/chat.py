@@ -125,6 +125,11 @@ class ChatSession:
         self.adapters[name].update(template=self.tokenizer.chat_template, system=cfg.data.system)  # for use()
         return name
 
+    def has_loaded(self, run: str, checkpoint: int | None = None) -> bool:
+        """Whether load_run(run, checkpoint) would find its base and adapter already loaded (nothing to wait for)."""
+        name = run_files.adapter_name(run, checkpoint)
+        return self.base is not None and name in self.adapters
+
     def load_base(self, source: str, quant: str | None = None, trust_remote_code: bool = False, quant_cfg=None) -> None:
         """Load (or keep, when source and quant match) the base model. Frees a different one first. The plain base
         chats without the last run's data.system (load_run sets it again after this)."""

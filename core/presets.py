@@ -57,7 +57,26 @@ def raw(name: str) -> dict:
 
 
 def load(name: str) -> C.RunConfig:
+    """The preset on its own: every field it names, every other field at its default."""
     return C.from_dict(raw(name))
+
+
+def named_fields(name: str) -> list[str]:
+    """The "section.key" fields the preset sets; a switch to it resets every other field to its default."""
+    return [f"{section}.{key}" for section, values in raw(name).items() for key in (values or {})]
+
+
+def resets(name: str, current: dict) -> list[tuple[str, object, object]]:
+    """(field, value now, default) for each field in `current` ({"section.key": value}) that the preset does not
+    name and that differs from the default: what a switch to the preset puts back."""
+    named, default, out = set(named_fields(name)), C.RunConfig().to_dict(), []
+    for dotted, value in current.items():
+        section, key = dotted.split(".", 1)
+        base = default.get(section, {}).get(key)
+        if dotted not in named and key in default.get(section, {}) and value != base and not (
+                isinstance(base, (int, float)) and isinstance(value, (int, float)) and float(value) == float(base)):
+            out.append((dotted, value, base))
+    return out
 
 
 def apply(name: str, base: C.RunConfig) -> C.RunConfig:

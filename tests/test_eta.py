@@ -2,6 +2,10 @@
 a guess (with its range) when fewer than two similar runs exist, never one slow run alone. Events are written by
 the real EventLog and read back through core.events."""
 
+import os
+
+import pytest
+
 from core import config as C
 from core.estimate import eta
 from core.runs import folder as runs
@@ -168,3 +172,16 @@ def test_measured_runs_reads_again_only_the_runs_whose_events_changed(monkeypatc
     assert read == [b.name] and found[b.name].tokens_per_s == 500.0 and found[a.name].tokens_per_s == 250.0
     shutil.rmtree(a)
     assert [m.run for m in eta.measured_runs(params)] == [b.name]
+
+
+def test_a_busy_machine_slows_the_cpu_eta_and_says_why_and_loaded_runs_count_as_quiet_ones():
+    """The same measured runs read two ways: quiet now vs 2 cores' worth of other work now; and a run measured
+    under load (slowdown 2) predicts what a quiet machine does at twice its rate."""
+    cores = os.cpu_count() or 1
+    runs_ = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0) for i in range(2)]
+    quiet = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_, busy=0.0)
+    busy = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_, busy=float(cores))
+    assert busy.seconds == pytest.approx(2 * quiet.seconds)
+    assert "busy" not in quiet.source and "this machine is busy" in busy.source and "2.0x slower" in busy.source
+    loaded = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0, slowdown=2.0) for i in range(2)]
+    assert eta.before_start(10_000, 1000, "lora", None, 100.0, loaded).seconds == pytest.approx(quiet.seconds / 2)

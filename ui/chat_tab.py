@@ -21,6 +21,7 @@ from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.errors import GarageError
 from ui import marks, progress, serve_panel
+from ui.refuse import refusal
 from core.data import sft as data
 
 SESSION = chat.ChatSession()  # one loaded base model per app process, shared by every browser tab
@@ -110,8 +111,9 @@ def gguf_choices(run_id: str | None) -> list[tuple[str, str]]:
     return [(f"GGUF: {e.file}", str(e.path)) for e in gguf_chat.list_exports(run_id)]
 
 
-def gguf_note(run_id: str | None) -> str:
-    """One line about chatting with the run's GGUF export: how to get llama-cpp-python, or how to make an export."""
+def gguf_note(run_id: str | None, mode: str | None = None) -> str:
+    """One line about chatting with the run's GGUF export: how to get llama-cpp-python, how to make an export, how
+    to choose the GGUF mode, or (in that mode) what the two windows are."""
     if not run_id:
         return ""
     exports = gguf_chat.list_exports(run_id)
@@ -124,6 +126,8 @@ def gguf_note(run_id: str | None) -> str:
                 f"\"{GGUF_MODE}\" here.")
     if GGUF_MODE not in SHOWN_MODES:
         return "llama-cpp-python was installed after the app started: restart the app to chat with the GGUF here."
+    if mode == GGUF_MODE:
+        return "The left window answers with the exported GGUF in llama.cpp's runtime, the right one with the adapter."
     return f"Choose \"{GGUF_MODE}\" to chat with the exported GGUF in llama.cpp's runtime beside the adapter."
 
 
@@ -174,9 +178,9 @@ def start_turn(prompt, left, right, run_id, mode) -> tuple[str, list, list]:
     empty reply bubble added to each window that answers (the right one only in adapter-only mode)."""
     prompt = (prompt or "").strip() if isinstance(prompt, str) else ""
     if not prompt:
-        raise gr.Error("Type a message first.")
+        raise refusal("Type a message first.")
     if not run_id:
-        raise gr.Error("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
+        raise refusal("No trained run to chat with yet: train one on the Train page (the cpu-demo preset takes minutes).")
     turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     left, right = list(left or []), list(right or [])
     if mode != MODES[1]:
@@ -206,12 +210,21 @@ def reply(prompt, left, right, run_id, ck_a, ck_b, mode, system="", max_new=128,
     yield left, right
 
 
+def _loaded(run_id, ck_a, ck_b, mode) -> bool:
+    try:
+        wanted = [_checkpoint(ck_a)] + ([_checkpoint(ck_b)] if mode == MODES[2] else [])
+        return bool(run_id) and all(SESSION.has_loaded(run_id, ck) for ck in wanted)
+    except (GarageError, ValueError):
+        return False  # load_run below says what is wrong
+
+
 def _reply(left, right, run_id, ck_a, ck_b, mode, gen, gguf):
     settings = _settings(*gen)
     waiting = [side for side in (left, right) if side and side[-1]["role"] == "assistant"]
-    for side in waiting:  # loading the model can take seconds the first time: say so in the waiting bubbles
-        side[-1]["content"] = LOADING
-    yield left, right
+    if not _loaded(run_id, ck_a, ck_b, mode):  # loading takes seconds the first time: say so, and only then
+        for side in waiting:
+            side[-1]["content"] = LOADING
+        yield left, right
     try:
         name_a = SESSION.load_run(run_id, _checkpoint(ck_a))
         name_b = SESSION.load_run(run_id, _checkpoint(ck_b)) if mode == MODES[2] else None
@@ -245,7 +258,7 @@ def _reply(left, right, run_id, ck_a, ck_b, mode, gen, gguf):
                 side[-1]["content"] = text
                 yield left, right
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def _gguf_path(run_id: str, gguf: str | None) -> Path:
@@ -267,11 +280,11 @@ def stop_generation() -> None:
 def score(run_id: str | None, ck_a: str | None, report=None) -> str:
     """The Score table; report(message, k, n) hears the loading and each prompt scored."""
     if not run_id:
-        raise gr.Error("Pick a run first.")
+        raise refusal("Pick a run first.")
     try:
         r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION, progress=report)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     if r["metric"] == "accuracy":
         head = (f"**Eval split ({r['n']} held-out prompts, the dataset's checker):** base **{100 * r['base']:.0f}%** · "
                 f"adapter **{100 * r['adapter']:.0f}%**")
@@ -338,7 +351,8 @@ def build() -> ChatTab:
         return gr.update(label=left_label(m, path))
 
     gguf_dd.change(_gguf_picked, [gguf_dd, mode], left)
-    mode.change(lambda m, path: gr.update(label=left_label(m, path)), [mode, gguf_dd], left)
+    mode.change(lambda m, path, rid: (gr.update(label=left_label(m, path)), gguf_note(rid, m)),
+                [mode, gguf_dd, run_dd], [left, gguf_md])
 
     def _pick(evt: gr.SelectData):
         return evt.value

@@ -14,6 +14,7 @@ from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
 from core.gguf import export as gguf_export
+from ui.refuse import refusal
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
            "same answer", "score GGUF vs adapter", "stops", "check"]
@@ -57,11 +58,11 @@ def parity_table(report: dict) -> pd.DataFrame:
 
 def export(run_id: str | None, folder: str, quants: list[str], check: bool, progress=gr.Progress()):
     if not run_id:
-        raise gr.Error("Pick a run first.")
+        raise refusal("Pick a run first.")
     if not quants:
-        raise gr.Error("Tick at least one GGUF type (q8_0 is a good start).")
+        raise refusal("Tick at least one GGUF type (q8_0 is a good start).")
     if not (folder or "").strip():
-        raise gr.Error("Give a folder for the export (a new one, or an empty one).")
+        raise refusal("Give a folder for the export (a new one, or an empty one).")
 
     lines: list[str] = []
 
@@ -72,7 +73,7 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
     try:
         report = gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check)
     except GarageError as e:
-        raise gr.Error(f"{e} Fix: {e.hint}" if getattr(e, "hint", None) else str(e))
+        raise refusal(e)  # str(e) already ends with its fix: once is enough
     out = Path(folder.strip()).expanduser()
     passed = all(r["passed"] for r in report["parity"])
     md = [f"**Written to** `{html.escape(str(out))}`: " + ", ".join(f"`{f['file']}`" for f in report["files"].values())

@@ -1,6 +1,8 @@
 """build_app(): the header bar and the Train / Chat / Runs tabs. Each tab module builds its own widgets."""
 
 import gradio as gr
+import httpx
+from gradio import networking
 
 from ui import chat_tab, hardware_bar, marks, progress, runs_tab, train_tab
 
@@ -39,7 +41,22 @@ def build_app() -> gr.Blocks:
     return app
 
 
+def _patient_url_ok(url: str) -> bool:
+    """Gradio's start-up check that its own page answers, with 30 s instead of 3 s: on a machine busy training
+    (a load average of 24 on 2 cores was seen) the first answer takes longer, and Gradio then refuses to start
+    with "localhost is not accessible"."""
+    for _ in range(5):
+        try:
+            r = httpx.head(url, timeout=30, verify=False)
+        except (httpx.ConnectError, httpx.TimeoutException):
+            continue
+        if r.status_code in (200, 401, 301, 302, 303, 307, 308):
+            return True
+    return False
+
+
 def launch(host: str = "127.0.0.1", port: int = 7860, auth=None, block: bool = True):
+    networking.url_ok = _patient_url_ok
     app = build_app()
     app.queue(default_concurrency_limit=4)
     return app.launch(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, css=CSS,

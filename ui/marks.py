@@ -39,5 +39,6 @@ CSS = """
            line-height:1.5; color:#fff; vertical-align:baseline}
 .lg-badge-ok {background:#1a7f37} .lg-badge-bad {background:#cf222e} .lg-badge-warn {background:#9a6700}
 .lg-badge-busy {background:#0969da} .lg-badge-wait {background:#6e7781}
+.lg-bad {color:#cf222e; font-weight:600}
 .lg-logo {vertical-align:-4px; margin-right:.35em}
 """

@@ -17,33 +17,60 @@ def _frame(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(rows or None, columns=list(_DTYPES)).astype(_DTYPES)
 
 
-def live_value(frame: pd.DataFrame, key: str, sent: dict) -> pd.DataFrame | None:
-    """What to send a chart that is refreshed in place (the live run view). Gradio 6's LinePlot fixes its colour
-    domain to the series present when it builds the chart and afterwards only swaps the data, so a series that
-    appears later (eval loss at the end, the estimate line) would draw nothing. It builds the chart afresh when its
-    value goes from None to data. So when the set of series changes, this sends None once (and records that in
-    `sent`, the caller's per-chart memory) and the frame on the next refresh. An empty frame is sent as None."""
+# colours by series: a chart is rebuilt (its colour domain taken afresh) when its color_map changes
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac")
+
+
+def colours(names) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(names))}
+
+
+def _drawable(frame: pd.DataFrame) -> tuple[str, ...]:
     # fewer than two steps draw nothing useful: vega warns of an infinite extent with no point and labels the
     # axis 1.000000 with one, so a chart waits for its second step
-    names = tuple(sorted(set(frame["series"]))) if frame["step"].nunique() >= 2 else ()
-    before = sent.get(key)
-    if before and names != before:
-        sent[key] = None
-        return None
-    sent[key] = names or None
-    return frame if names else None
+    return tuple(sorted(set(frame["series"]))) if frame["step"].nunique() >= 2 else ()
 
 
-def clear_then(fn, chart_at: int | None = None, n: int = 1):
-    """An event handler for a one-shot fill: it first sends None to the chart (output `chart_at` of `n`; None = the
-    only output) and then fn's result, so the chart rebuilds with the new series (see live_value). Both updates
-    belong to one event, and Gradio runs one event per listener at a time, so a quick second event cannot slip
-    its data in between."""
+def chart_update(frame: pd.DataFrame):
+    """What to send a chart for `frame`, never None once it may have been drawn. Gradio 6's LinePlot keeps the
+    colour domain it was built with and rebuilds when its color_map changes, so each series set gets its own
+    color_map (a series that appears later, such as eval loss at the end, is drawn). A chart with nothing to
+    draw is hidden, not emptied: a chart given None drops its element while its resize observer lives on, and
+    if the chart was last laid out while hidden (another tab, a closed column: width 0) that observer reads
+    offsetWidth of null ("Cannot read properties of null (reading 'offsetWidth')" in the page)."""
     import gradio as gr  # heavy
 
+    names = _drawable(frame)
+    if not names:
+        return gr.update(visible=False)
+    return gr.update(value=frame, color_map=colours(names), visible=True)
+
+
+def live_value(frame: pd.DataFrame, key: str, sent: dict):
+    """What to send a chart refreshed in place (the live run view): the frame alone while its series stay the same
+    (the data is swapped in place), chart_update's rebuild when they change, gr.skip() while it stays empty.
+    `sent` is the caller's per-chart memory of the series last sent."""
+    import gradio as gr  # heavy
+
+    names = _drawable(frame)
+    if key in sent and sent[key] == names:
+        return frame if names else gr.skip()
+    sent[key] = names
+    return chart_update(frame)
+
+
+def refill(fn, chart_at: int | None = None, n: int = 1):
+    """An event handler for a one-shot fill: fn's result, with its chart output (number `chart_at` of `n`; None =
+    the only output) sent through chart_update."""
+
     def handler(*args):
-        yield None if chart_at is None else tuple(None if i == chart_at else gr.skip() for i in range(n))
-        yield fn(*args)
+        out = fn(*args)
+        if chart_at is None:
+            return chart_update(out if out is not None else _frame([]))
+        out = list(out)
+        out[chart_at] = chart_update(out[chart_at] if out[chart_at] is not None else _frame([]))
+        return tuple(out)
 
     return handler
 

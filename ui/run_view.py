@@ -15,6 +15,7 @@ from core import events as ev
 from core.estimate import eta
 from core.runs import resolve as run_files
 from core.runs import folder as runs
+from core.runs import stopping
 from core.errors import GarageError
 from ui import marks, plots
 
@@ -115,7 +116,6 @@ def refresh(run_id: str | None, cache: dict) -> dict:
               "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est),
               "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
-    pending = any(charts[k] is None and len(f) for k, f in frames.items())  # cleared to rebuild: fill next tick
     return {"status": status_md(run_id, status),
             "progress": progress_html(status, events) + template_html(events),
             **charts,
@@ -127,7 +127,7 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             "cache": cache,
             "charts": gr.update(visible=True),
             "pref": gr.update(visible=len(frames["accuracy"]) > 0),
-            "keep": not done or pending}
+            "keep": not done}
 
 
 def _blank(cache) -> dict:
@@ -135,7 +135,7 @@ def _blank(cache) -> dict:
         cache = {**cache, "sent": {}}
     hidden = gr.update(visible=False)
     return {"status": "No run yet. Press **Start training**.", "progress": "",
-            **{name: None for name in CHARTS},  # a chart given None builds afresh when data comes (plots.live_value)
+            **{name: hidden for name in CHARTS},  # hidden, never None: see plots.chart_update
             "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
             "charts": hidden, "pref": hidden}
 
@@ -177,12 +177,31 @@ def status_md(run_id: str, status: dict) -> str:
             text += f"  \n**Fix:** {html.escape(str(err['hint']))}"
     elif state == "completed":
         text += "  \nThe adapter is saved. Chat with it, or compare it with the base model on the Chat tab."
-    elif state == "stopped":
-        text += "  \nStopped and saved. Resume continues training from the last checkpoint."
+    elif state in ("stopped", "stopping"):
+        text += stop_md(run_id, status)
+    elif state in ("queued", "running") and not status.get("step") and status.get("phase"):
+        text += f"  \nStarting, {html.escape(str(status['phase']))}…"  # the child's start-up phase, k of n
     if status.get("recovered"):  # core.train.recovery: the latest change, the count when there were several
         n = status.get("recoveries") or 1
         text += f"  \n{marks.NOTE} {html.escape(str(status['recovered']))}" + (f" ({n} recoveries)" if n > 1 else "")
     return text
+
+
+def stop_md(run_id: str, status: dict) -> str:
+    """What the Stop did, from status.json and the checkpoints on disk: a countdown while stopping, a kill in red
+    with what was kept and lost, "saved" only where a checkpoint was written."""
+    if status.get("state") == "stopping":
+        note = stopping.stopping_note(status)
+        return f"  \n{html.escape(note[:1].upper() + note[1:])}…"
+    try:
+        clean, what, fix = stopping.outcome(runs.get(run_id), status)
+    except GarageError as e:
+        return f"  \n{marks.ERROR} {html.escape(e.message)}"
+    if clean:
+        return f"  \n{html.escape(what)}. {html.escape(fix)}."
+    mark = marks.badge("killed", "bad") if status.get("error") else marks.NOTE
+    return (f"  \n{mark} <span class='lg-bad'>{html.escape(what[:1].upper() + what[1:])}</span>"
+            f"  \n**Fix:** {html.escape(fix)}")
 
 
 def progress_html(status: dict, events: list[dict]) -> str:

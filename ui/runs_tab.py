@@ -19,11 +19,13 @@ from core.runs import runner
 from core.runs import folder as runs
 from core.errors import GarageError
 from core.units import gb
+from ui.refuse import refusal
 from ui import export_panel, marks, plots, run_view, train_tab
 
-COLUMNS = ["run", "state", "model", "dataset", "method", "steps", "loss", "duration", "peak mem / estimate"]
+COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
+           "peak mem / estimate"]
 # fits 1400 px without cutting a cell: short model and dataset names (the full ones are in the open run's config)
-COLUMN_WIDTHS = ["285px", "98px", "128px", "128px", "72px", "72px", "78px", "100px", "230px"]
+COLUMN_WIDTHS = ["268px", "84px", "108px", "108px", "66px", "96px", "72px", "70px", "86px", "246px"]
 
 
 def table() -> pd.DataFrame:
@@ -33,7 +35,8 @@ def table() -> pd.DataFrame:
         events, _ = ev.read(run_dir, 0)
         loss = ev.last_metric(events, ev.LOSS)
         rows.append([r["id"], r.get("state"), short_source(r.get("model", "")), short_source(r.get("dataset", "")),
-                     r.get("method", ""), f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
+                     r.get("method", ""), r.get("objective", ""),
+                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
                      f"{loss:.4f}" if loss is not None else "",
                      _duration(r.get("started_at"), r.get("ended_at")), peak_vs_estimate(run_dir, events)])
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -88,7 +91,9 @@ def open_run(run_id: str | None):
     events, _ = ev.read(run_dir, 0)
     err = status.get("error") or {}
     md = f"**{html.escape(run_id)}**: {marks.state(str(status.get('state')))} · {_steps(status)} · folder: `{run_dir}`"
-    if err:
+    if status.get("state") in ("stopped", "stopping"):
+        md += run_view.stop_md(run_id, status)  # the Train page's words: saved only where a checkpoint is
+    elif err:
         md += f"  \n{marks.ERROR} {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
     for r in ev.recoveries(events):
         md += f"  \n{marks.NOTE} {html.escape(str(r.get(ev.MESSAGE, '')))}"
@@ -103,7 +108,7 @@ def follow(run_id: str | None, sent: dict) -> dict:
     """The open run as its files say now, for the page's follow timer: summary, loss curve (sent only when its
     series change: plots.live_value), the buttons, and whether to keep following (the run is still active)."""
     if not run_id:
-        return {"summary": "Pick a run.", "curve": None, "resume": gr.update(visible=False),
+        return {"summary": "Pick a run.", "curve": gr.update(visible=False), "resume": gr.update(visible=False),
                 "chat": gr.update(visible=False), "active": False, "sent": sent, "relist": False}
     md, frame, _, _ = open_run(run_id)
     run_dir = runs.get(run_id)
@@ -141,13 +146,13 @@ def overlay(run_ids: list[str] | None) -> pd.DataFrame | None:
 
 def delete(run_id: str | None, confirmed: bool) -> str:
     if not run_id:
-        raise gr.Error("Pick a run first.")
+        raise refusal("Pick a run first.")
     if not confirmed:
-        raise gr.Error("Tick “yes, delete it” first: deleting removes the run's adapter and checkpoints for good.")
+        raise refusal("Tick “yes, delete it” first: deleting removes the run's adapter and checkpoints for good.")
     try:
         runner.delete(run_id)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     return f"Deleted {run_id}."
 
 
@@ -181,8 +186,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         delete_btn = gr.Button("Delete run", variant="stop")
     action_md = gr.Markdown()
     with gr.Row():
-        # None until filled, and cleared before each refill (plots.clear_then): Gradio takes a chart's colours from
-        # the series it has when it goes from None to data, and keeps them
+        # None until filled, then never None again: hidden when empty, rebuilt by color_map (plots.chart_update)
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
@@ -190,10 +194,6 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")
-
-    def _relist():
-        ids = [r["id"] for r in runs.list_runs()]
-        return table(), gr.update(choices=ids), gr.update(choices=ids)
 
     built_with = ids
 
@@ -205,18 +205,18 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         same = ids == built_with
         return [table(), gr.skip() if same else gr.update(choices=ids, value=first),
                 gr.skip() if same else gr.update(choices=ids, value=ids[:3]),
-                overlay(ids[:3])] + list(open_run(first))
+                plots.refill(overlay)(ids[:3])] + list(
+                    plots.refill(open_run, 1, 4)(first))
 
-    refresh_btn.click(_relist, None, [grid, pick, compare])
-    pick.change(plots.clear_then(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
+    refresh_btn.click(relist, [pick, compare], [grid, pick, compare])
+    pick.change(plots.refill(open_run, 1, 4), pick, [summary, curve, cfg_yaml, cli])
 
     # the open run follows its files like the Train page: state, curve and buttons, until it ends
     follow_timer, sent = gr.Timer(2.0, active=True), gr.State({})
 
     def _follow(rid, sent_before):
         r = follow(rid, sent_before)
-        ended = not r["active"]
-        return {summary: r["summary"], curve: r["curve"] if r["curve"] is not None or not ended else gr.skip(),
+        return {summary: r["summary"], curve: r["curve"],
                 resume_btn: r["resume"], chat_btn: r["chat"], sent: r["sent"],
                 grid: table() if r["relist"] else gr.skip(),
                 follow_timer: gr.Timer(active=r["active"])}
@@ -224,12 +224,12 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     pick.change(lambda: ({}, gr.Timer(active=True)), None, [sent, follow_timer])
     follow_timer.tick(_follow, [pick, sent], [summary, curve, resume_btn, chat_btn, sent, grid, follow_timer],
                       show_progress="hidden")
-    compare.change(plots.clear_then(overlay), compare, overlay_plot)
+    compare.change(plots.refill(overlay), compare, overlay_plot)
     def _select(evt: gr.SelectData):
         return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
 
     grid.select(_select, None, pick)
-    delete_btn.click(delete, [pick, sure], action_md).success(_relist, None, [grid, pick, compare]).then(
+    delete_btn.click(delete, [pick, sure], action_md).success(relist, [pick, compare], [grid, pick, compare]).then(
         lambda: False, None, sure)
     resume_btn.click(train_tab.resume, pick, train.run_id).success(
         lambda: (gr.Timer(active=True), gr.Tabs(selected="train")), None, [train.timer, tabs])

@@ -23,8 +23,10 @@ from core.runs import access
 from core.estimate import eta
 from core.runs import runner
 from core.runs import folder as runs
+from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
+from ui.refuse import refusal
 from ui import export_panel, marks, progress, run_view, train_form, vram_panel
 from core.data import sft as data
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system
@@ -264,12 +266,28 @@ def preset_md(name: str) -> str:
 
 
 def apply_preset(name: str, names: list[str], values: list) -> tuple[str, list]:
-    """-> (the preset's header as Markdown, the form's values with the preset applied, in `names` order)."""
+    """-> (the preset's header as Markdown, the form's values with the preset applied, in `names` order). A preset
+    sets every field it names and resets the others to their defaults (a DPO preset's objective does not linger
+    into the next preset); the description says which fields were put back."""
     try:
-        cfg = presets.apply(name, train_form.to_config(names, values))
+        cfg = presets.load(name)
     except GarageError as e:
-        raise gr.Error(str(e))
-    return preset_md(name), train_form.values_of(names, cfg)
+        raise refusal(str(e))
+    try:
+        current = dict(zip(names, train_form.values_of(names, train_form.to_config(names, values))))
+    except GarageError:  # a bad value in the form: the preset replaces it; the list of resets is then left out
+        current = {}
+    return preset_md(name) + reset_md(name, current), train_form.values_of(names, cfg)
+
+
+def reset_md(name: str, current: dict) -> str:
+    """Under the preset's header: that it resets what it does not name, and what that put back just now."""
+    text = (f"\n\n_This preset sets the {len(presets.named_fields(name))} fields it names and resets every other "
+            "field to its default._")
+    back = presets.resets(name, current)
+    if back:
+        text += " Reset now: " + ", ".join(f"`{f}` {html.escape(str(v))} → {html.escape(str(d))}" for f, v, d in back)
+    return text
 
 
 def save_preset(preset_name: str, names: list[str], values: list) -> str:
@@ -341,7 +359,8 @@ def _gpu_name(target: str, reading) -> str | None:
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | None = None) -> str:
     """The ETA before Start: train.max_steps steps, or (epochs) the tokens Inspect counted for these data settings."""
-    e = eta.for_config(cfg, shape.total_params, gpu_name)
+    busy = eta.others_load() if gpu_name is None else 0.0  # a CPU run shares the cores with what runs now
+    e = eta.for_config(cfg, shape.total_params, gpu_name, busy=busy)
     if e is not None:
         return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
     if inspected and inspected.get("key") == data_key(cfg) and inspected.get("rows"):
@@ -350,7 +369,7 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | Non
         steps = -(-int(inspected["rows"] * t.epochs) // rows_per_step)
         per_step = inspected["tokens"] / inspected["rows"] * rows_per_step
         e = eta.before_start(int(inspected["tokens"] * t.epochs), shape.total_params, cfg.quant.method, gpu_name,
-                             per_step)
+                             per_step, busy=busy)
         return f"**ETA** for {t.epochs:g} epoch{'s' if t.epochs != 1 else ''} ({steps} steps): {e.text()}"
     return "ETA: inspect the dataset to know the steps per epoch."
 
@@ -390,6 +409,16 @@ def apply_suggestion(i: int, suggestions: list, names: list[str], values: list) 
 
 # ---------------------------------------------------------------- handlers: start / stop
 
+def form_check_md(names: list[str], values: list) -> str:
+    """Every field checked when it changes, by the same core.config validation Start uses: the first refusal,
+    naming the field and the fix, or nothing."""
+    try:
+        train_form.to_config(names, values).validate()
+    except GarageError as e:
+        return _error_md(e)
+    return ""
+
+
 def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     """Validate, then start the child process. Returns the run id; errors name the field. A dataset Inspect has
     refused (with these very data settings and model) is refused here too, with the same message, rather than
@@ -397,24 +426,24 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
     try:
         cfg = runner.pin_source_run(train_form.to_config(names, values))  # "latest" -> its run id, as the CLI
         if rejected and rejected.get("key") == data_key(cfg):
-            raise gr.Error(f"Inspect refused this dataset: {rejected['message']}")
-        return runner.start(cfg)  # admits the settings (validate, access, limits) once, as for the CLI
+            raise refusal(f"Inspect refused this dataset: {rejected['message']}")
+        return runner.start(cfg)  # admits the settings (validate, access, limits, data fit) once, as for the CLI
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def open_export(run_id: str | None) -> dict:
     """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
     checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
     if not run_id:
-        raise gr.Error("No run to export: start one, or pick one on the Runs page.")
+        raise refusal("No run to export: start one, or pick one on the Runs page.")
     try:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
     if not run_view.can_export(run_dir, status):
-        raise gr.Error(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
+        raise refusal(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
                        "or stop it (stopping saves the adapter).")
     return export_panel.opened_on(run_id)
 
@@ -424,18 +453,19 @@ def stop(run_id: str | None) -> str:
         return "No run to stop."
     try:
         runner.request_stop(run_id)
+        note = stopping.stopping_note(runs.read_status(runs.get(run_id)))
     except GarageError as e:
-        raise gr.Error(str(e))
-    return f"Stopping {run_id}: finishing the current step and saving a checkpoint…"
+        raise refusal(str(e))
+    return f"{run_id}: {note}."
 
 
 def resume(run_id: str | None) -> str:
     if not run_id:
-        raise gr.Error("No run selected to resume.")
+        raise refusal("No run selected to resume.")
     try:
         return runner.resume(run_id)
     except GarageError as e:
-        raise gr.Error(str(e))
+        raise refusal(str(e))
 
 
 def running_form(names: list[str], run_id: str | None) -> list | None:
@@ -517,6 +547,7 @@ def build() -> TrainTab:
             suggestions = gr.State([])
             sugg_btns = [gr.Button(visible=False, size="sm", variant="secondary") for _ in range(N_SUGGESTIONS)]
             eta_md = gr.Markdown()
+            form_check = gr.Markdown()  # the first setting config.validate refuses, as soon as it changes
             with gr.Row():
                 start_btn = gr.Button("Start training", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
@@ -575,6 +606,8 @@ def build() -> TrainTab:
                 [suggestions] + widgets, widgets)
 
     # --- wiring: start / stop / live view
+    for w in widgets:
+        w.change(lambda *v: form_check_md(names, list(v)), widgets, form_check, queue=False, show_progress="hidden")
     start_btn.click(lambda rej, *v: start(names, list(v), rej), [rejected] + widgets, run_id).success(
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)

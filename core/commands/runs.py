@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("action", nargs="?", default="list", choices=ACTIONS)
     p.add_argument("run_id", nargs="?", metavar="RUN")
     p.add_argument("--json", action="store_true", help="machine-readable output (list, show)")
-    p.add_argument("--grace", type=float, default=30.0, help="stop: seconds before the run is killed (default 30)")
+    p.add_argument("--grace", type=float, default=None,
+                   help="stop: seconds before the run is killed (default: max(30, 3x the run's last step time))")
     p.add_argument("--wait", action="store_true", help="resume: wait until the run ends, printing its steps")
     p.add_argument("--lines", type=int, default=40, help="log: how many lines")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from core.data.formats import FORMATS, check_meaning, detect, ignored_columns, normalise
-from core.data.read import BUILTIN_DATA, Where, estimate_total, iter_records
+from core.data.read import BUILTIN_DATA, Where, estimate_total, is_hub_id, iter_records
 from core.data.tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenRows, chat_template, encode,
                                  loss_mask, pack, segments)
 from core.data.prepared import DataStats, Prepared, hold_out
@@ -164,6 +164,22 @@ def _add_text(batch, tokenizer, chunker: Chunker, built: _Built, max_len: int) -
 
 
 # ---------------------------------------------------------------- prepare: the runner's entry point
+
+def check_fit(cfg, rows: int = 8) -> None:
+    """Read the first rows of cfg.data as train.objective will (no tokenizer, no model): a file that does not fit
+    the objective, such as SFT rows for DPO or pairs for SFT, raises here the DatasetError that Inspect and the
+    training child give, so Start refuses it before a run folder exists. A hub dataset is left to the child (it
+    may need a download)."""
+    data = cfg.data
+    if is_hub_id(data.source):
+        return
+    if cfg.train.objective != "sft":
+        for _ in data_pref.read_pairs(data.source, data.split, data.subset, limit=rows):
+            pass
+        return
+    for _ in RowReader(data.source, data.format, data.columns, data.split, data.subset, rows, data.fill):
+        pass
+
 
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) -> Prepared:
     """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`. For train.objective

@@ -11,6 +11,7 @@ peak FLOP/s (core.estimate.gpu_specs), never taken as it is.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,20 @@ ASSUMED_SPREAD = 2.0          # an assumed rate may be off by this factor either
 CPU_BUSY_FACTOR = 4.0         # ... and on the CPU up to this much slower: other programs share the cores (measured
                               # here: a 5-step cpu-demo run took 3.4x the assumed time with the load average at 8)
 MIN_STEPS = 3                 # metrics events a run needs to count as measured (the first is warm-up)
+BUSY_AT = 0.25                # other programs' load, in cores per core, from which the CPU ETA says it is busy
+OTHERS_LOAD = "others_load"   # status.json: the load average less the run's own threads, while it trained
+
+
+def others_load(own_threads: int = 0) -> float:
+    """Cores' worth of runnable work from other programs now: the 1-minute load average less `own_threads` (the
+    caller's own busy threads). A CPU run gets about cores / (cores + this) of the machine."""
+    return round(max(0.0, os.getloadavg()[0] - own_threads), 2)
+
+
+def cpu_slowdown(others: float, cores: int | None = None) -> float:
+    """How much slower a CPU run trains with `others` cores' worth of other work: the scheduler shares the cores
+    fairly, so 1 + others / cores."""
+    return 1.0 + max(0.0, others) / max(1, cores or os.cpu_count() or 1)
 
 
 @dataclass
@@ -125,6 +140,7 @@ class Measured:
     startup_s: float | None = None  # from start to the first step: loading the model and the data
     data: tuple = ()       # (data.source, data.max_len): what its rows were
     rows_per_step: int = 0  # batch_size x grad_accum
+    slowdown: float = 1.0  # cpu_slowdown of the other programs' load while it trained (1: quiet or unknown)
 
 
 def measure(run_dir: Path, params_of=None) -> Measured | None:
@@ -153,7 +169,15 @@ def measure(run_dir: Path, params_of=None) -> Measured | None:
         else "gpu"
     return Measured(Path(run_dir).name, cfg.quant.method, device, (params_of or param_count)(cfg.model.source),
                     _median(per_step), _median(rates), _startup(run_dir, m[0]), (cfg.data.source, cfg.data.max_len),
-                    cfg.train.batch_size * cfg.train.grad_accum)
+                    cfg.train.batch_size * cfg.train.grad_accum, _slowdown_then(run_dir) if device == "cpu" else 1.0)
+
+
+def _slowdown_then(run_dir: Path) -> float:
+    try:
+        st = json.loads((Path(run_dir) / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return 1.0
+    return cpu_slowdown(float(st.get(OTHERS_LOAD) or 0.0))
 
 
 def _startup(run_dir: Path, first: dict) -> float | None:
@@ -222,14 +246,27 @@ def similar(runs: list[Measured], method: str, device: str, params: int, tokens_
 
 
 def before_start(total_tokens: int, params: int, method: str, gpu_name: str | None, tokens_per_step: float,
-                 measured: list[Measured] | None = None) -> Eta:
-    """The ETA of `total_tokens` trained tokens before the run starts (see the module's docstring)."""
+                 measured: list[Measured] | None = None, busy: float = 0.0) -> Eta:
+    """The ETA of `total_tokens` trained tokens before the run starts (see the module's docstring). On the CPU,
+    `busy` is the other programs' load now (the Train page passes others_load()): each measured run's rate is
+    first made a quiet machine's (times the slowdown it met), then slowed by today's."""
     device = "gpu" if gpu_name else "cpu"
-    assumed = peak_flops(gpu_name) / max(1, 4 * params)
+    now = cpu_slowdown(busy) if device == "cpu" else 1.0
+    assumed = peak_flops(gpu_name) / max(1, 4 * params) / now
     where = f"the {gpu_name}" if gpu_name else "the CPU"
     measured = measured_runs() if measured is None else measured
     runs = similar(measured, method, device, params, tokens_per_step)
-    rates = [r.tokens_per_s * r.params / max(params, 1) for r in runs]  # scaled: time per token ~ model size
+    # scaled: time per token ~ model size; and from the load each run met to the load now
+    rates = [r.tokens_per_s * r.slowdown / now * r.params / max(params, 1) for r in runs]
+    eta = _before_start(total_tokens, assumed, where, measured, runs, rates, device, params, gpu_name)
+    if now >= 1 + BUSY_AT:
+        cores = os.cpu_count() or 1
+        eta.source += (f"; this machine is busy: other programs keep about {(now - 1) * cores:.1f} cores' worth of "
+                       f"work running on its {cores} cores, so training runs about {now:.1f}x slower")
+    return eta
+
+
+def _before_start(total_tokens, assumed, where, measured, runs, rates, device, params, gpu_name) -> Eta:
     total = max(total_tokens, 0)
     loads = [r.startup_s for r in measured if r.startup_s is not None and r.device == device and r.params == params]
     startup = _median(loads) if loads else None
@@ -247,7 +284,8 @@ def before_start(total_tokens: int, params: int, method: str, gpu_name: str | No
                startup)
 
 
-def for_config(cfg, params: int, gpu_name: str | None, measured: list[Measured] | None = None) -> Eta | None:
+def for_config(cfg, params: int, gpu_name: str | None, measured: list[Measured] | None = None,
+               busy: float = 0.0) -> Eta | None:
     """The ETA of a run's settings before its dataset was read: train.max_steps optimizer steps, each
     batch_size x grad_accum rows, of the tokens per row an earlier run on the same data measured, else of about
     half the data.max_len cutoff (rows are rarely all at the cutoff).
@@ -261,7 +299,7 @@ def for_config(cfg, params: int, gpu_name: str | None, measured: list[Measured] 
     same = [m.tokens_per_step / m.rows_per_step for m in measured
             if m.data == (cfg.data.source, cfg.data.max_len) and m.rows_per_step > 0]
     per_step = rows * (_median(same) if same else cfg.data.max_len // 2)
-    return before_start(t.max_steps * per_step, params, cfg.quant.method, gpu_name, per_step, measured)
+    return before_start(t.max_steps * per_step, params, cfg.quant.method, gpu_name, per_step, measured, busy)
 
 
 def _median(xs: list[float]) -> float:

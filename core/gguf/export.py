@@ -89,8 +89,9 @@ def _build(src: export.Source, out, work, name, quants, converter, times, say, p
         gguf_tools.run_child(["convert", str(merged), str(files["q8_0"]), "q8_0", pre], converter, say,
                              "converting to GGUF q8_0")
         times["convert_q8_0"] = round(time.monotonic() - t, 1)
-    for q in (q for q in quants if q in gguf_tools.K_QUANTS):
-        say(f"step 3/4: quantizing to {q} with llama.cpp's quantizer")
+    k_quants = [q for q in quants if q in gguf_tools.K_QUANTS]
+    for k, q in enumerate(k_quants, 1):
+        say(f"step 3/4: quantizing to {q} ({k} of {len(k_quants)}) with llama.cpp's quantizer")
         t = time.monotonic()
         files[q] = out / f"{name}-{q}.gguf"
         gguf_tools.run_child(["quantize", str(f16), str(files[q]), q], None, say, f"quantizing to {q}")
@@ -152,7 +153,8 @@ def _parity(run_dir, cfg, base_path, tok, adapter_dir, files, order, data, say) 
     items = items[:20]
     ref = gguf_parity.reference(tok, base_path, adapter_dir, items, cfg.data.source, say)
     rows = []
-    for q in reversed(order):
+    for k, q in enumerate(reversed(order), 1):
+        say(f"parity: checking {q} ({k} of {len(order)} files)")
         row = gguf_parity.check(files[q], q, ref, say)
         say(gguf_parity.summary(row))
         rows.append(row)

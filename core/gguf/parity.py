@@ -53,7 +53,8 @@ def reference(tok, base_path: Path, adapter_dir: Path, items: list[dict], source
     eos = _end_ids(tok)
     prompts = []
     say(f"parity: the adapter's replies to {len(items)} eval prompts")
-    for item in items:
+    for k, item in enumerate(items, 1):
+        say(f"parity: the adapter's reply {k} of {len(items)}")
         ids = tok(renderer.render(item["messages"], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=BUDGET, do_sample=False, eos_token_id=eos,
@@ -94,7 +95,8 @@ def _compare(runtime, quant: str, ref: Reference, say) -> dict:
     same_prompt, agree, total, max_diff, same_answer, stops, ok_ad, ok_gg = 0, 0, 0, 0.0, 0, 0, 0, 0
     mismatches = []
     say(f"parity {quant}: {len(ref.prompts)} prompts on {runtime.name}")
-    for p in ref.prompts:
+    for k, p in enumerate(ref.prompts, 1):
+        say(f"parity {quant}: prompt {k} of {len(ref.prompts)} on {runtime.name}")
         ids = runtime.prompt_ids(p["messages"])
         if ids == p["ids"]:
             same_prompt += 1

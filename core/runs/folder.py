@@ -100,6 +100,7 @@ def list_runs() -> list[dict]:
                     "total_steps": st.get("total_steps"), "started_at": st.get("started_at"),
                     "ended_at": st.get("ended_at"), "error": st.get("error"), "model": cfg.model.source,
                     "dataset": cfg.data.source, "method": cfg.quant.method,
+                    "objective": cfg.train.objective,
                     "has_adapter": (run_dir / "adapter" / "adapter_config.json").is_file(),
                     "created": (run_dir / "config.yaml").stat().st_mtime})
     return sorted(out, key=lambda r: r["created"], reverse=True)

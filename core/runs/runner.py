@@ -22,6 +22,8 @@ from core.runs import portable
 from core.runs import procs
 from core.runs import resolve as run_files
 from core.runs import folder as runs
+from core.runs import stopping
+from core.data import sft as data
 from core.config import RunConfig
 from core.errors import BusyError, ConfigError, RunError
 from core import models
@@ -40,6 +42,7 @@ def admit(cfg: RunConfig) -> RunConfig:
     cfg.validate()
     access.check_config(cfg)
     limits.check(cfg)
+    data.check_fit(cfg)  # dpo on an SFT file is refused with Inspect's words, before a run folder exists
     return cfg
 
 
@@ -78,17 +81,17 @@ def pin_source_run(cfg: RunConfig, model_given: bool = True) -> RunConfig:
     return cfg
 
 
-def stop(run_id: str, grace_s: float = 30.0, wait: bool = True) -> str:
+def stop(run_id: str, grace_s: float | None = None, wait: bool = True) -> str:
     """Ask the run to stop (a stop request in its folder: it finishes the current step, saves a marked checkpoint
-    and the adapter, and ends as `stopped`); after grace_s it is interrupted, then its process tree killed. With
-    wait=False returns at once and a thread does the waiting. Returns the state: the final one when waiting, else
-    "stopping"."""
+    and the adapter, and ends as `stopped`); after grace_s (None: core.runs.stopping.grace_for, from the run's step
+    time) it is interrupted, then its process tree killed. With wait=False returns at once and a thread does the
+    waiting. Returns the state: the final one when waiting, else "stopping"."""
     run_dir = runs.get(run_id)
     st = runs.read_status(run_dir)
     if st.get("state") not in runs.ACTIVE:
         raise RunError(f"run {run_id} is not running (it is {st.get('state')})", "nothing to stop")
     pid = st.get("pid")
-    runs.update_status(run_dir, ("queued", "running"), state="stopping")
+    grace_s = _note_stop(run_dir, grace_s)
     portable.request_stop(run_dir)  # polled by the child; no signal, so the same on every system
     if not wait:
         threading.Thread(target=_wait_or_kill, args=(run_dir, pid, grace_s), daemon=True).start()
@@ -96,7 +99,7 @@ def stop(run_id: str, grace_s: float = 30.0, wait: bool = True) -> str:
     return _wait_or_kill(run_dir, pid, grace_s)
 
 
-def request_stop(run_id: str, grace_s: float = 30.0) -> str:
+def request_stop(run_id: str, grace_s: float | None = None) -> str:
     """stop() without waiting: for a UI button handler."""
     return stop(run_id, grace_s, wait=False)
 
@@ -200,10 +203,21 @@ def _wait_or_kill(run_dir: Path, pid: int | None, grace_s: float) -> str:
         portable.end_tree(pid, grace_s=min(2.0, grace_s))  # the child and its helpers (psutil), not its shell
         procs.reap(pid, timeout=10)
         _kill_ranks(run_dir)
-        runs.update_status(run_dir, runs.ACTIVE, state="stopped", ended_at=runs.now(), error={
-            "kind": "run", "message": f"did not stop within {grace_s:.0f} s and was killed; the current step was lost",
-            "hint": "resume continues from the last complete checkpoint"})
+        runs.update_status(run_dir, runs.ACTIVE, state="stopped", ended_at=runs.now(),
+                           error=stopping.killed_error(run_dir, grace_s, st.get("step")))
     return runs.read_status(run_dir)["state"]
+
+
+def _note_stop(run_dir: Path, grace_s: float | None) -> float:
+    """Mark the run stopping, with the grace it gets and the step time that grace came from (the pages say
+    "stopping after the current step (about N s)" from these). Returns the grace."""
+    step_s = stopping.last_step_seconds(run_dir)
+    if grace_s is None:
+        grace_s, step_s = stopping.grace_for(run_dir)
+    runs.update_status(run_dir, ("queued", "running"), state="stopping")
+    runs.update_status(run_dir, runs.ACTIVE, **{stopping.STOP_REQUESTED_AT: time.time(),
+                                                stopping.STOP_GRACE_S: round(grace_s, 1), stopping.STEP_S: step_s})
+    return grace_s
 
 
 def _kill_ranks(run_dir: Path) -> None:

@@ -29,19 +29,21 @@ from core import events as ev
 from core.train.collate import PadCollator
 from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
+from core.estimate import eta as run_eta  # `eta` is a local name in on_log
 
 # test-only: "oom@step3" (once: the retry at that step fits), "oomall@step3" (every time step 3 is tried),
 # "oomprobe@step0" (once, in the pre-flight probe),
-# "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more:
-# time for a test to act mid-run on a fast machine; the numbers are untouched). SIGKILL at a moment, for the fault
-# campaign (bench/fault_campaign.py): "killdata@step0" (tokenised, before the data event and the resume point),
-# "killload@step0" (base model loaded, before LoRA), "killstep@step3" (step 3's backward done, its optimizer step
-# not), "killsave@step4" (checkpoint-4 half written), "killfinal@step0" (final adapter written to its temporary
-# folder, not yet renamed). FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
+# "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more,
+# or $LORA_GARAGE_SLOW_STEP_S: time for a test to act mid-run on a fast machine, or to see a Stop wait for a long
+# step; the numbers are untouched). SIGKILL at a moment, for the fault campaign (bench/fault_campaign.py):
+# "killdata@step0" (tokenised, before the data event and the resume point), "killload@step0" (base model loaded,
+# before LoRA), "killstep@step3" (step 3's backward done, its optimizer step not), "killsave@step4" (checkpoint-4
+# half written), "killfinal@step0" (final adapter written to its temporary folder, not yet renamed).
+# FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
 FAULT_ENV = "LORA_GARAGE_FAULT"
 FAULT_RANK_ENV = "LORA_GARAGE_FAULT_RANK"
 FAULT_KINDS = ("oom", "oomall", "oomprobe", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
-SLOW_STEP_S = 0.5
+SLOW_STEP_S = float(os.environ.get("LORA_GARAGE_SLOW_STEP_S", "0.5"))
 
 
 def parse_faults(text: str | None) -> dict[str, int]:
@@ -364,7 +366,8 @@ class GarageCallback(TrainerCallback):
               f"{event[ev.TOKENS_PER_S]:.0f} tok/s  eta {eta:.0f} s", flush=True)
         if (now - self._status_t > 2.0 or remaining == 0) and self.main:  # for the runs list: not needed per step
             self._status_t = now
-            runs.write_status(self.run_dir, step=state.global_step, durable=False)
+            runs.write_status(self.run_dir, step=state.global_step, durable=False,
+                              **{run_eta.OTHERS_LOAD: run_eta.others_load(torch.get_num_threads())})
 
     def _logged(self, now: float, state) -> None:
         self.last_t, self.last_tokens, self.last_step = now, self.trainer.trained_tokens, state.global_step

@@ -125,10 +125,12 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
             return "stopped"
 
     ctx.phase = "load"
+    startup_phase(run_dir, 3)
     model = load_model(cfg, device, model_path)
     kill_point(faults, "killload")
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
+    startup_phase(run_dir, 4)  # recovery's train sets ctx.phase "first step" and trains
     retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery, train.probe
     trainer, callback = retry.train(
         lambda p: build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
@@ -147,18 +149,43 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     return "stopped" if stop.requested else "completed"
 
 
+# what the child does before its first chart point, in order: status.json's `phase`, shown while step is 0
+STARTUP = ("finding the model files and loading the tokenizer", "tokenising the data", "loading the model and adding LoRA",
+           "the first step")
+
+
+def startup_phase(run_dir: Path, k: int, detail: str = "") -> None:
+    """Record start-up phase k (of STARTUP) in status.json, for the Train page (rank 0 alone writes the folder)."""
+    if distributed.is_main():
+        runs.write_status(run_dir, durable=False, phase=f"{k} of {len(STARTUP)}: {STARTUP[k - 1]}{detail}")
+
+
+def _rows_progress(run_dir: Path):
+    """data.prepare's progress as phase 2's row k of n, written at most once a second."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 1.0 or done == total:
+            last[0] = time.monotonic()
+            startup_phase(run_dir, 2, f" (row {done:,} of {total:,})")
+
+    return report
+
+
 def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memory=None, *, plan):
     """Model files, the estimate, the tokenizer with the run's template, the tokenised data and the resume point.
     -> (model_path, tokenizer, prepared, resume_from)."""
 
     ctx.phase = "load"
+    startup_phase(run_dir, 1)
     model_path = models.resolve(cfg.model.source)
     models.check_safetensors(model_path)
     write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None, plan)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
-    prepared = data.prepare(cfg, tokenizer)
+    startup_phase(run_dir, 2)
+    prepared = data.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
     if ctx.faults:  # test-only
         from core.train.callbacks import kill_point  # heavy
 

@@ -38,6 +38,8 @@ def test_the_runs_gguf_is_offered_and_answers_in_the_left_window(gguf_run):
     pick = chat_tab.on_run(run_id)
     assert pick.gguf["choices"] == [("GGUF: r1-q8_0.gguf", path)] and pick.gguf["value"] == path
     assert pick.gguf["visible"] and chat_tab.GGUF_MODE in pick.gguf_note
+    in_mode = chat_tab.gguf_note(run_id, chat_tab.GGUF_MODE)  # once chosen, the note stops asking to choose it
+    assert "Choose" not in in_mode and "left window answers with the exported GGUF" in in_mode
     assert chat_tab.left_label(chat_tab.GGUF_MODE, path) == "GGUF in llama.cpp: r1-q8_0.gguf"
     assert chat_tab.left_label(chat_tab.MODES[0], path) == chat_tab.LEFT
 

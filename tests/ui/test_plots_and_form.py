@@ -48,31 +48,36 @@ def test_an_empty_chart_still_types_its_series_as_names():
     assert hist.postprocess(train_tab._empty_hist()).datatypes["length"] == "nominal"
 
 
-def test_live_chart_is_cleared_once_when_its_series_change_then_filled():
-    """Gradio keeps the colour domain a chart was built with; it rebuilds on None -> data. So a new series (eval
-    loss at the end) costs one refresh with None, and the frame comes on the next."""
+def test_a_live_chart_is_never_emptied_and_rebuilds_by_color_map_when_its_series_change():
+    """Gradio keeps the colour domain a chart was built with and rebuilds when its color_map changes; a chart given
+    None loses its element while its resize observer lives on (the offsetWidth-of-null page error). So a new
+    series (eval loss at the end) comes with a new color_map in the same refresh, and an empty chart is hidden."""
+    import gradio as gr
+
     sent = {}
     early = plots.loss_frame([_m(1, 4.0), _m(2, 2.0)])
     late = plots.loss_frame([_m(1, 4.0), _m(2, 2.0), {"type": "eval", "step": 2, "eval_loss": 2.5}])
-    assert plots.live_value(plots._frame([]), "loss", sent) is None  # nothing to draw yet
-    assert plots.live_value(early, "loss", sent) is early
+    assert plots.live_value(plots._frame([]), "loss", sent) == gr.update(visible=False)  # nothing to draw yet
+    assert plots.live_value(plots._frame([]), "loss", sent) == gr.skip()
+    first = plots.live_value(early, "loss", sent)
+    assert first["value"] is early and first["visible"] is True and set(first["color_map"]) == {"loss", "smoothed"}
     assert plots.live_value(early, "loss", sent) is early  # same series: the data is swapped in place
-    assert plots.live_value(late, "loss", sent) is None  # eval loss is new: clear ...
-    assert plots.live_value(late, "loss", sent) is late  # ... and fill on the next refresh
+    rebuilt = plots.live_value(late, "loss", sent)
+    assert rebuilt["value"] is late and set(rebuilt["color_map"]) == {"loss", "smoothed", "eval loss"}
     assert plots.live_value(late, "loss", sent) is late
+    assert plots.live_value(plots._frame([]), "loss", sent) == gr.update(visible=False)  # a new run: hidden
 
 
-def test_one_shot_fills_clear_the_chart_first_in_the_same_event():
+def test_one_shot_fills_never_send_none():
     import gradio as gr
 
-    handler = plots.clear_then(lambda rid: ("md", f"frame {rid}", "yaml"), chart_at=1, n=3)
-    first, second = list(handler("r1"))
-    assert first == (gr.skip(), None, gr.skip())  # only the chart changes, to None
-    assert second == ("md", "frame r1", "yaml")
-    assert list(plots.clear_then(lambda ids: "frame")(["a"])) == [None, "frame"]
+    handler = plots.refill(lambda rid: ("md", plots.loss_frame([_m(1, 4.0), _m(2, 2.0)]), "yaml"), chart_at=1, n=3)
+    md, chart, yaml_text = handler("r1")
+    assert (md, yaml_text) == ("md", "yaml") and chart["visible"] is True and chart["color_map"]
+    assert plots.refill(lambda ids: None)(["a"]) == gr.update(visible=False)
 
 
-def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
+def test_a_final_eval_after_the_last_step_redraws_the_loss_chart_in_one_refresh():
     from core.runs import folder as runs
     from ui import run_view
 
@@ -85,13 +90,13 @@ def test_live_view_keeps_the_timer_running_until_a_cleared_chart_is_filled():
         log.write(_m(k, 3.0 / k, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0))
     r = run_view.refresh("r1", {})
     assert set(r) == set(run_view.FIELDS) | {"keep"}  # a value for every output, named
-    assert set(r["loss"].series) == {"loss", "smoothed"} and not r["keep"]
+    assert set(r["loss"]["value"].series) == {"loss", "smoothed"} and not r["keep"]
     log.write({"type": "eval", "step": 2, "eval_loss": 2.5})  # the final eval lands after the last metrics
     r = run_view.refresh("r1", r["cache"])
-    assert r["loss"] is None and r["keep"]  # cleared, so one more tick although the run is over
-    assert set(r["lr"].series) == {"learning rate"}  # the other charts are untouched
-    r = run_view.refresh("r1", r["cache"])
-    assert set(r["loss"].series) == {"loss", "smoothed", "eval loss"} and not r["keep"]
+    assert set(r["loss"]["value"].series) == {"loss", "smoothed", "eval loss"} and not r["keep"]
+    assert set(r["loss"]["color_map"]) == {"loss", "smoothed", "eval loss"}  # rebuilt with the new domain
+    assert set(r["lr"].series) == {"learning rate"}  # the other charts: data swapped in place
+    assert all(r[k] is not None for k in run_view.CHARTS)
 
 
 def test_overlay_has_one_series_per_run():
