@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core.train import loss as train_loss
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -484,6 +485,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     if t.objective != "sft":
         return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                         args, memory=memory)
+    train_loss.install(model, cfg, liger, events)  # before the Trainer reads the forward's signature
     collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer, memory=memory)
     if device == "cuda":
