@@ -35,7 +35,7 @@ from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
 from core import hardware
 from core import paths
 from core.config import target_modules
-from core.data import sft as data
+from core.data import cache as data_cache
 from core.data import tokenize as data_tokenize
 from core.errors import ConfigError
 from core.errors import disk_full_cause
@@ -154,7 +154,7 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     ctx.phase = "data"
-    prepared = data.prepare(cfg, tokenizer)
+    prepared, _ = data_cache.prepare(cfg, tokenizer)  # data.prepare, unless the same rows were prepared before
     if not prepared.train:
         raise RunError("the dataset has no training rows left after preparation",
                        "check data.source, data.max_len and data.overlong (drop may have removed every row)")
