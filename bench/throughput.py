@@ -6,9 +6,16 @@ cutoff), model, LoRA settings, seed and step count, three arms, each in its own 
     B  `python -m core train` with its defaults (padding-free batches grouped by length, where the model allows)
     C  the same with data.packing=true (rows packed into max_len sequences before batching)
 
-    .venv/bin/python bench/throughput.py                                # tiny model (tests/tiny.py), table
+    .venv/bin/python bench/throughput.py                                # tiny model (tests/helpers/tiny.py), table
     .venv/bin/python bench/throughput.py --model builtin:smollm2-135m --steps 12 --json
     .venv/bin/python bench/throughput.py --out bench/results/throughput-cpu-tiny.json
+    .venv/bin/python bench/throughput.py --memory --model builtin:smollm2-135m --steps 3 --warmup 1
+
+--memory is the CPU memory bench: every row ~max_len tokens (8 x ~500 by default), our runner only, arms
+interleaved F K M M K F: F the stock loss over full logits (train.chunked_loss=false), K the chunked loss (the
+default), M the chunked loss with the glibc settings of MALLOC_ENV. Each arm prints its peak RSS against the CPU
+estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python + torch + the
+model + LoRA before any step (what the estimate leaves out by design).
 
 tokens/s counts only non-padding tokens, over the steady-state steps (after --warmup steps) of each arm: tokens
 those steps trained / wall time between the log of the last warm-up step and the last step. s/step is that time
@@ -44,7 +51,21 @@ WORDS = ("the model learns to answer short questions about data training memory 
          "over lazy dog hello who are you name is what two plus four sky blue cheese french").split()
 
 
-def settings(args, packing: bool) -> dict:
+# glibc malloc for the M arm: two arenas instead of 8 per core (autograd's worker threads each grow their own), and
+# a fixed mmap threshold so blocks of 1 MiB and up go straight back to the system when freed (the dynamic threshold
+# climbs to 32 MiB after the first large free, and the mid-size activations then stay in the heap as holes).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+MEMORY_ARMS = {"F": ({"train": {"chunked_loss": False}}, {}), "K": ({}, {}), "M": ({}, MALLOC_ENV)}
+
+
+def settings(args, packing: bool, overrides: dict | None = None) -> dict:
+    s = _settings(args, packing)
+    for section, values in (overrides or {}).items():
+        s[section].update(values)
+    return s
+
+
+def _settings(args, packing: bool) -> dict:
     return {"model": {"source": str(args.model_path)},
             "data": {"source": str(args.data), "max_len": args.max_len, "packing": packing},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
@@ -54,13 +75,16 @@ def settings(args, packing: bool) -> dict:
                       "logging_steps": 1, "seed": 1}}
 
 
-def write_dataset(path: Path, rows: int, max_len: int, tokens_per_word: float, seed: int = 0) -> None:
+def write_dataset(path: Path, rows: int, max_len: int, tokens_per_word: float, seed: int = 0,
+                  full: bool = False) -> None:
     """Conversations whose token lengths follow a log-normal (median ~max_len/6, long right tail), drawn within
-    [16, max_len]: many short rows, a few long ones, as in real chat data."""
+    [16, max_len]: many short rows, a few long ones, as in real chat data. full: every row ~max_len - 12 tokens."""
     rng = random.Random(seed)
     with path.open("w") as fh:
         for _ in range(rows):
             n = int(min(max_len - 12, max(16, rng.lognormvariate(math.log(max_len / 6), 0.8))))
+            if full:
+                n = max_len - 12
             n_words = max(4, int((n - 12) / tokens_per_word))  # ~12 tokens of template around the two turns
             prompt_words = max(2, n_words // 4)
             reply_words = max(2, n_words - prompt_words)
@@ -140,12 +164,13 @@ def ours_result(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------- running the arms
 
-def run_arm(arm: str, args, workdir: Path, k: int) -> dict:
+def run_arm(arm: str, args, workdir: Path, k: int, overrides: dict | None = None, extra_env: dict | None = None) -> dict:
     import yaml
 
     d = workdir / f"{arm}{k}"
     d.mkdir()
-    env = {**os.environ, "LORA_GARAGE_HOME": str(d / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "LORA_GARAGE_HOME": str(d / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}
     (d / "home").mkdir()
     if args.models_home:
         (d / "home" / "models").symlink_to(args.models_home, target_is_directory=True)
@@ -154,7 +179,7 @@ def run_arm(arm: str, args, workdir: Path, k: int) -> dict:
         (d / "spec.json").write_text(json.dumps(spec))
         cmd = [sys.executable, __file__, "--baseline-child", str(d / "spec.json")]
     else:
-        (d / "cfg.yaml").write_text(yaml.safe_dump(settings(args, packing=arm == "C")))
+        (d / "cfg.yaml").write_text(yaml.safe_dump(settings(args, packing=arm == "C", overrides=overrides)))
         cmd = [sys.executable, "-m", "core", "train", "--config", str(d / "cfg.yaml")]
     with open(d / "out.log", "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -168,7 +193,9 @@ def run_arm(arm: str, args, workdir: Path, k: int) -> dict:
         run_dir = next((d / "home" / "runs").iterdir())
         r = ours_result(run_dir)
         r["log_lines"] = [x for x in (run_dir / "train.log").read_text().splitlines()
-                          if x.startswith(("batches:", "WARNING: padding-free", "loaded "))]
+                          if x.startswith(("batches:", "WARNING: padding-free", "loaded ", "loss:"))]
+        est = run_dir / "estimate.json"
+        r["estimate"] = json.loads(est.read_text()) if est.exists() else None
     r["log"] = {int(s): v for s, v in r["log"].items()}
     r["rss_peak"] = usage.ru_maxrss * 1024  # Linux reports KiB
     return r
@@ -197,7 +224,7 @@ def machine() -> dict:
 def resolve_model(args, workdir: Path) -> None:
     args.models_home = None
     if args.model == "tiny":
-        from tests.tiny import build_tiny_model
+        from tests.helpers.tiny import build_tiny_model
 
         args.model_path = build_tiny_model(workdir / "tiny-model")
         return
@@ -214,7 +241,7 @@ def resolve_model(args, workdir: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny (tests/tiny.py, built in a temp dir), builtin:smollm2-135m, "
+    p.add_argument("--model", default="tiny", help="tiny (tests/helpers/tiny.py, built in a temp dir), builtin:smollm2-135m, "
                                                     "or a model folder")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing window")
@@ -223,11 +250,20 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--out", help="also write the JSON result (with machine info) to this file")
+    p.add_argument("--memory", action="store_true",
+                   help="CPU memory bench: rows of ~max_len tokens, arms F K M M K F (see the module docstring)")
+    p.add_argument("--order", default="FKMMKF", help="--memory: the arms in the order they run (interleave them: "
+                                                     "other work on the machine shifts timings over time)")
     p.add_argument("--baseline-child", help=argparse.SUPPRESS)
+    p.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.baseline_child:
         return baseline_child(args.baseline_child)
+    if args.probe_child:
+        return probe_child(args.probe_child)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory:
+        return memory_main(args)
     with tempfile.TemporaryDirectory(prefix="lg-throughput-") as tmp:
         workdir = Path(tmp)
         resolve_model(args, workdir)
@@ -240,7 +276,7 @@ def main() -> None:
             runs[arm].append(r)
             tokens, secs, steps = window(r, args.warmup)
             if not args.json:
-                print(f"  run {k + 1}/6  arm {arm}: {tokens / secs:>9,.0f} tokens/s  {secs / steps:.3f} s/step", flush=True)
+                print(f"  run {k + 1}/{len(args.order)}  arm {arm}: {tokens / secs:>9,.0f} tokens/s  {secs / steps:.3f} s/step", flush=True)
     arms = {}
     for arm, rs in runs.items():
         w = [window(r, args.warmup) for r in rs]
@@ -263,6 +299,83 @@ def main() -> None:
         print_table(result)
     else:
         print(json.dumps({"arms": arms, "B_over_A": result["B_over_A"], "C_over_A": result["C_over_A"]}))
+
+
+# ---------------------------------------------------------------- --memory
+
+def probe_child(spec_path: str) -> None:
+    """RSS of what every CPU run holds before its first step: Python, torch, transformers, peft, the model, LoRA."""
+    import psutil
+    import torch
+
+    from core import config, models
+    from core.train import child
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = config.from_dict(spec["settings"])
+    rss = {"imports": psutil.Process().memory_info().rss}
+    model = child.add_lora(child.load_model(cfg, "cpu", models.resolve(cfg.model.source)), cfg)
+    rss["model_lora"] = psutil.Process().memory_info().rss
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    Path(spec["result"]).write_text(json.dumps({"rss": rss, "param_bytes": weights, "threads": torch.get_num_threads()}))
+
+
+def memory_main(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="lg-memory-") as tmp:
+        workdir = Path(tmp)
+        resolve_model(args, workdir)
+        args.data = workdir / "rows.jsonl"
+        write_dataset(args.data, max(args.rows // 10, args.batch_size * (args.steps + 1)), args.max_len,
+                      tokens_per_word(args), full=True)
+        lengths = data_lengths(args)
+        spec = {"settings": settings(args, False), "result": str(workdir / "probe.json")}
+        (workdir / "probe.json.spec").write_text(json.dumps(spec))
+        env = {**os.environ, "LORA_GARAGE_HOME": os.environ.get("LORA_GARAGE_HOME", str(workdir / "home"))}
+        subprocess.run([sys.executable, __file__, "--probe-child", str(workdir / "probe.json.spec")], cwd=ROOT,
+                       env=env, check=True)
+        probe = json.loads((workdir / "probe.json").read_text())
+        runs: dict[str, list] = {a: [] for a in dict.fromkeys(args.order)}
+        for k, arm in enumerate(args.order):
+            overrides, extra_env = MEMORY_ARMS[arm]
+            r = run_arm(arm, args, workdir, k, overrides, extra_env)
+            runs[arm].append(r)
+            tokens, secs, steps = window(r, args.warmup)
+            est = r["estimate"]["total_bytes"] if r.get("estimate") else None
+            print(f"  run {k + 1}/{len(args.order)}  arm {arm}: {tokens / secs:>9,.1f} tokens/s  peak RSS "
+                  f"{r['rss_peak'] / 2**30:.2f} GiB  estimate {est / 2**30 if est else float('nan'):.2f} GiB",
+                  flush=True)
+    arms = {}
+    for arm, rs in runs.items():
+        w = [window(r, args.warmup) for r in rs]
+        tokens, secs, steps = (sum(x[i] for x in w) for i in range(3))
+        est = rs[0]["estimate"]
+        peak = max(r["rss_peak"] for r in rs)
+        arms[arm] = {"tokens_per_s": round(tokens / secs, 1), "s_per_step": round(secs / steps, 3),
+                     "peak_rss_gib": round(peak / 2**30, 3), "runs_peak_rss_gib": [round(r["rss_peak"] / 2**30, 3) for r in rs],
+                     "estimate_gib": round(est["total_bytes"] / 2**30, 3) if est else None,
+                     "estimate_components_mib": {k: round(v / 2**20) for k, v in est["components"].items()} if est else None,
+                     "peak_over_estimate": round(peak / est["total_bytes"], 3) if est else None,
+                     "runs_tokens_per_s": [round(x[0] / x[1], 1) for x in w], "env": MEMORY_ARMS[arm][1],
+                     "settings": MEMORY_ARMS[arm][0], "notes": rs[0].get("log_lines", [])}
+    result = {"mode": "memory", "arms": arms, "probe_rss_gib": {k: round(v / 2**30, 3) for k, v in probe["rss"].items()},
+              "probe_param_gib": round(probe["param_bytes"] / 2**30, 3), "model": args.model, "steps": args.steps,
+              "warmup": args.warmup, "batch_size": args.batch_size, "max_len": args.max_len, "lengths": lengths,
+              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    L = result["lengths"]
+    print(f"\nmodel {args.model}, batch {args.batch_size} x rows of median {L['median']} tokens (max {L['max']}), "
+          f"{args.steps} steps (first {args.warmup} left out); before any step (imports + model + LoRA): "
+          f"{result['probe_rss_gib']['model_lora']:.2f} GiB RSS")
+    print(f"{'arm':<48} {'tokens/s':>9} {'peak RSS GiB':>13} {'estimate GiB':>13} {'peak/est':>9}")
+    names = {"F": "F full logits (train.chunked_loss=false)", "K": "K chunked loss (default)",
+             "M": "M chunked loss + glibc MALLOC_* settings"}
+    for arm, a in sorted(arms.items()):
+        print(f"{names[arm]:<48} {a['tokens_per_s']:>9,.1f} {a['peak_rss_gib']:>13.2f} {a['estimate_gib'] or 0:>13.2f} "
+              f"{a['peak_over_estimate'] or 0:>9.2f}")
+    if args.json:
+        print(json.dumps(result))
 
 
 def tokens_per_word(args) -> float:

@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
                         "for a 16-bit LoRA that only fits sharded)")
     p.add_argument("--objective", default="sft", choices=vram.OBJECTIVES,
                    help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad)")
+    p.add_argument("--full-logits", action="store_true",
+                   help="as a run with train.chunked_loss=false: the stock loss over the full fp32 logits (a run "
+                        "computes the loss in tiles by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -68,7 +71,8 @@ def _settings(args, method: str) -> vram.Settings:
     return vram.Settings(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets,
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
-                         attn=args.attn, device=_device(args), objective=args.objective)
+                         attn=args.attn, device=_device(args), objective=args.objective,
+                         chunked_loss=not args.full_logits)
 
 
 def _device(args) -> str:

@@ -91,6 +91,15 @@ BACKWARD_TRANSIENT_HIDDEN = 2
 # backward peak: log-softmax (4) + grad of nll (4) + grad of log-softmax input (4) = 12 B per logit.
 # Llama-3 (vocab 128256) at 2048 tokens: 3.2 GB. Measured: the saved part (4 B per logit) on CPU.
 LOGIT_PEAK_BYTES = 12
+# train.chunked_loss (core/train/loss.py, on by default): the loss runs over tiles of LOSS_TOKEN_TILE scored tokens
+# x LOSS_VOCAB_TILE vocabulary columns (TRL's ChunkedLogProbFunction; its TOKEN_CHUNK_SIZE is 4096), recomputed
+# in backward. The backward's peak per tile cell (trl/kernels/chunked_logprob.py _backward_tile): the recomputed
+# logits tile, its fp32 scaled copy, p = exp(log p) and the gradient = 4 fp32 = 16 B. On top of the tile: the
+# fp32 gradient of the scored hidden states (4 B x hidden per token) and a few fp32 per-token statistics.
+LOSS_TOKEN_TILE = 4096
+LOSS_VOCAB_TILE = 8192
+LOSS_TILE_PEAK_BYTES = 16
+LOSS_PER_TOKEN_STATS_BYTES = 4 * 8
 
 # ---------------------------------------------------------------- fixed overhead (CUDA)
 # CUDA context + cuBLAS/cuDNN handles + kernel images, visible in nvidia-smi but not in

@@ -190,6 +190,8 @@ class Settings:
                                          # skips it; many HF scripts call it) and made the rest fp32
     autocast: bool | None = None         # mixed precision; None = on for CUDA, off on CPU
     objective: str = "sft"               # sft | dpo | orpo (train.objective): pairs cost two sequences per example
+    chunked_loss: bool = False           # train.chunked_loss: the SFT loss in tiles (core/train/loss.py), no full
+                                         # logits. Off here: a bare Settings models a plain HF + peft script
 
 
 def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda") -> Settings:
@@ -199,7 +201,8 @@ def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda
                     dora=lo.use_dora, quant_type=q.quant_type, double_quant=q.double_quant,
                     compute_dtype=q.compute_dtype, batch_size=t.batch_size, seq_len=run_cfg.data.max_len,
                     grad_accum=t.grad_accum, grad_checkpointing=t.grad_checkpointing, optimizer=t.optimizer,
-                    attn=run_cfg.model.attn_implementation, device=device, objective=t.objective)
+                    attn=run_cfg.model.attn_implementation, device=device, objective=t.objective,
+                    chunked_loss=t.chunked_loss)
 
 
 def targeted(shape: ModelShape, targets: str) -> list[Linear]:
@@ -435,7 +438,12 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         casts = shape.vocab * shape.hidden * d.compute
     else:
         casts = 0
-    logits = tokens * shape.vocab * K.LOGIT_PEAK_BYTES
+    if s.chunked_loss and s.objective == "sft":
+        logits = chunked_loss_bytes(tokens, shape.vocab, shape.hidden)
+        notes.append("loss in tiles (train.chunked_loss): no full logits; models that rescale their logits after "
+                     "lm_head, or a LoRA on lm_head, fall back to the full logits")
+    else:
+        logits = tokens * shape.vocab * K.LOGIT_PEAK_BYTES
     gate_dtype = d.resid if d.bnb else d.act
     transient = tokens * (K.BACKWARD_TRANSIENT_INTERMEDIATE * shape.intermediate * gate_dtype
                           + K.BACKWARD_TRANSIENT_HIDDEN * shape.hidden * max(d.resid, d.compute))
@@ -490,6 +498,13 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
                    reference_forward=reference, orpo_sft_term=sft_term)
     return Estimate(shape, s, {k: int(round(v)) for k, v in components.items()},
                     {k: int(round(v)) for k, v in details.items()}, trainable, notes)
+
+
+def chunked_loss_bytes(tokens: int, vocab: int, hidden: int) -> int:
+    """The chunked loss's peak (core/train/loss.py) for `tokens` scored tokens: one tile at its backward peak, the
+    fp32 gradient of the scored hidden states, and the per-token statistics."""
+    tile = min(tokens, K.LOSS_TOKEN_TILE) * min(vocab, K.LOSS_VOCAB_TILE) * K.LOSS_TILE_PEAK_BYTES
+    return tile + tokens * (hidden * 4 + K.LOSS_PER_TOKEN_STATS_BYTES)
 
 
 def per_gpu(est: Estimate, strategy: str, world: int) -> Estimate:

@@ -35,12 +35,13 @@ from core.errors import DiskFull, Diverged, GarageError, OutOfMemory, RunError
 from core import hardware
 from core import paths
 from core.config import target_modules
-from core.data import sft as data
+from core.data import cache as data_cache
 from core.data import tokenize as data_tokenize
 from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core.train import loss as train_loss
 from core.train import recovery
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
@@ -185,7 +186,8 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
 
     ctx.phase = "data"
     startup_phase(run_dir, 2)
-    prepared = data.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
+    # data.prepare, unless the same rows were prepared before
+    prepared, _ = data_cache.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
     if ctx.faults:  # test-only
         from core.train.callbacks import kill_point  # heavy
 
@@ -514,6 +516,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     if t.objective != "sft":
         return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                         args, memory=memory)
+    train_loss.install(model, cfg, liger, events)  # before the Trainer reads the forward's signature
     collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer, memory=memory)
     if device == "cuda":
