@@ -48,7 +48,7 @@ def test_train_detach_admits_once(counted, tiny_model_dir, tmp_path):
 def test_train_in_the_foreground_admits_once(counted, tiny_model_dir, tmp_path, monkeypatch):
     from core.train import child  # heavy
 
-    monkeypatch.setattr(child, "main", lambda run_dir, lock_fd=None: 0)
+    monkeypatch.setattr(child, "main", lambda run_dir, **lock: 0)
     data = write_dataset(tmp_path / "d.jsonl")
     cli(["train", "--model", str(tiny_model_dir), "--dataset", str(data)])
     assert counted == {"validate": 1, "access": 1, "limits": 1}

@@ -44,7 +44,7 @@ def _start_fake(step_s: float):
     proc = subprocess.Popen([sys.executable, "-c", FAKE_CHILD, str(run_dir), str(step_s)], cwd=str(paths.REPO_ROOT),
                             start_new_session=True)
     runs.write_status(run_dir, state="running", pid=proc.pid, pid_create_time=procs.process_start_time(proc.pid))
-    procs.adopt(run_dir.name, proc)
+    procs.adopt(proc)
     return run_dir, proc
 
 
