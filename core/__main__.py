@@ -15,6 +15,7 @@ COMMANDS = {
     "runs": "list runs, show one, stop or resume it",
     "chat": "chat with a trained adapter (or compare it with the base model)",
     "eval": "score base vs adapter on a run's held-out eval prompts",
+    "report": "a run's report card: did it learn, what did it change elsewhere, is it healthy (report.json)",
     "export": "merge an adapter into its base model, or zip the adapter",
     "doctor": "what LoRA Garage sees: Python, torch, bitsandbytes, GPUs, RAM, home folder, disk",
 }

@@ -120,6 +120,8 @@ class TrainConfig:
     save_steps: int = _f(50, "Save a checkpoint every N steps.")
     save_total_limit: int = _f(2, "Keep only the last K checkpoints.")
     nan_patience: int = _f(3, "Stop after this many consecutive NaN/inf losses.")
+    report_at_end: bool = _f(True, "Make the run's report card (report.json: learned? side effects? health) when "
+                                   "it ends with an adapter; off: made on first open instead.")
     sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
     objective: str = _f("sft", "What to learn: sft (imitate the replies), dpo (prefer the chosen reply over the "
                                "rejected one, against the base as reference), orpo (the same without a reference: "

@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core import report as core_report
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -90,7 +91,15 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
         events.close()
     runs.write_status(run_dir, state=outcome, ended_at=runs.now(), error=None)
     print(f"{outcome}: {run_dir}", flush=True)
+    report_at_end(run_dir, cfg)
     return 0  # the lock goes with the process
+
+
+def report_at_end(run_dir: Path, cfg) -> None:
+    """The run's report card (core.report), made once the adapter is saved and the run marked completed or
+    stopped. A failure is recorded in report.json and events.jsonl by make_at_run_end; the run's state stays."""
+    if cfg.train.report_at_end:
+        core_report.make_at_run_end(run_dir)
 
 
 def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
