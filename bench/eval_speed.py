@@ -4,8 +4,8 @@
     python bench/eval_speed.py --run RUN --json results/eval_speed.json
 
 One-at-a-time is how `eval` answered before: each held-out prompt through ChatSession.compare (base and adapter
-as one batch of two rows). Batched is ChatSession.answer_batch, as `eval`, the Score button and the report use it
-now: every prompt in left-padded batches sized by the memory budget, base rows then adapter rows. The texts must
+as one batch of two rows). Batched is ChatSession.answer_pairs, as `eval`, the Score button and the report use it
+now: every prompt in left-padded batches sized by the memory budget, base and adapter rows together. The texts must
 be equal (greedy); the table prints the seconds of each way and their ratio.
 """
 
@@ -60,8 +60,7 @@ def main() -> int:
 
     t = time.perf_counter()
     prompts = [session.encode(item["messages"], settings) for item in items]
-    base = session.answer_batch(prompts, None, args.max_new_tokens)
-    adapted = session.answer_batch(prompts, name, args.max_new_tokens)
+    base, adapted = session.answer_pairs(prompts, name, args.max_new_tokens)
     batched_s = time.perf_counter() - t
 
     batched = list(zip(base, adapted))

@@ -232,15 +232,28 @@ class ChatSession:
         return float(total), n
 
     # ------------------------------------------------------------ batched scoring: eval, the Score button, the report
-    def answer_batch(self, prompts: list[list[int]], adapter: str | bool | None = None, max_new_tokens: int = 64,
-                     progress=None, with_ids: bool = False) -> list:
+    def answer_pairs(self, prompts: list[list[int]], adapter: str | bool = True, max_new_tokens: int = 64,
+                     progress=None, with_ids: bool = False) -> tuple[list, list]:
+        """(base answers, adapter answers) to the same prompts: both rows of a prompt in the same batch, as in
+        compare() (peft's mixed-adapter batches; DoRA adapters, which peft refuses there, go base first)."""
+        name = self._row(adapter if adapter not in (None, False) else True)
+        n = len(prompts)
+        if self.adapters[name]["dora"]:
+            return (self.answer_batch(prompts, None, max_new_tokens, progress, with_ids),
+                    self.answer_batch(prompts, name, max_new_tokens, progress, with_ids))
+        both = self.answer_batch(prompts + prompts, [BASE] * n + [name] * n, max_new_tokens, progress, with_ids)
+        return both[:n], both[n:]
+
+    def answer_batch(self, prompts: list[list[int]], adapter: str | bool | list | None = None,
+                     max_new_tokens: int = 64, progress=None, with_ids: bool = False) -> list:
         """Greedy answers to many prompts (token ids, as encode() makes them), in left-padded batches sized by the
         memory budget (batch_rows); each row stops at its own end of turn. The texts are those stream() gives;
-        with_ids: (text, answer token ids) pairs. `progress(done, total)` hears each batch."""
+        with_ids: (text, answer token ids) pairs. `adapter`: one for all rows, or a list of one per row (BASE for
+        the base model). `progress(done, total)` hears each batch."""
         import torch  # heavy
         from transformers import GenerationConfig  # heavy
 
-        row = self._row(adapter)
+        names = [self._row(a) for a in adapter] if isinstance(adapter, list) else [self._row(adapter)] * len(prompts)
         with self._locked(timeout=60):
             self._check_gpu_free()
             tok = self.tokenizer
@@ -250,18 +263,19 @@ class ChatSession:
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: less padding
             done = 0
             while done < len(order):
-                longest = len(prompts[order[min(done + 7, len(order) - 1)]])
-                size = max(1, min(self.batch_rows(longest + max_new_tokens), len(order) - done))
+                size = max(1, min(self.batch_rows(len(prompts[order[-1]]) + max_new_tokens), len(order) - done))
                 chunk = order[done:done + size]
+                rows = list(dict.fromkeys(names[i] for i in chunk))
                 width = max(len(prompts[i]) for i in chunk)
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=self.base.device)
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
                                     device=self.base.device)
                 gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, self.context - width)), do_sample=False,
                                        eos_token_id=eos, pad_token_id=pad, stop_strings=self.stop_texts or None)
-                with self._adapter_ctx(row), torch.inference_mode():
+                mixed = {"adapter_names": [names[i] for i in chunk]} if len(rows) > 1 else {}
+                with (self._adapter_ctx(rows[0]) if len(rows) == 1 else nullcontext()), torch.inference_mode():
                     out = (self.model or self.base).generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                                                             tokenizer=tok if self.stop_texts else None)
+                                                             tokenizer=tok if self.stop_texts else None, **mixed)
                 for k, i in enumerate(chunk):
                     new = out[k, width:].tolist()
                     ends = [j for j, t in enumerate(new) if t in eos]
@@ -289,7 +303,7 @@ class ChatSession:
         with self._locked(timeout=60):
             self._check_gpu_free()
             while done < len(order):
-                longest = len(rows[order[min(done + 7, len(order) - 1)]][0])
+                longest = len(rows[order[-1]][0])
                 # two sides' float32 logits for every position dominate: keep them within a quarter of the budget
                 size = max(1, min(self.batch_rows(longest), int(self.memory_budget() / 4 // max(1, 2 * longest * vocab * 4)),
                                   len(order) - done))
@@ -342,7 +356,7 @@ class ChatSession:
 
     # ------------------------------------------------------------ internals
     def _row(self, adapter) -> str:
-        if adapter is None or adapter is False:
+        if adapter is None or adapter is False or adapter == BASE:
             return BASE
         if self.base is None:
             raise ModelError("no model is loaded", "load a run first")

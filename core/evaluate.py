@@ -34,13 +34,12 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
     if items:
         settings = GenSettings(max_new_tokens=max_new_tokens, temperature=0.0)
         items = items[:limit]
-        # every prompt in left-padded batches: base rows, then adapter rows (core.chat.answer_batch)
+        # every prompt in left-padded batches, base and adapter rows side by side (core.chat.answer_pairs)
         prompts = [session.encode(item["messages"], settings) for item in items]
-        heard = lambda side: lambda done, total: say("Scoring prompts: base and adapter answer each",  # noqa: E731
-                                                     (done + side * total) // 2, total)
         say("Scoring prompts: base and adapter answer each", 0, len(items))
-        base_all = session.answer_batch(prompts, None, max_new_tokens, progress=heard(0))
-        adapted_all = session.answer_batch(prompts, name, max_new_tokens, progress=heard(1))
+        base_all, adapted_all = session.answer_pairs(
+            prompts, name, max_new_tokens,
+            progress=lambda done, total: say("Scoring prompts: base and adapter answer each", done // 2, total // 2))
         rows = []
         for item, base, adapted in zip(items, base_all, adapted_all):
             rows.append({"prompt": message_text(item["messages"][-1]["content"]), "expected": item["expected"],

@@ -216,9 +216,8 @@ def task(session: ChatSession, name: str, cfg, say) -> dict:
         prompts = [split_row(session, r) for r in rows[:ANSWERS]]
     if prompts:
         ids = [p[0] for p in prompts]
-        step = lambda d, t: say("Answering held-out prompts: base, then adapter", d, t)  # noqa: E731
-        base = session.answer_batch(ids, None, ANSWER_TOKENS, progress=step)
-        adapted = session.answer_batch(ids, name, ANSWER_TOKENS, progress=step)
+        step = lambda d, t: say("Answering held-out prompts: base and adapter", d, t)  # noqa: E731
+        base, adapted = session.answer_pairs(ids, name, ANSWER_TOKENS, progress=step)
         answers = []
         for (_, prompt, reference, expected), b, a in zip(prompts, base, adapted):
             row = {"prompt": prompt, "reference": reference, "base": b, "adapter": a,
@@ -279,9 +278,8 @@ def drift(session: ChatSession, name: str, say) -> dict:
 def drift_pass(session: ChatSession, name: str, say) -> dict:
     questions = neutral_prompts()
     ids = [session.encode([{"role": "user", "content": q}], GenSettings()) for q in questions]
-    step = lambda d, t: say("Neutral prompts: base, then adapter answer", d, t)  # noqa: E731
-    base = session.answer_batch(ids, None, DRIFT_TOKENS, progress=step, with_ids=True)
-    adapted = session.answer_batch(ids, name, DRIFT_TOKENS, progress=step)
+    step = lambda d, t: say("Neutral prompts: base and adapter answer", d, t)  # noqa: E731
+    base, adapted = session.answer_pairs(ids, name, DRIFT_TOKENS, progress=step, with_ids=True)
     rows = [(p + b_ids, [-100] * len(p) + b_ids) for p, (_, b_ids) in zip(ids, base) if b_ids]
     scored = session.forced_compare(rows, name, progress=lambda d, t: say("Neutral prompts: KL(base || adapter)", d, t))
     kls, k = [], 0
@@ -289,11 +287,11 @@ def drift_pass(session: ChatSession, name: str, say) -> dict:
         kls.append(scored[k]["kl"] / max(scored[k]["n"], 1) if b_ids else 0.0)
         k += bool(b_ids)
     n_tokens = sum(s["n"] for s in scored) or 1
-    changed = [i for i, ((b, _), a) in enumerate(zip(base, adapted)) if b != a]
+    changed = [i for i, ((b, _), (a, _)) in enumerate(zip(base, adapted)) if b != a]
     top = sorted(changed, key=lambda i: -kls[i])[:3]
     return {"prompts": len(questions), "kl": sum(s["kl"] for s in scored) / n_tokens, "changed": len(changed),
             "changed_share": len(changed) / len(questions), "tokens": DRIFT_TOKENS,
-            "most_changed": [{"prompt": questions[i], "base": base[i][0], "adapter": adapted[i], "kl": kls[i]}
+            "most_changed": [{"prompt": questions[i], "base": base[i][0], "adapter": adapted[i][0], "kl": kls[i]}
                              for i in top]}
 
 
