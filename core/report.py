@@ -151,15 +151,26 @@ def write(run_dir: Path, checkpoint: int | None, rep: dict) -> None:
     runs.write_atomic(path, json.dumps(rep, indent=1, allow_nan=False) + "\n")
 
 
+def announce(run_dir: Path) -> bool:
+    """The training child, before it marks the run ended: "a report is coming" (report.pending, its pid), so the
+    app and the CLI wait for it instead of making a second. False when there is no adapter to report on."""
+    if not run_files.has_adapter(Path(run_dir)):
+        return False
+    try:
+        (Path(run_dir) / PENDING).write_text(str(os.getpid()))
+    except OSError as e:  # the marker only spares a second maker; the report itself is still worth making
+        print(f"warning: could not write {PENDING}: {e}", file=sys.stderr, flush=True)
+    return True
+
+
 def make_at_run_end(run_dir: Path) -> dict | None:
     """The training child's last step after it saved the adapter: make report.json. Any failure is written into
     report.json ({"error": ...}) and events.jsonl as a warning, with the traceback in train.log; the run stays
     completed (or stopped): its adapter is fine, only its report is missing."""
     run_dir = Path(run_dir)
-    if not run_files.has_adapter(run_dir):
-        return None
     pending = run_dir / PENDING
-    pending.write_text(str(os.getpid()))
+    if not announce(run_dir):
+        return None
     log = ev.EventLog(run_dir)
     try:
         def say(message, done=None, total=None):

@@ -89,17 +89,14 @@ def main(run_dir: Path, lock_fd: int | None = None) -> int:
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
         events.close()
+    reporting = cfg.train.report_at_end and core_report.announce(run_dir)  # before the state: no second maker
     runs.write_status(run_dir, state=outcome, ended_at=runs.now(), error=None)
     print(f"{outcome}: {run_dir}", flush=True)
-    report_at_end(run_dir, cfg)
-    return 0  # the lock goes with the process
-
-
-def report_at_end(run_dir: Path, cfg) -> None:
-    """The run's report card (core.report), made once the adapter is saved and the run marked completed or
-    stopped. A failure is recorded in report.json and events.jsonl by make_at_run_end; the run's state stays."""
-    if cfg.train.report_at_end:
+    if reporting:
+        # the run's report card, once the adapter is saved and the run marked completed or stopped; a failure is
+        # recorded in report.json and events.jsonl by make_at_run_end, and the run's state stays what it is
         core_report.make_at_run_end(run_dir)
+    return 0  # the lock goes with the process
 
 
 def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan=None) -> str:
