@@ -61,6 +61,7 @@ def test_batched_answers_equal_one_at_a_time_on_the_tiny_model(garage_home, tiny
         assert batched == one
 
 
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
 def test_report_of_a_zero_b_adapter_says_no_effect_and_a_changed_one_does_not(garage_home, tiny_model_dir):
     make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
     make_run(garage_home, tiny_model_dir, "zero", data={"source": "builtin:demo-identity"})
@@ -78,6 +79,7 @@ def test_report_of_a_zero_b_adapter_says_no_effect_and_a_changed_one_does_not(ga
     assert report.load(garage_home / "runs" / "r1") == saved
 
 
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
 def test_a_stale_report_is_made_again_and_a_checkpoint_has_its_own(garage_home, tiny_model_dir):
     import os
 
@@ -94,6 +96,7 @@ def test_a_stale_report_is_made_again_and_a_checkpoint_has_its_own(garage_home, 
     assert step3["checkpoint"] == 3 and (run / "reports" / "checkpoint-3.json").is_file()
 
 
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
 def test_a_moved_dataset_gives_a_clear_message_not_a_traceback(garage_home, tiny_model_dir, capsys):
     from core.__main__ import main
 
@@ -110,6 +113,7 @@ def test_a_moved_dataset_gives_a_clear_message_not_a_traceback(garage_home, tiny
     assert rep["task"]["error"]["message"] and rep["drift"]["prompts"] >= 40
 
 
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
 def test_cli_report_json_and_a_run_without_an_adapter(garage_home, tiny_model_dir, capsys):
     import shutil
 
@@ -122,3 +126,24 @@ def test_cli_report_json_and_a_run_without_an_adapter(garage_home, tiny_model_di
     shutil.rmtree(garage_home / "runs" / "r1" / "adapter")
     assert main(["report", "r1"]) == 2
     assert "no final adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_one_at_a_time_on_the_builtin_model():
+    """The built-in SmolLM2's greedy answers to the demo's 20 held-out prompts: one at a time (stream) and batched
+    (answer_batch, left-padded) give the same texts."""
+    from core.data import sft as data
+
+    session = ChatSession(device="cpu")
+    session.load_base("builtin:smollm2-135m")
+    items = data.demo_eval_set("builtin:demo-identity")
+    settings = GenSettings(max_new_tokens=32, temperature=0.0)
+    one = []
+    for it in items:
+        text = ""
+        for text in session.stream(it["messages"], settings):
+            pass
+        one.append(text)
+    batched = session.answer_batch([session.encode(it["messages"], settings) for it in items], None, 32)
+    assert len(batched) == 20 and all(batched)
+    assert batched == one
