@@ -28,6 +28,7 @@ from core.runs import resolve as run_files  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="latest", help='run id, or "latest" (the newest completed run)')
+    ap.add_argument("--checkpoint", type=int, default=None, metavar="N", help="checkpoint-N instead of the final adapter")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length (eval's default: 64)")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     args = ap.parse_args()
@@ -35,7 +36,7 @@ def main() -> int:
     session = ChatSession()
     t = time.perf_counter()
     run_dir = run_files.resolve_run(args.run)
-    name = session.load_run(run_dir.name)
+    name = session.load_run(run_dir.name, args.checkpoint)
     load_s = time.perf_counter() - t
     cfg = runs.load_config(run_dir)
     items = data.demo_eval_set(cfg.data.source) or []
@@ -73,7 +74,7 @@ def main() -> int:
     print(f"{'one at a time':<16}{single_s:>10.1f}")
     print(f"{'batched':<16}{batched_s:>10.1f}")
     print(f"speed-up: {ratio:.1f}x; same texts: {same}/{len(items)} prompts (base and adapter)")
-    result = {"run": run_dir.name, "device": session.device, "prompts": len(items),
+    result = {"run": run_dir.name, "checkpoint": args.checkpoint, "device": session.device, "prompts": len(items),
               "max_new_tokens": args.max_new_tokens, "one_at_a_time_s": round(single_s, 2),
               "batched_s": round(batched_s, 2), "speedup": round(ratio, 2), "same_texts": same}
     if args.json:

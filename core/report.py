@@ -88,6 +88,15 @@ def load(run_dir: Path, checkpoint: int | None = None) -> dict | None:
     return rep
 
 
+def failed(run_dir: Path, checkpoint: int | None = None) -> dict | None:
+    """The error a failed attempt left in report.json ({kind, message, hint}), or None."""
+    try:
+        rep = json.loads(report_file(run_dir, checkpoint).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return rep.get("error") if isinstance(rep, dict) else None
+
+
 def being_written(run_dir: Path) -> bool:
     """Is the training child writing this run's final report right now?"""
     try:

@@ -78,7 +78,10 @@ def peek(run_id: str | None, choice: str | None = FINAL) -> dict:
     except GarageError as e:
         return {**out, "visible": True, "verdict": f"{marks.ERROR} {html.escape(e.message)}"}
     if rep is None:
-        out["verdict"] = "No report for this adapter yet (or the adapter is newer than it). Press **Make the report**."
+        err = report.failed(run_dir, step)
+        out["verdict"] = (f"{marks.ERROR} The report could not be made: {html.escape(err['message'])}. "
+                          "Press **Make the report** to try again." if err else
+                          "No report for this adapter yet (or the adapter is newer than it). Press **Make the report**.")
         return out
     return {**out, **render(rep)}
 
