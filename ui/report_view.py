@@ -101,7 +101,7 @@ def render(rep: dict) -> dict:
 
 
 def details_md(rep: dict) -> str:
-    esc = lambda s: html.escape(str(s)).replace("|", "&#124;").replace("\n", " ")  # noqa: E731
+    esc = lambda s: html.escape(_cut(str(s))).replace("|", "&#124;").replace("$", "&#36;").replace("\n", " ")  # noqa: E731
     which = f"checkpoint {rep['checkpoint']}" if rep.get("checkpoint") is not None else "final adapter"
     lines = [f"{which} of **{esc(rep['run'])}** on {esc(rep['base_model'])}, made {esc(rep['created_at'])} "
              f"in {rep['seconds']} s on {esc(rep['device'])}", "", "#### Task"]
@@ -120,17 +120,16 @@ def details_md(rep: dict) -> str:
         lines.append(f"- ROUGE-L to the data's reply: base {t['rouge_l']['base']:.2f} -> adapter "
                      f"{t['rouge_l']['adapter']:.2f}")
     if t.get("answers"):
-        lines += ["", "| prompt | the data's reply | base | adapter |", "|---|---|---|---|"]
-        for a in t["answers"]:
-            ok = lambda side: ("" if f"{side}_ok" not in a else (marks.PASS if a[f"{side}_ok"] else marks.FAIL) + " ")  # noqa: E731
-            lines.append(f"| {esc(a['prompt'])} | {esc(a['reference'])} | {ok('base')}{esc(a['base'])} | "
-                         f"{ok('adapter')}{esc(a['adapter'])} |")
+        ok = lambda a, side: ("" if f"{side}_ok" not in a else (marks.PASS if a[f"{side}_ok"] else marks.FAIL) + " ")  # noqa: E731
+        lines += ["", table(["prompt", "the data's reply", "base", "adapter"],
+                            [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + esc(a["base"]),
+                              ok(a, "adapter") + esc(a["adapter"])] for a in t["answers"]])]
     d = rep["drift"]
     lines += ["", "#### Drift: neutral prompts", f"- KL(base &#124;&#124; adapter) **{d['kl']:.4f}** nats/token on "
               f"{d['prompts']} prompts; **{d['changed']}/{d['prompts']}** answers changed within {d['tokens']} tokens"]
     if d["most_changed"]:
-        lines += ["", "| most changed | base | adapter |", "|---|---|---|"]
-        lines += [f"| {esc(m['prompt'])} | {esc(m['base'])} | {esc(m['adapter'])} |" for m in d["most_changed"]]
+        lines += ["", table(["most changed", "base", "adapter"],
+                            [[esc(m["prompt"]), esc(m["base"]), esc(m["adapter"])] for m in d["most_changed"]])]
     h = rep["health"]
     un, of, dv = h["update_norm"], h["overfitting"], h["divergence"]
     lines += ["", "#### Health"]
@@ -141,6 +140,17 @@ def details_md(rep: dict) -> str:
     lines.append(f"- overfitting: {esc(of['note'] or 'no')}")
     lines.append(f"- divergence: {dv['nan_skips']} NaN steps skipped, {len(dv['spikes'])} loss spikes")
     return "\n".join(lines)
+
+
+def _cut(text: str, n: int = 240) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of already escaped cells: a Markdown table breaks on a cell's own | or newline."""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c or '<i>(empty)</i>'}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
 
 
 def show(view: ReportView, shown: dict) -> dict:
