@@ -24,12 +24,12 @@ def test_the_runs_page_makes_and_shows_the_report(app_server, page):
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.goto(url, wait_until="load")
     page.get_by_role("tab", name="Runs").click()
-    page.get_by_text("Report: did it work").first.wait_for(timeout=60000)
-    page.get_by_text("No report for this adapter yet").first.wait_for(timeout=60000)
-    page.get_by_role("button", name="Make the report").click()
-    page.locator(".lg-report-verdict").get_by_text("Side effects").first.wait_for(timeout=600000)
+    page.locator("h3:visible", has_text="Report: did it work").wait_for(timeout=60000)  # the Train page has one too
+    page.locator("p:visible", has_text="No report for this adapter yet").first.wait_for(timeout=60000)
+    page.locator("button:visible", has_text="Make the report").click()
+    page.locator(".lg-report-verdict span:visible", has_text="side effects").first.wait_for(timeout=600000)
     assert (home / "runs" / "tiny-run" / "report.json").is_file()
-    page.get_by_text("The numbers behind it").first.click()
-    page.get_by_text("Drift: neutral prompts").first.wait_for(timeout=10000)
+    page.locator("button:visible", has_text="The numbers behind it").first.click()
+    page.locator("h4:visible", has_text="Drift: neutral prompts").wait_for(timeout=10000)
     shot(page, "08-runs-report")
     assert errors == []
