@@ -121,9 +121,10 @@ def details_md(rep: dict) -> str:
                      f"{t['rouge_l']['adapter']:.2f}")
     if t.get("answers"):
         ok = lambda a, side: ("" if f"{side}_ok" not in a else (marks.PASS if a[f"{side}_ok"] else marks.FAIL) + " ")  # noqa: E731
+        said = lambda text: esc(text) or "<i>(empty)</i>"  # noqa: E731
         lines += ["", table(["prompt", "the data's reply", "base", "adapter"],
-                            [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + esc(a["base"]),
-                              ok(a, "adapter") + esc(a["adapter"])] for a in t["answers"]])]
+                            [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + said(a["base"]),
+                              ok(a, "adapter") + said(a["adapter"])] for a in t["answers"]])]
     d = rep["drift"]
     lines += ["", "#### Drift: neutral prompts", f"- KL(base &#124;&#124; adapter) **{d['kl']:.4f}** nats/token on "
               f"{d['prompts']} prompts; **{d['changed']}/{d['prompts']}** answers changed within {d['tokens']} tokens"]
