@@ -45,6 +45,8 @@ MIN_REPLY = 16
 MAX_PROMPT_TOKENS = 8192          # beyond this the KV cache, not the weights, dominates memory on small GPUs
 QUANTS = (None, "4bit")
 BASE = "__base__"                 # peft's name for "no adapter" in a mixed batch
+BATCH_RAM_BUDGET = 2 * 2**30      # bytes a CPU scoring batch may use (answer_batch, forced_compare)
+MAX_BATCH_ROWS = 64               # beyond this a bigger batch brings no speed, only a longer wait per batch
 # End-of-turn tokens of common chat templates: generation_config.eos_token_id often names only the end-of-text.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -111,6 +113,7 @@ class ChatSession:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.run_system = ""  # the loaded run's data.system (core.data.tokenize.with_system)
+        self.inside_run: str | None = None  # set in a training child scoring its own run (its report): not "busy"
 
     # ------------------------------------------------------------ loading
     def load_run(self, run: str, checkpoint: int | None = None, quant: str | None = None) -> str:
@@ -261,9 +264,132 @@ class ChatSession:
             total = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
         return float(total), n
 
+    # ------------------------------------------------------------ batched scoring: eval, the Score button, the report
+    def answer_pairs(self, prompts: list[list[int]], adapter: str | bool = True, max_new_tokens: int = 64,
+                     progress=None, with_ids: bool = False) -> tuple[list, list]:
+        """(base answers, adapter answers) to the same prompts: both rows of a prompt in the same batch, as in
+        compare() (peft's mixed-adapter batches; DoRA adapters, which peft refuses there, go base first)."""
+        name = self._row(adapter if adapter not in (None, False) else True)
+        n = len(prompts)
+        if self.adapters[name]["dora"]:
+            return (self.answer_batch(prompts, None, max_new_tokens, progress, with_ids),
+                    self.answer_batch(prompts, name, max_new_tokens, progress, with_ids))
+        both = self.answer_batch(prompts + prompts, [BASE] * n + [name] * n, max_new_tokens, progress, with_ids)
+        return both[:n], both[n:]
+
+    def answer_batch(self, prompts: list[list[int]], adapter: str | bool | list | None = None,
+                     max_new_tokens: int = 64, progress=None, with_ids: bool = False) -> list:
+        """Greedy answers to many prompts (token ids, as encode() makes them), in left-padded batches sized by the
+        memory budget (batch_rows); each row stops at its own end of turn. The texts are those stream() gives;
+        with_ids: (text, answer token ids) pairs. `adapter`: one for all rows, or a list of one per row (BASE for
+        the base model). `progress(done, total)` hears each batch."""
+        import torch  # heavy
+        from transformers import GenerationConfig  # heavy
+
+        names = [self._row(a) for a in adapter] if isinstance(adapter, list) else [self._row(adapter)] * len(prompts)
+        with self._locked(timeout=60):
+            self._check_gpu_free()
+            tok = self.tokenizer
+            eos = _eos_ids(self.base, tok)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+            texts: list = [""] * len(prompts)
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: less padding
+            done = 0
+            while done < len(order):
+                size = max(1, min(self.batch_rows(len(prompts[order[-1]]) + max_new_tokens), len(order) - done))
+                chunk = order[done:done + size]
+                rows = list(dict.fromkeys(names[i] for i in chunk))
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=self.base.device)
+                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
+                                    device=self.base.device)
+                gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, self.context - width)), do_sample=False,
+                                       eos_token_id=eos, pad_token_id=pad, stop_strings=self.stop_texts or None)
+                mixed = {"adapter_names": [names[i] for i in chunk]} if len(rows) > 1 else {}
+                with (self._adapter_ctx(rows[0]) if len(rows) == 1 else nullcontext()), torch.inference_mode():
+                    out = (self.model or self.base).generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                                                             tokenizer=tok if self.stop_texts else None, **mixed)
+                for k, i in enumerate(chunk):
+                    new = out[k, width:].tolist()
+                    ends = [j for j, t in enumerate(new) if t in eos]
+                    new = new[:ends[0]] if ends else new
+                    text = _RowsStreamer(tok, 1, set(eos), self.stop_texts).final_text(new)
+                    texts[i] = (text, new) if with_ids else text
+                done += len(chunk)
+                if progress:
+                    progress(done, len(order))
+        return texts
+
+    def forced_compare(self, rows: list[tuple[list[int], list[int]]], adapter: str | bool = True,
+                       progress=None) -> list[dict]:
+        """Teacher-forced base vs adapter on (input_ids, labels) rows, in right-padded batches: per row the summed
+        cross-entropy of each side on its label tokens (-100 = not scored), the summed KL(base || adapter) over
+        those positions (nats) and their count: {"base", "adapter", "kl", "n"}."""
+        import torch  # heavy
+        import torch.nn.functional as F  # heavy
+
+        name = self._row(adapter)
+        out: list[dict] = [{}] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        vocab = int(self.base.config.vocab_size if hasattr(self.base.config, "vocab_size") else len(self.tokenizer))
+        done = 0
+        with self._locked(timeout=60):
+            self._check_gpu_free()
+            while done < len(order):
+                longest = len(rows[order[-1]][0])
+                # two sides' float32 logits for every position dominate: keep them within a quarter of the budget
+                size = max(1, min(self.batch_rows(longest), int(self.memory_budget() / 4 // max(1, 2 * longest * vocab * 4)),
+                                  len(order) - done))
+                chunk = order[done:done + size]
+                width = max(len(rows[i][0]) for i in chunk)
+                dev = self.base.device
+                ids = torch.tensor([rows[i][0] + [0] * (width - len(rows[i][0])) for i in chunk], device=dev)
+                mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in chunk], device=dev)
+                lab = torch.tensor([rows[i][1] + [-100] * (width - len(rows[i][1])) for i in chunk], device=dev)
+                logp = {}
+                for side in (BASE, name):
+                    with self._adapter_ctx(side), torch.inference_mode():
+                        logits = (self.model or self.base)(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                        logp[side] = torch.log_softmax(logits, dim=-1)
+                target = lab[:, 1:]
+                keep = target != -100
+                safe = target.clamp(min=0).unsqueeze(-1)
+                with torch.inference_mode():
+                    nll = {side: -(lp.gather(-1, safe).squeeze(-1) * keep).sum(-1) for side, lp in logp.items()}
+                    kl = (F.kl_div(logp[name], logp[BASE], log_target=True, reduction="none").sum(-1) * keep).sum(-1)
+                for k, i in enumerate(chunk):
+                    out[i] = {"base": float(nll[BASE][k]), "adapter": float(nll[name][k]),
+                              "kl": max(0.0, float(kl[k])), "n": int(keep[k].sum())}
+                done += len(chunk)
+                if progress:
+                    progress(done, len(order))
+        return out
+
+    def memory_budget(self) -> int:
+        """Bytes a scoring batch may use: half the GPU's free memory, or 2 GiB of RAM on the CPU."""
+        import torch  # heavy
+
+        if self.device == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return int(free * 0.5)
+        return BATCH_RAM_BUDGET
+
+    def batch_rows(self, tokens: int) -> int:
+        """How many rows of `tokens` tokens (prompt + answer) one batch may hold within memory_budget(): the KV
+        cache, the widest activations and the attention scores of a row, each counted at float32."""
+        c = self.base.config
+        layers = int(getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0) or 32)
+        hidden = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0) or 4096)
+        heads = int(getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 0) or 32)
+        kv_heads = int(getattr(c, "num_key_value_heads", 0) or heads)
+        inter = int(getattr(c, "intermediate_size", 0) or 4 * hidden)
+        kv = 2 * layers * kv_heads * (hidden // heads) * 4
+        per_row = tokens * (kv + 4 * (2 * hidden + 2 * inter)) + heads * tokens * tokens * 4
+        return int(max(1, min(MAX_BATCH_ROWS, self.memory_budget() // max(1, per_row))))
+
     # ------------------------------------------------------------ internals
     def _row(self, adapter) -> str:
-        if adapter is None or adapter is False:
+        if adapter is None or adapter is False or adapter == BASE:
             return BASE
         if self.base is None:
             raise ModelError("no model is loaded", "load a run first")
@@ -298,7 +424,7 @@ class ChatSession:
             return
 
         busy = runner.running()
-        if busy:
+        if busy and busy != self.inside_run:
             raise BusyError(f"run {busy} is training on the GPU", "wait for it to finish or stop it; or chat on the CPU")
 
     def encode(self, messages: list[dict], settings: GenSettings) -> list[int]:
@@ -451,10 +577,15 @@ class _RowsStreamer:
                 return text[:-n]
         return text
 
+    def final_text(self, ids: list[int]) -> str:
+        """A finished row's text: decoded, cut at an end-of-turn marker written as plain text; a tail that could
+        only be the start of one (the token limit cut it) is dropped."""
+        text, ended = self._cut(self.tok.decode(ids, skip_special_tokens=True))
+        return text if ended else self._held(text)
+
     def end(self) -> None:
         self.end_at = time.perf_counter()
-        cuts = [self._cut(self.tok.decode(r, skip_special_tokens=True)) for r in self.ids]
-        self.texts = [text if ended else self._held(text) for text, ended in cuts]
+        self.texts = [self.final_text(r) for r in self.ids]
         self.q.put(tuple(self.texts))
         self.q.put(None)
 

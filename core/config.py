@@ -138,6 +138,8 @@ class TrainConfig:
                             "the data will produce (no optimizer step), so an out of memory is recovered before "
                             "training rather than hours in; its measured peak goes into estimate.json. auto: on "
                             "for a GPU, off for the CPU. SFT only.", PROBES)
+    report_at_end: bool = _f(True, "Make the run's report card (report.json: learned? side effects? health) when "
+                                   "it ends with an adapter; off: made on first open instead.")
     sample_prompts: list = _f([], "Prompts to generate from at each checkpoint (events of type sample).")
     objective: str = _f("sft", "What to learn: sft (imitate the replies), dpo (prefer the chosen reply over the "
                                "rejected one, against the base as reference), orpo (the same without a reference: "

@@ -1,7 +1,7 @@
 """Score a run's adapter against its base model on the run's held-out data.
 
 Where the dataset has a checker (the built-in demo data: core.data.sft.score_answer), both answer each held-out prompt
-greedily and the metric is accuracy; otherwise it is perplexity on the eval split (or, with none, on the first
+greedily (in batches) and the metric is accuracy; otherwise it is perplexity on the eval split (or, with none, on the first
 training rows, said in "split"). Both sides run in one ChatSession, so the base model loads once.
 """
 
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 from core.runs import resolve as run_files
-from core.chat import BASE, ChatSession, GenSettings, message_text
+from core.chat import ChatSession, GenSettings, message_text
 from core.errors import GarageError
 from core.data import sft as data
 from core.data.tokenize import PackedRows
@@ -33,13 +33,15 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
     items = data.demo_eval_set(cfg.data.source)
     if items:
         settings = GenSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-        rows = []
         items = items[:limit]
-        for k, item in enumerate(items):
-            say("Scoring prompts: base and adapter answer each", k, len(items))
-            base = adapted = ""
-            for base, adapted in session.compare(item["messages"], settings, adapter=name):
-                pass
+        # every prompt in left-padded batches, base and adapter rows side by side (core.chat.answer_pairs)
+        prompts = [session.encode(item["messages"], settings) for item in items]
+        say("Scoring prompts: base and adapter answer each", 0, len(items))
+        base_all, adapted_all = session.answer_pairs(
+            prompts, name, max_new_tokens,
+            progress=lambda done, total: say("Scoring prompts: base and adapter answer each", done // 2, total // 2))
+        rows = []
+        for item, base, adapted in zip(items, base_all, adapted_all):
             rows.append({"prompt": message_text(item["messages"][-1]["content"]), "expected": item["expected"],
                          "base": base, "adapter": adapted,
                          "base_ok": bool(data.score_answer(cfg.data.source, base, item["expected"])),
@@ -55,16 +57,12 @@ def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | 
     examples = (prepared.eval or train)[:limit]
     if not examples:
         raise GarageError("the run's dataset has no rows to evaluate on", "check data.source of the run")
-    rows, totals = [], {BASE: [0.0, 0], name: [0.0, 0]}
-    for ex in examples:
-        row = {}
-        for key in (BASE, name):
-            loss, n = session.loss(ex["input_ids"], ex["labels"], None if key == BASE else name)
-            totals[key][0] += loss
-            totals[key][1] += n
-            row["base_loss" if key == BASE else "adapter_loss"] = loss / max(n, 1)
-        rows.append(row)
-        say("Scoring examples: loss of base and adapter", len(rows), len(examples))
-    base_loss, ad_loss = (totals[k][0] / max(totals[k][1], 1) for k in (BASE, name))
+    # teacher-forced in right-padded batches, base and adapter on each (core.chat.forced_compare)
+    scored = session.forced_compare([(list(ex["input_ids"]), list(ex["labels"])) for ex in examples], name,
+                                    progress=lambda done, total: say("Scoring examples: loss of base and adapter",
+                                                                     done, total))
+    rows = [{"base_loss": r["base"] / max(r["n"], 1), "adapter_loss": r["adapter"] / max(r["n"], 1)} for r in scored]
+    tokens = max(sum(r["n"] for r in scored), 1)
+    base_loss, ad_loss = (sum(r[k] for r in scored) / tokens for k in ("base", "adapter"))
     return {"metric": "perplexity", "higher_is_better": False, "split": split, "n": len(rows), "rows": rows,
             "base": math.exp(base_loss), "adapter": math.exp(ad_loss), "base_loss": base_loss, "adapter_loss": ad_loss}

@@ -20,7 +20,7 @@ from core.runs import folder as runs
 from core.errors import GarageError
 from core.units import gb
 from ui.refuse import refusal
-from ui import export_panel, marks, plots, run_view, train_tab
+from ui import export_panel, marks, plots, report_view, run_view, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
            "peak mem / estimate"]
@@ -191,6 +191,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
     export_panel.build(pick)
+    report_view.wire(report_view.build(), pick)
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")

@@ -27,7 +27,7 @@ from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
 from ui.refuse import refusal
-from ui import export_panel, marks, progress, run_view, train_form, vram_panel
+from ui import export_panel, marks, progress, report_view, run_view, train_form, vram_panel
 from core.data import sft as data
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
@@ -552,6 +552,7 @@ def build() -> TrainTab:
                 start_btn = gr.Button("Start training", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
             view = run_view.build()
+            report_section = report_view.build()  # under the run: filled once it has an adapter
     run_id = gr.State(None)
     # full width under both columns, shown by the run view's "Export to GGUF / Ollama" (an ended run's adapter)
     export = export_panel.build(run_id, elem_id=export_panel.TRAIN_PANEL_ID, visible=False)
@@ -612,6 +613,7 @@ def build() -> TrainTab:
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)
     run_view.wire(view, run_id, timer)
+    report_view.wire(report_section, run_id)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
     eta_tail = gr.State(None)  # what the ETA line has read of the running run's events

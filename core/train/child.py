@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core import report as core_report
 from core.train import loss as train_loss
 from core.train import recovery
 
@@ -90,8 +91,13 @@ def main(run_dir: Path, lock=None) -> int:
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
         events.close()
+    reporting = cfg.train.report_at_end and core_report.announce(run_dir)  # before the state: no second maker
     runs.write_status(run_dir, state=outcome, ended_at=runs.now(), error=None)
     print(f"{outcome}: {run_dir}", flush=True)
+    if reporting:
+        # the run's report card, once the adapter is saved and the run marked completed or stopped; a failure is
+        # recorded in report.json and events.jsonl by make_at_run_end, and the run's state stays what it is
+        core_report.make_at_run_end(run_dir)
     return 0  # the lock goes with the process
 
 

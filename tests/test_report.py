@@ -1,0 +1,149 @@
+"""core.report: the run's report card (task, drift, health, verdict), batched generation and teacher-forced KL."""
+
+import json
+
+import pytest
+
+from core import report
+from core.chat import ChatSession, GenSettings
+from tests.helpers.runs import make_run
+
+
+def _zero_b(adapter_dir):
+    """Set every lora_B of a saved adapter to zero: the adapter then changes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in tensors.items()}, path)
+
+
+def test_rouge_l_is_the_lcs_f1():
+    assert report.rouge_l("my name is Garage", "My name is Garage") == 1.0
+    assert report.rouge_l("", "x") == 0.0 and report.rouge_l("a b", "c d") == 0.0
+    # LCS "a c" of 3 and 2 words: p = 2/3, r = 1
+    assert report.rouge_l("a b c", "a c") == pytest.approx(0.8)
+
+
+def test_kl_is_zero_for_a_zero_b_adapter_and_positive_for_a_changed_one(garage_home, tiny_model_dir):
+    run = make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    make_run(garage_home, tiny_model_dir, "zero", data={"source": "builtin:demo-identity"})
+    _zero_b(garage_home / "runs" / "zero" / "adapter")
+    session = ChatSession(device="cpu")
+    name = session.load_run(run.name)
+    zero = session.load_run("zero")
+    enc = [session.encode([{"role": "user", "content": q}], GenSettings())
+           for q in ["Who are you?", "What is 3 + 4?", "Name a colour."]]
+    forced = [(ids + ids[:5], [-100] * len(ids) + ids[:5]) for ids in enc]
+    trained = session.forced_compare(forced, name)
+    flat = session.forced_compare(forced, zero)
+    assert all(r["n"] == 5 for r in flat)
+    assert all(abs(r["kl"]) <= 1e-6 for r in flat) and all(abs(r["base"] - r["adapter"]) <= 1e-4 for r in flat)
+    assert all(r["kl"] > 1e-4 for r in trained)
+
+
+def test_batched_answers_equal_one_at_a_time_on_the_tiny_model(garage_home, tiny_model_dir):
+    run = make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    session = ChatSession(device="cpu")
+    name = session.load_run(run.name)
+    from core.data import sft as data
+
+    items = data.demo_eval_set("builtin:demo-identity")
+    settings = GenSettings(max_new_tokens=12, temperature=0.0)
+    for adapter in (None, name):
+        one = []
+        for it in items:
+            text = ""
+            for text in session.stream(it["messages"], settings, adapter):
+                pass
+            one.append(text)
+        batched = session.answer_batch([session.encode(it["messages"], settings) for it in items], adapter, 12)
+        assert batched == one
+
+
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
+def test_report_of_a_zero_b_adapter_says_no_effect_and_a_changed_one_does_not(garage_home, tiny_model_dir):
+    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    make_run(garage_home, tiny_model_dir, "zero", data={"source": "builtin:demo-identity"})
+    _zero_b(garage_home / "runs" / "zero" / "adapter")
+    session = ChatSession(device="cpu")
+    flat = report.make("zero", session=session)
+    assert flat["verdict"]["task"] == "no effect" and "No effect" in flat["verdict"]["text"]
+    assert flat["drift"]["kl"] <= 1e-6 and flat["drift"]["changed"] == 0 and flat["drift"]["prompts"] >= 40
+    changed = report.make("r1", session=session)
+    assert changed["verdict"]["task"] != "no effect" and changed["drift"]["kl"] > 0
+    assert changed["task"]["checker"]["n"] == 20 and len(changed["task"]["answers"]) == 20
+    assert changed["task"]["loss"]["held_out"] and changed["health"]["update_norm"]["max"] > 1e-4
+    saved = json.loads((garage_home / "runs" / "r1" / "report.json").read_text())
+    assert saved["verdict"] == changed["verdict"]
+    assert report.load(garage_home / "runs" / "r1") == saved
+
+
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
+def test_a_stale_report_is_made_again_and_a_checkpoint_has_its_own(garage_home, tiny_model_dir):
+    import os
+
+    run = make_run(garage_home, tiny_model_dir, checkpoints={3: True}, data={"source": "builtin:demo-identity"})
+    session = ChatSession(device="cpu")
+    first = report.get("r1", session=session)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # the adapter is newer than its report
+    assert report.load(run) is None
+    again = report.get("r1", session=session)
+    assert again["adapter_stamp"] != first["adapter_stamp"] and report.load(run) == again
+    step3 = report.get("r1", checkpoint=3, session=session)
+    assert step3["checkpoint"] == 3 and (run / "reports" / "checkpoint-3.json").is_file()
+
+
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
+def test_a_moved_dataset_gives_a_clear_message_not_a_traceback(garage_home, tiny_model_dir, capsys):
+    from core.__main__ import main
+
+    data = garage_home / "qa.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}?"},
+                                                     {"role": "assistant", "content": f"a{i}."}]}) + "\n"
+                            for i in range(8)))
+    make_run(garage_home, tiny_model_dir, data={"source": str(data), "val_fraction": 0.25})
+    data.rename(garage_home / "moved.jsonl")
+    assert main(["report", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert "Task not scored" in out and "qa.jsonl" in out and "Traceback" not in out
+    rep = json.loads((garage_home / "runs" / "r1" / "report.json").read_text())
+    assert rep["task"]["error"]["message"] and rep["drift"]["prompts"] >= 40
+
+
+@pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
+def test_cli_report_json_and_a_run_without_an_adapter(garage_home, tiny_model_dir, capsys):
+    import shutil
+
+    from core.__main__ import main
+
+    make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    assert main(["report", "r1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"]["text"] and out["run"] == "r1"
+    shutil.rmtree(garage_home / "runs" / "r1" / "adapter")
+    assert main(["report", "r1"]) == 2
+    assert "no final adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_one_at_a_time_on_the_builtin_model():
+    """The built-in SmolLM2's greedy answers to the demo's 20 held-out prompts: one at a time (stream) and batched
+    (answer_batch, left-padded) give the same texts."""
+    from core.data import sft as data
+
+    session = ChatSession(device="cpu")
+    session.load_base("builtin:smollm2-135m")
+    items = data.demo_eval_set("builtin:demo-identity")
+    settings = GenSettings(max_new_tokens=32, temperature=0.0)
+    one = []
+    for it in items:
+        text = ""
+        for text in session.stream(it["messages"], settings):
+            pass
+        one.append(text)
+    batched = session.answer_batch([session.encode(it["messages"], settings) for it in items], None, 32)
+    assert len(batched) == 20 and all(batched)
+    assert batched == one
