@@ -17,6 +17,7 @@ REL = 1e-5
 
 def _model(source, method: str, lora_targets: str = "all-linear"):
     cfg = RunConfig()
+    cfg.train.chunked_loss = True  # opt-in: these tests hold the chunked loss against the stock one
     cfg.model.source = str(source)
     cfg.quant.method = method
     cfg.lora.targets = lora_targets
@@ -122,6 +123,7 @@ def test_estimate_logits_line_follows_the_run(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "d.jsonl")
     shape = vram.shape_from_config(_smollm2())
     cfg.train.batch_size, cfg.data.max_len = 8, 512
+    cfg.train.chunked_loss = True
     chunked = vram.estimate(shape, vram.settings_from_config(cfg, device="cpu"))
     cfg.train.chunked_loss = False
     full = vram.estimate(shape, vram.settings_from_config(cfg, device="cpu"))

@@ -109,7 +109,8 @@ def test_the_real_callback_on_cuda_feeds_the_charts_and_the_runs_table(tmp_path,
     assert (plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s").value > 0).all()
     view = run_view.refresh("contract", {})
     assert "step 4 / 4" in view["progress"] and not view["keep"]
-    assert view["mem"] is not None and set(view["mem"].series) == set(frame.series)
+    mem = view["mem"]  # the first fill of a chart: an update carrying the frame and its colours
+    assert mem["visible"] and set(mem["value"].series) == set(frame.series)
 
     # the Runs table: peak vs estimate with the error, torch's peak beside it
     row = runs_tab.table().set_index("run").loc["contract"]

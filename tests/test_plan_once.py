@@ -58,7 +58,7 @@ def test_a_run_start_plans_once_with_one_nvml_read(tmp_path, tiny_model_dir, mon
 
 
 def test_the_vram_panel_shows_the_strategy_the_run_picks(tmp_path, monkeypatch):
-    """Two 17 GiB cards and a 16-bit LoRA of an 8B model that fits neither alone: the run shards it (FSDP), so the
+    """Two 20 GB cards and a 16-bit LoRA of an 8B model that fits neither alone: the run shards it (FSDP), so the
     panel's per-GPU rows and its plan line say FSDP too, from one NVML read per update."""
     import json
 
@@ -72,7 +72,7 @@ def test_the_vram_panel_shows_the_strategy_the_run_picks(tmp_path, monkeypatch):
     (model / "config.json").write_text(json.dumps(LLAMA31_8B))
     cfg = tiny_config(model, write_dataset(tmp_path / "d.jsonl", n=4))
     cfg.quant.method, cfg.train.grad_checkpointing, cfg.data.max_len = "lora", True, 2048
-    card = hardware.GpuReading(index=0, name="NVIDIA GeForce RTX 4080", total=17 * 2**30, free=17 * 2**30,
+    card = hardware.GpuReading(index=0, name="NVIDIA GeForce RTX 4080", total=20 * 2**30, free=20 * 2**30,
                                used=0)
     monkeypatch.setattr(hardware, "read", lambda: hardware.HardwareReading(gpus=[card, card]))
     run_plan = distributed.machine_plan(cfg)  # what the training child decides on this machine

@@ -24,8 +24,8 @@ from ui import export_panel, marks, plots, report_view, run_view, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
            "peak mem / estimate"]
-# fits 1400 px without cutting a cell: short model and dataset names (the full ones are in the open run's config)
-COLUMN_WIDTHS = ["268px", "84px", "108px", "108px", "66px", "96px", "72px", "70px", "86px", "246px"]
+# at 1400 px: short model and dataset names (the full ones are in the open run's config); the widths fit what the cells hold
+COLUMN_WIDTHS = ["284px", "96px", "112px", "126px", "74px", "88px", "80px", "76px", "84px", "206px"]
 
 
 def table() -> pd.DataFrame:

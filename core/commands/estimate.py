@@ -53,9 +53,9 @@ def add_arguments(p) -> None:
                         "for a 16-bit LoRA that only fits sharded)")
     p.add_argument("--objective", default="sft", choices=vram.OBJECTIVES,
                    help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad)")
-    p.add_argument("--full-logits", action="store_true",
-                   help="as a run with train.chunked_loss=false: the stock loss over the full fp32 logits (a run "
-                        "computes the loss in tiles by default)")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="as a run with train.chunked_loss=true: the loss in tiles, without the full fp32 logits "
+                        "(a run uses the stock loss by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -72,7 +72,7 @@ def _settings(args, method: str) -> vram.Settings:
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
                          attn=args.attn, device=_device(args), objective=args.objective,
-                         chunked_loss=not args.full_logits)
+                         chunked_loss=args.chunked_loss)
 
 
 def _device(args) -> str:
