@@ -25,7 +25,7 @@ from ui import export_panel, marks, plots, report_view, run_view, train_tab
 COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
            "peak mem / estimate"]
 # at 1400 px: short model and dataset names (the full ones are in the open run's config); the widths fit what the cells hold
-COLUMN_WIDTHS = ["284px", "96px", "112px", "126px", "74px", "88px", "80px", "76px", "84px", "206px"]
+COLUMN_WIDTHS = ["284px", "96px", "120px", "126px", "74px", "88px", "80px", "76px", "84px", "232px"]
 
 
 def table() -> pd.DataFrame:
