@@ -131,7 +131,8 @@ def test_score_says_prompt_k_of_n(app_server, page):
     page.goto(url, wait_until="load")
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name=re.compile("Score base vs adapter")).click()
-    page.locator(".lg-status").first.wait_for(timeout=60000)
+    # the visible status: other panels (serve, report) keep hidden .lg-status elements in the DOM
+    page.locator(".lg-status").filter(visible=True).first.wait_for(timeout=60000)
     page.get_by_text(re.compile(r"Scoring prompts.*\d+ / 20")).first.wait_for(timeout=300000)
     shot(page, "16d-scoring")
     assert errors == []
