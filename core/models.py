@@ -17,7 +17,6 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -265,7 +264,7 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
         if progress is not None:
             progress(msg)
 
-    with _lock(models_dir() / f".{folder}.lock"):
+    with portable.locked(models_dir() / f".{folder}.lock"):
         if (target / _MARKER).exists():  # another process converted it while we waited
             return target
         needed = _converted_bytes(gguf)
@@ -343,15 +342,6 @@ def drop_gguf_quantization(config) -> bool:
     del config.quantization_config
     return True
 
-
-@contextmanager
-def _lock(path: Path):
-    lock = portable.open_lock(path)
-    try:
-        lock.acquire(blocking=True)
-        yield
-    finally:
-        lock.close()
 
 
 # ---------------------------------------------------------------- loading

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, 
     run_dir = Path(run_dir)
     if "state" in fields and fields["state"] not in STATES:
         raise ValueError(f"unknown state {fields['state']!r}")
-    with _locked(run_dir / ".status.lock"):
+    with portable.locked(run_dir / ".status.lock"):
         path = run_dir / "status.json"
         try:
             st = json.loads(path.read_text(encoding="utf-8"))
@@ -197,15 +196,6 @@ def update_status(run_dir: Path, only_from: tuple | None, durable: bool = True, 
 
 now = procs.now
 
-
-@contextmanager
-def _locked(path: Path):
-    lock = portable.open_lock(path)
-    try:
-        lock.acquire(blocking=True)
-        yield
-    finally:
-        lock.close()  # closing drops the lock
 
 
 def write_atomic(path: Path, text: str, durable: bool = True) -> None:

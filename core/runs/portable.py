@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -112,6 +113,17 @@ def open_lock(path: Path):
     if os.environ.get(LOCK_ENV) == "filelock":
         return FileLockLock(path)
     return WindowsLock(path) if WINDOWS else PosixLock(path)
+
+
+@contextmanager
+def locked(path: Path):
+    """Hold the lock on `path` for a with-block (waits for it); closing the lock drops it."""
+    lock = open_lock(path)
+    try:
+        lock.acquire(blocking=True)
+        yield
+    finally:
+        lock.close()
 
 
 def lock_from_fd(fd: int):
