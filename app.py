@@ -45,7 +45,7 @@ def main(argv=None, prog: str | None = None) -> int:
         if args.home:
             os.environ["LORA_GARAGE_HOME"] = os.path.abspath(args.home)
         if shared or args.allow_dir:
-            access.confine(args.allow_dir)
+            access.confine(args.allow_dir, shared=shared)
     except GarageError as e:
         print(f"error: {e.message}\nfix:   {e.hint}", file=sys.stderr)
         return 2

@@ -28,7 +28,10 @@ STRATEGIES = ("auto", "single", "ddp", "fsdp")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_KINDS = ("auto", "cuda", "mps", "cpu")  # core.hardware.pick_device's choices
-OBJECTIVES = ("sft", "dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # trained on chosen / rejected pairs
+# train.grpo_loss: TRL's GRPOConfig.loss_type values that need no extra settings
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
 # train.oom_recovery: what the child may change by itself when a step runs out of memory (core.train.recovery)
 OOM_RECOVERY = ("auto", "off")
@@ -154,6 +157,42 @@ class TrainConfig:
                                  "the chosen reply (0.1 in the ORPO paper).")
     from_run: str = _f("", "Continue from this finished run's adapter (a run id or latest) instead of a fresh "
                            "adapter on the base: DPO then uses that adapter, frozen, as the reference.")
+    grpo_generations: int = _f(4, "GRPO: completions sampled per prompt; each is scored against the others of its "
+                                  "group (2 to 64). With GRPO, train.batch_size counts prompts per step.")
+    grpo_max_completion: int = _f(128, "GRPO: the most tokens a sampled completion may have (longer ones are cut "
+                                       "and counted as clipped).")
+    grpo_beta: float = _f(0.0, "GRPO: weight of the KL penalty to the reference (the base with the adapter "
+                               "disabled). 0 (TRL's default) runs no reference forward at all.")
+    grpo_temperature: float = _f(1.0, "GRPO: sampling temperature of the completions (higher: more varied groups).")
+    grpo_loss: str = _f("dapo", "GRPO: TRL's loss type: dapo (TRL's default: normalised over the tokens of the "
+                                "whole batch), grpo (per sequence), dr_grpo, bnpo, cispo, sapo.", GRPO_LOSSES)
+
+
+@dataclass
+class RewardsConfig:
+    """GRPO's reward functions (core.train.rewards): each one with a weight (0 = off); the total is their
+    weighted sum."""
+    format_weight: float = _f(0.0, "Weight of the format reward: 1 when the whole reply matches format_regex, 0.5 "
+                                   "when the pattern is found inside a longer reply, else 0.")
+    format_regex: str = _f("think-answer", "The format: think-answer (<think>...</think><answer>...</answer>), "
+                                           "answer-tags (<answer>...</answer>), or your own regular expression.")
+    answer_weight: float = _f(0.0, "Weight of the answer reward: 1 when the text in <answer></answer> (else the "
+                                   "reply's last number) equals the row's answer column; numbers compared as numbers.")
+    answer_column: str = _f("answer", "The data column the answer reward compares against (answer, solution, or "
+                                      "any column of the file).")
+    contains_weight: float = _f(0.0, "Weight of the contains reward: the share of the phrases in contains that the "
+                                     "reply holds (case-insensitive).")
+    contains: list = _f([], "Phrases the reply should hold (contains reward).")
+    not_contains_weight: float = _f(0.0, "Weight of the not_contains reward: 1 minus the share of the phrases in "
+                                         "not_contains that the reply holds.")
+    not_contains: list = _f([], "Phrases the reply should not hold (not_contains reward).")
+    length_weight: float = _f(0.0, "Weight of the length reward: 1 inside [length_min, length_max] tokens, falling "
+                                   "linearly to 0 at twice the range's distance outside it.")
+    length_min: int = _f(0, "Length reward: the fewest tokens a reply should have.")
+    length_max: int = _f(64, "Length reward: the most tokens a reply should have.")
+    file: str = _f("", "Your own reward: a Python file with def reward(prompt, completion, **columns) -> float. "
+                       "Loaded only in the training child; refused when the app is shared beyond this computer.")
+    file_weight: float = _f(1.0, "Weight of the reward from rewards.file.")
 
 
 @dataclass
@@ -168,6 +207,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -180,7 +220,7 @@ class RunConfig:
 
 def _section_types() -> dict:
     return {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "quant": QuantConfig,
-            "train": TrainConfig, "output": OutputConfig}
+            "train": TrainConfig, "rewards": RewardsConfig, "output": OutputConfig}
 
 
 def field_help(dotted: str) -> str:
@@ -340,7 +380,7 @@ def validate(cfg: RunConfig) -> None:
     """Raise ConfigError for the first bad field, naming it and the fix."""
     m, d, lo, q, t = cfg.model, cfg.data, cfg.lora, cfg.quant, cfg.train
     parse_devices(t.devices)  # raises ConfigError naming train.devices
-    for section in (m, d, lo, q, t):
+    for section in (m, d, lo, q, t, cfg.rewards):
         for f in fields(section):
             choices = f.metadata.get("choices")
             value = getattr(section, f.name)
@@ -400,8 +440,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 < t.orpo_lambda <= 10.0:
         raise ConfigError("train.orpo_lambda", f"must be in (0, 10], got {t.orpo_lambda}", "use 0.1")
     if t.objective != "sft" and d.packing:
-        raise ConfigError("data.packing", f"cannot pack preference pairs (train.objective={t.objective})",
+        what = "prompts for GRPO" if t.objective == "grpo" else "preference pairs"
+        raise ConfigError("data.packing", f"cannot pack {what} (train.objective={t.objective})",
                           "set data.packing=false")
+    if t.objective == "grpo":
+        validate_grpo(t, cfg.rewards)
     needs_bnb = q.method in ("qlora", "8bit") or t.optimizer != "adamw"
     if needs_bnb and not bnb_available():
         which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"
@@ -413,6 +456,67 @@ def validate(cfg: RunConfig) -> None:
     if cfg.output.run_name and not _safe_name(cfg.output.run_name):
         raise ConfigError("output.run_name", f"{cfg.output.run_name!r} may only use letters, digits, - _ .",
                           "pick a simple name like my-first-run")
+
+
+def validate_grpo(t: TrainConfig, r: RewardsConfig) -> None:
+    """GRPO's own settings and its rewards (train.objective=grpo)."""
+    if not 2 <= t.grpo_generations <= 64:
+        raise ConfigError("train.grpo_generations", f"must be 2 to 64, got {t.grpo_generations}",
+                          "use 4 (GRPO compares each completion with the others of its group: one alone teaches nothing)")
+    if not 1 <= t.grpo_max_completion <= 8192:
+        raise ConfigError("train.grpo_max_completion", f"must be 1 to 8192 tokens, got {t.grpo_max_completion}",
+                          "use 128, or 256 for replies that reason first")
+    if not 0.0 <= t.grpo_beta <= 10.0:
+        raise ConfigError("train.grpo_beta", f"must be in [0, 10], got {t.grpo_beta}",
+                          "use 0 (no reference) or a small value like 0.04")
+    if not 0.0 < t.grpo_temperature <= 5.0:
+        raise ConfigError("train.grpo_temperature", f"must be in (0, 5], got {t.grpo_temperature}", "use 1.0")
+    weights = {f.name: getattr(r, f.name) for f in fields(r) if f.name.endswith("_weight")}
+    for name, w in weights.items():
+        if w != w or abs(w) > 100:
+            raise ConfigError(f"rewards.{name}", f"must be a number from -100 to 100, got {w}", "use 1.0, or 0 for off")
+    if r.format_weight:
+        try:
+            re.compile(format_pattern(r.format_regex))
+        except re.error as e:
+            raise ConfigError("rewards.format_regex", f"is not a valid regular expression: {e}",
+                              "use think-answer, answer-tags, or a valid Python regular expression")
+    if r.length_weight and not 0 <= r.length_min <= r.length_max:
+        raise ConfigError("rewards.length_min", f"needs 0 <= length_min <= length_max, got {r.length_min} and "
+                          f"{r.length_max}", "e.g. rewards.length_min=20 rewards.length_max=80")
+    if r.contains_weight and not any(p.strip() for p in r.contains):
+        raise ConfigError("rewards.contains", "the contains reward is on but has no phrase",
+                          "give rewards.contains a list of phrases, or set rewards.contains_weight=0")
+    if r.not_contains_weight and not any(p.strip() for p in r.not_contains):
+        raise ConfigError("rewards.not_contains", "the not_contains reward is on but has no phrase",
+                          "give rewards.not_contains a list of phrases, or set rewards.not_contains_weight=0")
+    if r.file.strip():
+        path = Path(r.file).expanduser()
+        if path.suffix != ".py" or not path.is_file():
+            raise ConfigError("rewards.file", f"{r.file} is not a Python file on this computer",
+                              "give the path of a .py file that defines reward(prompt, completion, **columns)")
+
+
+def require_reward(cfg: RunConfig) -> None:
+    """A GRPO run needs a reward to learn from (checked at Start, not while the form is filled in)."""
+    r = cfg.rewards
+    if cfg.train.objective != "grpo":
+        return
+    presets = [f.name for f in fields(r) if f.name.endswith("_weight") and f.name != "file_weight"]
+    if not any(getattr(r, name) for name in presets) and not (r.file.strip() and r.file_weight):
+        raise ConfigError("rewards", "GRPO needs at least one reward, and every reward weight is 0",
+                          "set rewards.format_weight=1 (and rewards.answer_weight=1 when the data has answers), "
+                          "or give rewards.file")
+
+
+# rewards.format_regex's named formats
+FORMATS = {"think-answer": r"<think>.*?</think>\s*<answer>.*?</answer>",
+           "answer-tags": r"<answer>.*?</answer>"}
+
+
+def format_pattern(value: str) -> str:
+    """rewards.format_regex as a regular expression (a named format, or the user's own)."""
+    return FORMATS.get(value.strip(), value)
 
 
 def _section_name(obj) -> str:

@@ -8,7 +8,12 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
              first step in this process), eta_s (s), mfu (fraction, CUDA only), mem {...} (bytes, see MEM_*)
              + for DPO / ORPO: reward_chosen, reward_rejected, reward_margin (nats), pref_accuracy (fraction)
     eval     step, eval_loss (+ the same preference fields, on the held-out pairs)
+             + for GRPO: reward, reward_std (the weighted total over the step's completions), rewards {function
+             name: mean}, completion_len (tokens, mean), clipped_ratio (share cut at grpo_max_completion),
+             kl (nats/token, when grpo_beta > 0), entropy (nats/token), zero_std_ratio (share of groups whose
+             completions all scored the same: they teach nothing)
     sample   step, prompt, text
+    completions  GRPO, at each checkpoint: step, items [{prompt, completion, rewards {name: value}, reward}]
     log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
     data     the dataset's stats at start (core.data.sft.DataStats.to_dict: format, rows, tokens, ...)
     resume   step (metrics after it, logged before a crash or stop, are superseded)
@@ -36,6 +41,7 @@ FILE = "events.jsonl"
 TYPE, T = "type", "t"
 METRICS, EVAL, SAMPLE, LOG, DATA, RESUME = "metrics", "eval", "sample", "log", "data", "resume"
 RECOVERED = "recovered"
+COMPLETIONS = "completions"
 
 # metrics fields
 STEP, EPOCH, LOSS, LR, GRAD_NORM = "step", "epoch", "loss", "lr", "grad_norm"
@@ -47,6 +53,12 @@ EVAL_LOSS = "eval_loss"
 REWARD_CHOSEN, REWARD_REJECTED = "reward_chosen", "reward_rejected"
 REWARD_MARGIN, PREF_ACCURACY = "reward_margin", "pref_accuracy"
 PREFERENCE_FIELDS = (REWARD_CHOSEN, REWARD_REJECTED, REWARD_MARGIN, PREF_ACCURACY)
+# GRPO (core.train.grpo), in metrics events: rewards are the reward functions' own units (core.train.rewards)
+REWARD, REWARD_STD, REWARDS = "reward", "reward_std", "rewards"
+COMPLETION_LEN, CLIPPED_RATIO, KL, ENTROPY, ZERO_STD_RATIO = ("completion_len", "clipped_ratio", "kl", "entropy",
+                                                              "zero_std_ratio")
+GRPO_FIELDS = (REWARD, REWARD_STD, REWARDS, COMPLETION_LEN, CLIPPED_RATIO, KL, ENTROPY, ZERO_STD_RATIO)
+ITEMS, COMPLETION = "items", "completion"
 PROMPT, TEXT = "prompt", "text"
 LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
 # recovered fields (core.train.recovery)
@@ -88,7 +100,7 @@ class EventLog:
 
     def metrics(self, *, step: int, epoch: float, loss, lr, grad_norm, tokens_per_s: float, elapsed: float,
                 eta_s: float, mem: dict, mfu: float | None = None, extra: dict | None = None) -> dict:
-        """`extra`: the objective's own fields (PREFERENCE_FIELDS), checked against the schema."""
+        """`extra`: the objective's own fields (PREFERENCE_FIELDS, GRPO_FIELDS), checked against the schema."""
         event = {TYPE: METRICS, STEP: step, EPOCH: epoch, LOSS: loss, LR: lr, GRAD_NORM: grad_norm,
                  TOKENS_PER_S: tokens_per_s, ELAPSED: elapsed, ETA_S: eta_s, MEM: mem}
         if mfu is not None:
@@ -102,6 +114,14 @@ class EventLog:
 
     def sample(self, step: int, prompt: str, text: str) -> None:
         self.write({TYPE: SAMPLE, STEP: step, PROMPT: prompt, TEXT: text})
+
+    def completions(self, step: int, items: list[dict]) -> None:
+        """GRPO's sampled completions with their rewards: items of {prompt, completion, rewards, reward}."""
+        keys = {PROMPT, COMPLETION, REWARDS, REWARD}
+        for item in items:
+            if set(item) != keys:
+                raise ValueError(f"a completions item has {sorted(item)}, not {sorted(keys)}")
+        self.write({TYPE: COMPLETIONS, STEP: step, ITEMS: items})
 
     def log(self, level: str, message: str, hint: str | None = None, topic: str | None = None) -> None:
         if level not in LEVELS:
@@ -147,7 +167,7 @@ class NoEvents(EventLog):
 
 
 def _extra(extra: dict | None) -> dict:
-    unknown = set(extra or {}) - set(PREFERENCE_FIELDS)
+    unknown = set(extra or {}) - set(PREFERENCE_FIELDS) - set(GRPO_FIELDS)
     if unknown:
         raise ValueError(f"not event fields: {sorted(unknown)} (add them to core.events first)")
     return dict(extra or {})

@@ -16,6 +16,7 @@ from core.paths import home
 
 CONFINE_ENV = "LORA_GARAGE_CONFINE"        # "1": dataset / model paths must lie under the allowed folders
 ALLOW_ENV = "LORA_GARAGE_ALLOW_DIRS"       # extra allowed folders, os.pathsep-separated
+SHARED_ENV = "LORA_GARAGE_SHARED"          # "1": the app listens beyond loopback (no user code: rewards.file)
 PASSWORD_ENV = "LORA_GARAGE_PASSWORD"      # the --auth password, kept out of the shell history and `ps`
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -64,8 +65,9 @@ def _read_password_file(path: str) -> str:
 
 # ---------------------------------------------------------------- confinement
 
-def confine(allow_dirs: list[str]) -> None:
-    """Turn confinement on for this process and the training children it starts."""
+def confine(allow_dirs: list[str], shared: bool = False) -> None:
+    """Turn confinement on for this process and the training children it starts; `shared`: the app listens
+    beyond loopback."""
     roots = []
     for d in allow_dirs:
         p = Path(d).expanduser()
@@ -74,6 +76,12 @@ def confine(allow_dirs: list[str]) -> None:
         roots.append(str(p.resolve()))
     os.environ[CONFINE_ENV] = "1"
     os.environ[ALLOW_ENV] = os.pathsep.join(roots)
+    if shared:
+        os.environ[SHARED_ENV] = "1"
+
+
+def shared() -> bool:
+    return os.environ.get(SHARED_ENV) == "1"
 
 
 def confined() -> bool:
@@ -105,7 +113,12 @@ def check_source(field: str, source: str) -> None:
 
 
 def check_config(cfg) -> None:
-    """check_source for every path a RunConfig reads: the model, the dataset and the eval file."""
+    """check_source for every path a RunConfig reads: the model, the dataset and the eval file; and a GRPO reward
+    file, which is code: refused outright by an app shared beyond this computer."""
     check_source("model.source", cfg.model.source)
     check_source("data.source", cfg.data.source)
     check_source("data.val_source", cfg.data.val_source)
+    if cfg.rewards.file.strip() and shared():
+        raise ConfigError("rewards.file", "a reward file is Python code that would run on this computer, and this "
+                          "app is shared beyond it (--host is not loopback)",
+                          "use the preset rewards here, or run the app on 127.0.0.1 to use your own reward file")

@@ -24,7 +24,7 @@ from core.runs import resolve as run_files
 from core.runs import folder as runs
 from core.runs import stopping
 from core.data import sft as data
-from core.config import RunConfig
+from core.config import RunConfig, require_reward
 from core.errors import BusyError, ConfigError, RunError
 from core import models
 from core.errors import GarageError
@@ -40,6 +40,7 @@ def admit(cfg: RunConfig) -> RunConfig:
     read (access: with --allow-dir, no dataset or model outside its folders), and the bounds that need the model's
     shape and the dataset's size (limits). Raises ConfigError / ModelError naming the field and the fix."""
     cfg.validate()
+    require_reward(cfg)
     access.check_config(cfg)
     limits.check(cfg)
     data.check_fit(cfg)  # dpo on an SFT file is refused with Inspect's words, before a run folder exists
