@@ -11,7 +11,8 @@ import json
 
 from core.commands import terminal
 from core.errors import ConfigError
-from core.config import OBJECTIVES, RunConfig, apply_overrides
+from core.config import OBJECTIVES, PREFERENCE_OBJECTIVES, RunConfig, apply_overrides
+from core.data.prompts import PromptSample
 from core.data.sft import FORMATS
 from core.data.sft import prepare, preview_text
 from core.models import load_tokenizer
@@ -77,6 +78,9 @@ def run(args) -> int:
     shown = min(args.examples, len(prepared.samples))
     if args.objective == "sft":
         print(f"{shown} rendered examples; text inside ⟦ ⟧ carries the loss, the rest is masked:")
+    elif args.objective == "grpo":
+        print(f"{shown} rendered prompts, as the model sees them (the model writes each reply, and the rewards "
+              "score it with the columns shown):")
     else:
         print(f"{shown} rendered pairs: the prompt (no loss), then each reply inside ⟦ ⟧ (the text "
               f"{args.objective} compares):")
@@ -90,7 +94,8 @@ def _check_pair_options(args) -> None:
     if args.objective == "sft":
         return
     given = [(flag, field) for flag, field, on in (("--format", "data.format", args.format != "auto"),
-                                                   ("--column", "data.columns", bool(args.column)),
+                                                   ("--column", "data.columns",
+                                                    bool(args.column) and args.objective != "grpo"),
                                                    ("--train-on", "data.train_on", args.train_on != "assistant"))
              if on]
     if given:
@@ -104,6 +109,8 @@ def _example_json(sample):
     """An example for --json: [[text, trained], ...] runs, or for a pair {prompt, chosen, rejected} runs and lengths."""
     if isinstance(sample, list):
         return [[t, m] for t, m in sample]
+    if isinstance(sample, PromptSample):
+        return {"prompt": sample.prompt, "columns": sample.columns, "length": sample.length}
     return {"prompt": [[t, m] for t, m in sample.prompt], "chosen": [[t, m] for t, m in sample.chosen],
             "rejected": [[t, m] for t, m in sample.rejected], "chosen_len": sample.chosen_len,
             "rejected_len": sample.rejected_len}
@@ -125,8 +132,8 @@ def _report(stats, args) -> str:
     template = ("default ChatML (the model has no chat template)" if stats.template_is_default
                 else "the model's own chat template")
     share = f"{100 * t['trained'] / t['total']:.0f}%" if t["total"] else "0%"
-    pairs = args.objective != "sft"
-    unit = "pairs" if pairs else "rows"
+    pairs = args.objective in PREFERENCE_OBJECTIVES
+    unit = "pairs" if pairs else "prompts" if args.objective == "grpo" else "rows"
     detected = ("  (shape auto-detected)" if pairs else "  (auto-detected; override with --format)"
                 if args.format == "auto" else "")
     lines = [

@@ -119,6 +119,11 @@ def _guess_format(record: dict, where: Where) -> str:
         return "text"
     if "text" in keys:
         return "text"
+    if any(k in keys for k in PROMPT_KEYS):
+        raise where.error(f"the rows have a prompt but no reply; columns found: {_cols(record)}",
+                          "give each row its reply (a response / output / answer column) for supervised "
+                          "fine-tuning, or train prompts alone with train.objective=grpo (the model writes "
+                          "replies, and rewards score them)")
     raise where.error(f"cannot tell the format from the columns found: {_cols(record)}",
                       f"name your columns the way one of these formats does, or set data.columns "
                       f"(e.g. {{prompt: your_question_column, response: your_answer_column}}; on the command line "
@@ -334,7 +339,8 @@ def _check_conversation(conv: list[dict], where: Where) -> None:
     roles = [m["role"] for m in conv]
     if "assistant" not in roles:
         raise where.error("the conversation has no assistant turn, so there is nothing to learn",
-                          "every row needs at least one assistant reply")
+                          "every row needs at least one assistant reply; a file of prompts without replies "
+                          "trains with train.objective=grpo (the model writes replies, and rewards score them)")
     first = next(r for r in roles if r != "system")
     if first == "assistant":
         raise where.error("the conversation starts with an assistant turn",

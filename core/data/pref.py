@@ -88,7 +88,8 @@ def detect_shape(record: dict, where: Where) -> str:
     if chosen is None or rejected is None:
         missing = keys[0] if chosen is None else keys[1]
         raise where.error(f"a preference pair needs {missing!r}; columns found: {', '.join(map(str, record))}",
-                          f"give every row chosen and rejected ({ACCEPTED})")
+                          f"give every row chosen and rejected ({ACCEPTED}); prompts without replies train "
+                          "with train.objective=grpo, single replies with sft")
     if isinstance(chosen, list) or isinstance(rejected, list) or keys != SIDE_KEYS[0]:
         return "messages"
     if isinstance(chosen, dict) or isinstance(rejected, dict):

@@ -24,6 +24,7 @@ from core.data.tokenize import (DEFAULT_CHAT_TEMPLATE, Chunker, Renderer, TokenR
 from core.data.prepared import DataStats, Prepared, hold_out
 from core.errors import DatasetError
 from core.data import pref as data_pref
+from core.data import prompts as data_prompts
 
 __all__ = ["DataStats", "Prepared", "RowReader", "FORMATS", "DEFAULT_CHAT_TEMPLATE", "chat_template", "load_rows", "prepare",
            "preview_html", "preview_text", "demo_eval_set", "score_answer"]
@@ -173,6 +174,9 @@ def check_fit(cfg, rows: int = 8) -> None:
     data = cfg.data
     if is_hub_id(data.source):
         return
+    if cfg.train.objective == "grpo":
+        data_prompts.check_fit(cfg, rows)
+        return
     if cfg.train.objective != "sft":
         for _ in data_pref.read_pairs(data.source, data.split, data.subset, limit=rows):
             pass
@@ -184,6 +188,8 @@ def check_fit(cfg, rows: int = 8) -> None:
 def prepare(cfg, tokenizer, progress: Callable[[int, int], None] | None = None) -> Prepared:
     """Read, normalise, render, tokenise, mask, cut, split and (optionally) pack `cfg.data`. For train.objective
     dpo / orpo the rows are chosen / rejected pairs (core.data.pref)."""
+    if cfg.train.objective == "grpo":
+        return data_prompts.prepare(cfg, tokenizer, progress)
     if cfg.train.objective != "sft":
         return data_pref.prepare(cfg, tokenizer, progress)
     data = cfg.data
@@ -308,6 +314,8 @@ def preview_html(prepared_or_samples, n: int = 3) -> str:
     pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
     if data_pref.is_pairs(pairs):
         return data_pref.preview_html(pairs, n, _TRAINED_STYLE, _MASKED_STYLE)
+    if data_prompts.is_prompts(pairs):
+        return data_prompts.preview_html(pairs, n)
     parts = ['<div class="lg-preview">',
              f'<div class="lg-legend"><span class="lg-trained" style="{_TRAINED_STYLE}">trained (loss)</span> '
              f'<span class="lg-masked" style="{_MASKED_STYLE}">masked (no loss)</span></div>']
@@ -328,6 +336,8 @@ def preview_text(prepared_or_samples, n: int = 2) -> str:
     pairs = prepared_or_samples.samples if isinstance(prepared_or_samples, Prepared) else prepared_or_samples
     if data_pref.is_pairs(pairs):
         return data_pref.preview_text(pairs, n)
+    if data_prompts.is_prompts(pairs):
+        return data_prompts.preview_text(pairs, n)
     out = []
     for i, runs in enumerate(_samples(prepared_or_samples)[:n], 1):
         body = "".join(f"⟦{text}⟧" if trained else text for text, trained in runs)
