@@ -138,6 +138,10 @@ class GarageTrainer(Trainer):
     def __init__(self, *args, ctx: Context, collator: PadCollator, group_by_length: bool,
                  faults: dict[str, int], **kwargs):
         super().__init__(*args, data_collator=self._collate, **kwargs)
+        self.setup_garage(ctx, collator, group_by_length, faults)
+
+    def setup_garage(self, ctx: Context, collator, group_by_length: bool, faults: dict[str, int]) -> None:
+        """Our state beside the Trainer's (a subclass whose Trainer takes no collator calls this itself)."""
         self.ctx, self.collator, self.group_by_length, self.faults = ctx, collator, group_by_length, faults
         # tokens/s counts the batches trained, not those collated: accelerate's loader collates one batch ahead
         # of the one it yields (to know which is last), except at the end of an epoch. Counted at collation, an
@@ -168,10 +172,14 @@ class GarageTrainer(Trainer):
         self.collated.append((self.collator.tokens - tokens, self.collator.attn_sq - attn_sq))
         return batch
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def count_batch(self) -> None:
+        """The batch about to train, counted for tokens/s and MFU."""
         tokens, attn_sq = self.collated.popleft()  # this batch's counts: batches are trained in collation order
         self.trained_tokens += tokens
         self.trained_attn_sq += attn_sq
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.count_batch()
         step = self.state.global_step + 1
         self.ctx.step = step
         self.ctx.phase = "first step" if step == self._initial_global_step + 1 else "train"

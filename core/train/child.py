@@ -41,6 +41,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import vram
 from core.train import distributed
+from core.train import rewards as reward_fns
 from core import report as core_report
 from core.train import loss as train_loss
 from core.train import recovery
@@ -144,7 +145,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
                                 memory=memory.reading if memory else None, plan=p), resume_from, ctx)
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
-    if prepared.eval and not cfg.train.eval_steps and not stop.requested:
+    if prepared.eval and not cfg.train.eval_steps and not stop.requested and cfg.train.objective != "grpo":
         trainer.evaluate()  # eval_steps=0 means: once, at the end
 
     ctx.phase = "save"
@@ -497,14 +498,20 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         group_kwargs = dict(ddp_backend=plan.backend, ddp_find_unused_parameters=False)
         if plan.strategy == "fsdp":
             group_kwargs.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
-    args_class = TrainingArguments
-    if t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
+    args_class, per_device, rewards = TrainingArguments, t.batch_size, None
+    if t.objective == "grpo":  # TRL's GRPOConfig; a device step holds batch_size prompts x grpo_generations
+        from core.train import grpo  # heavy
+
+        rewards = reward_fns.build(cfg)  # the user's reward file is imported here, in the child, never in the app
+        args_class, per_device = grpo.args_class(cfg, rewards), grpo.per_device_batch(cfg, t.batch_size)
+        has_eval = False  # held-out prompts are for eval and the report: TRL's evaluation would sample them all
+    elif t.objective != "sft":  # TRL's DPOConfig / ORPOConfig: TrainingArguments plus the objective's settings
         from core.train import preference  # heavy
 
         args_class = preference.args_class(cfg)
     args = args_class(
         output_dir=str(runs.checkpoints_dir(run_dir)),
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=plan.grad_accum if plan is not None else t.grad_accum, learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
@@ -519,6 +526,9 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
         report_to="none", disable_tqdm=True, skip_memory_metrics=True,
         use_liger_kernel=liger is not None, liger_kernel_config=liger, **group_kwargs)
+    if t.objective == "grpo":
+        return grpo.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, args,
+                                  rewards, memory=memory)
     if t.objective != "sft":
         return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                         args, memory=memory)
@@ -635,8 +645,13 @@ def tokens_digest(rows) -> str:
 
     h = hashlib.sha256()
     for row in rows:
-        for key in ("input_ids", "labels") if "input_ids" in row else ("prompt_ids", "chosen_ids", "rejected_ids"):
-            h.update(array("q", row[key]).tobytes())
+        if "input_ids" in row or "chosen_ids" in row:
+            for key in ("input_ids", "labels") if "input_ids" in row else ("prompt_ids", "chosen_ids", "rejected_ids"):
+                h.update(array("q", row[key]).tobytes())
+        else:  # a GRPO prompt: its tokens and the columns its rewards read
+            h.update(array("q", row["prompt_ids"]).tobytes())
+            h.update(json.dumps({k: v for k, v in row.items() if k != "prompt_ids"}, sort_keys=True,
+                                default=str).encode())
         h.update(b"|")
     return h.hexdigest()
 
