@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", metavar="SOURCE", help="data.source: a file, a folder, a hub id, or builtin:demo-identity")
     p.add_argument("--method", choices=METHODS, help="quant.method: lora (16-bit base), qlora (4-bit), 8bit")
     p.add_argument("--max-steps", type=int, metavar="N", help="train.max_steps")
-    p.add_argument("--objective", choices=OBJECTIVES, help="train.objective: sft, or dpo / orpo on chosen / rejected pairs")
+    p.add_argument("--objective", choices=OBJECTIVES, help="train.objective: sft, dpo / orpo on chosen / rejected pairs, or grpo on prompts scored by rewards")
     p.add_argument("--from-run", metavar="RUN", help="train.from_run: continue from this completed run's adapter "
                                                      "(a run id or latest)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set lora.r=32 (repeatable)")

@@ -25,8 +25,8 @@ TRL_KEYS = {"reward": ev.REWARD, "reward_std": ev.REWARD_STD, "completions/mean_
             "completions/clipped_ratio": ev.CLIPPED_RATIO, "kl": ev.KL, "entropy": ev.ENTROPY,
             "frac_reward_zero_std": ev.ZERO_STD_RATIO}
 SAMPLES_PER_CHECKPOINT = 4
-HIDDEN_COLUMNS = ("prompt_ids",)
-REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter  # in the prepared rows for the stats; not a column the rewards see
+HIDDEN_COLUMNS = ("prompt_ids",)  # in the prepared rows for the stats; not a column the rewards see
+REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
 
 
 def args_class(cfg, rewards: list):

@@ -21,7 +21,10 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(out: Path, template: str = "chatml") -> Path:
+def build_tiny_model(out: Path, template: str = "chatml", tie: bool = True) -> Path:
+    """`tie=False`: an lm_head of its own with larger weights (std 0.25): the sampled distribution then follows
+    the hidden state, which a LoRA moves (with the tied embeddings' rows of std 0.02 every next token is about
+    equally likely whatever the adapter does, and a GRPO test has nothing to learn)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,9 +53,11 @@ def build_tiny_model(out: Path, template: str = "chatml") -> Path:
         vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(config)
+    if not tie:
+        torch.nn.init.normal_(model.lm_head.weight, std=0.25)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
