@@ -445,6 +445,10 @@ def validate(cfg: RunConfig) -> None:
                           "set data.packing=false")
     if t.objective == "grpo":
         validate_grpo(t, cfg.rewards)
+        if "lm_head" in target_modules(lo.targets):
+            raise ConfigError("lora.targets", "GRPO cannot train an adapter on lm_head: TRL computes the completions' "
+                              "log-probabilities from lm_head's own weight, so that adapter would never learn",
+                              "remove lm_head from lora.targets (all-linear leaves it out)")
     needs_bnb = q.method in ("qlora", "8bit") or t.optimizer != "adamw"
     if needs_bnb and not bnb_available():
         which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"
