@@ -172,3 +172,25 @@ def test_lm_head_is_refused_for_grpo_before_a_run(tmp_path):
     cfg.lora.targets = "q_proj,v_proj,lm_head"
     with pytest.raises(ConfigError, match="remove lm_head from lora.targets"):
         validate(cfg)
+
+
+def test_eval_scores_a_grpo_run_with_its_own_rewards(launched):
+    from core.evaluate import evaluate
+    from core.errors import GarageError
+    from ui.chat_tab import reward_table
+
+    run = launched["learn"]
+    assert run.wait(600)["state"] == "completed"
+    with run.environ():
+        r = evaluate(run.run_id, limit=6)
+        with pytest.raises(GarageError, match="no reward the app can run"):
+            evaluate(run.run_id, limit=2, user_code=False)  # the app never imports the user's file
+    assert r["metric"] == "reward" and r["n"] == 6 and list(r["rewards"]) == ["file:e_share"]
+    for row in r["rows"]:
+        for side in ("base", "adapter"):
+            text = row[side]
+            assert row[f"{side}_reward"] == pytest.approx(text.count("e") / max(1, len(text)))
+    assert r["adapter"] > r["base"]
+    assert r["base"] == pytest.approx(sum(x["base_reward"] for x in r["rows"]) / 6)
+    table = reward_table(r)
+    assert "file:e_share x1" in table and f"{r['adapter']:.2f}" in table
