@@ -1,7 +1,8 @@
 """A run's report card, report.json: did the fine-tune learn what its data teaches, what did it change outside its
 task, is it healthy, and a verdict in plain words built from those numbers with the thresholds in THRESHOLDS.
 
-    task    held-out loss / perplexity of base and adapter (the eval split; for the built-in demo its shipped
+    task    a GRPO run: its own rewards on held-out prompts, base vs adapter (core.evaluate.reward_scores); else
+            held-out loss / perplexity of base and adapter (the eval split; for the built-in demo its shipped
             held-out prompts with reference replies; else the training rows, said so), up to 20 prompts answered
             side by side with the data's own reply and ROUGE-L to it, and the dataset's checker where it has one
     drift   the built-in neutral prompts (builtin_data/neutral_prompts.jsonl): the base answers each greedily; on
@@ -52,6 +53,7 @@ THRESHOLDS = {
     "learned_loss_drop": 0.10,      # adapter's held-out loss at least 10% below the base's: learned
     "learned_accuracy_gain": 0.20,  # checker accuracy up by at least 20 points, or ...
     "learned_accuracy": 0.90,       # ... at least 90%: learned
+    "learned_reward_gain": 0.10,    # GRPO: mean reward up by 0.10 per unit of total reward weight: learned
     "drift_small_kl": 0.10,         # neutral-prompt KL (nats/token) below this: side effects small
     "drift_large_kl": 0.50,         # at or above this: large (between: moderate)
     "drift_large_changed": 0.50,    # more than half the neutral answers changed: large, whatever the KL
@@ -106,9 +108,9 @@ def being_written(run_dir: Path) -> bool:
 
 
 def get(run: str, checkpoint: int | None = None, session: ChatSession | None = None, progress=None,
-        wait_s: float = 180) -> dict:
+        wait_s: float = 180, user_code: bool = True) -> dict:
     """The fresh report of a run (or checkpoint), made now if there is none or it is stale. Where the training
-    child is still writing it, wait for that one (up to wait_s) instead of making a second."""
+    child is still writing it, wait for that one (up to wait_s) instead of making a second. user_code: see make."""
     run_dir = run_files.resolve_run(run)
     runs.adapter_path(run_dir, checkpoint)   # a clear message when there is no such adapter
     say = progress or (lambda message, done=None, total=None: None)
@@ -116,15 +118,16 @@ def get(run: str, checkpoint: int | None = None, session: ChatSession | None = N
     while checkpoint is None and being_written(run_dir) and time.monotonic() - t0 < wait_s:
         say("The training process is writing the report", None, None)
         time.sleep(1)
-    return load(run_dir, checkpoint) or make(run_dir.name, checkpoint, session, progress)
+    return load(run_dir, checkpoint) or make(run_dir.name, checkpoint, session, progress, user_code=user_code)
 
 
 # ---------------------------------------------------------------- making one
 
 def make(run: str, checkpoint: int | None = None, session: ChatSession | None = None, progress=None,
-         inside_run: bool = False) -> dict:
+         inside_run: bool = False, user_code: bool = True) -> dict:
     """Compute the report of a run's final adapter (or checkpoint N), write it atomically, return it.
-    `progress(message, done, total)`; `inside_run`: called by the run's own training child."""
+    `progress(message, done, total)`; `inside_run`: called by the run's own training child; user_code=False (the
+    app): a GRPO run's reward file is left out of the task part, which says so."""
     say = progress or (lambda message, done=None, total=None: None)
     t0 = time.perf_counter()
     run_dir = run_files.resolve_run(run)
@@ -141,7 +144,7 @@ def make(run: str, checkpoint: int | None = None, session: ChatSession | None = 
            "base_model": cfg.model.source, "dataset": cfg.data.source, "device": session.device,
            "created_at": runs.now(), "thresholds": THRESHOLDS}
     try:
-        rep["task"] = task(session, name, cfg, say)
+        rep["task"] = task(session, name, cfg, say, user_code)
     except GarageError as e:  # a moved dataset: the rest of the report still stands, the task part says why
         rep["task"] = {"error": e.to_dict()}
     rep["drift"] = drift(session, name, say)
@@ -205,7 +208,9 @@ def make_at_run_end(run_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------- task: did it learn what the data teaches?
 
-def task(session: ChatSession, name: str, cfg, say) -> dict:
+def task(session: ChatSession, name: str, cfg, say, user_code: bool = True) -> dict:
+    if cfg.train.objective == "grpo":
+        return reward_task(session, name, cfg, say, user_code)
     items = data.demo_eval_set(cfg.data.source)
     out: dict = {}
     if cfg.train.objective != "sft":
@@ -252,6 +257,18 @@ def task(session: ChatSession, name: str, cfg, say) -> dict:
             out["checker"] = {"n": len(answers), "base": sum(r["base_ok"] for r in answers) / len(answers),
                               "adapter": sum(r["adapter_ok"] for r in answers) / len(answers)}
     return out
+
+
+def reward_task(session: ChatSession, name: str, cfg, say, user_code: bool) -> dict:
+    """A GRPO run's task: its own rewards on held-out prompts (core.evaluate.reward_scores), base vs adapter, and
+    the answers side by side with their rewards (a GRPO file has no reply to compare with)."""
+    from core.evaluate import reward_scores  # evaluate uses chat, as report does; no circle
+
+    r = reward_scores(session, name, cfg, ANSWERS, say, user_code)
+    answers = [{"prompt": x["prompt"], "reference": "", "base": x["base"], "adapter": x["adapter"],
+                "base_reward": x["base_reward"], "adapter_reward": x["adapter_reward"]} for x in r["rows"]]
+    return {"rewards": {k: r[k] for k in ("split", "n", "base", "adapter", "above_zero", "rewards", "weights", "note")},
+            "answers": answers}
 
 
 def demo_row(session: ChatSession, item: dict) -> tuple[list[int], list[int]]:
@@ -388,7 +405,7 @@ def divergence(events: list[dict]) -> dict:
 
 def verdict(rep: dict) -> dict:
     t, task_part, health_part, d = THRESHOLDS, rep.get("task") or {}, rep["health"], rep["drift"]
-    loss, checker = task_part.get("loss"), task_part.get("checker")
+    loss, checker, rw = task_part.get("loss"), task_part.get("checker"), task_part.get("rewards")
     parts = []
     if task_part.get("error"):
         state = "unknown"
@@ -403,7 +420,10 @@ def verdict(rep: dict) -> dict:
                          and checker["adapter"] > checker["base"])
         if loss:
             gains.append(loss["adapter"] <= loss["base"] * (1 - t["learned_loss_drop"]))
-        worse = (checker and checker["adapter"] < checker["base"]) or (loss and loss["adapter"] > loss["base"])
+        if rw:
+            gains.append(rw["adapter"] >= rw["base"] + t["learned_reward_gain"] * sum(map(abs, rw["weights"].values())))
+        worse = ((checker and checker["adapter"] < checker["base"]) or (loss and loss["adapter"] > loss["base"])
+                 or (rw and rw["adapter"] < rw["base"]))
         state = ("learned" if gains and all(gains) else "worse" if worse else "unclear")
         facts = []
         if loss:
@@ -413,6 +433,10 @@ def verdict(rep: dict) -> dict:
             n = checker["n"]
             facts.append(f"answers match the data's {round(checker['adapter'] * n)}/{n} "
                          f"(base {round(checker['base'] * n)}/{n})")
+        if rw:
+            facts.append(f"mean reward {rw['base']:.2f} -> {rw['adapter']:.2f} on {rw['n']} prompts; "
+                         + ", ".join(f"{k} full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}"
+                                     for k, v in rw["rewards"].items()))
         parts.append({"learned": "Learned", "worse": "Worse than the base", "unclear": "Unclear"}[state]
                      + (": " + "; ".join(facts) if facts else "") + ".")
     size = ("large" if d["kl"] >= t["drift_large_kl"] or d["changed_share"] > t["drift_large_changed"]

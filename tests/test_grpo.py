@@ -194,3 +194,21 @@ def test_eval_scores_a_grpo_run_with_its_own_rewards(launched):
     assert r["base"] == pytest.approx(sum(x["base_reward"] for x in r["rows"]) / 6)
     table = reward_table(r)
     assert "file:e_share x1" in table and f"{r['adapter']:.2f}" in table
+
+
+def test_the_report_of_a_grpo_run_scores_its_rewards(launched):
+    from core import report
+    from core.commands.report import text
+    from ui.report_view import details_md
+
+    run = launched["learn"]
+    assert run.wait(600)["state"] == "completed"
+    with run.environ():
+        rep = report.get(run.run_id)  # made by the child at the end of the run, or now
+    rw = rep["task"]["rewards"]
+    assert rw["n"] > 0 and rw["adapter"] > rw["base"] and "loss" not in rep["task"]
+    assert rep["task"]["answers"][0]["base_reward"] >= 0
+    gain = rw["adapter"] - rw["base"]
+    assert rep["verdict"]["task"] == ("learned" if gain >= report.THRESHOLDS["learned_reward_gain"] else "unclear")
+    assert f"mean reward {rw['base']:.2f} -> {rw['adapter']:.2f}" in rep["verdict"]["text"]
+    assert "file:e_share x1: mean" in text(rep) and "file:e_share x1: mean" in details_md(rep)

@@ -116,15 +116,30 @@ def details_md(rep: dict) -> str:
         c = t["checker"]
         lines.append(f"- the dataset's checker on {c['n']} held-out prompts: base **{c['base']:.0%}** -> "
                      f"adapter **{c['adapter']:.0%}**")
+    if t.get("rewards"):
+        rw = t["rewards"]
+        lines.append(f"- the run's rewards on {rw['n']} prompts ({esc(rw['split'])}): mean total base **{rw['base']:.2f}** "
+                     f"-> adapter **{rw['adapter']:.2f}**; above zero {rw['above_zero']['base']:.0%} -> "
+                     f"{rw['above_zero']['adapter']:.0%}")
+        for k, v in rw["rewards"].items():
+            lines.append(f"- {esc(k)} x{rw['weights'][k]:g}: mean {v['base']['mean']:.2f} -> {v['adapter']['mean']:.2f}, "
+                         f"full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}")
+        if rw["note"]:
+            lines.append(f"- note: {esc(rw['note'])}")
     if t.get("rouge_l"):
         lines.append(f"- ROUGE-L to the data's reply: base {t['rouge_l']['base']:.2f} -> adapter "
                      f"{t['rouge_l']['adapter']:.2f}")
     if t.get("answers"):
         ok = lambda a, side: ("" if f"{side}_ok" not in a else (marks.PASS if a[f"{side}_ok"] else marks.FAIL) + " ")  # noqa: E731
         said = lambda text: esc(text) or "<i>(empty)</i>"  # noqa: E731
-        lines += ["", table(["prompt", "the data's reply", "base", "adapter"],
-                            [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + said(a["base"]),
-                              ok(a, "adapter") + said(a["adapter"])] for a in t["answers"]])]
+        if "base_reward" in t["answers"][0]:
+            lines += ["", table(["prompt", "base (reward)", "adapter (reward)"],
+                                [[esc(a["prompt"]), f"{a['base_reward']:.2f} " + said(a["base"]),
+                                  f"{a['adapter_reward']:.2f} " + said(a["adapter"])] for a in t["answers"]])]
+        else:
+            lines += ["", table(["prompt", "the data's reply", "base", "adapter"],
+                                [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + said(a["base"]),
+                                  ok(a, "adapter") + said(a["adapter"])] for a in t["answers"]])]
     d = rep["drift"]
     lines += ["", "#### Drift: neutral prompts", f"- KL(base &#124;&#124; adapter) **{d['kl']:.4f}** nats/token on "
               f"{d['prompts']} prompts; **{d['changed']}/{d['prompts']}** answers changed within {d['tokens']} tokens"]
@@ -196,7 +211,7 @@ def wire(view: ReportView, run_id) -> None:
             raise gr.Error("Pick a run first.")
         try:
             rep = yield from progress.stream(
-                lambda say: report.get(rid, _step(choice), session=chat_tab.SESSION, progress=say),
+                lambda say: report.get(rid, _step(choice), session=chat_tab.SESSION, progress=say, user_code=False),
                 lambda line: {view.status: line})
         except GarageError as e:
             raise gr.Error(str(e))

@@ -53,10 +53,23 @@ def text(rep: dict) -> str:
     if task.get("checker"):
         c = task["checker"]
         out.append(f"  checker accuracy on {c['n']} held-out prompts: base {c['base']:.0%} -> adapter {c['adapter']:.0%}")
+    if task.get("rewards"):
+        rw = task["rewards"]
+        out.append(f"  rewards on {rw['n']} prompts ({rw['split']}): mean total base {rw['base']:.3f} -> adapter "
+                   f"{rw['adapter']:.3f}; above zero {rw['above_zero']['base']:.0%} -> {rw['above_zero']['adapter']:.0%}")
+        for k, v in rw["rewards"].items():
+            out.append(f"    {k} x{rw['weights'][k]:g}: mean {v['base']['mean']:.3f} -> {v['adapter']['mean']:.3f}, "
+                       f"full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}")
+        if rw["note"]:
+            out.append(f"  note: {rw['note']}")
     if task.get("rouge_l"):
         r = task["rouge_l"]
         out.append(f"  ROUGE-L to the data's reply: base {r['base']:.2f} -> adapter {r['adapter']:.2f}")
     for a in task.get("answers", [])[:5]:
+        if "base_reward" in a:
+            out.append(f"  ? {a['prompt']}\n      base    [{a['base_reward']:.2f}]: {a['base']!r}"
+                       f"\n      adapter [{a['adapter_reward']:.2f}]: {a['adapter']!r}")
+            continue
         out.append(f"  ? {a['prompt']}\n      data:    {a['reference']!r}\n      base:    {a['base']!r}"
                    f"\n      adapter: {a['adapter']!r}")
     d = rep["drift"]
