@@ -2,6 +2,8 @@
 the same lines `python -m core report` prints, and a run whose end is worse than a kept checkpoint offers
 "Report at checkpoint N" and "Export checkpoint N", the latter opening the export panel on that checkpoint."""
 
+import html
+
 import gradio as gr
 import pytest
 
@@ -34,7 +36,7 @@ def test_the_section_shows_the_cli_lines_and_offers_the_better_checkpoint(garage
     assert "python -m core export r1 --checkpoint 3" in printed
 
     shown = report_view.render(rep)
-    assert shown["best"] == 3 and report.outline(rep)[2] in shown["details"]  # the verdict line, in the <pre>
+    assert shown["best"] == 3 and html.escape(report.outline(rep)[2]) in shown["details"]  # the verdict line
     assert shown["details"].startswith("<pre class='lg-report-text'>")
     with gr.Blocks():
         view = report_view.build()
