@@ -501,7 +501,7 @@ def outline(rep: dict) -> list[str]:
     out.append(f"  overfitting: {of['note'] or 'no'}")
     if of.get("summary"):
         out.append(f"    {of['summary']}")
-    if of.get("better_checkpoint") is not None:
+    if of.get("better_checkpoint") is not None and rep.get("checkpoint") is None:  # pointed to from the final's only
         n = of["better_checkpoint"]
         out += [f"    checkpoint {n} is better than the final adapter:",
                 f"      python -m core report {rep['run']} --checkpoint {n}",

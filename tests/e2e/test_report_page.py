@@ -47,7 +47,7 @@ def test_the_runs_page_makes_and_shows_the_report(app_server, page):
     page.locator("button:visible", has_text="Make the report").click()
     page.locator(".lg-report-verdict span:visible", has_text="side effects").first.wait_for(timeout=600000)
     assert (home / "runs" / "tiny-run" / "report.json").is_file()
-    page.locator(".lg-report-verdict:visible", has_text="checkpoint 3 has the best eval loss").wait_for(timeout=10000)
+    page.locator(".lg-report-verdict:visible", has_text="checkpoint 3 has the best eval loss").first.wait_for(timeout=10000)
     page.locator("button:visible", has_text="The numbers behind it").first.click()
     text = page.locator("pre.lg-report-text:visible")
     text.wait_for(timeout=10000)
@@ -63,7 +63,7 @@ def test_the_runs_page_makes_and_shows_the_report(app_server, page):
     while not folder.input_value().endswith("tiny-run-checkpoint-3-gguf"):
         assert time.time() < deadline, f"export folder is {folder.input_value()!r}"
         time.sleep(0.5)
-    assert panel.get_by_label("Adapter").input_value() == "checkpoint 3"
+    assert panel.get_by_role("combobox", name="Adapter").input_value() == "checkpoint 3"
 
     # "Report at checkpoint 3": that checkpoint's own report, made and shown
     page.locator("button:visible", has_text="Report at checkpoint 3").click()

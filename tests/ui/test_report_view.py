@@ -55,3 +55,4 @@ def test_the_section_shows_the_cli_lines_and_offers_the_better_checkpoint(garage
 
     step3 = report.make("r1", 3, session=session)
     assert report_view.render(step3)["best"] is None   # a checkpoint's own report points nowhere else
+    assert not any("--checkpoint 3" in line for line in report.outline(step3))
