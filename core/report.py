@@ -37,7 +37,7 @@ from core.runs import folder as runs
 from core.runs import procs
 from core.runs import resolve as run_files
 
-VERSION = 1
+VERSION = 2                         # 2: overfitting names the best kept checkpoint (better_checkpoint)
 FILE = "report.json"
 PENDING = "report.pending"          # the training child's pid while it writes the report
 NEUTRAL_PROMPTS = BUILTIN_DATA / "neutral_prompts.jsonl"
@@ -373,17 +373,27 @@ def update_norms(session: ChatSession, name: str) -> list[dict]:
 
 
 def overfitting(run_dir: Path, events: list[dict]) -> dict:
+    """The eval-loss history: its minimum against its last value, and the kept checkpoint with the best eval loss.
+    `better_checkpoint` is that checkpoint where its eval loss is below the last one (the adapter at the end is
+    worse than it): the app then offers "Report at checkpoint N" and "Export checkpoint N"."""
     history = [(e[ev.STEP], e[ev.EVAL_LOSS]) for e in ev.of_type(events, ev.EVAL)
                if isinstance(e.get(ev.EVAL_LOSS), (int, float)) and math.isfinite(e[ev.EVAL_LOSS])]
     if not history:
-        return {"flag": False, "evals": 0, "note": "no eval loss was logged (the run has no eval split)"}
+        return {"flag": False, "evals": 0, "best_checkpoint": None, "better_checkpoint": None, "summary": "",
+                "note": "no eval loss was logged (the run has no eval split)"}
     best_step, best = min(history, key=lambda p: p[1])
     final_step, final = history[-1]
     kept = {runs.checkpoint_step(p) for p in runs.checkpoints(run_dir)}
+    at_kept = [(s, loss) for s, loss in history if s in kept]
+    ck_step, ck_loss = min(at_kept, key=lambda p: p[1]) if at_kept else (None, None)
+    better = ck_step if ck_step is not None and ck_step != final_step and ck_loss < final else None
     flag = final > best * (1 + THRESHOLDS["overfit_rise"]) and best_step != final_step
+    summary = f"eval loss lowest {best:.3f} at step {best_step}, last {final:.3f} at step {final_step}"
+    summary += (f"; best kept checkpoint: {ck_step} (eval loss {ck_loss:.3f})" if ck_step is not None
+                else "; no checkpoint was kept at an evaluated step")
     return {"flag": flag, "evals": len(history), "best_step": best_step, "best_eval_loss": best,
-            "final_step": final_step, "final_eval_loss": final,
-            "best_checkpoint": best_step if best_step in kept else None,
+            "final_step": final_step, "final_eval_loss": final, "best_checkpoint": ck_step,
+            "best_checkpoint_eval_loss": ck_loss, "better_checkpoint": better, "summary": summary,
             "note": (f"eval loss rose from {best:.3f} at step {best_step} to {final:.3f} at step {final_step}"
                      + ("" if best_step in kept else " (no checkpoint of that step was kept)")) if flag else ""}
 
@@ -445,13 +455,108 @@ def verdict(rep: dict) -> dict:
                  f"{d['changed']}/{d['prompts']} answers changed.")
     of, dv = health_part["overfitting"], health_part["divergence"]
     if of["flag"]:
-        best = (f"; checkpoint {of['best_checkpoint']} has the best eval loss" if of["best_checkpoint"] is not None
-                else "")
+        best = (f"; checkpoint {of['better_checkpoint']} has the best eval loss of those kept"
+                if of["better_checkpoint"] is not None else "")
         parts.append(f"Overfitting: {of['note']}{best}.")
     if dv["flag"]:
         parts.append(f"Unsteady training: {dv['nan_skips']} NaN steps skipped, loss spikes at steps "
                      f"{', '.join(map(str, dv['spikes'])) or 'none'}.")
     return {"task": state, "side_effects": size, "text": " ".join(parts)}
+
+
+# ---------------------------------------------------------------- the report as text lines
+
+def outline(rep: dict) -> list[str]:
+    """The report as plain text lines, verdict first, then the numbers behind it: what `python -m core report`
+    prints and what the app shows under "The numbers behind it" (one source for both)."""
+    if rep.get("error"):
+        e = rep["error"]
+        return [f"Report of {rep['run']} could not be made: {e['message']}"] + ([f"Fix: {e['hint']}"] if e.get("hint") else [])
+    which = f"checkpoint {rep['checkpoint']}" if rep.get("checkpoint") is not None else "final adapter"
+    out = [f"Report: {rep['run']} ({which}) on {rep['base_model']}, made in {rep['seconds']} s on {rep['device']}",
+           "", rep["verdict"]["text"], "", "Task"]
+    task_part = rep["task"]
+    if task_part.get("error"):
+        out.append(f"  not scored: {task_part['error']['message']}")
+        if task_part["error"].get("hint"):
+            out.append(f"  fix: {task_part['error']['hint']}")
+    if task_part.get("loss_note"):
+        out.append(f"  {task_part['loss_note']}")
+    if task_part.get("loss"):
+        lo = task_part["loss"]
+        out.append(f"  loss on {lo['rows']} rows ({lo['split']}): base {lo['base']:.3f} (perplexity "
+                   f"{lo['base_ppl']:.1f}) -> adapter {lo['adapter']:.3f} ({lo['adapter_ppl']:.1f}); "
+                   f"KL {lo['kl']:.3f} nats/token")
+    if task_part.get("checker"):
+        c = task_part["checker"]
+        out.append(f"  the dataset's checker on {c['n']} held-out prompts: base {c['base']:.0%} -> "
+                   f"adapter {c['adapter']:.0%}")
+    if task_part.get("rewards"):
+        rw = task_part["rewards"]
+        out.append(f"  the run's rewards on {rw['n']} prompts ({rw['split']}): mean total base {rw['base']:.3f} -> "
+                   f"adapter {rw['adapter']:.3f}; above zero {rw['above_zero']['base']:.0%} -> "
+                   f"{rw['above_zero']['adapter']:.0%}")
+        for k, v in rw["rewards"].items():
+            out.append(f"    {k} x{rw['weights'][k]:g}: mean {v['base']['mean']:.3f} -> {v['adapter']['mean']:.3f}, "
+                       f"full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}")
+        if rw["note"]:
+            out.append(f"  note: {rw['note']}")
+    if task_part.get("rouge_l"):
+        r = task_part["rouge_l"]
+        out.append(f"  ROUGE-L to the data's reply: base {r['base']:.2f} -> adapter {r['adapter']:.2f}")
+    answers = task_part.get("answers", [])
+    if answers:
+        out += ["", f"Answers to {len(answers)} held-out prompts"]
+    for a in answers:
+        if "base_reward" in a:  # a GRPO run: no reply in the data, each answer with its reward
+            out += [f"  ? {_one_line(a['prompt'])}", f"      base    [{a['base_reward']:.2f}]: {_said(a['base'])}",
+                    f"      adapter [{a['adapter_reward']:.2f}]: {_said(a['adapter'])}"]
+            continue
+        mark = lambda side: "" if f"{side}_ok" not in a else (" (right)" if a[f"{side}_ok"] else " (wrong)")  # noqa: E731
+        out += [f"  ? {_one_line(a['prompt'])}", f"      data:    {_said(a['reference'])}",
+                f"      base:    {_said(a['base'])}{mark('base')}", f"      adapter: {_said(a['adapter'])}{mark('adapter')}"]
+    d = rep["drift"]
+    out += ["", f"Drift: {d['prompts']} neutral prompts, answers of {d['tokens']} tokens",
+            f"  KL(base || adapter) {d['kl']:.4f} nats/token; {d['changed']}/{d['prompts']} answers changed"]
+    if d.get("system_prompt"):
+        for key, label in (("with_run_system", "with"), ("plain", "without")):
+            p = d["passes"][key]
+            out.append(f"  {label} the run's system prompt: KL {p['kl']:.4f}, {p['changed']}/{p['prompts']} changed")
+    if d["most_changed"]:
+        out.append("  most changed:")
+    for m in d["most_changed"]:
+        out += [f"  ? {_one_line(m['prompt'])} (KL {m['kl']:.3f})", f"      base:    {_said(m['base'])}",
+                f"      adapter: {_said(m['adapter'])}"]
+    h = rep["health"]
+    un, of, dv = h["update_norm"], h["overfitting"], h["divergence"]
+    out += ["", "Health"]
+    if un["max"] is not None:
+        out.append(f"  update size ||BA|| / ||W||: median {un['median']:.2e}, largest {un['max']:.2e} "
+                   f"over {len(un['modules'])} modules")
+    out.append(f"  no effect: {h['no_effect']['why'] or 'no'}")
+    if h["no_effect"].get("fix"):
+        out.append(f"    likely fix: {h['no_effect']['fix']}")
+    out.append(f"  overfitting: {of['note'] or 'no'}")
+    if of.get("summary"):
+        out.append(f"    {of['summary']}")
+    if of.get("better_checkpoint") is not None and rep.get("checkpoint") is None:  # pointed to from the final's only
+        n = of["better_checkpoint"]
+        out += [f"    checkpoint {n} is better than the final adapter:",
+                f"      python -m core report {rep['run']} --checkpoint {n}",
+                f"      python -m core export {rep['run']} --checkpoint {n} --zip {rep['run']}-checkpoint-{n}.zip"]
+    out.append(f"  divergence: {dv['nan_skips']} NaN steps skipped, {len(dv['spikes'])} loss spikes"
+               + (f" (at steps {', '.join(map(str, dv['spikes']))})" if dv["spikes"] else ""))
+    return out
+
+
+def _one_line(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _said(text: str) -> str:
+    """An answer on one line, quoted so that an empty one and surrounding spaces show."""
+    return repr(_one_line(text)) if text.strip() else "(empty)"
 
 
 # ---------------------------------------------------------------- small helpers

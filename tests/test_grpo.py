@@ -198,8 +198,7 @@ def test_eval_scores_a_grpo_run_with_its_own_rewards(launched):
 
 def test_the_report_of_a_grpo_run_scores_its_rewards(launched):
     from core import report
-    from core.commands.report import text
-    from ui.report_view import details_md
+    from ui.report_view import details_html
 
     run = launched["learn"]
     assert run.wait(600)["state"] == "completed"
@@ -211,4 +210,6 @@ def test_the_report_of_a_grpo_run_scores_its_rewards(launched):
     gain = rw["adapter"] - rw["base"]
     assert rep["verdict"]["task"] == ("learned" if gain >= report.THRESHOLDS["learned_reward_gain"] else "unclear")
     assert f"mean reward {rw['base']:.2f} -> {rw['adapter']:.2f}" in rep["verdict"]["text"]
-    assert "file:e_share x1: mean" in text(rep) and "file:e_share x1: mean" in details_md(rep)
+    lines = "\n".join(report.outline(rep))
+    assert "file:e_share x1: mean" in lines and "adapter [" in lines
+    assert "file:e_share x1: mean" in details_html(rep)
