@@ -351,3 +351,11 @@ def test_the_adapter_is_saved_before_the_final_evaluation(oom_runs):
     assert st["state"] == "failed", runs.tail_log(run.run_dir, 40)
     assert st["error"]["kind"] == "oom" and st["error"]["message"] == "out of GPU memory during final eval at step 2"
     assert (run.run_dir / "adapter" / "adapter_model.safetensors").is_file()  # ...and loses no work
+
+
+def test_a_checkpoint_of_the_last_step_is_known_as_the_end(tmp_path):
+    # transformers' resume from such a checkpoint would run a step past max_steps: the child saves it instead
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
+    assert recovery.trained_to_the_end(tmp_path)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 6}))
+    assert not recovery.trained_to_the_end(tmp_path)

@@ -143,6 +143,15 @@ class Recovery:
         probed = False
         while True:
             trainer, callback = build(self.plan, self.prepared)
+            if resume_from is not None and trained_to_the_end(resume_from):
+                # transformers' resume from a checkpoint of the last step, in the middle of an epoch, runs one step
+                # more (step max_steps + 1, at the schedule's end): the checkpoint's weights are the run's final ones
+                # instead, loaded by the same function its resume path uses, and the final save follows
+                trainer._load_from_checkpoint(str(resume_from))
+                trainer.state.global_step = ctx.step = runs.checkpoint_step(resume_from)
+                print(f"{resume_from.name} is the run's last step: nothing left to train, the final save follows",
+                      flush=True)
+                return trainer, callback
             try:
                 if resume_from is None and not probed and probe_wanted(self.cfg, self.device):
                     record_probe(self.run_dir, probe(trainer, self.cfg, self.device, ctx))
@@ -247,6 +256,12 @@ class Recovery:
         with torch.no_grad():
             for name, value in self.initial.items():
                 params[name].copy_(value)
+
+
+def trained_to_the_end(checkpoint: Path) -> bool:
+    """Whether a checkpoint is of the run's last optimizer step (its trainer_state.json: global_step >= max_steps)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
 
 
 def rng_state() -> dict:
