@@ -390,9 +390,12 @@ def build() -> ChatTab:
             yield {prompt: message, left: undo_turn(l, message), right: undo_turn(r, message)}
             raise
 
+    # one reply at a time across every browser (one model in memory, and the CPU or GPU it runs on): the others
+    # wait in Gradio's queue, which shows each its position in line on the chat windows, never an error
     for trigger in (send_btn.click, prompt.submit):
         trigger(_start, [prompt, left, right, run_dd, mode], [prompt, pending, left, right]).success(
-            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen + [gguf_dd], [prompt, left, right])
+            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen + [gguf_dd], [prompt, left, right],
+            concurrency_limit=1, concurrency_id="chat-reply")
     stop_btn.click(stop_generation, None, None, queue=False)
     clear_btn.click(lambda: {left: [], right: []}, None, [left, right])
     def _score(run_id, ck):
