@@ -1,6 +1,12 @@
 """LoRA Garage's engine. Importing it stays cheap: heavy libraries load inside the functions that use them."""
 
-import logging
+import time
+
+# When this process began importing core: the start-up timeline's "spawn" phase ends and "imports" begins here
+# (core.train.startup). First, before anything else is imported.
+STARTED_AT = time.time()
+
+import logging  # noqa: E402 - after STARTED_AT, which must be taken first
 
 
 class _OptionalKernelNotice(logging.Filter):

@@ -111,6 +111,7 @@ class Recovery:
         probed = False
         while True:
             trainer, callback = build(self.plan)
+            ctx.timeline.mark("trainer build")
             try:
                 if resume_from is None and not probed and probe_wanted(self.cfg, self.device):
                     record_probe(self.run_dir, probe(trainer, self.cfg, self.device, ctx))
