@@ -5,6 +5,7 @@ import time
 # When this process began importing core: the start-up timeline's "spawn" phase ends and "imports" begins here
 # (core.train.startup). First, before anything else is imported.
 STARTED_AT = time.time()
+STARTED_CPU = time.process_time()  # the CPU seconds this process had spent by then (the interpreter's start-up)
 
 import logging  # noqa: E402 - after STARTED_AT, which must be taken first
 

@@ -32,7 +32,9 @@ def test_marks_are_back_to_back_phases_and_stop_at_the_first_step(tmp_path):
     assert rows[2][ev.DETAIL] == "from the data cache"
     text = ev.format_timeline(rows)
     assert "tokenise" in text and "from the data cache" in text
-    assert "11.00  to the first metrics event" in text.splitlines()[-1]
+    last = text.splitlines()[-1]
+    assert last.startswith("total") and "11.00" in last and last.endswith("to the first metrics event")
+    assert all(r[ev.CPU_S] is not None and r[ev.CPU_S] >= 0 for r in rows)  # CPU seconds of this process
 
 
 def test_a_resumed_run_shows_its_latest_start_up(tmp_path):
@@ -87,7 +89,8 @@ def test_a_runs_phases_add_up_to_its_wait_for_the_first_step(tmp_path, tiny_mode
     total = sum(r[ev.DURATION_S] for r in rows)
     print(f"start-up: phases sum to {total:.2f} s, measured {measured:.2f} s\n{ev.format_timeline(rows)}")
     assert abs(total - measured) <= 0.1 * measured, (total, measured)
-    assert rows[3][ev.DETAIL] == "tokenised 16 rows"
+    assert all(0 <= r[ev.CPU_S] for r in rows) and sum(r[ev.CPU_S] for r in rows) > 1.0  # imports alone take more
+    assert rows[3][ev.DETAIL].startswith("tokenised")
     assert rows[5][ev.DETAIL] == "rows stay apart"
 
     with run.environ():

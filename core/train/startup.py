@@ -25,10 +25,10 @@ class Timeline:
     """Writes one startup event per phase. `events` None: a timeline that records nothing (ranks of a
     multi-process run, whose rank 0 child is not the process the runner spawned)."""
 
-    def __init__(self, events, started_at: float, spawned_at: float | None = None):
-        self.events, self.last, self.done = events, started_at, events is None
+    def __init__(self, events, started_at: float, spawned_at: float | None = None, started_cpu: float = 0.0):
+        self.events, self.last, self.last_cpu, self.done = events, started_at, started_cpu, events is None
         if events is not None and spawned_at is not None:
-            events.startup("spawn", spawned_at, max(started_at - spawned_at, 0.0))
+            events.startup("spawn", spawned_at, max(started_at - spawned_at, 0.0), started_cpu)
 
     @classmethod
     def from_env(cls, events) -> "Timeline":
@@ -42,7 +42,7 @@ class Timeline:
             except ValueError:
                 print(f"WARNING: {SPAWNED_AT_ENV}={raw!r} is not a time in seconds: the start-up timeline has no "
                       f"spawn phase", file=sys.stderr, flush=True)
-        return cls(events, core.STARTED_AT, spawned)
+        return cls(events, core.STARTED_AT, spawned, core.STARTED_CPU)
 
     @classmethod
     def off(cls) -> "Timeline":
@@ -54,6 +54,7 @@ class Timeline:
         if self.done:
             return
         now = time.time() if now is None else now
-        self.events.startup(phase, self.last, max(now - self.last, 0.0), detail)
-        self.last = now
+        cpu = time.process_time()  # every thread of this process: torch's intra-op threads included
+        self.events.startup(phase, self.last, max(now - self.last, 0.0), max(cpu - self.last_cpu, 0.0), detail)
+        self.last, self.last_cpu = now, cpu
         self.done = phase == "first step"
