@@ -101,3 +101,11 @@ def test_a_runs_phases_add_up_to_its_wait_for_the_first_step(tmp_path, tiny_mode
     out = capsys.readouterr().out
     assert "start-up:" in out and "padding-free check" in out and "to the first metrics event" in out
     assert box.startswith("start-up, seconds per phase:") and "train.log:" in box
+
+    # the next start in the same home: the data and the padding-free verdict are read back, not made again
+    again = Launch(tmp_path / "home", cfg)
+    assert again.wait()["state"] == "completed", runs.tail_log(again.run_dir, 40)
+    warm = {r[ev.PHASE]: r for r in ev.startup_timeline(ev.read(again.run_dir)[0])}
+    assert list(warm) == PHASES
+    assert warm["tokenise"][ev.DETAIL] == "from the data cache"
+    assert warm["padding-free check"][ev.DETAIL] == "rows stay apart (stored verdict)"

@@ -44,6 +44,7 @@ from core.train import distributed
 from core.train import rewards as reward_fns
 from core import report as core_report
 from core.train import loss as train_loss
+from core.train import isolation_cache
 from core.train import recovery
 from core.train.startup import Timeline
 
@@ -560,8 +561,10 @@ def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog, timel
     real model shows flattened rows stay apart; else padded batches, grouped by length so little padding is
     left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
     sdpa/eager get sequences no longer than the batch's longest row (their mask is computed in full), still
-    grouped by length so those sequences come out nearly full. `timeline`: the check's start-up phase."""
-    from core.train.collate import FlatCollator, PadCollator, isolation_check  # heavy
+    grouped by length so those sequences come out nearly full. The check's verdict is stored and read back at
+    the next start with the same model, kernel and libraries (core.train.isolation_cache). `timeline`: the
+    check's start-up phase."""
+    from core.train.collate import FlatCollator, PadCollator  # heavy
 
     timeline = timeline or Timeline.off()
     multiple_of = 8 if device == "cuda" else 1
@@ -570,11 +573,13 @@ def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog, timel
         timeline.mark("padding-free check", "off (data.padding_free=false)")
         return PadCollator(tokenizer.pad_token_id, multiple_of), True
     attn = getattr(model.config, "_attn_implementation", "?")
+    cached = False
     try:
-        ok, detail = isolation_check(model, model.get_input_embeddings().num_embeddings)
+        ok, detail, cached = isolation_cache.checked(model, cfg, device)
     except Exception as e:  # noqa: BLE001 - a model that cannot take position_ids this way just gets padded batches
         ok, detail = False, f"{type(e).__name__}: {e}"
-    timeline.mark("padding-free check", "rows stay apart" if ok else "rows leak: padded batches")
+    timeline.mark("padding-free check", ("rows stay apart" if ok else "rows leak: padded batches")
+                  + (" (stored verdict)" if cached else ""))
     if not ok:
         msg = (f"padding-free batches are off: with attention {attn} this model lets flattened rows see each other "
                f"({detail}); using padded batches grouped by length instead")
