@@ -192,7 +192,8 @@ def ensure_builtin(progress: Callable[[str], None] | None = None) -> Path:
     target = builtin_folder()
     if builtin_converted():
         return target
-    return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress)
+    # the disk check reads the shipped config: parsing the GGUF's metadata for it took a quarter of the conversion
+    return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress, json.loads(_BUILTIN_CONFIG.read_text()))
 
 
 # ---------------------------------------------------------------- a user's own .gguf file
@@ -257,9 +258,10 @@ def gguf_config(gguf: Path) -> dict:
     return out
 
 
-def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | None) -> Path:
+def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | None, config: dict | None = None) -> Path:
     """Convert `gguf` into models_dir()/folder exactly once, also across processes: a file lock, a temporary
-    folder renamed into place, and a marker written last (a folder without it is a crashed conversion)."""
+    folder renamed into place, and a marker written last (a folder without it is a crashed conversion). `config`:
+    the converted config when it is known already (the built-in model's ships), else read from the GGUF."""
     target = models_dir() / folder
     models_dir().mkdir(parents=True, exist_ok=True)
 
@@ -271,7 +273,7 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
     with portable.locked(models_dir() / f".{folder}.lock"):
         if (target / _MARKER).exists():  # another process converted it while we waited
             return target
-        needed = _converted_bytes(gguf)
+        needed = _converted_bytes(gguf, config)
         free = shutil.disk_usage(models_dir()).free
         if free < needed * 1.05 + 50_000_000:
             raise DiskFull(f"converting {gguf.name} writes about {needed / 1e9:.1f} GB of fp32 safetensors; "
@@ -296,10 +298,10 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
     return target
 
 
-def _converted_bytes(gguf: Path) -> int:
+def _converted_bytes(gguf: Path, config: dict | None = None) -> int:
     """Size of the fp32 safetensors a GGUF converts into (4 bytes a parameter)."""
 
-    return 4 * vram.shape_from_config(gguf_config(gguf)).total_params
+    return 4 * vram.shape_from_config(config or gguf_config(gguf)).total_params
 
 
 def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None) -> None:

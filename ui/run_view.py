@@ -85,7 +85,8 @@ def build() -> RunView:
         with gr.Column(visible=False) as pref:  # a DPO / ORPO run's own charts
             rewards = _plot("Rewards: chosen, rejected, margin (DPO / ORPO)", "reward", 220)
             accuracy = _plot("Preference accuracy (chosen out-scores rejected)", "share of pairs", 170)
-        with gr.Accordion("train.log (the end; library warnings hidden, kept in the file)", open=False):
+        with gr.Accordion("start-up timeline and train.log (the end; library warnings hidden, kept in the file)",
+                          open=False):
             log = gr.Textbox(lines=12, max_lines=20, autoscroll=True, interactive=False, show_label=False)
         samples = gr.Markdown()
     return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, log, samples, chat_btn,
@@ -119,7 +120,7 @@ def refresh(run_id: str | None, cache: dict) -> dict:
     return {"status": status_md(run_id, status),
             "progress": progress_html(status, events) + template_html(events),
             **charts,
-            "log": runs.tail_log(run_dir, lines=60, hide_noise=True),
+            "log": log_text(run_dir, events),
             "samples": samples_md(events),
             "chat_btn": gr.update(visible=run_files.has_adapter(run_dir)),
             "resume_btn": resume_button(run_dir, status),
@@ -128,6 +129,14 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             "charts": gr.update(visible=True),
             "pref": gr.update(visible=len(frames["accuracy"]) > 0),
             "keep": not done}
+
+
+def log_text(run_dir, events: list[dict]) -> str:
+    """The log box: the start-up timeline (core.events.startup_timeline) once the child has written a phase,
+    then the end of train.log."""
+    tail = runs.tail_log(run_dir, lines=60, hide_noise=True)
+    timeline = ev.format_timeline(ev.startup_timeline(events))
+    return f"start-up, seconds per phase:\n{timeline}\n\ntrain.log:\n{tail}" if timeline else tail
 
 
 def _blank(cache) -> dict:

@@ -27,6 +27,7 @@ from core.runs import folder as runs
 from core.runs import portable
 from core import events as ev
 from core.train.collate import PadCollator
+from core.train.startup import Timeline
 from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
 from core.estimate import eta as run_eta  # `eta` is a local name in on_log
@@ -86,6 +87,7 @@ class Context:
         self.phase = "setup"
         self.step = 0
         self.faults: dict = {}   # test-only (LORA_GARAGE_FAULT), for the kill points outside the trainer
+        self.timeline = Timeline.off()  # the start-up timeline (core.train.startup): the child's main sets it
 
 
 class StopFlag:
@@ -391,6 +393,7 @@ class GarageCallback(TrainerCallback):
             mem=mem,
             mfu=None if self.flops is None else self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt))
         self._logged(now, state)
+        self.trainer.ctx.timeline.mark("first step")  # the first chart point ends the start-up timeline
         print(f"step {state.global_step}/{state.max_steps}  loss {event[ev.LOSS]:.4f}  lr {event[ev.LR] or 0:.2e}  "
               f"{event[ev.TOKENS_PER_S]:.0f} tok/s  eta {eta:.0f} s", flush=True)
         if (now - self._status_t > 2.0 or remaining == 0) and self.main:  # for the runs list: not needed per step

@@ -143,6 +143,7 @@ class Recovery:
         probed = False
         while True:
             trainer, callback = build(self.plan, self.prepared)
+            ctx.timeline.mark("trainer build")
             if resume_from is not None and trained_to_the_end(resume_from):
                 # transformers' resume from a checkpoint of the last step, in the middle of an epoch, runs one step
                 # more (step max_steps + 1, at the schedule's end): the checkpoint's weights are the run's final ones
