@@ -14,12 +14,14 @@ from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
 from core.gguf import export as gguf_export
+from ui import marks, run_view
 from ui.refuse import refusal
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
            "same answer", "score GGUF vs adapter", "stops", "check"]
 
 
+TITLE = "Export to GGUF (Ollama, llama.cpp, LM Studio)"
 PANEL_ID = "lg-export-panel"          # on the Runs page
 TRAIN_PANEL_ID = "lg-export-panel-train"   # on the Train page, opened by "Export to GGUF / Ollama"
 
@@ -57,8 +59,9 @@ def parity_table(report: dict) -> pd.DataFrame:
 
 
 def export(run_id: str | None, folder: str, quants: list[str], check: bool, progress=gr.Progress()):
-    if not run_id:
-        raise refusal("Pick a run first.")
+    why = run_view.why_not_export(run_id)  # the panel may have been opened on the run before it failed or went
+    if why:
+        raise refusal(why)
     if not quants:
         raise refusal("Tick at least one GGUF type (q8_0 is a good start).")
     if not (folder or "").strip():
@@ -87,14 +90,30 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
     return "  \n".join(md), parity_table(report)
 
 
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame([], columns=COLUMNS)
+
+
+def follow(run_id: str | None) -> dict:
+    """The panel when its run changes ({"accordion", "folder", "status", "table"}): the previous run's result goes;
+    a run that cannot be exported (failed, still training, no adapter) closes the panel and says why, in its title
+    (seen closed) and inside it."""
+    why = run_view.why_not_export(run_id)
+    cleared = {"folder": default_folder(run_id), "table": empty_table()}
+    if why:
+        return {"accordion": gr.Accordion(open=False, label=f"{TITLE}: not for this run"),
+                "status": f"{marks.NOTE} {html.escape(why)}", **cleared}
+    return {"accordion": gr.Accordion(label=TITLE), "status": "", **cleared}
+
+
 def opened_on(run_id: str) -> dict:
     """The panel opened (and shown) on a run: {ExportPanel field: value}, the folder its default for that run."""
-    return {"accordion": gr.Accordion(open=True, visible=True), "folder": default_folder(run_id)}
+    return {"accordion": gr.Accordion(open=True, visible=True, label=TITLE), "folder": default_folder(run_id)}
 
 
 def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool = True) -> ExportPanel:
     """The panel, exporting the run that `pick` holds (the Runs page's picker, the Train page's run)."""
-    with gr.Accordion("Export to GGUF (Ollama, llama.cpp, LM Studio)", open=False, elem_id=elem_id,
+    with gr.Accordion(TITLE, open=False, elem_id=elem_id,
                       visible=visible) as accordion:
         gr.Markdown("Merges the adapter into the 16-bit base (also for a QLoRA run), converts with llama.cpp's own "
                     "converter (downloaded once, about 77 MB), and checks the files against the adapter on the run's "
@@ -108,6 +127,14 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
         go = gr.Button("Export GGUF", variant="primary")
         status = gr.Markdown()
         table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, label="Parity with the adapter")
-    pick.change(default_folder, pick, folder)
-    go.click(export, [pick, folder, quants, check], [status, table])
+    def _follow(run_id):
+        named = follow(run_id)
+        return {accordion: named["accordion"], folder: named["folder"], status: named["status"],
+                table: named["table"]}
+
+    pick.change(_follow, pick, [accordion, folder, status, table], show_progress="hidden")
+    # the previous result goes first: a refused export then shows its error over an empty panel, not over the
+    # last export's result (which is for other settings)
+    go.click(lambda: ("", empty_table()), None, [status, table], queue=False, show_progress="hidden").then(
+        export, [pick, folder, quants, check], [status, table])
     return ExportPanel(accordion, folder)

@@ -435,16 +435,9 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
 def open_export(run_id: str | None) -> dict:
     """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
     checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
-    if not run_id:
-        raise refusal("No run to export: start one, or pick one on the Runs page.")
-    try:
-        run_dir = runs.get(run_id)
-        status = runs.read_status(run_dir)
-    except GarageError as e:
-        raise refusal(str(e))
-    if not run_view.can_export(run_dir, status):
-        raise refusal(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
-                       "or stop it (stopping saves the adapter).")
+    why = run_view.why_not_export(run_id)
+    if why:
+        raise refusal(why)
     return export_panel.opened_on(run_id)
 
 

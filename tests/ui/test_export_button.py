@@ -38,7 +38,7 @@ def test_a_running_run_hides_the_button_even_with_an_old_adapter(garage_home, ti
     r = run_view.refresh("again", {})
     assert runs.read_status(run_dir)["state"] == "running"
     assert not _visible(r["export_btn"]) and r["keep"]
-    with pytest.raises(gr.Error, match="no final adapter"):
+    with pytest.raises(gr.Error, match="is still running: export it once it has ended"):
         train_tab.open_export("again")
 
 
@@ -79,3 +79,30 @@ def test_relisting_the_runs_page_sends_no_picker_value_it_keeps(garage_home, tin
     assert "value" not in pick and "value" not in compare and pick["choices"] == ["a"]
     _, pick, compare = runs_tab.relist("gone", ["gone"])
     assert pick["value"] == "a" and compare["value"] == ["a"]
+
+
+def test_the_panel_follows_its_run_and_closes_saying_why_on_one_it_cannot_export(garage_home, tiny_model_dir):
+    """Issue 24: the export panel stayed open and switched to a failed run, with the last export's result on it."""
+    make_run(garage_home, tiny_model_dir, run_id="good")
+    cfg = C.RunConfig()
+    cfg.output.run_name = "broke"
+    runs.write_status(runs.create(cfg), state="failed", error={"message": "no rows", "hint": "longer max_len"})
+
+    ok = export_panel.follow("good")
+    assert ok["status"] == "" and ok["table"].empty and list(ok["table"].columns) == export_panel.COLUMNS
+    assert ok["accordion"].label == export_panel.TITLE and ok["folder"] == export_panel.default_folder("good")
+    bad = export_panel.follow("broke")
+    assert bad["accordion"].open is False and bad["accordion"].label.endswith("not for this run")
+    assert "broke has no final adapter" in bad["status"] and "failed before saving one" in bad["status"]
+    assert bad["table"].empty
+    # Export pressed on the stale panel: refused with the same words, before any work
+    with pytest.raises(gr.Error, match="failed before saving one"):
+        export_panel.export("broke", str(garage_home / "x"), ["q8_0"], True)
+    assert not (garage_home / "x").exists()
+    assert "still running" in run_view.why_not_export(_running(garage_home, tiny_model_dir))
+
+
+def _running(home, model_dir) -> str:
+    run_dir = make_run(home, model_dir, run_id="busy", seed=3)
+    runs.write_status(run_dir, state="running", pid=None, ended_at=None)
+    return "busy"
