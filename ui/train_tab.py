@@ -111,6 +111,16 @@ def keep_upload(file_path: str | None) -> str:
     return str(dest)
 
 
+def upload_follows(source: str | None, uploaded: str | None):
+    """The upload box after the dataset box changed: emptied when the dataset is no longer the uploaded file (a
+    path typed over it, a preset's dataset), so the page never shows one file while training on another."""
+    if not uploaded:
+        return gr.skip()
+    src = Path(source or "")
+    kept = src.name == Path(uploaded).name and src.parent.parent == paths.home() / "uploads"
+    return gr.skip() if kept else None
+
+
 @dataclass
 class Inspection:
     """What Inspect shows: the summary (or the error, never a traceback), the length histogram update, the
@@ -555,6 +565,7 @@ def build() -> TrainTab:
     # --- wiring: model, data, presets
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
+    data_tb.change(upload_follows, [data_tb, upload], upload, queue=False, show_progress="hidden")
 
     def _inspect_clicked(*v):
         # the chart is cleared first: it then takes its colours afresh from the new data ("over the cutoff" may

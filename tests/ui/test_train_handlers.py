@@ -113,6 +113,19 @@ def test_upload_is_kept_in_the_home(tmp_path, garage_home):
     assert kept.startswith(str(garage_home)) and open(kept).read() == f.read_text()
 
 
+def test_the_upload_box_empties_when_the_dataset_box_no_longer_holds_its_file(tmp_path, garage_home):
+    """Issue 24: after a new dataset path was typed, the upload box still showed the old file."""
+    import gradio as gr
+
+    f = tmp_path / "up.csv"
+    f.write_text("prompt,completion\na,b\n")
+    kept = train_tab.keep_upload(str(f))
+    assert train_tab.upload_follows(kept, str(f)) == gr.skip()  # the upload's own copy: the box stays
+    assert train_tab.upload_follows(str(tmp_path / "other.jsonl"), str(f)) is None  # typed over: emptied
+    assert train_tab.upload_follows(str(f), str(f)) is None  # the same name elsewhere is not the kept copy
+    assert train_tab.upload_follows("builtin:demo-identity", None) == gr.skip()  # nothing uploaded
+
+
 def test_stop_without_a_run_and_attach_with_none():
     assert train_tab.stop(None) == "No run to stop."
     assert train_tab.attach() is None
