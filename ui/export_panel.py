@@ -14,7 +14,7 @@ from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
 from core.gguf import export as gguf_export
-from ui import marks, run_view
+from ui import marks, progress, run_view
 from ui.refuse import refusal
 
 COLUMNS = ["quant", "size", "bits / weight", "prompt tokens same", "top-1 agreement", "max logit diff",
@@ -58,7 +58,9 @@ def parity_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def export(run_id: str | None, folder: str, quants: list[str], check: bool, progress=gr.Progress()):
+def export(run_id: str | None, folder: str, quants: list[str], check: bool):
+    """The Export button (a generator: consume it): each phase of core.gguf.export on the panel's status line as it
+    runs (tools, merge, f16, each quant k of n, each parity prompt k of n), then (status line, result, table)."""
     why = run_view.why_not_export(run_id)  # the panel may have been opened on the run before it failed or went
     if why:
         raise refusal(why)
@@ -66,16 +68,12 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
         raise refusal("Tick at least one GGUF type (q8_0 is a good start).")
     if not (folder or "").strip():
         raise refusal("Give a folder for the export (a new one, or an empty one).")
-
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        lines.append(msg)
-        progress(None, desc=msg[:160])
-
     try:
-        report = gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check)
+        report = yield from progress.stream(
+            lambda say: gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check),
+            lambda line: (line, gr.skip(), gr.skip()))
     except GarageError as e:
+        yield "", gr.skip(), gr.skip()  # the phase it stopped in is not a phase any more
         raise refusal(e)  # str(e) already ends with its fix: once is enough
     out = Path(folder.strip()).expanduser()
     passed = all(r["passed"] for r in report["parity"])
@@ -87,7 +85,7 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
         md.append("**Parity check: passed.**" if passed else "**Parity check: FAILED** (the files are kept; the "
                   "table says what differs).")
     md += [f"Note: {html.escape(n)}" for n in report["notes"]]
-    return "  \n".join(md), parity_table(report)
+    yield "", "  \n".join(md), parity_table(report)
 
 
 def empty_table() -> pd.DataFrame:
@@ -125,6 +123,7 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
             quants = gr.CheckboxGroup(list(gguf_tools.QUANTS), value=["q8_0"], label="GGUF types", scale=3)
             check = gr.Checkbox(value=True, label="parity check", scale=1)
         go = gr.Button("Export GGUF", variant="primary")
+        phase = gr.HTML()  # what the export is doing while it runs (progress.stream)
         status = gr.Markdown()
         table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, label="Parity with the adapter")
     def _follow(run_id):
@@ -136,5 +135,5 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
     # the previous result goes first: a refused export then shows its error over an empty panel, not over the
     # last export's result (which is for other settings)
     go.click(lambda: ("", empty_table()), None, [status, table], queue=False, show_progress="hidden").then(
-        export, [pick, folder, quants, check], [status, table])
+        export, [pick, folder, quants, check], [phase, status, table], show_progress="minimal")
     return ExportPanel(accordion, folder)
