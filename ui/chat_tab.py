@@ -333,8 +333,8 @@ def build() -> ChatTab:
                               info="This run's exports, newest first; it answers in the left window")
         gguf_md = gr.Markdown(gguf_note(first))
     with gr.Row():
-        left = gr.Chatbot(label=LEFT, height=380)
-        right = gr.Chatbot(label="With your adapter (or checkpoint B)", height=380)
+        left = gr.Chatbot(label=LEFT, height=380, elem_classes=["lg-chat"])
+        right = gr.Chatbot(label="With your adapter (or checkpoint B)", height=380, elem_classes=["lg-chat"])
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask something… (try: Who are you?)", show_label=False, scale=6)
         send_btn = gr.Button("Send", variant="primary", scale=1)

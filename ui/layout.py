@@ -14,6 +14,10 @@ CSS = """
 .lg-verdict-fits {color:#1a7f37; font-weight:700} .lg-verdict-tight {color:#b08800; font-weight:700}
 .lg-verdict-no {color:#cf222e; font-weight:700}
 .lg-runs td, .lg-runs th {font-size:13px}
+/* a chat window's messages start below its label and icons (share, clear, copy), which float over the window's
+   top: they covered the first bubble */
+.lg-check {min-width:min(160px, 100%) !important}
+.lg-chat .wrapper > .bubble-wrap {margin-top:40px; height:calc(100% - 40px)}
 """ + marks.CSS + progress.CSS + report_view.CSS
 MAX_UPLOAD = "200mb"
 

@@ -32,6 +32,27 @@ def _drawable(frame: pd.DataFrame) -> tuple[str, ...]:
     return tuple(sorted(set(frame["series"]))) if frame["step"].nunique() >= 2 else ()
 
 
+# Steps are integers, but vega picks its x ticks for the chart's width (about one per 40 px): over a short run it
+# ticks half steps, and their labels run together ("7.58.0"). Gradio's LinePlot takes no tick step, so a short run's
+# axis is widened to MIN_X_SPAN steps, over which even a 1360 px chart (34 ticks) ticks whole steps (d3 picks a step
+# of 1 once span / ticks >= 0.71); a run longer than that keeps vega's own axis.
+MIN_X_SPAN = 25
+
+
+def x_lim(frame: pd.DataFrame) -> list[int] | None:
+    """The x axis a chart of `frame` needs for whole-step ticks: [first step, first + MIN_X_SPAN] while the steps
+    span less than that, else None (vega's own domain)."""
+    if frame.empty:
+        return None
+    low, high = int(frame["step"].min()), int(frame["step"].max())
+    return [low, low + MIN_X_SPAN] if high - low < MIN_X_SPAN else None
+
+
+def _shape(frame: pd.DataFrame) -> tuple:
+    """What a chart is built with: its series (the colour domain) and its x axis."""
+    return _drawable(frame), x_lim(frame)
+
+
 def chart_update(frame: pd.DataFrame):
     """What to send a chart for `frame`, never None once it may have been drawn. Gradio 6's LinePlot keeps the
     colour domain it was built with and rebuilds when its color_map changes, so each series set gets its own
@@ -44,19 +65,20 @@ def chart_update(frame: pd.DataFrame):
     names = _drawable(frame)
     if not names:
         return gr.update(visible=False)
-    return gr.update(value=frame, color_map=colours(names), visible=True)
+    return gr.update(value=frame, color_map=colours(names), x_lim=x_lim(frame), visible=True)
 
 
 def live_value(frame: pd.DataFrame, key: str, sent: dict):
-    """What to send a chart refreshed in place (the live run view): the frame alone while its series stay the same
-    (the data is swapped in place), chart_update's rebuild when they change, gr.skip() while it stays empty.
-    `sent` is the caller's per-chart memory of the series last sent."""
+    """What to send a chart refreshed in place (the live run view): the frame alone while its series and x axis stay
+    the same (the data is swapped in place), chart_update's rebuild when they change (a new series; a run that
+    outgrows MIN_X_SPAN), gr.skip() while it stays empty. `sent` is the caller's per-chart memory of what the chart
+    was last built with."""
     import gradio as gr  # heavy
 
-    names = _drawable(frame)
-    if key in sent and sent[key] == names:
-        return frame if names else gr.skip()
-    sent[key] = names
+    shape = _shape(frame)
+    if key in sent and tuple(sent[key]) == shape:
+        return frame if shape[0] else gr.skip()
+    sent[key] = shape
     return chart_update(frame)
 
 

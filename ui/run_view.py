@@ -161,13 +161,35 @@ def resume_button(run_dir, status: dict) -> dict:
 def can_export(run_dir, status: dict) -> bool:
     """Whether the GGUF export has what it exports: an ended run (never one still training, whose adapter/ may be
     a previous one being replaced) with the final adapter that core.runs.folder.adapter_path finds."""
-    if status.get("state") not in runs.TERMINAL:
-        return False
+    return export_refusal(run_dir, status) is None
+
+
+def export_refusal(run_dir, status: dict) -> str | None:
+    """Why this run cannot be exported, with what to do, or None when it can (can_export)."""
+    state = status.get("state")
+    rid = run_dir.name
+    if state in runs.ACTIVE:
+        return f"Run {rid} is still {state}: export it once it has ended."
+    if state not in runs.TERMINAL:
+        return f"Run {rid} has not started ({state}): nothing to export yet."
     try:
         runs.adapter_path(run_dir)
     except GarageError:
-        return False
-    return True
+        how = ("it failed before saving one: fix the cause its page names and start it again"
+               if state == "failed" else "train it to the end, or stop it (stopping saves the adapter)")
+        return f"Run {rid} has no final adapter to export ({state}): {how}."
+    return None
+
+
+def why_not_export(run_id: str | None) -> str | None:
+    """export_refusal for a run id (the pages' pickers): None when the run can be exported."""
+    if not run_id:
+        return "No run to export: start one, or pick one on the Runs page."
+    try:
+        run_dir = runs.get(run_id)
+        return export_refusal(run_dir, runs.read_status(run_dir))
+    except GarageError as e:
+        return str(e)
 
 
 def export_button(run_dir, status: dict) -> dict:

@@ -72,7 +72,9 @@ def _widget(dotted: str, kind: str, value):
     if kind == "dropdown":
         return gr.Dropdown(list(choices), value=value, label=_label(dotted), info=info)
     if kind == "check":
-        return gr.Checkbox(value=value, label=_label(dotted), info=info)
+        # lg-check: Gradio 6 lays a Checkbox out with min-width 0 whatever its min_width, so in a full row it was
+        # squeezed to 30 px (its label gone, its help one word a line); the page's CSS gives it 160 px
+        return gr.Checkbox(value=value, label=_label(dotted), info=info, elem_classes=["lg-check"])
     if kind == "number":
         return gr.Number(value=value, label=_label(dotted), info=info)
     return gr.Textbox(value=value, label=_label(dotted), info=info)

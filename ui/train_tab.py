@@ -27,7 +27,7 @@ from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
 from ui.refuse import refusal
-from ui import export_panel, marks, progress, report_view, run_view, train_form, vram_panel
+from ui import export_panel, inspect_store, marks, progress, report_view, run_view, train_form, vram_panel
 from core.data import sft as data
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
@@ -111,6 +111,16 @@ def keep_upload(file_path: str | None) -> str:
     return str(dest)
 
 
+def upload_follows(source: str | None, uploaded: str | None):
+    """The upload box after the dataset box changed: emptied when the dataset is no longer the uploaded file (a
+    path typed over it, a preset's dataset), so the page never shows one file while training on another."""
+    if not uploaded:
+        return gr.skip()
+    src = Path(source or "")
+    kept = src.name == Path(uploaded).name and src.parent.parent == paths.home() / "uploads"
+    return gr.skip() if kept else None
+
+
 @dataclass
 class Inspection:
     """What Inspect shows: the summary (or the error, never a traceback), the length histogram update, the
@@ -128,9 +138,10 @@ class Inspection:
 
 
 def data_key(cfg: C.RunConfig) -> str:
-    """What an inspection depends on: the model (its tokenizer and template) and every data.* setting."""
+    """What an inspection depends on: the model (its tokenizer and template), every data.* setting and the
+    objective (which reads the same file as replies, pairs or prompts)."""
 
-    return json.dumps([cfg.model.source, cfg.data.__dict__], sort_keys=True, default=str)
+    return json.dumps([cfg.model.source, cfg.data.__dict__, cfg.train.objective], sort_keys=True, default=str)
 
 
 def inspect_page(names: list[str], values: list, report=None) -> Inspection:
@@ -143,12 +154,39 @@ def inspect_page(names: list[str], values: list, report=None) -> Inspection:
         return Inspection(_error_md(e), gr.update(visible=False), "", rejected=str(e))
     key = data_key(cfg)
     md, hist, preview, stats, err = _inspect(cfg, report or (lambda *a: None))
-    found = list(stats.placeholders) if stats else []
-    fill = dict(zip(names, values)).get("data.fill") or {}
+    frame = hist.get("value") if hist.get("visible") else None
+    record = {"summary": md, "histogram": frame.to_dict("split")["data"] if frame is not None else None,
+              "preview": preview, "placeholders": list(stats.placeholders) if stats else [], "rejected": err,
+              "tokens": stats.total_tokens if stats else 0, "rows": stats.train_rows if stats else 0}
+    inspect_store.save(key, cfg.data.source, record)  # a reload shows it again (stored_inspection)
+    return _inspection(key, record, dict(zip(names, values)).get("data.fill") or {})
+
+
+def stored_inspection(names: list[str], values: list) -> Inspection | None:
+    """The inspection kept for these very settings (ui.inspect_store), if the dataset's files have not changed
+    since: what the page shows after a reload, or when the settings come back to ones already inspected."""
+    try:
+        cfg = train_form.to_config(names, values)
+    except GarageError:
+        return None
+    key = data_key(cfg)
+    record = inspect_store.load(key, cfg.data.source)
+    if record is None:
+        return None
+    return _inspection(key, record, cfg.data.fill or {})
+
+
+def _inspection(key: str, record: dict, fill: dict) -> Inspection:
+    found = record["placeholders"]
     boxes = [gr.update(visible=True, label=f"fill {{{{{found[i]}}}}}", value=fill.get(found[i], ""))
              if i < len(found) else gr.update(visible=False, value="") for i in range(N_FILL)]
-    return Inspection(md, hist, preview, found[:N_FILL], boxes, err, key, stats.total_tokens if stats else 0,
-                      stats.train_rows if stats else 0)
+    if record["histogram"]:
+        hist = hist_update(pd.DataFrame(record["histogram"], columns=list(_empty_hist().columns)).astype(
+            _empty_hist().dtypes))
+    else:
+        hist = gr.update(visible=False)
+    return Inspection(record["summary"], hist, record["preview"], found[:N_FILL], boxes, record["rejected"], key,
+                      record["tokens"], record["rows"])
 
 
 def fill_from_boxes(found: list[str], *texts) -> dict:
@@ -184,8 +222,7 @@ def _inspect(cfg: C.RunConfig, report):
                 "is used." if s.template_is_default else "")
     md = (f"{counts} · {s.trained_tokens:,} trained tokens per epoch of {s.total_tokens:,}{template}"
           + _notes_md(s))
-    frame = histogram(s.lengths, s.max_len, text=s.format == "text")
-    hist = gr.update(value=frame, visible=True, sort=list(dict.fromkeys(frame["tokens"])))
+    hist = hist_update(histogram(s.lengths, s.max_len, text=s.format == "text"))
     return md, hist, system_note_md(cfg, tok) + data.preview_html(prepared, n=3), s, None
 
 
@@ -238,6 +275,14 @@ def histogram(lengths: list[int], cutoff: int, bins: int = 20, text: bool = Fals
         counts[key] = counts.get(key, 0) + 1
     rows = [(f"{b}-{b + width - 1}", b, c, kind) for (b, kind), c in sorted(counts.items())]
     return pd.DataFrame(rows, columns=["tokens", "start", "rows", "length"])
+
+
+def hist_update(frame: pd.DataFrame) -> dict:
+    """The histogram shown with `frame`: its bars in length order, and a color_map of the kinds it holds (Gradio
+    keeps a chart's colour domain until its color_map changes: a kind new to the chart would draw no bar)."""
+    kinds = sorted(set(frame["length"]))
+    return gr.update(value=frame, visible=True, sort=list(dict.fromkeys(frame["tokens"])),
+                     color_map={k: HIST_COLORS[k] for k in kinds})
 
 
 def _empty_hist() -> pd.DataFrame:
@@ -435,16 +480,9 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
 def open_export(run_id: str | None) -> dict:
     """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
     checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
-    if not run_id:
-        raise refusal("No run to export: start one, or pick one on the Runs page.")
-    try:
-        run_dir = runs.get(run_id)
-        status = runs.read_status(run_dir)
-    except GarageError as e:
-        raise refusal(str(e))
-    if not run_view.can_export(run_dir, status):
-        raise refusal(f"Run {run_id} has no final adapter to export ({status.get('state')}): train it to the end, "
-                       "or stop it (stopping saves the adapter).")
+    why = run_view.why_not_export(run_id)
+    if why:
+        raise refusal(why)
     return export_panel.opened_on(run_id)
 
 
@@ -562,6 +600,7 @@ def build() -> TrainTab:
     # --- wiring: model, data, presets
     model_dd.change(model_info_md, model_dd, model_md)
     upload.upload(keep_upload, upload, data_tb)
+    data_tb.change(upload_follows, [data_tb, upload], upload, queue=False, show_progress="hidden")
 
     def _inspect_clicked(*v):
         # the chart is cleared first: it then takes its colours afresh from the new data ("over the cutoff" may
@@ -570,19 +609,27 @@ def build() -> TrainTab:
         yield {hist: gr.update(value=None)}  # emptied once hidden: an empty chart on screen makes vega warn
         r = yield from progress.stream(lambda report: inspect_page(names, list(v), report),
                                        lambda line: {data_status: line})
-        yield {data_status: "", data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
-               rejected: {"key": r.data_key, "message": r.rejected} if r.rejected else {},
-               inspected: {"key": r.data_key, "tokens": r.tokens, "rows": r.rows} if not r.rejected else {},
-               **dict(zip(fill_boxes, r.fill_boxes))}
+        yield {data_status: "", **_shown(r)}
 
-    inspect_btn.click(_inspect_clicked, widgets,
-                      [data_status, data_md, hist, preview, fill_found, rejected, inspected] + fill_boxes)
+    def _shown(r: Inspection) -> dict:
+        return {data_md: r.summary, hist: r.histogram, preview: r.preview, fill_found: r.placeholders,
+                rejected: {"key": r.data_key, "message": r.rejected} if r.rejected else {},
+                inspected: {"key": r.data_key, "tokens": r.tokens, "rows": r.rows} if not r.rejected else {},
+                **dict(zip(fill_boxes, r.fill_boxes))}
 
-    def _data_changed():  # results belong to one dataset: a new one clears them until it is inspected
+    inspect_outputs = [data_md, hist, preview, fill_found, rejected, inspected] + fill_boxes
+    inspect_btn.click(_inspect_clicked, widgets, [data_status] + inspect_outputs)
+
+    def _data_changed(*v):
+        # results belong to one dataset: a new one clears them until it is inspected, unless these very settings
+        # were inspected before (a reload, or settings changed back): then those results, kept on disk
+        r = stored_inspection(names, list(v))
+        if r is not None:
+            return {data_status: "", **_shown(r)}
         return {data_md: "", hist: gr.update(visible=False), preview: "", data_status: ""}
 
     for w in (model_dd, data_tb, fmt, cols, split, subset):
-        w.change(_data_changed, None, [data_md, hist, preview, data_status], queue=False, show_progress="hidden")
+        w.change(_data_changed, widgets, [data_status] + inspect_outputs, queue=False, show_progress="hidden")
     for box in fill_boxes:
         box.change(fill_from_boxes, [fill_found] + fill_boxes, fill, queue=False, show_progress="hidden")
     def _preset_picked(p, *v):
@@ -624,12 +671,15 @@ def build() -> TrainTab:
 
     timer.tick(_eta_tick, [run_id, eta_tail, target, inspected] + widgets, [eta_md, eta_tail], show_progress="hidden")
 
-    def _on_load(*v):
+    def _on_load(t, insp, *v):
         rid = attach()
-        out = {run_id: rid, timer: gr.Timer(active=bool(rid)), **_vram(*v)}
+        out = {run_id: rid, timer: gr.Timer(active=bool(rid)), **_vram(t, insp, *v)}
         form_values = running_form(names, rid)
         if form_values is not None:  # after a restart the form shows the run that is training, not defaults
             out.update(zip(widgets, form_values))
+        kept = stored_inspection(names, form_values if form_values is not None else list(v))
+        if kept is not None:  # Inspect's results outlive a reload, as the run does
+            out.update(_shown(kept))
         return out
 
     def _export_open(rid):
@@ -639,4 +689,5 @@ def build() -> TrainTab:
     view.export_btn.click(_export_open, run_id, [export.accordion, export.folder, export.adapter]).success(
         None, None, None, js=export_panel.scroll_to(export_panel.TRAIN_PANEL_ID))
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
-                    on_load=(_on_load, [target, inspected] + widgets, [run_id, timer] + vram_outputs + widgets))
+                    on_load=(_on_load, [target, inspected] + widgets,
+                             [run_id, timer] + vram_outputs + widgets + inspect_outputs))

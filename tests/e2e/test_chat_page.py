@@ -36,3 +36,21 @@ def test_side_by_side_chat_streams_two_answers(app_server, page):
     assert len(later) == 2 and all(t.strip() and "loading the model" not in t for t in later), later
     assert sum(map(len, later)) >= sum(map(len, first))
     shot(page, "05-chat-side-by-side")
+
+    # the windows' label and icons (share, clear, copy) sit above the messages, not over the first bubble
+    overlaps = page.evaluate("""() => [...document.querySelectorAll('.lg-chat')].map(c => {
+        const top = c.querySelector('.top-panel'), msgs = c.querySelector('.bubble-wrap');
+        return top && msgs ? top.getBoundingClientRect().bottom - msgs.getBoundingClientRect().top : null; })""")
+    assert len(overlaps) == 2 and all(o is not None and o <= 0 for o in overlaps), overlaps
+
+    # the model is loaded now: the next message's bubbles never say it is loading
+    box.fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    seen = page.evaluate("""() => new Promise(done => { let saw = false; const t0 = Date.now();
+        const tick = () => { const bots = [...document.querySelectorAll('.message.bot')].map(e => e.innerText);
+            if (bots.some(t => t.includes('loading the model'))) saw = true;
+            if ((bots.length >= 4 && bots.every(t => t.trim())) || Date.now() - t0 > 120000) done(saw);
+            else setTimeout(tick, 50); };
+        tick(); })""")
+    assert seen is False
+    assert len(page.locator(".message.bot").all_inner_texts()) == 4

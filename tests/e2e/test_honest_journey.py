@@ -2,7 +2,9 @@
 stopped mid-step, a preset switch, Start with dpo on an SFT file) with 0 page errors and 0 console errors, every
 message true to the files on disk, and no traceback in the app's log. The model is the tiny test Llama (a local
 folder typed into the model box), so the runs take seconds; every step is slowed by the test-only fault
-slow@step1 (4 s a step) so the Stop lands mid-step and waits for it. Screenshots land in artifacts/."""
+slow@step1 (4 s a step) so the Stop lands mid-step and waits for it. The stopped run's adapter is exported (its
+phases k of n on screen), the export panel says why it will not export the failed run, and an Inspect outlives a
+reload. Screenshots land in artifacts/."""
 
 import json
 import re
@@ -15,7 +17,9 @@ import pytest
 from core.data import pref as data_pref
 from core.errors import DatasetError
 from core.runs import folder as runs
+from core.runs import resolve as run_files
 from core.runs import stopping
+from ui import export_panel
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 APP_ENV = {"LORA_GARAGE_FAULT": "slow@step1", "LORA_GARAGE_SLOW_STEP_S": "4"}  # a Stop waits for a 4 s step
@@ -74,6 +78,19 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     model = page.get_by_label("Base model").first
     model.fill(str(tiny_model_dir))
     model.press("Enter")
+
+    # Inspect's results outlive a reload: the same settings show them again without a new Inspect
+    page.get_by_role("button", name="Inspect dataset").click()
+    summary = page.locator("p", has_text="trained tokens per epoch").filter(visible=True).first
+    summary.wait_for(timeout=300000)
+    inspected = summary.inner_text().splitlines()[-1]  # "... trained tokens per epoch of N" (a locator's text is one line)
+    page.reload(wait_until="load")
+    start = page.get_by_role("button", name="Start training")
+    start.wait_for(timeout=120000)
+    model = page.get_by_label("Base model").first
+    model.fill(str(tiny_model_dir))
+    model.press("Enter")
+    page.locator("p", has_text=inspected).filter(visible=True).first.wait_for(timeout=30000)
     _fill(page, "max steps", "40")
 
     # bad input: flagged when it changes, refused at Start, no run folder
@@ -120,13 +137,40 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     ck = runs.latest_checkpoint(slow)
     assert ("Stopped and saved" in body) == (ck is not None and not st.get("error"))
     _shot(page, "24-stopped")
+
+    # its adapter exported from the Train page, each phase on screen (k of n where it has one); a stop that had to
+    # kill saved no adapter, and the page offers no export
+    _wait_lock_free(home, slow)
+    export_btn = page.get_by_role("button", name="Export to GGUF / Ollama")
+    if not run_files.has_adapter(slow):
+        assert not export_btn.is_visible()
+    else:
+        export_btn.click()
+        panel = page.locator(f"#{export_panel.TRAIN_PANEL_ID}")
+        panel.get_by_role("button", name="Export GGUF").click()
+        panel.get_by_text(re.compile(r"step \d/4|\d+ of \d+")).first.wait_for(timeout=600000)
+        _shot(page, "24-export-phases")
+        panel.get_by_text(re.compile("Parity check: (passed|FAILED)")).first.wait_for(timeout=600000)
+        report = json.loads((home / "exports" / f"{slow.name}-gguf" / "export.json").read_text())
+        verdict = "passed" if all(r["passed"] for r in report["parity"]) else "FAILED"
+        assert f"Parity check: {verdict}" in panel.inner_text()
+        _shot(page, "24-export-done")
+
     page.get_by_role("tab", name="Runs").click()
     page.get_by_text(re.compile("Stopped and saved|was killed|nothing was saved")).filter(visible=True).first.wait_for(
         timeout=60000)
     time.sleep(3)
     _shot(page, "24-runs-after-stop")
+    # the Runs page's export panel follows the open run: the failed one closes it and says why
+    pick = page.get_by_label("Open run").first
+    pick.click()
+    page.get_by_role("option", name=failed.name).click()
+    page.get_by_text(f"{export_panel.TITLE}: not for this run").first.wait_for(timeout=30000)
+    page.get_by_text(f"{export_panel.TITLE}: not for this run").first.click()
+    page.get_by_text(f"Run {failed.name} has no final adapter to export (failed)").first.wait_for(timeout=30000)
+    time.sleep(2)
+    _shot(page, "24-runs-failed-run-export")
     page.get_by_role("tab", name="Train").click()
-    _wait_lock_free(home, slow)
 
     # a preset switch resets what the preset does not name (the objective), and says so
     preset = page.get_by_label("Preset").first

@@ -100,3 +100,18 @@ def test_golden_path_with_reload_mid_run(app_server, page):
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     assert len([e for e in events if e.get("type") == "metrics"]) == STEPS
     print(f"Start to first chart point: {first_point_s:.1f} s")
+
+
+def test_every_settings_checkbox_is_wide_enough_to_read(app_server, page):
+    """Issue 24's layout item: in a full settings row Gradio squeezed each Checkbox to about 30 px (min-width 0
+    whatever its min_width): no label, and its help one word a line. Each one keeps 160 px."""
+    url, _, _ = app_server
+    page.goto(url, wait_until="load")
+    page.get_by_role("button", name="Start training").wait_for(timeout=120000)
+    for group in ("Advanced", "Training", "Quantization", "LoRA"):
+        page.get_by_text(group, exact=True).first.click()
+    page.wait_for_timeout(1000)
+    widths = page.evaluate("() => [...document.querySelectorAll('.lg-check')]"
+                           ".filter(e => e.offsetParent !== null).map(e => e.getBoundingClientRect().width)")
+    assert widths and min(widths) >= 150, widths
+    shot(page, "06-settings-open")

@@ -171,3 +171,22 @@ def test_the_vram_panel_plans_several_devices(monkeypatch):
     single = vram.estimate(shape, vram.settings_from_config(cfg, method="lora", device="cuda"))
     assert ests["lora"].total_bytes == vram.per_gpu(single, "ddp", 2).total_bytes > single.total_bytes
     assert "per GPU x 2" in vram_panel.plan_html(plans["run"])
+
+
+def test_a_short_run_gets_an_x_axis_of_whole_steps_and_a_longer_one_is_rebuilt_with_vegas_own():
+    """Steps are integers: over a few steps vega ticked half steps whose labels ran together ("7.58.0"). A short
+    run's axis spans MIN_X_SPAN steps (whole-step ticks at any chart width up to 1360 px); once the run outgrows it
+    the chart is rebuilt once with vega's own domain, and the data is swapped in place around that."""
+    sent = {}
+    short = plots.loss_frame([_m(s, 4.0 / s) for s in range(3, 11)])
+    first = plots.live_value(short, "loss", sent)
+    assert first["x_lim"] == [3, 3 + plots.MIN_X_SPAN]
+    # d3's tick step for the widest chart (1360 px: 34 ticks) over that span is whole steps
+    assert plots.MIN_X_SPAN / 34 >= 0.71
+    same = plots.loss_frame([_m(s, 4.0 / s) for s in range(3, 20)])
+    assert plots.live_value(same, "loss", sent) is same
+    long = plots.loss_frame([_m(s, 4.0 / s) for s in range(3, 40)])
+    rebuilt = plots.live_value(long, "loss", sent)
+    assert rebuilt["value"] is long and rebuilt["x_lim"] is None
+    assert plots.live_value(long, "loss", sent) is long
+    assert plots.chart_update(long)["x_lim"] is None and plots.chart_update(short)["x_lim"] == [3, 28]

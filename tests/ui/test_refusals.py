@@ -21,9 +21,9 @@ def test_the_export_toast_says_its_fix_once(capsys):
     run_dir = runs.create(C.RunConfig())
     runs.write_status(run_dir, state="failed")
     with pytest.raises(gr.Error) as e:
-        export_panel.export(run_dir.name, "final adapter", "/tmp/nowhere-honest", ["q8_0"], False, progress=lambda *a, **k: None)
+        list(export_panel.export(run_dir.name, "final adapter", "/tmp/nowhere-honest", ["q8_0"], False))
     text = str(e.value.message).lower()
-    assert text.count("fix") == 1 and "train the run to the end" in text
+    assert text.count("fix") == 1 and "failed before saving one" in text and "start it again" in text
 
 
 def test_handlers_refuse_without_a_traceback():

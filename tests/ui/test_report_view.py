@@ -50,8 +50,7 @@ def test_the_section_shows_the_cli_lines_and_offers_the_better_checkpoint(garage
     assert opened["folder"].endswith("r1-checkpoint-3-gguf")
     # the panel's pick reaches core.export.source as the CLI's --checkpoint does: a missing one is named
     with pytest.raises(gr.Error, match="no complete checkpoint-7"):
-        export_panel.export("r1", "checkpoint 7", str(garage_home / "out"), ["q8_0"], False,
-                            progress=lambda *a, **k: None)
+        list(export_panel.export("r1", "checkpoint 7", str(garage_home / "out"), ["q8_0"], False))
 
     step3 = report.make("r1", 3, session=session)
     assert report_view.render(step3)["best"] is None   # a checkpoint's own report points nowhere else

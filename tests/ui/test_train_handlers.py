@@ -95,6 +95,36 @@ def test_inspect_dataset_good_and_bad(tiny_model_dir, tmp_path):
     assert "bad.jsonl" in md and "line 2" in md and "Fix" in md and "Traceback" not in md
 
 
+def test_inspect_results_outlive_a_reload_until_the_file_changes(tiny_model_dir, tmp_path, garage_home):
+    """Issue 24: Inspect's results were lost on reload while the run was not. They are kept under the data key
+    (model, data settings, objective) and shown again for the same settings, not for others, and not once the
+    file has changed."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(5)))
+    cfg = C.apply_overrides(C.RunConfig(), [f"model.source={tiny_model_dir}", f"data.source={good}"])
+    names, values = form_values(cfg)
+    assert train_tab.stored_inspection(names, values) is None  # nothing inspected yet
+    r = train_tab.inspect_page(names, values)
+    kept = train_tab.stored_inspection(names, values)  # what a reloaded page shows
+    assert (kept.summary, kept.preview, kept.data_key, kept.tokens, kept.rows, kept.rejected) == (
+        r.summary, r.preview, r.data_key, r.tokens, r.rows, None)
+    assert kept.histogram["visible"] is True and kept.histogram["value"].equals(r.histogram["value"])
+    assert kept.histogram["color_map"] == r.histogram["color_map"] == {"fits": train_tab.HIST_COLORS["fits"]}
+    assert list((garage_home / "inspections").glob("*.json"))
+
+    dpo = C.apply_overrides(cfg, ["train.objective=dpo"])  # the objective reads the file otherwise: not this one
+    assert train_tab.data_key(dpo) != r.data_key and train_tab.stored_inspection(*form_values(dpo)) is None
+    good.write_text(good.read_text() + "\n" + json.dumps({"instruction": "more", "output": "rows"}))
+    assert train_tab.stored_inspection(names, values) is None  # the file changed: inspect it again
+
+    bad = tmp_path / "bad.jsonl"  # a refusal is kept too, with its words
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    names, values = form_values(C.apply_overrides(cfg, [f"data.source={bad}"]))
+    refused = train_tab.inspect_page(names, values)
+    again = train_tab.stored_inspection(names, values)
+    assert again.rejected == refused.rejected and "line 2" in again.rejected and again.histogram["visible"] is False
+
+
 def test_presets_apply_and_save(garage_home):
     names, values = form_values(presets.load("cpu-demo"))
     header, new_values = train_tab.apply_preset("gpu-8gb-qlora", names, values)
@@ -111,6 +141,19 @@ def test_upload_is_kept_in_the_home(tmp_path, garage_home):
     f.write_text("prompt,completion\na,b\n")
     kept = train_tab.keep_upload(str(f))
     assert kept.startswith(str(garage_home)) and open(kept).read() == f.read_text()
+
+
+def test_the_upload_box_empties_when_the_dataset_box_no_longer_holds_its_file(tmp_path, garage_home):
+    """Issue 24: after a new dataset path was typed, the upload box still showed the old file."""
+    import gradio as gr
+
+    f = tmp_path / "up.csv"
+    f.write_text("prompt,completion\na,b\n")
+    kept = train_tab.keep_upload(str(f))
+    assert train_tab.upload_follows(kept, str(f)) == gr.skip()  # the upload's own copy: the box stays
+    assert train_tab.upload_follows(str(tmp_path / "other.jsonl"), str(f)) is None  # typed over: emptied
+    assert train_tab.upload_follows(str(f), str(f)) is None  # the same name elsewhere is not the kept copy
+    assert train_tab.upload_follows("builtin:demo-identity", None) == gr.skip()  # nothing uploaded
 
 
 def test_stop_without_a_run_and_attach_with_none():
