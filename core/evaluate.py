@@ -19,6 +19,7 @@ from core.errors import GarageError
 from core.data import sft as data
 from core.data.tokenize import PackedRows
 from core.runs import folder as runs
+from core.train import rewards as reward_fns
 
 def evaluate(run_id: str, checkpoint: int | None = None, session: ChatSession | None = None,
              quant: str | None = None, max_new_tokens: int = 64, limit: int = 200,
@@ -79,8 +80,6 @@ def reward_scores(session: ChatSession, name: str, cfg, limit: int, say, user_co
     train.grpo_max_completion tokens: the mean weighted total ("base", "adapter"), per reward its mean and the share
     of prompts at full marks (1 or more), and the share of totals above zero. The prompts are the eval split, else
     the first training prompts (said in "split")."""
-    from core.train import rewards as reward_fns  # the reward presets: plain Python, but GRPO's own module
-
     note = ""
     if cfg.rewards.file.strip() and not user_code:
         cfg = copy.deepcopy(cfg)

@@ -33,6 +33,7 @@ from core.data import sft as data
 from core.data.read import BUILTIN_DATA
 from core.data.tokenize import PackedRows
 from core.errors import GarageError, RunError
+from core.evaluate import reward_scores
 from core.runs import folder as runs
 from core.runs import procs
 from core.runs import resolve as run_files
@@ -262,8 +263,6 @@ def task(session: ChatSession, name: str, cfg, say, user_code: bool = True) -> d
 def reward_task(session: ChatSession, name: str, cfg, say, user_code: bool) -> dict:
     """A GRPO run's task: its own rewards on held-out prompts (core.evaluate.reward_scores), base vs adapter, and
     the answers side by side with their rewards (a GRPO file has no reply to compare with)."""
-    from core.evaluate import reward_scores  # evaluate uses chat, as report does; no circle
-
     r = reward_scores(session, name, cfg, ANSWERS, say, user_code)
     answers = [{"prompt": x["prompt"], "reference": "", "base": x["base"], "adapter": x["adapter"],
                 "base_reward": x["base_reward"], "adapter_reward": x["adapter_reward"]} for x in r["rows"]]

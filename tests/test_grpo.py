@@ -5,6 +5,7 @@ to the same losses and rewards; QLoRA GRPO runs on the CPU; the lm_head target i
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from core import events as ev
 from core.config import RunConfig, validate
 from core.errors import ConfigError
+from core.runs import access
 from core.runs import folder as runs
 from tests.helpers.training import Launch, RESUME_TOLERANCE
 
@@ -213,3 +215,33 @@ def test_the_report_of_a_grpo_run_scores_its_rewards(launched):
     lines = "\n".join(report.outline(rep))
     assert "file:e_share x1: mean" in lines and "adapter [" in lines
     assert "file:e_share x1: mean" in details_html(rep)
+
+
+def test_try_rewards_samples_and_scores_in_a_child(tmp_path, untied_model_dir):
+    """`python -m core rewards` (the app's Try rewards): completions of the base for the first prompts, each scored
+    by every reward; the user's file runs in the child; a raising reward and a shared app are refused by name."""
+    from core.commands.rewards import run_child
+    from core.errors import GarageError
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    cfg = grpo_config(untied_model_dir, prompts, write_reward(tmp_path / "e_share.py", E_SHARE))
+    cfg.rewards.length_weight, cfg.rewards.length_min, cfg.rewards.length_max = 0.5, 1, 4
+    heard = []
+    r = run_child(cfg, prompts=2, samples=3, progress=lambda m, d=None, t=None: heard.append(m))
+    assert r["weights"] == {"length": 0.5, "file:e_share": 1.0} and len(r["items"]) == 6
+    assert [it["prompt"] for it in r["items"]] == ["Who are you 0?"] * 3 + ["Say a word 1?"] * 3
+    for it in r["items"]:
+        text = it["completion"]
+        assert it["rewards"]["file:e_share"] == pytest.approx(text.count("e") / max(1, len(text)))
+        assert 0 < it["tokens"] <= 8
+        assert it["reward"] == pytest.approx(0.5 * it["rewards"]["length"] + it["rewards"]["file:e_share"])
+    assert any(m.startswith("Sampling 3 completions") for m in heard)
+    cfg.rewards.file = str(write_reward(tmp_path / "raises.py", RAISES_ON_ROW_7))
+    with pytest.raises(GarageError, match="file:raises raised ValueError"):
+        run_child(cfg, prompts=9, samples=1)
+    os.environ[access.SHARED_ENV] = "1"
+    try:
+        with pytest.raises(GarageError, match="this app is shared beyond this computer"):
+            run_child(cfg, prompts=1, samples=1)
+    finally:
+        os.environ.pop(access.SHARED_ENV)
