@@ -26,7 +26,8 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
     recovered  step (the last completed optimizer step the run carries on from), at_step (the step that ran out
              of memory), what (REMEDY_*), why (the error's first line), message (what a person reads), mem_before
              (bytes: torch's peak reserved on CUDA, the process RSS on the CPU), batch_size, grad_accum,
-             grad_checkpointing (the settings after the change), from_checkpoint (the checkpoint resumed, or null
+             grad_checkpointing, max_len (the settings after the change), rows_cut (training rows longer than
+             max_len, cut or dropped: counted at every recovery), from_checkpoint (the checkpoint resumed, or null
              for a restart at step 0)
 
 Memory ("mem"), in bytes. "Peak" means what a user sees: the whole process on the GPU as the driver counts it
@@ -72,7 +73,9 @@ LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
 AT_STEP, WHAT, WHY, MEM_BEFORE = "at_step", "what", "why", "mem_before"
 BATCH_SIZE, GRAD_ACCUM, GRAD_CHECKPOINTING, FROM_CHECKPOINT = ("batch_size", "grad_accum", "grad_checkpointing",
                                                                "from_checkpoint")
-REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING = "micro_batch", "grad_checkpointing"
+MAX_LEN, ROWS_CUT = "max_len", "rows_cut"
+REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING, REMEDY_SHORTEN = "micro_batch", "grad_checkpointing", "shorten"
+REMEDIES = (REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING, REMEDY_SHORTEN)
 # startup fields: PHASE (one of STARTUP_PHASES), START (unix s), DURATION_S (s), CPU_S (s of CPU), DETAIL (text)
 PHASE, START, DURATION_S, CPU_S, DETAIL = "phase", "start", "duration_s", "cpu_s", "detail"
 # the child's start-up phases in the order they happen, with what each covers
@@ -160,12 +163,14 @@ class EventLog:
         self.write({TYPE: RESUME, STEP: step})
 
     def recovered(self, *, step: int, at_step: int, what: str, why: str, message: str, mem_before: int | None,
-                  batch_size: int, grad_accum: int, grad_checkpointing: bool, from_checkpoint: str | None) -> dict:
-        if what not in (REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING):
+                  batch_size: int, grad_accum: int, grad_checkpointing: bool, max_len: int, rows_cut: int,
+                  from_checkpoint: str | None) -> dict:
+        if what not in REMEDIES:
             raise ValueError(f"unknown remedy {what!r}")
         event = {TYPE: RECOVERED, STEP: step, AT_STEP: at_step, WHAT: what, WHY: why, MESSAGE: message,
                  MEM_BEFORE: mem_before, BATCH_SIZE: batch_size, GRAD_ACCUM: grad_accum,
-                 GRAD_CHECKPOINTING: grad_checkpointing, FROM_CHECKPOINT: from_checkpoint}
+                 GRAD_CHECKPOINTING: grad_checkpointing, MAX_LEN: max_len, ROWS_CUT: rows_cut,
+                 FROM_CHECKPOINT: from_checkpoint}
         self.write(event)
         return event
 

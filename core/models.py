@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from core.runs import portable
 from core.paths import models_dir
 from core.estimate import vram
 
+# The app's handlers run in threads: two that import transformers for the first time at once can see its lazy
+# modules half initialised (an ImportError for a name that exists). The first imports happen under this lock.
+IMPORT_LOCK = threading.RLock()
 BUILTIN_ID = "builtin:smollm2-135m"
 _BUILTIN_FOLDER = "smollm2-135m-instruct"
 _MARKER = "CONVERTED"
@@ -393,7 +397,8 @@ def saved_chat_template(folder: Path | str | None) -> str | None:
 def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False,
                    progress: Callable[[str], None] | None = None):
     """The tokenizer of a source (resolved first: a GGUF converts on first use, saying so to `progress`)."""
-    from transformers import AutoTokenizer  # heavy
+    with IMPORT_LOCK:
+        from transformers import AutoTokenizer  # heavy
 
     path = source_or_path if isinstance(source_or_path, Path) else resolve(str(source_or_path), progress=progress)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -534,7 +539,8 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
     attn: an attention kernel (None = transformers' choice). for_training: no KV cache, and 4-bit layers keep
     their training layout (keep_training_layout); otherwise the model is put in eval mode.
     Returns the model; `model.dtype` is the compute dtype for a 16-bit base."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy
+    with IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
     path = Path(path)
     check_safetensors(path)

@@ -13,6 +13,7 @@ import pandas as pd
 from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
+from core.runs import folder as runs
 from core.gguf import export as gguf_export
 from ui.refuse import refusal
 
@@ -35,10 +36,22 @@ class ExportPanel:
     """What a page fills to open the panel on a run (the run itself is the component passed to build)."""
     accordion: gr.Accordion
     folder: gr.Textbox
+    adapter: gr.Dropdown      # the final adapter or a checkpoint (runs.adapter_choices)
+    elem_id: str
 
 
-def default_folder(run_id: str | None) -> str:
-    return str(paths.home() / "exports" / f"{run_id or 'run'}-gguf")
+def default_folder(run_id: str | None, adapter: str | None = None) -> str:
+    step = runs.checkpoint_of(adapter)
+    return str(paths.home() / "exports" / f"{run_id or 'run'}{'' if step is None else f'-checkpoint-{step}'}-gguf")
+
+
+def adapter_choices(run_id: str | None) -> list[str]:
+    if not run_id:
+        return [runs.FINAL_ADAPTER]
+    try:
+        return runs.adapter_choices(runs.get(run_id))
+    except GarageError:
+        return [runs.FINAL_ADAPTER]
 
 
 def parity_table(report: dict) -> pd.DataFrame:
@@ -56,7 +69,8 @@ def parity_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def export(run_id: str | None, folder: str, quants: list[str], check: bool, progress=gr.Progress()):
+def export(run_id: str | None, adapter: str | None, folder: str, quants: list[str], check: bool,
+           progress=gr.Progress()):
     if not run_id:
         raise refusal("Pick a run first.")
     if not quants:
@@ -70,8 +84,9 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
         lines.append(msg)
         progress(None, desc=msg[:160])
 
-    try:
-        report = gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check)
+    try:  # the same path as the CLI's --checkpoint N: core.export.source(run, N)
+        report = gguf_export.export_gguf(run_id, folder.strip(), quants, runs.checkpoint_of(adapter), say=say,
+                                         parity=check)
     except GarageError as e:
         raise refusal(e)  # str(e) already ends with its fix: once is enough
     out = Path(folder.strip()).expanduser()
@@ -87,9 +102,11 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool, prog
     return "  \n".join(md), parity_table(report)
 
 
-def opened_on(run_id: str) -> dict:
-    """The panel opened (and shown) on a run: {ExportPanel field: value}, the folder its default for that run."""
-    return {"accordion": gr.Accordion(open=True, visible=True), "folder": default_folder(run_id)}
+def opened_on(run_id: str, adapter: str = runs.FINAL_ADAPTER) -> dict:
+    """The panel opened (and shown) on a run and one of its adapters: {ExportPanel field: value}, the adapter list
+    read afresh (checkpoints come while a run trains) and the folder its default for that adapter."""
+    return {"accordion": gr.Accordion(open=True, visible=True), "folder": default_folder(run_id, adapter),
+            "adapter": gr.update(choices=adapter_choices(run_id), value=adapter)}
 
 
 def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool = True) -> ExportPanel:
@@ -102,12 +119,17 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
                     "time (a C++ compiler and about 7 CPU-minutes)"
                     + ("" if gguf_tools.quantizer_installed() else " (not built yet on this machine)") + ".")
         with gr.Row():
+            adapter = gr.Dropdown(adapter_choices(pick.value), value=runs.FINAL_ADAPTER, label="Adapter", scale=2)
             folder = gr.Textbox(default_folder(pick.value), label="Export folder (new or empty)", scale=3)
             quants = gr.CheckboxGroup(list(gguf_tools.QUANTS), value=["q8_0"], label="GGUF types", scale=3)
             check = gr.Checkbox(value=True, label="parity check", scale=1)
         go = gr.Button("Export GGUF", variant="primary")
         status = gr.Markdown()
         table = gr.Dataframe(None, headers=COLUMNS, interactive=False, wrap=True, label="Parity with the adapter")
-    pick.change(default_folder, pick, folder)
-    go.click(export, [pick, folder, quants, check], [status, table])
-    return ExportPanel(accordion, folder)
+    pick.change(lambda rid: {adapter: gr.update(choices=adapter_choices(rid), value=runs.FINAL_ADAPTER),
+                             folder: default_folder(rid)}, pick, [adapter, folder])
+    adapter.focus(lambda rid, a: gr.update(choices=adapter_choices(rid), value=a), [pick, adapter], adapter,
+                  show_progress="hidden")
+    adapter.input(default_folder, [pick, adapter], folder, show_progress="hidden")
+    go.click(export, [pick, adapter, folder, quants, check], [status, table])
+    return ExportPanel(accordion, folder, adapter, elem_id)

@@ -4,7 +4,7 @@ import gradio as gr
 import httpx
 from gradio import networking
 
-from ui import chat_tab, hardware_bar, marks, progress, runs_tab, train_tab
+from ui import chat_tab, hardware_bar, marks, progress, report_view, runs_tab, train_tab
 
 CSS = """
 .lg-bar {display:flex; gap:1.5em; align-items:center; flex-wrap:wrap; padding:6px 12px; border-radius:8px;
@@ -14,7 +14,7 @@ CSS = """
 .lg-verdict-fits {color:#1a7f37; font-weight:700} .lg-verdict-tight {color:#b08800; font-weight:700}
 .lg-verdict-no {color:#cf222e; font-weight:700}
 .lg-runs td, .lg-runs th {font-size:13px}
-""" + marks.CSS + progress.CSS
+""" + marks.CSS + progress.CSS + report_view.CSS
 MAX_UPLOAD = "200mb"
 
 

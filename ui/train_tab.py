@@ -613,7 +613,7 @@ def build() -> TrainTab:
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)
     run_view.wire(view, run_id, timer)
-    report_view.wire(report_section, run_id)
+    report_view.wire(report_section, run_id, export)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
     eta_tail = gr.State(None)  # what the ETA line has read of the running run's events
@@ -634,9 +634,9 @@ def build() -> TrainTab:
 
     def _export_open(rid):
         named = open_export(rid)
-        return {export.accordion: named["accordion"], export.folder: named["folder"]}
+        return {getattr(export, k): v for k, v in named.items()}
 
-    view.export_btn.click(_export_open, run_id, [export.accordion, export.folder]).success(
+    view.export_btn.click(_export_open, run_id, [export.accordion, export.folder, export.adapter]).success(
         None, None, None, js=export_panel.scroll_to(export_panel.TRAIN_PANEL_ID))
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
                     on_load=(_on_load, [target, inspected] + widgets, [run_id, timer] + vram_outputs + widgets))

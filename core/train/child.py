@@ -112,7 +112,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     writes the run folder."""
     from transformers import set_seed  # heavy
 
-    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, kill_point, parse_faults  # heavy
+    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, kill_point, oom_point, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
     if os.environ.get(FAULT_RANK_ENV, "") not in ("", str(distributed.rank())):
@@ -144,21 +144,30 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     check_disk(run_dir, model, cfg)
     ctx.timeline.mark("model load")
     startup_phase(run_dir, 4)  # recovery's train sets ctx.phase "first step" and trains
-    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery, train.probe
+    # train.oom_recovery, train.probe; auto+shorten prepares the data again at a smaller data.max_len
+    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan, prepared,
+                              reprepare=lambda c: shorten_data(run_dir, c, tokenizer))
     trainer, callback = retry.train(
-        lambda p: build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                memory=memory.reading if memory else None, plan=p), resume_from, ctx)
+        lambda p, data: build_trainer(run_dir, cfg, model, tokenizer, data, device, events, stop, ctx, faults,
+                                      memory=memory.reading if memory else None, plan=p), resume_from, ctx)
+    prepared = retry.prepared
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
-    if prepared.eval and not cfg.train.eval_steps and not stop.requested and cfg.train.objective != "grpo":
-        trainer.evaluate()  # eval_steps=0 means: once, at the end
 
-    ctx.phase = "save"
+    # the adapter first: an out of memory in the end-of-run evaluation then loses nothing
+    ctx.phase = "final save"
     if distributed.is_main():
-        save_adapter(trainer.model, tokenizer, run_dir, before_rename=lambda: kill_point(faults, "killfinal"))
+        def save():
+            oom_point(faults, "oomsave")
+            save_adapter(trainer.model, tokenizer, run_dir, before_rename=lambda: kill_point(faults, "killfinal"))
+
+        recovery.final_save(save, trainer, cfg, events, device)
         if os.environ.get(PROBE_ENV) == "1":
             save_probe(trainer.model, prepared.train[0], run_dir)
     distributed.barrier()  # no rank ends (and tears the group down) before rank 0 has written the adapter
+    if prepared.eval and not cfg.train.eval_steps and not stop.requested and cfg.train.objective != "grpo":
+        ctx.phase = "final eval"  # eval_steps=0 means: once, at the end
+        recovery.final_eval(trainer, cfg, events, device)
     return "stopped" if stop.requested else "completed"
 
 
@@ -656,6 +665,21 @@ def _note_world_change(run_dir: Path, now, events: ev.EventLog) -> None:
     distributed.record_plan(run_dir, now)
 
 
+def shorten_data(run_dir: Path, cfg, tokenizer):
+    """The data prepared again at cfg.data.max_len (out-of-memory recovery's auto+shorten), and the run's fingerprint
+    made to say so (main rank), so a later resume, which prepares the data from the rewritten config.yaml, accepts
+    the checkpoints trained on it."""
+    prepared, _ = data_cache.prepare(cfg, tokenizer)
+    if not prepared.train:
+        raise RunError(f"no training rows are left at data.max_len={cfg.data.max_len} (out-of-memory recovery "
+                       "shortened the rows)", "set train.oom_recovery=auto, or data.overlong=truncate")
+    if distributed.is_main():
+        fp = runs.read_fingerprint(run_dir) or {}
+        fp.setdefault("data", {}).update(max_len=cfg.data.max_len, tokens_sha256=tokens_digest(prepared.train))
+        runs.write_fingerprint(run_dir, fp)
+    return prepared
+
+
 def tokens_digest(rows) -> str:
     """sha256 of the training examples exactly as the model sees them (ids and loss mask)."""
 
@@ -751,7 +775,8 @@ def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
 
 def oom_error(ctx, cfg, gpu: bool) -> OutOfMemory:
     where = "GPU memory" if gpu else "RAM"
-    at = f" at step {ctx.step}" if ctx.phase in ("first step", "train", "save", "eval") and ctx.step else ""
+    at = (f" at step {ctx.step}" if ctx.phase in ("first step", "train", "save", "eval", "final save", "final eval")
+          and ctx.step else "")
     tips = []
     if cfg is not None:
         t, d, q = cfg.train, cfg.data, cfg.quant

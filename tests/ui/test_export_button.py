@@ -24,7 +24,8 @@ def test_a_completed_run_shows_the_button_and_its_click_opens_the_export_panel(g
     assert not _visible(r["resume_btn"])
 
     named = train_tab.open_export("done-run")
-    assert set(named) == {"accordion", "folder"}
+    assert set(named) == {"accordion", "folder", "adapter"}
+    assert named["adapter"]["value"] == "final adapter" and named["adapter"]["choices"] == ["final adapter"]
     assert isinstance(named["accordion"], gr.Accordion) and named["accordion"].open is True
     assert named["accordion"].visible is True
     assert named["folder"] == export_panel.default_folder("done-run")
