@@ -24,8 +24,9 @@ from ui import export_panel, marks, plots, report_view, run_view, train_tab
 
 COLUMNS = ["run", "state", "model", "dataset", "method", "objective", "steps", "loss", "duration",
            "peak mem / estimate"]
-# at 1400 px: short model and dataset names (the full ones are in the open run's config); the widths fit what the cells hold
-COLUMN_WIDTHS = ["284px", "96px", "120px", "126px", "74px", "88px", "80px", "76px", "84px", "232px"]
+# at 1400 px: short model and dataset names (the full ones are in the open run's config); the widths fit what the cells
+# hold in one line (a built-in model's run id, "7 min 38 s"), and a longer cell (a run name of your own) wraps, never cut
+COLUMN_WIDTHS = ["300px", "92px", "120px", "126px", "74px", "88px", "80px", "68px", "100px", "216px"]
 
 
 def table() -> pd.DataFrame:
@@ -172,7 +173,7 @@ def relist(current: str | None, compared: list | None = None) -> tuple:
 def build(tabs: gr.Tabs, train, chat) -> tuple:
     """Lay out the page; returns (fn, inputs, outputs) for the app's load event, which re-lists the runs."""
     refresh_btn = gr.Button("Refresh", size="sm")
-    grid = gr.Dataframe(table(), interactive=False, wrap=False, label="Runs (newest first)", max_height=320,
+    grid = gr.Dataframe(table(), interactive=False, wrap=True, label="Runs (newest first)", max_height=320,
                         column_widths=COLUMN_WIDTHS, elem_classes=["lg-runs"])
     ids = [r["id"] for r in runs.list_runs()]
     with gr.Row():

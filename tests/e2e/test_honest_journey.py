@@ -70,8 +70,10 @@ def _wait_lock_free(home: Path, run_dir: Path, timeout_s: float = 120):
 def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path):
     url, home, _ = app_server
     errors: list[str] = []
-    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    phase = ["page load"]  # each error names the part of the journey it came in
+    page.on("console", lambda m: errors.append(f"[{phase[0]}] console.{m.type}: {m.text}") if m.type == "error"
+            else None)
+    page.on("pageerror", lambda e: errors.append(f"[{phase[0]}] pageerror: {e}"))
     page.goto(url, wait_until="load")
     start = page.get_by_role("button", name="Start training")
     start.wait_for(timeout=120000)
@@ -80,6 +82,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     model.press("Enter")
 
     # Inspect's results outlive a reload: the same settings show them again without a new Inspect
+    phase[0] = "inspect and reload"
     page.get_by_role("button", name="Inspect dataset").click()
     summary = page.locator("p", has_text="trained tokens per epoch").filter(visible=True).first
     summary.wait_for(timeout=300000)
@@ -94,6 +97,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     _fill(page, "max steps", "40")
 
     # bad input: flagged when it changes, refused at Start, no run folder
+    phase[0] = "bad input"
     _fill(page, "lr", "-1")
     page.get_by_text("learning rate must be > 0, got -1").first.wait_for(timeout=30000)
     start.click()
@@ -104,6 +108,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
                            timeout=30000)
 
     # a run that fails at once: every row longer than max_len, with overlong=drop
+    phase[0] = "failed run"
     _fill(page, "max len", "16")
     page.get_by_text("Advanced", exact=True).click()
     page.get_by_role("radio", name="drop", exact=True).first.check()
@@ -118,6 +123,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     _wait_lock_free(home, failed)
 
     # a slow run stopped mid-run: the page says what status.json says
+    phase[0] = "stop"
     _fill(page, "max len", "256")
     page.get_by_role("radio", name="truncate", exact=True).first.check()
     time.sleep(1)
@@ -140,6 +146,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
 
     # its adapter exported from the Train page, each phase on screen (k of n where it has one); a stop that had to
     # kill saved no adapter, and the page offers no export
+    phase[0] = "export"
     _wait_lock_free(home, slow)
     export_btn = page.get_by_role("button", name="Export to GGUF / Ollama")
     if not run_files.has_adapter(slow):
@@ -156,12 +163,14 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
         assert f"Parity check: {verdict}" in panel.inner_text()
         _shot(page, "24-export-done")
 
+    phase[0] = "runs page after the stop"
     page.get_by_role("tab", name="Runs").click()
     page.get_by_text(re.compile("Stopped and saved|was killed|nothing was saved")).filter(visible=True).first.wait_for(
         timeout=60000)
     time.sleep(3)
     _shot(page, "24-runs-after-stop")
     # the Runs page's export panel follows the open run: the failed one closes it and says why
+    phase[0] = "runs page: failed run picked"
     pick = page.get_by_label("Open run").first
     pick.click()
     page.get_by_role("option", name=failed.name).click()
@@ -173,6 +182,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     page.get_by_role("tab", name="Train").click()
 
     # a preset switch resets what the preset does not name (the objective), and says so
+    phase[0] = "preset switch"
     preset = page.get_by_label("Preset").first
     preset.click()
     page.get_by_role("option", name="cpu-dpo-demo").click()
@@ -185,6 +195,7 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     assert page.get_by_role("radio", name="sft", exact=True).first.is_checked()
 
     # Start refuses dpo on an SFT file before a run folder exists, with the words Inspect gives
+    phase[0] = "start refused"
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(4)))
     page.get_by_role("radio", name="dpo", exact=True).first.check()
@@ -206,6 +217,6 @@ def test_journey_off_the_golden_path(app_server, page, tiny_model_dir, tmp_path)
     assert _run_dirs(home) == before
     time.sleep(2)
 
-    assert errors == []
+    assert errors == [], "\n".join(errors)
     log = "".join(p.read_text() for p in home.glob("app-*.log"))
     assert "Traceback" not in log, log[-3000:]
