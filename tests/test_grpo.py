@@ -15,7 +15,7 @@ from core.config import RunConfig, validate
 from core.errors import ConfigError
 from core.runs import access
 from core.runs import folder as runs
-from tests.helpers.training import Launch, RESUME_TOLERANCE
+from tests.helpers.training import Launch, launch_each, RESUME_TOLERANCE
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +80,7 @@ def launched(tmp_path_factory, untied_model_dir, shared_models):
              "raises": (grpo_config(untied_model_dir, prompts, raises, max_steps=40), {}),
              "beta": (grpo_config(untied_model_dir, prompts, e_share, grpo_beta=0.1, max_steps=4), {}),
              "qlora": (qlora, {})}
-    out = {}
-    for name, (cfg, env) in specs.items():
-        home = root / f"home-{name}"
-        (home / "models").mkdir(parents=True)
-        out[name] = Launch(home, cfg, env)
-    return out
+    return launch_each(root, specs)
 
 
 def _field(run_dir, name) -> dict[int, float]:
