@@ -15,7 +15,7 @@ from core.config import RunConfig, validate
 from core.errors import ConfigError
 from core.runs import access
 from core.runs import folder as runs
-from tests.helpers.training import Launch, launch_each, RESUME_TOLERANCE
+from tests.helpers.training import launch_each, RESUME_TOLERANCE
 
 pytestmark = pytest.mark.integration
 

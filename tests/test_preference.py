@@ -15,7 +15,7 @@ from core.runs import folder as runs
 from core.estimate import vram
 from core.config import RunConfig
 from core.errors import DatasetError
-from tests.helpers.training import Launch, launch_each, losses, RESUME_TOLERANCE
+from tests.helpers.training import launch_each, losses, RESUME_TOLERANCE
 
 pytestmark = pytest.mark.integration
 

@@ -7,6 +7,7 @@ refresh, a second tab or an app restart shows the same run from its files.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 import gradio as gr
@@ -82,7 +83,9 @@ def build() -> RunView:
     with gr.Column(visible=False) as charts:  # shown once a run is attached: empty charts say nothing
         # one chart a line: side by side in this column their titles and legends were cut at 1400 px
         with gr.Column(visible=False) as grpo:  # a GRPO run's own charts, first
-            reward = _plot("Reward: the completions' mean, per reward function, and spread (GRPO)", "reward", 260)
+            # a short title: the longer "Reward: the completions' mean, per reward function, and spread (GRPO)" was
+            # cut at both ends in this column at 1400 px
+            reward = _plot("Reward (GRPO): mean, per function, spread", "reward", 260)
             completion = _plot("Completions: mean length and share cut at the limit", "tokens / %", 170)
             policy = _plot("KL to the reference and entropy", "nats", 170)
         loss = _plot("Loss", "loss", 260)
@@ -284,15 +287,29 @@ def samples_md(events: list[dict]) -> str:
 
 
 def completions_md(event: dict) -> str:
-    """A GRPO checkpoint's sampled completions, each with its total reward and each reward function's score."""
-    rows = []
+    """A GRPO checkpoint's sampled completions, each with its total reward and each reward function's score.
+    The prompt is shown without the chat template's markers (<|im_start|> and the like filled its cell and squeezed
+    the completion to a few letters a line), once per group of completions that share it."""
+    rows, last = [], None
     for it in event.get(ev.ITEMS) or []:
-        parts = ", ".join(f"{html.escape(k)} {v:g}" for k, v in (it.get(ev.REWARDS) or {}).items())
-        rows.append(f"<tr><td>{html.escape(str(it.get(ev.PROMPT, ''))[-160:])}</td>"
+        prompt = _plain_prompt(str(it.get(ev.PROMPT, "")))
+        shown = html.escape(prompt[-160:]) if prompt != last else '<i>(same prompt)</i>'
+        last = prompt
+        parts = "<br>".join(f"{html.escape(k)} {v:g}" for k, v in (it.get(ev.REWARDS) or {}).items())
+        rows.append(f"<tr><td>{shown}</td>"
                     f"<td>{html.escape(str(it.get(ev.COMPLETION, ''))) or '<i>(empty)</i>'}</td>"
-                    f"<td>{it.get(ev.REWARD, 0):.2f} ({parts})</td></tr>")
-    return (f"#### Sampled completions at step {event.get(ev.STEP)}, with their rewards\n\n<table><tr><th>prompt"
-            f"</th><th>completion</th><th>reward</th></tr>{''.join(rows)}</table>")
+                    f"<td><b>{it.get(ev.REWARD, 0):.2f}</b><br><small>{parts}</small></td></tr>")
+    return (f"#### Sampled completions at step {event.get(ev.STEP)}, with their rewards\n\n"
+            '<table style="table-layout: fixed; width: 100%"><tr><th style="width: 38%">prompt</th>'
+            f'<th style="width: 38%">completion</th><th style="width: 24%">reward</th></tr>{"".join(rows)}</table>')
+
+
+_TEMPLATE_MARK = re.compile(r"<\|[^|<>]{1,40}\|>|<(?:/?s|start_of_turn|end_of_turn)>")
+
+
+def _plain_prompt(text: str) -> str:
+    """A rendered prompt as a person reads it: the template's special markers dropped, whitespace collapsed."""
+    return " ".join(_TEMPLATE_MARK.sub(" ", text).split())
 
 
 def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:
