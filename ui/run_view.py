@@ -295,7 +295,7 @@ def completions_md(event: dict) -> str:
         prompt = _plain_prompt(str(it.get(ev.PROMPT, "")))
         shown = html.escape(prompt[-160:]) if prompt != last else '<i>(same prompt)</i>'
         last = prompt
-        parts = "<br>".join(f"{html.escape(k)} {v:g}" for k, v in (it.get(ev.REWARDS) or {}).items())
+        parts = "<br>".join(f"{html.escape(k)} {v:.2f}" for k, v in (it.get(ev.REWARDS) or {}).items())
         rows.append(f"<tr><td>{shown}</td>"
                     f"<td>{html.escape(str(it.get(ev.COMPLETION, ''))) or '<i>(empty)</i>'}</td>"
                     f"<td><b>{it.get(ev.REWARD, 0):.2f}</b><br><small>{parts}</small></td></tr>")
