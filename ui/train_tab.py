@@ -665,7 +665,7 @@ def build() -> TrainTab:
     def _try_rewards(*vals):
         yield from try_rewards(names, list(vals))
 
-    try_btn.click(_try_rewards, widgets, [try_phase, try_out], show_progress="minimal")
+    try_btn.click(_try_rewards, widgets, [try_phase, try_out], show_progress="hidden")
 
     def _data_changed(*v):
         # results belong to one dataset: a new one clears them until it is inspected, unless these very settings
