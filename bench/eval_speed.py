@@ -6,13 +6,16 @@
 One-at-a-time is how `eval` answered before: each held-out prompt through ChatSession.compare (base and adapter
 as one batch of two rows). Batched is ChatSession.answer_pairs, as `eval`, the Score button and the report use it
 now: every prompt in left-padded batches sized by the memory budget, base and adapter rows together. The texts must
-be equal (greedy); the table prints the seconds of each way and their ratio.
+be equal (greedy); the table prints the seconds of each way and their ratio. The 1-minute load average is recorded
+before and after each arm: on a shared machine a load that changes between the arms skews the ratio (a busier
+one-at-a-time arm overstates it), so read the ratio with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +51,7 @@ def main() -> int:
     print(f"run {run_dir.name}: {len(items)} prompts, {args.max_new_tokens} new tokens at most, "
           f"device {session.device}, model loaded in {load_s:.1f} s")
 
+    load = {"before_one_at_a_time": os.getloadavg()[0]}
     t = time.perf_counter()
     single = []
     for k, item in enumerate(items):
@@ -57,12 +61,14 @@ def main() -> int:
         single.append(pair)
         print(f"\r  one at a time: {k + 1}/{len(items)}", end="", flush=True)
     single_s = time.perf_counter() - t
+    load["after_one_at_a_time"] = os.getloadavg()[0]
     print()
 
     t = time.perf_counter()
     prompts = [session.encode(item["messages"], settings) for item in items]
     base, adapted = session.answer_pairs(prompts, name, args.max_new_tokens)
     batched_s = time.perf_counter() - t
+    load["after_batched"] = os.getloadavg()[0]
 
     batched = list(zip(base, adapted))
     same = sum(a == b for a, b in zip(single, batched))
@@ -74,9 +80,12 @@ def main() -> int:
     print(f"{'one at a time':<16}{single_s:>10.1f}")
     print(f"{'batched':<16}{batched_s:>10.1f}")
     print(f"speed-up: {ratio:.1f}x; same texts: {same}/{len(items)} prompts (base and adapter)")
+    print("1-minute load average: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in load.items())
+          + f" (on {os.cpu_count()} CPUs)")
     result = {"run": run_dir.name, "checkpoint": args.checkpoint, "device": session.device, "prompts": len(items),
               "max_new_tokens": args.max_new_tokens, "one_at_a_time_s": round(single_s, 2),
-              "batched_s": round(batched_s, 2), "speedup": round(ratio, 2), "same_texts": same}
+              "batched_s": round(batched_s, 2), "speedup": round(ratio, 2), "same_texts": same,
+              "load_average_1m": {k: round(v, 2) for k, v in load.items()}, "cpus": os.cpu_count()}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,13 @@
 """LoRA Garage's engine. Importing it stays cheap: heavy libraries load inside the functions that use them."""
 
-import logging
+import time
+
+# When this process began importing core: the start-up timeline's "spawn" phase ends and "imports" begins here
+# (core.train.startup). First, before anything else is imported.
+STARTED_AT = time.time()
+STARTED_CPU = time.process_time()  # the CPU seconds this process had spent by then (the interpreter's start-up)
+
+import logging  # noqa: E402 - after STARTED_AT, which must be taken first
 
 
 class _OptionalKernelNotice(logging.Filter):

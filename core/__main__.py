@@ -15,6 +15,7 @@ COMMANDS = {
     "runs": "list runs; show, stop, resume, log or delete one",
     "chat": "chat with a trained adapter (or compare it with the base model)",
     "eval": "score base vs adapter on a run's held-out eval prompts",
+    "rewards": "try a GRPO run's rewards: sample a few completions and score each, before training",
     "report": "a run's report card: did it learn, what did it change elsewhere, is it healthy (report.json)",
     "export": "merge an adapter into its base, zip it, or write GGUF + an Ollama Modelfile (--gguf)",
     "serve": "serve the base model and every run's adapter through an OpenAI-compatible API",

@@ -278,11 +278,11 @@ class ChatSession:
         return both[:n], both[n:]
 
     def answer_batch(self, prompts: list[list[int]], adapter: str | bool | list | None = None,
-                     max_new_tokens: int = 64, progress=None, with_ids: bool = False) -> list:
+                     max_new_tokens: int = 64, progress=None, with_ids: bool = False, temperature: float = 0.0) -> list:
         """Greedy answers to many prompts (token ids, as encode() makes them), in left-padded batches sized by the
         memory budget (batch_rows); each row stops at its own end of turn. The texts are those stream() gives;
         with_ids: (text, answer token ids) pairs. `adapter`: one for all rows, or a list of one per row (BASE for
-        the base model). `progress(done, total)` hears each batch."""
+        the base model). `progress(done, total)` hears each batch. temperature > 0 samples instead (as GRPO does)."""
         import torch  # heavy
         from transformers import GenerationConfig  # heavy
 
@@ -303,7 +303,9 @@ class ChatSession:
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=self.base.device)
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
                                     device=self.base.device)
-                gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, self.context - width)), do_sample=False,
+                sampled = {"do_sample": True, "temperature": float(temperature), "top_p": 1.0, "top_k": 0} \
+                    if temperature > 0 else {"do_sample": False}
+                gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, self.context - width)), **sampled,
                                        eos_token_id=eos, pad_token_id=pad, stop_strings=self.stop_texts or None)
                 mixed = {"adapter_names": [names[i] for i in chunk]} if len(rows) > 1 else {}
                 with (self._adapter_ctx(rows[0]) if len(rows) == 1 else nullcontext()), torch.inference_mode():

@@ -34,7 +34,8 @@ PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # trained on chosen / rejected pairs
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 # train.dpo_loss: TRL's DPO loss types that need nothing beyond beta (DPOConfig.loss_type)
 # train.oom_recovery: what the child may change by itself when a step runs out of memory (core.train.recovery)
-OOM_RECOVERY = ("auto", "off")
+OOM_RECOVERY = ("auto", "auto+shorten", "off")
+SHORTEN_MIN_LEN = 32  # auto+shorten never halves data.max_len below this
 PROBES = ("auto", "on", "off")  # train.probe: auto = on for a GPU, off for the CPU
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as core.data.turns.PLACEHOLDER reads them
@@ -136,8 +137,10 @@ class TrainConfig:
     oom_recovery: str = _f("auto", "Out of memory in a step: auto halves the micro-batch and doubles grad_accum (same "
                                    "effective batch and learning-rate schedule) down to 1, then turns "
                                    "grad_checkpointing on, and carries on from the last optimizer step; each change "
-                                   "is recorded and the saved config keeps the final settings. off fails the run "
-                                   "with suggestions instead.", OOM_RECOVERY)
+                                   "is recorded and the saved config keeps the final settings. auto+shorten: then "
+                                   "also halves data.max_len (not below 32 tokens; SFT only), cutting the rows "
+                                   "longer than that, with the count said. off fails the run with suggestions "
+                                   "instead.", OOM_RECOVERY)
     probe: str = _f("auto", "Pre-flight probe: before step 1, one forward and backward pass at the longest batch "
                             "the data will produce (no optimizer step), so an out of memory is recovered before "
                             "training rather than hours in; its measured peak goes into estimate.json. auto: on "
@@ -443,8 +446,16 @@ def validate(cfg: RunConfig) -> None:
         what = "prompts for GRPO" if t.objective == "grpo" else "preference pairs"
         raise ConfigError("data.packing", f"cannot pack {what} (train.objective={t.objective})",
                           "set data.packing=false")
+    if t.oom_recovery == "auto+shorten" and t.objective != "sft":
+        raise ConfigError("train.oom_recovery", f"auto+shorten cuts the rows of SFT data only, and this run trains "
+                          f"{t.objective} (cutting a {'prompt' if t.objective == 'grpo' else 'preference pair'} "
+                          f"would change what is learned)", "set train.oom_recovery=auto")
     if t.objective == "grpo":
         validate_grpo(t, cfg.rewards)
+        if "lm_head" in target_modules(lo.targets):
+            raise ConfigError("lora.targets", "GRPO cannot train an adapter on lm_head: TRL computes the completions' "
+                              "log-probabilities from lm_head's own weight, so that adapter would never learn",
+                              "remove lm_head from lora.targets (all-linear leaves it out)")
     needs_bnb = q.method in ("qlora", "8bit") or t.optimizer != "adamw"
     if needs_bnb and not bnb_available():
         which = "quant.method" if q.method in ("qlora", "8bit") else "train.optimizer"

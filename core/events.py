@@ -17,10 +17,17 @@ One JSON object per line, flushed per line; "t" (unix seconds) on every event.
     log      level (info|warning|error), message, hint (errors), topic (TOPIC_* for notes a page shows apart)
     data     the dataset's stats at start (core.data.sft.DataStats.to_dict: format, rows, tokens, ...)
     resume   step (metrics after it, logged before a crash or stop, are superseded)
+    startup  one per start-up phase of the child, in order, written as it ends: phase (STARTUP_PHASES), start
+             (unix s), duration_s (s, wall clock), cpu_s (s of CPU the child's threads spent in it: on a loaded machine
+             wall time stretches, CPU time much less), detail (text: what the phase did, e.g. "from the cache").
+             Back to back: each
+             phase starts where the one before ended, so their sum is the time from spawn to the first metrics
+             event (core.train.startup writes them; startup_timeline reads them)
     recovered  step (the last completed optimizer step the run carries on from), at_step (the step that ran out
              of memory), what (REMEDY_*), why (the error's first line), message (what a person reads), mem_before
              (bytes: torch's peak reserved on CUDA, the process RSS on the CPU), batch_size, grad_accum,
-             grad_checkpointing (the settings after the change), from_checkpoint (the checkpoint resumed, or null
+             grad_checkpointing, max_len (the settings after the change), rows_cut (training rows longer than
+             max_len, cut or dropped: counted at every recovery), from_checkpoint (the checkpoint resumed, or null
              for a restart at step 0)
 
 Memory ("mem"), in bytes. "Peak" means what a user sees: the whole process on the GPU as the driver counts it
@@ -42,6 +49,7 @@ TYPE, T = "type", "t"
 METRICS, EVAL, SAMPLE, LOG, DATA, RESUME = "metrics", "eval", "sample", "log", "data", "resume"
 RECOVERED = "recovered"
 COMPLETIONS = "completions"
+STARTUP = "startup"
 
 # metrics fields
 STEP, EPOCH, LOSS, LR, GRAD_NORM = "step", "epoch", "loss", "lr", "grad_norm"
@@ -65,7 +73,22 @@ LEVEL, MESSAGE, HINT, TOPIC = "level", "message", "hint", "topic"
 AT_STEP, WHAT, WHY, MEM_BEFORE = "at_step", "what", "why", "mem_before"
 BATCH_SIZE, GRAD_ACCUM, GRAD_CHECKPOINTING, FROM_CHECKPOINT = ("batch_size", "grad_accum", "grad_checkpointing",
                                                                "from_checkpoint")
-REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING = "micro_batch", "grad_checkpointing"
+MAX_LEN, ROWS_CUT = "max_len", "rows_cut"
+REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING, REMEDY_SHORTEN = "micro_batch", "grad_checkpointing", "shorten"
+REMEDIES = (REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING, REMEDY_SHORTEN)
+# startup fields: PHASE (one of STARTUP_PHASES), START (unix s), DURATION_S (s), CPU_S (s of CPU), DETAIL (text)
+PHASE, START, DURATION_S, CPU_S, DETAIL = "phase", "start", "duration_s", "cpu_s", "detail"
+# the child's start-up phases in the order they happen, with what each covers
+STARTUP_PHASES = {
+    "spawn": "the runner's spawn to the child's Python importing core",
+    "imports": "torch, transformers, peft and the child's own modules; the run's config",
+    "model files": "finding (converting on first use) the model files, the estimate, the tokenizer",
+    "tokenise": "reading and tokenising the dataset, or reading it back from the data cache",
+    "model load": "loading the weights and adding LoRA",
+    "padding-free check": "checking that flattened rows stay apart on this model, or its cached verdict",
+    "trainer build": "the Trainer, its arguments, the loss and the callbacks",
+    "first step": "the first optimizer step(s), to the first metrics event",
+}
 
 # mem fields (bytes)
 MEM_RSS = "rss"                                    # CPU: process resident set size now
@@ -140,12 +163,26 @@ class EventLog:
         self.write({TYPE: RESUME, STEP: step})
 
     def recovered(self, *, step: int, at_step: int, what: str, why: str, message: str, mem_before: int | None,
-                  batch_size: int, grad_accum: int, grad_checkpointing: bool, from_checkpoint: str | None) -> dict:
-        if what not in (REMEDY_MICRO_BATCH, REMEDY_CHECKPOINTING):
+                  batch_size: int, grad_accum: int, grad_checkpointing: bool, max_len: int, rows_cut: int,
+                  from_checkpoint: str | None) -> dict:
+        if what not in REMEDIES:
             raise ValueError(f"unknown remedy {what!r}")
         event = {TYPE: RECOVERED, STEP: step, AT_STEP: at_step, WHAT: what, WHY: why, MESSAGE: message,
                  MEM_BEFORE: mem_before, BATCH_SIZE: batch_size, GRAD_ACCUM: grad_accum,
-                 GRAD_CHECKPOINTING: grad_checkpointing, FROM_CHECKPOINT: from_checkpoint}
+                 GRAD_CHECKPOINTING: grad_checkpointing, MAX_LEN: max_len, ROWS_CUT: rows_cut,
+                 FROM_CHECKPOINT: from_checkpoint}
+        self.write(event)
+        return event
+
+    def startup(self, phase: str, start: float, duration_s: float, cpu_s: float | None = None,
+                detail: str | None = None) -> dict:
+        if phase not in STARTUP_PHASES:
+            raise ValueError(f"unknown start-up phase {phase!r} (add it to core.events.STARTUP_PHASES first)")
+        event = {TYPE: STARTUP, PHASE: phase, START: round(start, 3), DURATION_S: round(duration_s, 3)}
+        if cpu_s is not None:
+            event[CPU_S] = round(cpu_s, 3)
+        if detail:
+            event[DETAIL] = detail
         self.write(event)
         return event
 
@@ -283,3 +320,35 @@ def last_metric(events: list[dict], field: str):
         if e.get(field) is not None:
             return e[field]
     return None
+
+
+def startup_timeline(events: list[dict]) -> list[dict]:
+    """The run's latest start-up, phase by phase: [{phase, start, duration_s, detail}] in the order they happened.
+    A resumed run starts its child again: only the events after the last "spawn" (or the first phase) count."""
+    rows: list[dict] = []
+    for e in of_type(events, STARTUP):
+        if e.get(PHASE) == "spawn" or (rows and rows[-1].get(PHASE) == "first step"):
+            rows = []
+        rows.append({PHASE: e.get(PHASE), START: e.get(START), DURATION_S: e.get(DURATION_S),
+                     CPU_S: e.get(CPU_S), DETAIL: e.get(DETAIL, "")})
+    return rows
+
+
+def format_timeline(rows: list[dict]) -> str:
+    """The start-up timeline as a small text table (wall seconds, share of the whole, CPU seconds), or "" when
+    there is none."""
+    if not rows:
+        return ""
+    total = sum(float(r[DURATION_S] or 0) for r in rows)
+    cpu = sum(float(r.get(CPU_S) or 0) for r in rows)
+    width = max(len(str(r[PHASE])) for r in rows)
+    lines = [f"{'phase':<{width}}  {'seconds':>8}  {'share':>5}  {'CPU s':>7}  detail"]
+    for r in rows:
+        s = float(r[DURATION_S] or 0)
+        c = f"{r[CPU_S]:7.2f}" if r.get(CPU_S) is not None else f"{'-':>7}"
+        lines.append(f"{r[PHASE]:<{width}}  {s:8.2f}  {100 * s / total if total else 0:4.0f}%  {c}  "
+                     f"{r[DETAIL] or ''}".rstrip())
+    done = rows[-1][PHASE] == "first step"
+    lines.append(f"{'total' if done else 'so far':<{width}}  {total:8.2f}  {'':>5}  {cpu:7.2f}  "
+                 + ("to the first metrics event" if done else "(the first step has not ended yet)"))
+    return "\n".join(lines)

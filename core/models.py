@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from core.runs import portable
 from core.paths import models_dir
 from core.estimate import vram
 
+# The app's handlers run in threads: two that import transformers for the first time at once can see its lazy
+# modules half initialised (an ImportError for a name that exists). The first imports happen under this lock.
+IMPORT_LOCK = threading.RLock()
 BUILTIN_ID = "builtin:smollm2-135m"
 _BUILTIN_FOLDER = "smollm2-135m-instruct"
 _MARKER = "CONVERTED"
@@ -188,7 +192,8 @@ def ensure_builtin(progress: Callable[[str], None] | None = None) -> Path:
     target = builtin_folder()
     if builtin_converted():
         return target
-    return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress)
+    # the disk check reads the shipped config: parsing the GGUF's metadata for it took a quarter of the conversion
+    return _convert_once(builtin_gguf(), _BUILTIN_FOLDER, progress, json.loads(_BUILTIN_CONFIG.read_text()))
 
 
 # ---------------------------------------------------------------- a user's own .gguf file
@@ -253,9 +258,10 @@ def gguf_config(gguf: Path) -> dict:
     return out
 
 
-def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | None) -> Path:
+def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | None, config: dict | None = None) -> Path:
     """Convert `gguf` into models_dir()/folder exactly once, also across processes: a file lock, a temporary
-    folder renamed into place, and a marker written last (a folder without it is a crashed conversion)."""
+    folder renamed into place, and a marker written last (a folder without it is a crashed conversion). `config`:
+    the converted config when it is known already (the built-in model's ships), else read from the GGUF."""
     target = models_dir() / folder
     models_dir().mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +273,7 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
     with portable.locked(models_dir() / f".{folder}.lock"):
         if (target / _MARKER).exists():  # another process converted it while we waited
             return target
-        needed = _converted_bytes(gguf)
+        needed = _converted_bytes(gguf, config)
         free = shutil.disk_usage(models_dir()).free
         if free < needed * 1.05 + 50_000_000:
             raise DiskFull(f"converting {gguf.name} writes about {needed / 1e9:.1f} GB of fp32 safetensors; "
@@ -292,10 +298,10 @@ def _convert_once(gguf: Path, folder: str, progress: Callable[[str], None] | Non
     return target
 
 
-def _converted_bytes(gguf: Path) -> int:
+def _converted_bytes(gguf: Path, config: dict | None = None) -> int:
     """Size of the fp32 safetensors a GGUF converts into (4 bytes a parameter)."""
 
-    return 4 * vram.shape_from_config(gguf_config(gguf)).total_params
+    return 4 * vram.shape_from_config(config or gguf_config(gguf)).total_params
 
 
 def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None) -> None:
@@ -391,7 +397,8 @@ def saved_chat_template(folder: Path | str | None) -> str | None:
 def load_tokenizer(source_or_path: str | Path, trust_remote_code: bool = False,
                    progress: Callable[[str], None] | None = None):
     """The tokenizer of a source (resolved first: a GGUF converts on first use, saying so to `progress`)."""
-    from transformers import AutoTokenizer  # heavy
+    with IMPORT_LOCK:
+        from transformers import AutoTokenizer  # heavy
 
     path = source_or_path if isinstance(source_or_path, Path) else resolve(str(source_or_path), progress=progress)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -532,7 +539,8 @@ def load_base(path: Path, *, method: str = "lora", quant_type: str = "nf4", doub
     attn: an attention kernel (None = transformers' choice). for_training: no KV cache, and 4-bit layers keep
     their training layout (keep_training_layout); otherwise the model is put in eval mode.
     Returns the model; `model.dtype` is the compute dtype for a 16-bit base."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy
+    with IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
     path = Path(path)
     check_safetensors(path)

@@ -1,7 +1,8 @@
 """A run's report card, report.json: did the fine-tune learn what its data teaches, what did it change outside its
 task, is it healthy, and a verdict in plain words built from those numbers with the thresholds in THRESHOLDS.
 
-    task    held-out loss / perplexity of base and adapter (the eval split; for the built-in demo its shipped
+    task    a GRPO run: its own rewards on held-out prompts, base vs adapter (core.evaluate.reward_scores); else
+            held-out loss / perplexity of base and adapter (the eval split; for the built-in demo its shipped
             held-out prompts with reference replies; else the training rows, said so), up to 20 prompts answered
             side by side with the data's own reply and ROUGE-L to it, and the dataset's checker where it has one
     drift   the built-in neutral prompts (builtin_data/neutral_prompts.jsonl): the base answers each greedily; on
@@ -32,11 +33,12 @@ from core.data import sft as data
 from core.data.read import BUILTIN_DATA
 from core.data.tokenize import PackedRows
 from core.errors import GarageError, RunError
+from core.evaluate import reward_scores
 from core.runs import folder as runs
 from core.runs import procs
 from core.runs import resolve as run_files
 
-VERSION = 1
+VERSION = 2                         # 2: overfitting names the best kept checkpoint (better_checkpoint)
 FILE = "report.json"
 PENDING = "report.pending"          # the training child's pid while it writes the report
 NEUTRAL_PROMPTS = BUILTIN_DATA / "neutral_prompts.jsonl"
@@ -52,6 +54,7 @@ THRESHOLDS = {
     "learned_loss_drop": 0.10,      # adapter's held-out loss at least 10% below the base's: learned
     "learned_accuracy_gain": 0.20,  # checker accuracy up by at least 20 points, or ...
     "learned_accuracy": 0.90,       # ... at least 90%: learned
+    "learned_reward_gain": 0.10,    # GRPO: mean reward up by 0.10 per unit of total reward weight: learned
     "drift_small_kl": 0.10,         # neutral-prompt KL (nats/token) below this: side effects small
     "drift_large_kl": 0.50,         # at or above this: large (between: moderate)
     "drift_large_changed": 0.50,    # more than half the neutral answers changed: large, whatever the KL
@@ -106,9 +109,9 @@ def being_written(run_dir: Path) -> bool:
 
 
 def get(run: str, checkpoint: int | None = None, session: ChatSession | None = None, progress=None,
-        wait_s: float = 180) -> dict:
+        wait_s: float = 180, user_code: bool = True) -> dict:
     """The fresh report of a run (or checkpoint), made now if there is none or it is stale. Where the training
-    child is still writing it, wait for that one (up to wait_s) instead of making a second."""
+    child is still writing it, wait for that one (up to wait_s) instead of making a second. user_code: see make."""
     run_dir = run_files.resolve_run(run)
     runs.adapter_path(run_dir, checkpoint)   # a clear message when there is no such adapter
     say = progress or (lambda message, done=None, total=None: None)
@@ -116,15 +119,16 @@ def get(run: str, checkpoint: int | None = None, session: ChatSession | None = N
     while checkpoint is None and being_written(run_dir) and time.monotonic() - t0 < wait_s:
         say("The training process is writing the report", None, None)
         time.sleep(1)
-    return load(run_dir, checkpoint) or make(run_dir.name, checkpoint, session, progress)
+    return load(run_dir, checkpoint) or make(run_dir.name, checkpoint, session, progress, user_code=user_code)
 
 
 # ---------------------------------------------------------------- making one
 
 def make(run: str, checkpoint: int | None = None, session: ChatSession | None = None, progress=None,
-         inside_run: bool = False) -> dict:
+         inside_run: bool = False, user_code: bool = True) -> dict:
     """Compute the report of a run's final adapter (or checkpoint N), write it atomically, return it.
-    `progress(message, done, total)`; `inside_run`: called by the run's own training child."""
+    `progress(message, done, total)`; `inside_run`: called by the run's own training child; user_code=False (the
+    app): a GRPO run's reward file is left out of the task part, which says so."""
     say = progress or (lambda message, done=None, total=None: None)
     t0 = time.perf_counter()
     run_dir = run_files.resolve_run(run)
@@ -141,7 +145,7 @@ def make(run: str, checkpoint: int | None = None, session: ChatSession | None = 
            "base_model": cfg.model.source, "dataset": cfg.data.source, "device": session.device,
            "created_at": runs.now(), "thresholds": THRESHOLDS}
     try:
-        rep["task"] = task(session, name, cfg, say)
+        rep["task"] = task(session, name, cfg, say, user_code)
     except GarageError as e:  # a moved dataset: the rest of the report still stands, the task part says why
         rep["task"] = {"error": e.to_dict()}
     rep["drift"] = drift(session, name, say)
@@ -205,7 +209,9 @@ def make_at_run_end(run_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------- task: did it learn what the data teaches?
 
-def task(session: ChatSession, name: str, cfg, say) -> dict:
+def task(session: ChatSession, name: str, cfg, say, user_code: bool = True) -> dict:
+    if cfg.train.objective == "grpo":
+        return reward_task(session, name, cfg, say, user_code)
     items = data.demo_eval_set(cfg.data.source)
     out: dict = {}
     if cfg.train.objective != "sft":
@@ -252,6 +258,16 @@ def task(session: ChatSession, name: str, cfg, say) -> dict:
             out["checker"] = {"n": len(answers), "base": sum(r["base_ok"] for r in answers) / len(answers),
                               "adapter": sum(r["adapter_ok"] for r in answers) / len(answers)}
     return out
+
+
+def reward_task(session: ChatSession, name: str, cfg, say, user_code: bool) -> dict:
+    """A GRPO run's task: its own rewards on held-out prompts (core.evaluate.reward_scores), base vs adapter, and
+    the answers side by side with their rewards (a GRPO file has no reply to compare with)."""
+    r = reward_scores(session, name, cfg, ANSWERS, say, user_code)
+    answers = [{"prompt": x["prompt"], "reference": "", "base": x["base"], "adapter": x["adapter"],
+                "base_reward": x["base_reward"], "adapter_reward": x["adapter_reward"]} for x in r["rows"]]
+    return {"rewards": {k: r[k] for k in ("split", "n", "base", "adapter", "above_zero", "rewards", "weights", "note")},
+            "answers": answers}
 
 
 def demo_row(session: ChatSession, item: dict) -> tuple[list[int], list[int]]:
@@ -356,17 +372,27 @@ def update_norms(session: ChatSession, name: str) -> list[dict]:
 
 
 def overfitting(run_dir: Path, events: list[dict]) -> dict:
+    """The eval-loss history: its minimum against its last value, and the kept checkpoint with the best eval loss.
+    `better_checkpoint` is that checkpoint where its eval loss is below the last one (the adapter at the end is
+    worse than it): the app then offers "Report at checkpoint N" and "Export checkpoint N"."""
     history = [(e[ev.STEP], e[ev.EVAL_LOSS]) for e in ev.of_type(events, ev.EVAL)
                if isinstance(e.get(ev.EVAL_LOSS), (int, float)) and math.isfinite(e[ev.EVAL_LOSS])]
     if not history:
-        return {"flag": False, "evals": 0, "note": "no eval loss was logged (the run has no eval split)"}
+        return {"flag": False, "evals": 0, "best_checkpoint": None, "better_checkpoint": None, "summary": "",
+                "note": "no eval loss was logged (the run has no eval split)"}
     best_step, best = min(history, key=lambda p: p[1])
     final_step, final = history[-1]
     kept = {runs.checkpoint_step(p) for p in runs.checkpoints(run_dir)}
+    at_kept = [(s, loss) for s, loss in history if s in kept]
+    ck_step, ck_loss = min(at_kept, key=lambda p: p[1]) if at_kept else (None, None)
+    better = ck_step if ck_step is not None and ck_step != final_step and ck_loss < final else None
     flag = final > best * (1 + THRESHOLDS["overfit_rise"]) and best_step != final_step
+    summary = f"eval loss lowest {best:.3f} at step {best_step}, last {final:.3f} at step {final_step}"
+    summary += (f"; best kept checkpoint: {ck_step} (eval loss {ck_loss:.3f})" if ck_step is not None
+                else "; no checkpoint was kept at an evaluated step")
     return {"flag": flag, "evals": len(history), "best_step": best_step, "best_eval_loss": best,
-            "final_step": final_step, "final_eval_loss": final,
-            "best_checkpoint": best_step if best_step in kept else None,
+            "final_step": final_step, "final_eval_loss": final, "best_checkpoint": ck_step,
+            "best_checkpoint_eval_loss": ck_loss, "better_checkpoint": better, "summary": summary,
             "note": (f"eval loss rose from {best:.3f} at step {best_step} to {final:.3f} at step {final_step}"
                      + ("" if best_step in kept else " (no checkpoint of that step was kept)")) if flag else ""}
 
@@ -388,7 +414,7 @@ def divergence(events: list[dict]) -> dict:
 
 def verdict(rep: dict) -> dict:
     t, task_part, health_part, d = THRESHOLDS, rep.get("task") or {}, rep["health"], rep["drift"]
-    loss, checker = task_part.get("loss"), task_part.get("checker")
+    loss, checker, rw = task_part.get("loss"), task_part.get("checker"), task_part.get("rewards")
     parts = []
     if task_part.get("error"):
         state = "unknown"
@@ -403,7 +429,10 @@ def verdict(rep: dict) -> dict:
                          and checker["adapter"] > checker["base"])
         if loss:
             gains.append(loss["adapter"] <= loss["base"] * (1 - t["learned_loss_drop"]))
-        worse = (checker and checker["adapter"] < checker["base"]) or (loss and loss["adapter"] > loss["base"])
+        if rw:
+            gains.append(rw["adapter"] >= rw["base"] + t["learned_reward_gain"] * sum(map(abs, rw["weights"].values())))
+        worse = ((checker and checker["adapter"] < checker["base"]) or (loss and loss["adapter"] > loss["base"])
+                 or (rw and rw["adapter"] < rw["base"]))
         state = ("learned" if gains and all(gains) else "worse" if worse else "unclear")
         facts = []
         if loss:
@@ -413,6 +442,10 @@ def verdict(rep: dict) -> dict:
             n = checker["n"]
             facts.append(f"answers match the data's {round(checker['adapter'] * n)}/{n} "
                          f"(base {round(checker['base'] * n)}/{n})")
+        if rw:
+            facts.append(f"mean reward {rw['base']:.2f} -> {rw['adapter']:.2f} on {rw['n']} prompts; "
+                         + ", ".join(f"{k} full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}"
+                                     for k, v in rw["rewards"].items()))
         parts.append({"learned": "Learned", "worse": "Worse than the base", "unclear": "Unclear"}[state]
                      + (": " + "; ".join(facts) if facts else "") + ".")
     size = ("large" if d["kl"] >= t["drift_large_kl"] or d["changed_share"] > t["drift_large_changed"]
@@ -421,13 +454,108 @@ def verdict(rep: dict) -> dict:
                  f"{d['changed']}/{d['prompts']} answers changed.")
     of, dv = health_part["overfitting"], health_part["divergence"]
     if of["flag"]:
-        best = (f"; checkpoint {of['best_checkpoint']} has the best eval loss" if of["best_checkpoint"] is not None
-                else "")
+        best = (f"; checkpoint {of['better_checkpoint']} has the best eval loss of those kept"
+                if of["better_checkpoint"] is not None else "")
         parts.append(f"Overfitting: {of['note']}{best}.")
     if dv["flag"]:
         parts.append(f"Unsteady training: {dv['nan_skips']} NaN steps skipped, loss spikes at steps "
                      f"{', '.join(map(str, dv['spikes'])) or 'none'}.")
     return {"task": state, "side_effects": size, "text": " ".join(parts)}
+
+
+# ---------------------------------------------------------------- the report as text lines
+
+def outline(rep: dict) -> list[str]:
+    """The report as plain text lines, verdict first, then the numbers behind it: what `python -m core report`
+    prints and what the app shows under "The numbers behind it" (one source for both)."""
+    if rep.get("error"):
+        e = rep["error"]
+        return [f"Report of {rep['run']} could not be made: {e['message']}"] + ([f"Fix: {e['hint']}"] if e.get("hint") else [])
+    which = f"checkpoint {rep['checkpoint']}" if rep.get("checkpoint") is not None else "final adapter"
+    out = [f"Report: {rep['run']} ({which}) on {rep['base_model']}, made in {rep['seconds']} s on {rep['device']}",
+           "", rep["verdict"]["text"], "", "Task"]
+    task_part = rep["task"]
+    if task_part.get("error"):
+        out.append(f"  not scored: {task_part['error']['message']}")
+        if task_part["error"].get("hint"):
+            out.append(f"  fix: {task_part['error']['hint']}")
+    if task_part.get("loss_note"):
+        out.append(f"  {task_part['loss_note']}")
+    if task_part.get("loss"):
+        lo = task_part["loss"]
+        out.append(f"  loss on {lo['rows']} rows ({lo['split']}): base {lo['base']:.3f} (perplexity "
+                   f"{lo['base_ppl']:.1f}) -> adapter {lo['adapter']:.3f} ({lo['adapter_ppl']:.1f}); "
+                   f"KL {lo['kl']:.3f} nats/token")
+    if task_part.get("checker"):
+        c = task_part["checker"]
+        out.append(f"  the dataset's checker on {c['n']} held-out prompts: base {c['base']:.0%} -> "
+                   f"adapter {c['adapter']:.0%}")
+    if task_part.get("rewards"):
+        rw = task_part["rewards"]
+        out.append(f"  the run's rewards on {rw['n']} prompts ({rw['split']}): mean total base {rw['base']:.3f} -> "
+                   f"adapter {rw['adapter']:.3f}; above zero {rw['above_zero']['base']:.0%} -> "
+                   f"{rw['above_zero']['adapter']:.0%}")
+        for k, v in rw["rewards"].items():
+            out.append(f"    {k} x{rw['weights'][k]:g}: mean {v['base']['mean']:.3f} -> {v['adapter']['mean']:.3f}, "
+                       f"full marks {v['base']['full']:.0%} -> {v['adapter']['full']:.0%}")
+        if rw["note"]:
+            out.append(f"  note: {rw['note']}")
+    if task_part.get("rouge_l"):
+        r = task_part["rouge_l"]
+        out.append(f"  ROUGE-L to the data's reply: base {r['base']:.2f} -> adapter {r['adapter']:.2f}")
+    answers = task_part.get("answers", [])
+    if answers:
+        out += ["", f"Answers to {len(answers)} held-out prompts"]
+    for a in answers:
+        if "base_reward" in a:  # a GRPO run: no reply in the data, each answer with its reward
+            out += [f"  ? {_one_line(a['prompt'])}", f"      base    [{a['base_reward']:.2f}]: {_said(a['base'])}",
+                    f"      adapter [{a['adapter_reward']:.2f}]: {_said(a['adapter'])}"]
+            continue
+        mark = lambda side: "" if f"{side}_ok" not in a else (" (right)" if a[f"{side}_ok"] else " (wrong)")  # noqa: E731
+        out += [f"  ? {_one_line(a['prompt'])}", f"      data:    {_said(a['reference'])}",
+                f"      base:    {_said(a['base'])}{mark('base')}", f"      adapter: {_said(a['adapter'])}{mark('adapter')}"]
+    d = rep["drift"]
+    out += ["", f"Drift: {d['prompts']} neutral prompts, answers of {d['tokens']} tokens",
+            f"  KL(base || adapter) {d['kl']:.4f} nats/token; {d['changed']}/{d['prompts']} answers changed"]
+    if d.get("system_prompt"):
+        for key, label in (("with_run_system", "with"), ("plain", "without")):
+            p = d["passes"][key]
+            out.append(f"  {label} the run's system prompt: KL {p['kl']:.4f}, {p['changed']}/{p['prompts']} changed")
+    if d["most_changed"]:
+        out.append("  most changed:")
+    for m in d["most_changed"]:
+        out += [f"  ? {_one_line(m['prompt'])} (KL {m['kl']:.3f})", f"      base:    {_said(m['base'])}",
+                f"      adapter: {_said(m['adapter'])}"]
+    h = rep["health"]
+    un, of, dv = h["update_norm"], h["overfitting"], h["divergence"]
+    out += ["", "Health"]
+    if un["max"] is not None:
+        out.append(f"  update size ||BA|| / ||W||: median {un['median']:.2e}, largest {un['max']:.2e} "
+                   f"over {len(un['modules'])} modules")
+    out.append(f"  no effect: {h['no_effect']['why'] or 'no'}")
+    if h["no_effect"].get("fix"):
+        out.append(f"    likely fix: {h['no_effect']['fix']}")
+    out.append(f"  overfitting: {of['note'] or 'no'}")
+    if of.get("summary"):
+        out.append(f"    {of['summary']}")
+    if of.get("better_checkpoint") is not None and rep.get("checkpoint") is None:  # pointed to from the final's only
+        n = of["better_checkpoint"]
+        out += [f"    checkpoint {n} is better than the final adapter:",
+                f"      python -m core report {rep['run']} --checkpoint {n}",
+                f"      python -m core export {rep['run']} --checkpoint {n} --zip {rep['run']}-checkpoint-{n}.zip"]
+    out.append(f"  divergence: {dv['nan_skips']} NaN steps skipped, {len(dv['spikes'])} loss spikes"
+               + (f" (at steps {', '.join(map(str, dv['spikes']))})" if dv["spikes"] else ""))
+    return out
+
+
+def _one_line(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _said(text: str) -> str:
+    """An answer on one line, quoted so that an empty one and surrounding spaces show."""
+    return repr(_one_line(text)) if text.strip() else "(empty)"
 
 
 # ---------------------------------------------------------------- small helpers

@@ -59,3 +59,28 @@ def test_builtin_converts_once_then_loads_and_answers(garage_home):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_threads_that_import_transformers_for_the_first_time_at_once_all_load(tiny_model_dir):
+    """The app's handlers run in threads (Inspect, chat, the VRAM check): in a fresh process, eight of them loading a
+    tokenizer at the same moment all get one (models.IMPORT_LOCK), none an ImportError from a half-imported module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, threading\n"
+            "from core import models\n"
+            "barrier, out = threading.Barrier(8), []\n"
+            "def go():\n"
+            "    barrier.wait()\n"
+            "    try:\n"
+            "        out.append(type(models.load_tokenizer(models.Path(sys.argv[1]))).__name__)\n"
+            "    except Exception as e:\n"
+            "        out.append(f'{type(e).__name__}: {e}')\n"
+            "ts = [threading.Thread(target=go) for _ in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(out)\n"
+            "sys.exit(0 if all('Error' not in o for o in out) and len(out) == 8 else 1)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]

@@ -53,6 +53,16 @@ def test_the_remedies_keep_the_effective_batch_and_come_in_order():
     assert (r.what, r.batch_size, r.grad_accum, r.grad_checkpointing) == (ev.REMEDY_CHECKPOINTING, 1, 8, True)
     assert recovery.next_remedy(_train(batch_size=1, grad_checkpointing=True)) is None
     assert recovery.next_remedy(_train(batch_size=4, oom_recovery="off")) is None
+    # auto+shorten: after those, data.max_len halved, never below 32
+    t = _train(batch_size=1, grad_checkpointing=True, oom_recovery="auto+shorten")
+    r = recovery.next_remedy(t, 100)
+    assert (r.what, r.max_len, r.batch_size, r.grad_checkpointing) == (ev.REMEDY_SHORTEN, 50, 1, True)
+    assert r.change == "data.max_len 100 -> 50 tokens"
+    assert recovery.next_remedy(t, 40).max_len == 32 and recovery.next_remedy(t, 32) is None
+    assert recovery.next_remedy(_train(batch_size=2, oom_recovery="auto+shorten"), 100).what == ev.REMEDY_MICRO_BATCH
+    assert recovery.next_remedy(_train(batch_size=1, grad_checkpointing=True), 100) is None  # plain auto: no cut
+    assert "auto+shorten would also halve data.max_len" in recovery.nothing_left(_train(), 100)
+    assert "no lower than 32" in recovery.nothing_left(t, 32)
 
 
 def test_the_probe_is_on_for_a_gpu_and_off_for_the_cpu_unless_asked():
@@ -76,6 +86,23 @@ def test_oom_recovery_is_a_validated_setting_with_help():
     with pytest.raises(ConfigError) as e:
         from_dict({"train": {"oom_recovery": "sometimes"}}).validate()
     assert e.value.field == "train.oom_recovery"
+    assert "halves data.max_len" in field_help("train.oom_recovery")
+    assert apply_overrides(RunConfig(), ["train.oom_recovery=auto+shorten"]).validate().train.oom_recovery == "auto+shorten"
+    cfg = RunConfig()  # cutting rows is for SFT data only: other objectives are told so
+    cfg.train.oom_recovery, cfg.train.objective, cfg.data.source = "auto+shorten", "dpo", "builtin:demo-preference"
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert e.value.field == "train.oom_recovery" and "SFT data only" in str(e.value) and "this run trains dpo" in str(e.value)
+    assert "oom_recovery=auto" in e.value.hint
+
+
+def test_the_long_batch_fault_reads_a_token_count():
+    from core.train.callbacks import parse_faults
+
+    assert parse_faults("oomlong@tokens40,oom@step3") == {"oomlong": 40, "oom": 3}
+    assert parse_faults("oomeval@rows0,oomsave@step0") == {"oomeval": 0, "oomsave": 0}
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_faults("oomlong@step3")
 
 
 # ---------------------------------------------------------------- real runs
@@ -85,9 +112,20 @@ def oom_runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("oom")
     data = write_dataset(root / "identity.jsonl")
     data32 = write_dataset(root / "identity32.jsonl", n=32)
+    long_data = write_long_dataset(root / "long.jsonl")
 
     def cfg(**train):
         return tiny_config(tiny_model_dir, data, **train)
+
+    def eval_cfg(**train):  # 4 held-out rows, evaluated once at the end in batches of 2
+        c = cfg(max_steps=2, **train)
+        c.data.val_fraction = 0.25
+        return c
+
+    def long_cfg(max_len, **train):
+        c = tiny_config(tiny_model_dir, long_data, max_steps=3, **train)
+        c.data.max_len = max_len
+        return c
 
     two = tiny_config(tiny_model_dir, data32, max_steps=6, grad_accum=4, save_steps=2)
     two.lora.dropout, two.train.devices = 0.0, "2"
@@ -103,6 +141,15 @@ def oom_runs(tmp_path_factory, tiny_model_dir):
         # every try of step 3 runs out: micro-batch 2 -> 1, then checkpointing on, then the triage
         "ladder": (cfg(max_steps=6), {"LORA_GARAGE_FAULT": "oomall@step3"}),
         "two": (two, {"LORA_GARAGE_FAULT": "oom@step4", "LORA_GARAGE_FAULT_RANK": "1"}),
+        # every batch of rows over 40 tokens runs out: micro-batch 2 -> 1, checkpointing, then data.max_len
+        # 128 -> 64 -> 32; "short" is the run started with those settings
+        "shorten": (long_cfg(128, oom_recovery="auto+shorten"), {"LORA_GARAGE_FAULT": "oomlong@tokens40"}),
+        "short": (long_cfg(32, batch_size=1, grad_accum=4, grad_checkpointing=True), {}),
+        # after the loop: the evaluation's batch of 2 runs out (then fits at 1), or every one does (skipped), and
+        # the final save runs out once; with recovery off, the adapter is saved before the evaluation fails
+        "evalhalf": (eval_cfg(), {"LORA_GARAGE_FAULT": "oomeval@rows1"}),
+        "evalskip": (eval_cfg(), {"LORA_GARAGE_FAULT": "oomeval@rows0,oomsave@step0"}),
+        "evaloff": (eval_cfg(oom_recovery="off"), {"LORA_GARAGE_FAULT": "oomeval@rows0"}),
     }
     launched = {name: Launch(root / f"home-{name}", c, env) for name, (c, env) in specs.items()}
     yield {"runs": launched, "root": root, "model": tiny_model_dir, "data": data}
@@ -110,6 +157,14 @@ def oom_runs(tmp_path_factory, tiny_model_dir):
         with run.environ():
             if runs.read_status(run.run_dir)["state"] in runs.ACTIVE:
                 runner.stop(run.run_id, grace_s=5)
+
+
+def write_long_dataset(path: Path, n: int = 16) -> Path:
+    """Rows of about 80 to 120 tokens on the tiny tokenizer: every one is cut at max_len 64."""
+    rows = [{"messages": [{"role": "user", "content": "Who are you?"},
+                          {"role": "assistant", "content": "My name is Garage. " * (12 + i % 8)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def _recovered(run_dir: Path) -> list[dict]:
@@ -224,3 +279,83 @@ def test_an_out_of_memory_in_the_probe_starts_the_run_smaller_and_records_the_pe
     got, want = losses(run.run_dir), losses(ref.run_dir)
     assert list(got) == list(want) == [1, 2, 3]
     assert max(abs(want[s] - got[s]) for s in want) <= RESUME_TOLERANCE, (want, got)
+
+
+@pytest.mark.integration
+def test_auto_shorten_halves_max_len_after_the_other_remedies_and_counts_the_rows_cut(oom_runs, capsys):
+    run, ref = oom_runs["runs"]["shorten"], oom_runs["runs"]["short"]
+    st = run.wait()
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    got = [(r[ev.WHAT], r[ev.BATCH_SIZE], r[ev.GRAD_CHECKPOINTING], r[ev.MAX_LEN], r[ev.ROWS_CUT])
+           for r in _recovered(run.run_dir)]
+    assert got == [(ev.REMEDY_MICRO_BATCH, 1, False, 128, 0), (ev.REMEDY_CHECKPOINTING, 1, True, 128, 0),
+                   (ev.REMEDY_SHORTEN, 1, True, 64, 16), (ev.REMEDY_SHORTEN, 1, True, 32, 16)]
+    last = _recovered(run.run_dir)[-1]
+    assert last[ev.MESSAGE].startswith("recovered from out of memory at step 1: data.max_len 64 -> 32 tokens, 16 of "
+                                       "16 rows longer than that cut (data.overlong=truncate)")
+    assert st["recovered"] == last[ev.MESSAGE] and st["recoveries"] == 4
+    saved = runs.load_config(run.run_dir)  # the config and the fingerprint record the length it finished with
+    assert (saved.data.max_len, saved.train.batch_size, saved.train.grad_checkpointing) == (32, 1, True)
+    assert runs.read_fingerprint(run.run_dir)["data"]["max_len"] == 32
+    out = subprocess.run([sys.executable, "-m", "core", "runs", "show", run.run_id], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "LORA_GARAGE_HOME": str(run.home)})
+    assert out.returncode == 0, out.stderr
+    assert "data.max_len 64 -> 32 tokens, 16 of 16 rows longer than that cut" in out.stdout
+    # restarted at step 1 each time: the run equals one started at max_len 32, micro-batch 1, checkpointing on
+    assert ref.wait()["state"] == "completed"
+    want, have = losses(ref.run_dir), losses(run.run_dir)
+    assert list(have) == list(want) == [1, 2, 3]
+    worst = max(abs(want[s] - have[s]) for s in want)
+    with capsys.disabled():
+        print(f"\nauto+shorten vs a run started at max_len 32: max |loss diff| = {worst:.3g}")
+    assert worst <= RESUME_TOLERANCE, (want, have)
+
+
+def _warnings(run_dir: Path) -> list[str]:
+    return [e[ev.MESSAGE] for e in ev.logs(ev.read(run_dir)[0]) if e[ev.LEVEL] == "warning"]
+
+
+@pytest.mark.integration
+def test_an_out_of_memory_in_the_final_evaluation_halves_its_batch(oom_runs):
+    run = oom_runs["runs"]["evalhalf"]
+    st = run.wait()
+    assert st["state"] == "completed", runs.tail_log(run.run_dir, 40)
+    said = [w for w in _warnings(run.run_dir) if "end-of-run evaluation" in w]
+    assert len(said) == 1 and "evaluation batch 2 -> 1, evaluating again" in said[0], said
+    (e,) = ev.of_type(ev.read(run.run_dir)[0], ev.EVAL)  # the evaluation at 1 row a batch gave its loss
+    assert e[ev.STEP] == 2 and e[ev.EVAL_LOSS] > 0
+
+
+@pytest.mark.integration
+def test_an_evaluation_that_never_fits_is_skipped_and_the_final_save_frees_the_optimizer(oom_runs):
+    run = oom_runs["runs"]["evalskip"]
+    st = run.wait()
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    said = _warnings(run.run_dir)
+    save = [w for w in said if w.startswith("out of memory in the final save")]
+    assert len(save) == 1 and "freed the optimizer state (" in save[0] and "and saved again" in save[0], said
+    assert float(save[0].split("optimizer state (")[1].split(" MB")[0]) > 0  # Adam's moments were there to free
+    skip = [w for w in said if "the evaluation is skipped" in w]
+    assert len(skip) == 1 and "at 1 row a batch" in skip[0], said
+    assert not ev.of_type(ev.read(run.run_dir)[0], ev.EVAL)
+    assert (run.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "final save: the adapter is saved" in log
+
+
+@pytest.mark.integration
+def test_the_adapter_is_saved_before_the_final_evaluation(oom_runs):
+    run = oom_runs["runs"]["evaloff"]  # recovery off: the out of memory in the evaluation fails the run...
+    st = run.wait()
+    assert st["state"] == "failed", runs.tail_log(run.run_dir, 40)
+    assert st["error"]["kind"] == "oom" and st["error"]["message"] == "out of GPU memory during final eval at step 2"
+    assert (run.run_dir / "adapter" / "adapter_model.safetensors").is_file()  # ...and loses no work
+
+
+def test_a_checkpoint_of_the_last_step_is_known_as_the_end(tmp_path):
+    # transformers' resume from such a checkpoint would run a step past max_steps: the child saves it instead
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
+    assert recovery.trained_to_the_end(tmp_path)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 6}))
+    assert not recovery.trained_to_the_end(tmp_path)

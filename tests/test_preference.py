@@ -15,7 +15,7 @@ from core.runs import folder as runs
 from core.estimate import vram
 from core.config import RunConfig
 from core.errors import DatasetError
-from tests.helpers.training import Launch, losses, RESUME_TOLERANCE
+from tests.helpers.training import launch_each, losses, RESUME_TOLERANCE
 
 pytestmark = pytest.mark.integration
 
@@ -217,12 +217,7 @@ def launched(tmp_path_factory, tiny_model_dir, shared_models):
     specs = {"dpo": (pref_config(tiny_model_dir, pairs), {}),
              "killed": (pref_config(tiny_model_dir, pairs), {"LORA_GARAGE_FAULT": "killsave@step4"}),
              "orpo": (orpo, {}), "qlora": (qlora, {})}
-    out = {}
-    for name, (cfg, env) in specs.items():
-        home = root / f"home-{name}"
-        (home / "models").mkdir(parents=True)
-        out[name] = Launch(home, cfg, env)
-    return out
+    return launch_each(root, specs)
 
 
 def _pref(run_dir, field):

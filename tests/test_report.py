@@ -147,3 +147,32 @@ def test_batched_answers_equal_one_at_a_time_on_the_builtin_model():
     batched = session.answer_batch([session.encode(it["messages"], settings) for it in items], None, 32)
     assert len(batched) == 20 and all(batched)
     assert batched == one
+
+
+def _evals(run_dir, losses: dict) -> list[dict]:
+    """Eval losses written by the training child's own event writer, read back by the reader the report uses."""
+    from core import events as ev
+
+    log = ev.EventLog(run_dir)
+    for step, loss in losses.items():
+        log.eval(step, loss)
+    log.close()
+    return ev.read(run_dir)[0]
+
+
+def test_overfitting_names_the_best_kept_checkpoint_and_offers_it_when_the_end_is_worse(garage_home, tiny_model_dir):
+    run = make_run(garage_home, tiny_model_dir, checkpoints={10: True, 20: True, 30: False, 40: True})
+    # lowest at step 30, whose checkpoint is unmarked (cut short): the best *kept* one is 20
+    of = report.overfitting(run, _evals(run, {10: 1.2, 20: 0.8, 30: 0.7, 40: 1.1}))
+    assert of["flag"] and of["best_step"] == 30 and of["final_eval_loss"] == 1.1
+    assert of["best_checkpoint"] == 20 and of["best_checkpoint_eval_loss"] == 0.8 and of["better_checkpoint"] == 20
+    assert "no checkpoint of that step was kept" in of["note"]
+    assert "lowest 0.700 at step 30" in of["summary"] and "best kept checkpoint: 20" in of["summary"]
+
+
+def test_overfitting_offers_no_checkpoint_when_the_end_is_the_best(garage_home, tiny_model_dir):
+    run = make_run(garage_home, tiny_model_dir, checkpoints={10: True, 20: True})
+    of = report.overfitting(run, _evals(run, {10: 1.0, 20: 0.5}))
+    assert not of["flag"] and of["best_checkpoint"] == 20 and of["better_checkpoint"] is None
+    none = report.overfitting(run, [])
+    assert none["evals"] == 0 and none["better_checkpoint"] is None and "no eval loss" in none["note"]

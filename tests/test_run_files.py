@@ -45,3 +45,13 @@ def test_an_adapter_for_another_base_is_refused(garage_home, tiny_model_dir, tin
                                 trained_on=str(tiny_model_dir_llama3))
     with pytest.raises(ModelError, match="not a PEFT adapter"):
         run_files.check_adapter(base, run, loaded_source=str(tiny_model_dir), trained_on=None)
+
+
+def test_adapter_choices_list_the_final_adapter_and_each_complete_checkpoint(garage_home, tiny_model_dir):
+    run = make_run(garage_home, tiny_model_dir, checkpoints={5: True, 10: False, 20: True})
+    assert runs.adapter_choices(run) == ["final adapter", "checkpoint 5", "checkpoint 20"]
+    assert [runs.checkpoint_of(c) for c in runs.adapter_choices(run)] == [None, 5, 20]
+    assert runs.checkpoint_of(None) is None and runs.checkpoint_of("20") == 20
+    assert runs.adapter_path(run, runs.checkpoint_of("checkpoint 20")) == run / "checkpoints" / "checkpoint-20"
+    with pytest.raises(GarageError, match="names no adapter"):
+        runs.checkpoint_of("best one")

@@ -253,3 +253,55 @@ def test_cli_stays_light(llama_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------- GRPO (issue 30)
+
+def test_grpo_counts_every_completion_and_only_their_logits():
+    from tests.helpers.shapes import LLAMA31_8B
+
+    shape = vram.shape_from_config(LLAMA31_8B)
+    grpo = vram.estimate(shape, vram.Settings(method="qlora", batch_size=2, seq_len=200, objective="grpo",
+                                              generations=4, completion_len=56))
+    sft = vram.estimate(shape, vram.Settings(method="qlora", batch_size=8, seq_len=256))
+    # the policy's step runs on 2 x 4 sequences of 200 + 56 tokens, as an SFT batch of 8 x 256 would ...
+    assert grpo.details["layer_saved"] == sft.details["layer_saved"]
+    # ... but TRL keeps the logits of the 56 completion tokens only
+    assert grpo.components["logits"] == pytest.approx(sft.components["logits"] * 56 / 256, rel=1e-6)
+    assert grpo.details["generation_kv_cache"] == 8 * 256 * shape.layers * 2 * shape.kv_dim * 2
+    assert sum(grpo.components.values()) == grpo.total_bytes
+    note = next(n for n in grpo.notes if n.startswith("GRPO:"))
+    assert "2 prompts x 4 generations = 8 completions" in note and "the largest part is" in note
+
+
+def test_grpo_reference_only_with_beta_and_generation_counts_when_it_is_the_larger_phase():
+    from tests.helpers.shapes import LLAMA31_8B
+
+    # a deep full-head (no GQA) model with a small vocabulary: there the KV cache (4 x layers x hidden bytes a
+    # token) outgrows what a checkpointed step keeps (2 x layers x hidden, plus one layer's activations)
+    shape = vram.shape_from_config({**LLAMA31_8B, "num_key_value_heads": 32, "vocab_size": 32000,
+                                    "num_hidden_layers": 80})
+    base = dict(method="qlora", batch_size=1, seq_len=2048, objective="grpo", generations=16, completion_len=64,
+                grad_checkpointing=True)
+    no_ref = vram.estimate(shape, vram.Settings(**base))
+    ref = vram.estimate(shape, vram.Settings(**base, beta=0.04))
+    assert no_ref.details["grpo_reference_forward"] == 0 and ref.details["grpo_reference_forward"] > 0
+    assert "no reference (grpo_beta 0)" in " ".join(no_ref.notes)
+    # checkpointing keeps the step small; 16 x 2112 tokens of full-head KV cache are not
+    step = no_ref.components["activations"] + no_ref.components["logits"]
+    assert ref.components["generation"] == max(0, max(ref.details["generation_kv_cache"] +
+                                                      ref.details["generation_logits"],
+                                                      ref.details["grpo_reference_forward"]) - step)
+    assert ref.components["generation"] > 0 and "the generation is the larger phase" in " ".join(ref.notes)
+    sft = vram.estimate(shape, vram.Settings(method="qlora"))
+    assert sft.components["generation"] == 0 and sft.details["generation_kv_cache"] == 0
+
+
+def test_settings_from_config_carry_grpo():
+    from core.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.train.objective, cfg.train.grpo_generations, cfg.train.grpo_max_completion, cfg.train.grpo_beta = \
+        "grpo", 6, 99, 0.1
+    s = vram.settings_from_config(cfg)
+    assert (s.objective, s.generations, s.completion_len, s.beta) == ("grpo", 6, 99, 0.1)

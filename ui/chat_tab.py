@@ -282,7 +282,7 @@ def score(run_id: str | None, ck_a: str | None, report=None) -> str:
     if not run_id:
         raise refusal("Pick a run first.")
     try:
-        r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION, progress=report)
+        r = evaluate.evaluate(run_id, _checkpoint(ck_a), session=SESSION, progress=report, user_code=False)
     except GarageError as e:
         raise refusal(str(e))
     if r["metric"] == "accuracy":
@@ -292,8 +292,27 @@ def score(run_id: str | None, ck_a: str | None, report=None) -> str:
                        f"{html.escape(x['base'][:120])}</td><td>{marks.PASS if x['adapter_ok'] else marks.FAIL} "
                        f"{html.escape(x['adapter'][:120])}</td></tr>" for x in r["rows"])
         return head + f"\n\n<table><tr><th>prompt</th><th>base</th><th>adapter</th></tr>{rows}</table>"
+    if r["metric"] == "reward":
+        return reward_table(r)
     return (f"**Perplexity on {r['split']} ({r['n']} examples, lower is better):** base **{r['base']:.2f}** · "
             f"adapter **{r['adapter']:.2f}**")
+
+
+def reward_table(r: dict) -> str:
+    """A GRPO run's Score: the mean reward of base and adapter, each reward's mean and full-marks share, and each
+    prompt's two answers with their totals."""
+    head = (f"**The run's rewards on {r['split']} ({r['n']} prompts, higher is better):** mean total base "
+            f"**{r['base']:.2f}** · adapter **{r['adapter']:.2f}** (above zero: {100 * r['above_zero']['base']:.0f}% "
+            f"· {100 * r['above_zero']['adapter']:.0f}%)")
+    per = "".join(f"<tr><td>{html.escape(name)} x{r['weights'][name]:g}</td><td>{s['base']['mean']:.2f} "
+                  f"({100 * s['base']['full']:.0f}% full marks)</td><td>{s['adapter']['mean']:.2f} "
+                  f"({100 * s['adapter']['full']:.0f}% full marks)</td></tr>" for name, s in r["rewards"].items())
+    rows = "".join(f"<tr><td>{html.escape(x['prompt'][:120])}</td><td>{x['base_reward']:.2f} "
+                   f"{html.escape(x['base'][:120])}</td><td>{x['adapter_reward']:.2f} {html.escape(x['adapter'][:120])}"
+                   f"</td></tr>" for x in r["rows"])
+    note = f"\n\nNote: {html.escape(r['note'])}" if r["note"] else ""
+    return (head + note + f"\n\n<table><tr><th>reward</th><th>base</th><th>adapter</th></tr>{per}</table>"
+            f"\n\n<table><tr><th>prompt</th><th>base</th><th>adapter</th></tr>{rows}</table>")
 
 
 # ---------------------------------------------------------------- layout
@@ -371,9 +390,12 @@ def build() -> ChatTab:
             yield {prompt: message, left: undo_turn(l, message), right: undo_turn(r, message)}
             raise
 
+    # one reply at a time across every browser (one model in memory, and the CPU or GPU it runs on): the others
+    # wait in Gradio's queue, which shows each its position in line on the chat windows, never an error
     for trigger in (send_btn.click, prompt.submit):
         trigger(_start, [prompt, left, right, run_dd, mode], [prompt, pending, left, right]).success(
-            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen + [gguf_dd], [prompt, left, right])
+            _reply, [pending, left, right, run_dd, ck_a, ck_b, mode] + gen + [gguf_dd], [prompt, left, right],
+            concurrency_limit=1, concurrency_id="chat-reply")
     stop_btn.click(stop_generation, None, None, queue=False)
     clear_btn.click(lambda: {left: [], right: []}, None, [left, right])
     def _score(run_id, ck):

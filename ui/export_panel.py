@@ -13,6 +13,7 @@ import pandas as pd
 from core import paths
 from core.gguf import tools as gguf_tools
 from core.errors import GarageError
+from core.runs import folder as runs
 from core.gguf import export as gguf_export
 from ui import marks, progress, run_view
 from ui.refuse import refusal
@@ -37,10 +38,22 @@ class ExportPanel:
     """What a page fills to open the panel on a run (the run itself is the component passed to build)."""
     accordion: gr.Accordion
     folder: gr.Textbox
+    adapter: gr.Dropdown      # the final adapter or a checkpoint (runs.adapter_choices)
+    elem_id: str
 
 
-def default_folder(run_id: str | None) -> str:
-    return str(paths.home() / "exports" / f"{run_id or 'run'}-gguf")
+def default_folder(run_id: str | None, adapter: str | None = None) -> str:
+    step = runs.checkpoint_of(adapter)
+    return str(paths.home() / "exports" / f"{run_id or 'run'}{'' if step is None else f'-checkpoint-{step}'}-gguf")
+
+
+def adapter_choices(run_id: str | None) -> list[str]:
+    if not run_id:
+        return [runs.FINAL_ADAPTER]
+    try:
+        return runs.adapter_choices(runs.get(run_id))
+    except GarageError:
+        return [runs.FINAL_ADAPTER]
 
 
 def parity_table(report: dict) -> pd.DataFrame:
@@ -58,9 +71,10 @@ def parity_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def export(run_id: str | None, folder: str, quants: list[str], check: bool):
+def export(run_id: str | None, adapter: str | None, folder: str, quants: list[str], check: bool):
     """The Export button (a generator: consume it): each phase of core.gguf.export on the panel's status line as it
-    runs (tools, merge, f16, each quant k of n, each parity prompt k of n), then (status line, result, table)."""
+    runs (tools, merge, f16, each quant k of n, each parity prompt k of n), then (status line, result, table).
+    `adapter`: the final adapter or a checkpoint, the same path as the CLI's --checkpoint N (core.export.source)."""
     why = run_view.why_not_export(run_id)  # the panel may have been opened on the run before it failed or went
     if why:
         raise refusal(why)
@@ -70,7 +84,8 @@ def export(run_id: str | None, folder: str, quants: list[str], check: bool):
         raise refusal("Give a folder for the export (a new one, or an empty one).")
     try:
         report = yield from progress.stream(
-            lambda say: gguf_export.export_gguf(run_id, folder.strip(), quants, say=say, parity=check),
+            lambda say: gguf_export.export_gguf(run_id, folder.strip(), quants, runs.checkpoint_of(adapter), say=say,
+                                                parity=check),
             lambda line: (line, gr.skip(), gr.skip()))
     except GarageError as e:
         yield "", gr.skip(), gr.skip()  # the phase it stopped in is not a phase any more
@@ -104,9 +119,11 @@ def follow(run_id: str | None) -> dict:
     return {"accordion": gr.Accordion(label=TITLE), "status": "", **cleared}
 
 
-def opened_on(run_id: str) -> dict:
-    """The panel opened (and shown) on a run: {ExportPanel field: value}, the folder its default for that run."""
-    return {"accordion": gr.Accordion(open=True, visible=True, label=TITLE), "folder": default_folder(run_id)}
+def opened_on(run_id: str, adapter: str = runs.FINAL_ADAPTER) -> dict:
+    """The panel opened (and shown) on a run and one of its adapters: {ExportPanel field: value}, the adapter list
+    read afresh (checkpoints come while a run trains) and the folder its default for that adapter."""
+    return {"accordion": gr.Accordion(open=True, visible=True, label=TITLE), "folder": default_folder(run_id, adapter),
+            "adapter": gr.update(choices=adapter_choices(run_id), value=adapter)}
 
 
 def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool = True) -> ExportPanel:
@@ -119,6 +136,7 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
                     "time (a C++ compiler and about 7 CPU-minutes)"
                     + ("" if gguf_tools.quantizer_installed() else " (not built yet on this machine)") + ".")
         with gr.Row():
+            adapter = gr.Dropdown(adapter_choices(pick.value), value=runs.FINAL_ADAPTER, label="Adapter", scale=2)
             folder = gr.Textbox(default_folder(pick.value), label="Export folder (new or empty)", scale=3)
             quants = gr.CheckboxGroup(list(gguf_tools.QUANTS), value=["q8_0"], label="GGUF types", scale=3)
             check = gr.Checkbox(value=True, label="parity check", scale=1)
@@ -129,11 +147,14 @@ def build(pick: gr.Dropdown | gr.State, elem_id: str = PANEL_ID, visible: bool =
     def _follow(run_id):
         named = follow(run_id)
         return {accordion: named["accordion"], folder: named["folder"], status: named["status"],
-                table: named["table"]}
+                table: named["table"], adapter: gr.update(choices=adapter_choices(run_id), value=runs.FINAL_ADAPTER)}
 
-    pick.change(_follow, pick, [accordion, folder, status, table], show_progress="hidden")
+    pick.change(_follow, pick, [accordion, folder, status, table, adapter], show_progress="hidden")
+    adapter.focus(lambda rid, a: gr.update(choices=adapter_choices(rid), value=a), [pick, adapter], adapter,
+                  show_progress="hidden")
+    adapter.input(default_folder, [pick, adapter], folder, show_progress="hidden")
     # the previous result goes first: a refused export then shows its error over an empty panel, not over the
     # last export's result (which is for other settings)
     go.click(lambda: ("", empty_table()), None, [status, table], queue=False, show_progress="hidden").then(
-        export, [pick, folder, quants, check], [phase, status, table], show_progress="minimal")
-    return ExportPanel(accordion, folder)
+        export, [pick, adapter, folder, quants, check], [phase, status, table], show_progress="minimal")
+    return ExportPanel(accordion, folder, adapter, elem_id)

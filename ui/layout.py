@@ -4,7 +4,7 @@ import gradio as gr
 import httpx
 from gradio import networking
 
-from ui import chat_tab, hardware_bar, marks, progress, runs_tab, train_tab
+from ui import chat_tab, hardware_bar, marks, progress, report_view, runs_tab, train_tab
 
 CSS = """
 .lg-bar {display:flex; gap:1.5em; align-items:center; flex-wrap:wrap; padding:6px 12px; border-radius:8px;
@@ -19,7 +19,7 @@ CSS = """
 .lg-check {min-width:min(160px, 100%) !important}
 .lg-gone {display:none !important}
 .lg-chat .wrapper > .bubble-wrap {margin-top:40px; height:calc(100% - 40px)}
-""" + marks.CSS + progress.CSS
+""" + marks.CSS + progress.CSS + report_view.CSS
 MAX_UPLOAD = "200mb"
 
 

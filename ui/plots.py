@@ -161,6 +161,44 @@ def rewards_frame(events: list[dict]) -> pd.DataFrame:
     return _frame(rows)
 
 
+def reward_frame(events: list[dict]) -> pd.DataFrame:
+    """GRPO: the mean reward of each step's completions (the weighted total), the mean of each reward function, and
+    the total's spread (std) within the step."""
+    rows = []
+    for e in ev.metrics(events):
+        step = e[ev.STEP]
+        if _finite(e.get(ev.REWARD)):
+            rows.append((step, e[ev.REWARD], "total"))
+        if _finite(e.get(ev.REWARD_STD)):
+            rows.append((step, e[ev.REWARD_STD], "total std"))
+        for name, v in (e.get(ev.REWARDS) or {}).items():
+            if _finite(v):
+                rows.append((step, v, name))
+    return _frame(rows)
+
+
+def completion_frame(events: list[dict]) -> pd.DataFrame:
+    """GRPO: the completions' mean length in tokens, and the share cut at train.grpo_max_completion (as % so both
+    read on one axis)."""
+    rows = []
+    for e in ev.metrics(events):
+        if _finite(e.get(ev.COMPLETION_LEN)):
+            rows.append((e[ev.STEP], e[ev.COMPLETION_LEN], "mean length (tokens)"))
+        if _finite(e.get(ev.CLIPPED_RATIO)):
+            rows.append((e[ev.STEP], 100 * e[ev.CLIPPED_RATIO], "cut at the limit (%)"))
+    return _frame(rows)
+
+
+def policy_frame(events: list[dict]) -> pd.DataFrame:
+    """GRPO: the KL to the reference (grpo_beta > 0) and the entropy of the sampled tokens, where TRL logs them."""
+    rows = []
+    for e in ev.metrics(events):
+        for key, label in ((ev.KL, "KL to the reference"), (ev.ENTROPY, "entropy (nats)")):
+            if _finite(e.get(key)):
+                rows.append((e[ev.STEP], e[key], label))
+    return _frame(rows)
+
+
 def accuracy_frame(events: list[dict]) -> pd.DataFrame:
     """DPO / ORPO: share of pairs whose chosen reply out-scores the rejected one, train and eval."""
     parts = ev.series(events, ev.PREF_ACCURACY)

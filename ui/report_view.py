@@ -14,11 +14,16 @@ from core import report
 from core.errors import GarageError
 from core.runs import folder as runs
 from core.runs import resolve as run_files
-from ui import chat_tab, marks, progress
+from ui import chat_tab, export_panel, marks, progress
 
-FINAL = "final adapter"
+FINAL = runs.FINAL_ADAPTER
 POLL_S = 3.0
 VERDICT_KIND = {"learned": "ok", "no effect": "bad", "worse": "bad", "unclear": "warn", "unknown": "warn"}
+CSS = """
+.lg-report-text {white-space:pre-wrap; word-break:break-word; font-size:13px; line-height:1.45; margin:0;
+                 padding:10px 12px; border-radius:8px; background:var(--block-background-fill);
+                 border:1px solid var(--border-color-primary)}
+"""
 
 
 @dataclass
@@ -26,10 +31,11 @@ class ReportView:
     box: gr.Column
     checkpoint: gr.Dropdown
     make_btn: gr.Button
-    best_btn: gr.Button       # "Report at checkpoint N": the checkpoint with the best eval loss, when overfitting
+    best_btn: gr.Button       # "Report at checkpoint N": the kept checkpoint with the best eval loss, when it beats the end
+    export_btn: gr.Button     # "Export checkpoint N": that checkpoint in the page's export panel
     status: gr.HTML
     verdict: gr.Markdown
-    details: gr.Markdown
+    details: gr.HTML
 
 
 def build(visible: bool = False) -> ReportView:
@@ -39,25 +45,25 @@ def build(visible: bool = False) -> ReportView:
             checkpoint = gr.Dropdown([FINAL], value=FINAL, label="Adapter", scale=2)
             make_btn = gr.Button("Make the report", scale=1)
             best_btn = gr.Button(visible=False, scale=1)
+            export_btn = gr.Button(visible=False, scale=1)
         status = gr.HTML()
         verdict = gr.Markdown(elem_classes=["lg-report-verdict"])
         with gr.Accordion("The numbers behind it", open=False):
-            details = gr.Markdown()
-    return ReportView(box, checkpoint, make_btn, best_btn, status, verdict, details)
+            details = gr.HTML()
+    return ReportView(box, checkpoint, make_btn, best_btn, export_btn, status, verdict, details)
 
 
 def choices(run_id: str | None) -> list[str]:
     if not run_id:
         return [FINAL]
     try:
-        run_dir = runs.get(run_id)
+        return runs.adapter_choices(runs.get(run_id))
     except GarageError:
         return [FINAL]
-    return [FINAL] + [str(runs.checkpoint_step(p)) for p in runs.checkpoints(run_dir)]
 
 
 def _step(choice: str | None) -> int | None:
-    return None if choice in (None, "", FINAL) else int(choice)
+    return runs.checkpoint_of(choice)
 
 
 def peek(run_id: str | None, choice: str | None = FINAL) -> dict:
@@ -95,63 +101,14 @@ def render(rep: dict) -> dict:
     head = (f"{marks.badge(v['task'], VERDICT_KIND.get(v['task'], 'warn'))} "
             f"{marks.badge('side effects ' + v['side_effects'], 'ok' if v['side_effects'] == 'small' else 'warn')}"
             f"\n\n**{html.escape(v['text'])}**")
-    of = rep["health"]["overfitting"]
-    best = of.get("best_checkpoint") if of.get("flag") else None
-    return {"verdict": head, "details": details_md(rep), "best": best}
+    # offered on the final adapter's report only: a checkpoint's own report has nothing better to point to
+    best = rep["health"]["overfitting"].get("better_checkpoint") if rep.get("checkpoint") is None else None
+    return {"verdict": head, "details": details_html(rep), "best": best}
 
 
-def details_md(rep: dict) -> str:
-    esc = lambda s: html.escape(_cut(str(s))).replace("|", "&#124;").replace("$", "&#36;").replace("\n", " ")  # noqa: E731
-    which = f"checkpoint {rep['checkpoint']}" if rep.get("checkpoint") is not None else "final adapter"
-    lines = [f"{which} of **{esc(rep['run'])}** on {esc(rep['base_model'])}, made {esc(rep['created_at'])} "
-             f"in {rep['seconds']} s on {esc(rep['device'])}", "", "#### Task"]
-    t = rep["task"]
-    if t.get("error"):
-        lines.append(f"{marks.ERROR} not scored: {esc(t['error']['message'])}. {esc(t['error'].get('hint') or '')}")
-    if t.get("loss"):
-        lo = t["loss"]
-        lines.append(f"- loss on {lo['rows']} rows ({esc(lo['split'])}): base **{lo['base']:.3f}** (perplexity "
-                     f"{lo['base_ppl']:.1f}) -> adapter **{lo['adapter']:.3f}** ({lo['adapter_ppl']:.1f})")
-    if t.get("checker"):
-        c = t["checker"]
-        lines.append(f"- the dataset's checker on {c['n']} held-out prompts: base **{c['base']:.0%}** -> "
-                     f"adapter **{c['adapter']:.0%}**")
-    if t.get("rouge_l"):
-        lines.append(f"- ROUGE-L to the data's reply: base {t['rouge_l']['base']:.2f} -> adapter "
-                     f"{t['rouge_l']['adapter']:.2f}")
-    if t.get("answers"):
-        ok = lambda a, side: ("" if f"{side}_ok" not in a else (marks.PASS if a[f"{side}_ok"] else marks.FAIL) + " ")  # noqa: E731
-        said = lambda text: esc(text) or "<i>(empty)</i>"  # noqa: E731
-        lines += ["", table(["prompt", "the data's reply", "base", "adapter"],
-                            [[esc(a["prompt"]), esc(a["reference"]), ok(a, "base") + said(a["base"]),
-                              ok(a, "adapter") + said(a["adapter"])] for a in t["answers"]])]
-    d = rep["drift"]
-    lines += ["", "#### Drift: neutral prompts", f"- KL(base &#124;&#124; adapter) **{d['kl']:.4f}** nats/token on "
-              f"{d['prompts']} prompts; **{d['changed']}/{d['prompts']}** answers changed within {d['tokens']} tokens"]
-    if d["most_changed"]:
-        lines += ["", table(["most changed", "base", "adapter"],
-                            [[esc(m["prompt"]), esc(m["base"]), esc(m["adapter"])] for m in d["most_changed"]])]
-    h = rep["health"]
-    un, of, dv = h["update_norm"], h["overfitting"], h["divergence"]
-    lines += ["", "#### Health"]
-    if un["max"] is not None:
-        lines.append(f"- update size ||BA|| / ||W||: median {un['median']:.2e}, largest {un['max']:.2e} "
-                     f"({len(un['modules'])} modules)")
-    lines.append(f"- no effect: {esc(h['no_effect']['why'] or 'no')}")
-    lines.append(f"- overfitting: {esc(of['note'] or 'no')}")
-    lines.append(f"- divergence: {dv['nan_skips']} NaN steps skipped, {len(dv['spikes'])} loss spikes")
-    return "\n".join(lines)
-
-
-def _cut(text: str, n: int = 240) -> str:
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    """An HTML table of already escaped cells: a Markdown table breaks on a cell's own | or newline."""
-    th = "".join(f"<th>{h}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c or '<i>(empty)</i>'}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
+def details_html(rep: dict) -> str:
+    """The report's text lines (core.report.outline: what `python -m core report` prints), as they are."""
+    return f"<pre class='lg-report-text'>{html.escape(chr(10).join(report.outline(rep)))}</pre>"
 
 
 def show(view: ReportView, shown: dict) -> dict:
@@ -159,7 +116,9 @@ def show(view: ReportView, shown: dict) -> dict:
     return {view.box: gr.update(visible=shown["visible"]), view.verdict: shown["verdict"],
             view.details: shown["details"], view.status: shown.get("status", ""),
             view.best_btn: gr.update(visible=best is not None,
-                                     value=f"Report at checkpoint {best} (best eval loss)" if best is not None else "")}
+                                     value=f"Report at checkpoint {best} (best eval loss)" if best is not None else ""),
+            view.export_btn: gr.update(visible=best is not None,
+                                       value=f"Export checkpoint {best}" if best is not None else "")}
 
 
 def _key(run_id: str | None, choice: str | None) -> tuple:
@@ -176,10 +135,11 @@ def _key(run_id: str | None, choice: str | None) -> tuple:
     return (run_id, choice, stamp(path), stamp(weights), report.being_written(run_dir))
 
 
-def wire(view: ReportView, run_id) -> None:
+def wire(view: ReportView, run_id, export: export_panel.ExportPanel | None = None) -> None:
     """run_id: the component holding the run (a gr.State on the Train page, the picker on the Runs page). A poll
-    shows the report once the run's training child has written it, without redrawing an unchanged one."""
-    outs = [view.box, view.verdict, view.details, view.status, view.best_btn]
+    shows the report once the run's training child has written it, without redrawing an unchanged one. `export`:
+    the page's export panel, which "Export checkpoint N" opens on that checkpoint."""
+    outs = [view.box, view.verdict, view.details, view.status, view.best_btn, view.export_btn]
     poll, shown_key = gr.Timer(POLL_S), gr.State(None)
 
     def _opened(rid):
@@ -196,15 +156,25 @@ def wire(view: ReportView, run_id) -> None:
             raise gr.Error("Pick a run first.")
         try:
             rep = yield from progress.stream(
-                lambda say: report.get(rid, _step(choice), session=chat_tab.SESSION, progress=say),
+                lambda say: report.get(rid, _step(choice), session=chat_tab.SESSION, progress=say, user_code=False),
                 lambda line: {view.status: line})
         except GarageError as e:
             raise gr.Error(str(e))
         yield {**show(view, {"visible": True, "status": "", **render(rep)}), shown_key: _key(rid, choice)}
 
+    def _best(rid, label):  # "Report at checkpoint N": pick N (the list refreshed: N may be newer than the page)
+        return gr.update(choices=choices(rid), value=f"checkpoint {label.split()[3]}")
+
     run_id.change(_opened, run_id, [view.checkpoint, shown_key], show_progress="hidden")
     poll.tick(_poll, [run_id, view.checkpoint, shown_key], outs + [shown_key], show_progress="hidden")
     view.checkpoint.change(lambda: None, None, shown_key, show_progress="hidden")
     view.make_btn.click(_make, [run_id, view.checkpoint], outs + [shown_key])
-    view.best_btn.click(lambda b: gr.update(value=b.split()[3]), view.best_btn, view.checkpoint).then(
+    view.best_btn.click(_best, [run_id, view.best_btn], view.checkpoint).then(
         _make, [run_id, view.checkpoint], outs + [shown_key])
+    if export is not None:
+        def _export(rid, label):
+            opened = export_panel.opened_on(rid, f"checkpoint {label.split()[2]}")
+            return {getattr(export, k): v for k, v in opened.items()}
+
+        view.export_btn.click(_export, [run_id, view.export_btn], [export.accordion, export.folder, export.adapter]
+                              ).then(None, None, None, js=export_panel.scroll_to(export.elem_id))

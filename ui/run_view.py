@@ -7,6 +7,7 @@ refresh, a second tab or an app restart shows the same run from its files.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 import gradio as gr
@@ -33,6 +34,10 @@ class RunView:
     rewards: gr.LinePlot     # DPO / ORPO only (in `pref`, hidden for SFT runs)
     accuracy: gr.LinePlot
     pref: gr.Column
+    reward: gr.LinePlot      # GRPO only (in `grpo`, above the loss: the loss alone means little in GRPO)
+    completion: gr.LinePlot
+    policy: gr.LinePlot
+    grpo: gr.Column
     log: gr.Code
     samples: gr.Markdown
     chat_btn: gr.Button
@@ -52,9 +57,9 @@ class RunView:
 
 
 # what refresh() fills, by the RunView field it goes to
-FIELDS = ("status", "progress", "loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "log", "samples",
-          "chat_btn", "resume_btn", "cache", "charts", "pref", "export_btn")
-CHARTS = ("loss", "lr", "grad", "tps", "mem", "rewards", "accuracy")
+FIELDS = ("status", "progress", "loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "reward", "completion",
+          "policy", "log", "samples", "chat_btn", "resume_btn", "cache", "charts", "pref", "grpo", "export_btn")
+CHARTS = ("loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "reward", "completion", "policy")
 
 
 STATUS_ID = "lg-run-status"
@@ -77,6 +82,12 @@ def build() -> RunView:
     export_btn = gr.Button("Export to GGUF / Ollama", visible=False)
     with gr.Column(visible=False) as charts:  # shown once a run is attached: empty charts say nothing
         # one chart a line: side by side in this column their titles and legends were cut at 1400 px
+        with gr.Column(visible=False) as grpo:  # a GRPO run's own charts, first
+            # a short title: the longer "Reward: the completions' mean, per reward function, and spread (GRPO)" was
+            # cut at both ends in this column at 1400 px
+            reward = _plot("Reward (GRPO): mean, per function, spread", "reward", 260)
+            completion = _plot("Completions: mean length and share cut at the limit", "tokens / %", 170)
+            policy = _plot("KL to the reference and entropy", "nats", 170)
         loss = _plot("Loss", "loss", 260)
         lr = _plot("Learning rate", "lr", 170)
         grad = _plot("Grad norm", "norm", 170)
@@ -85,11 +96,12 @@ def build() -> RunView:
         with gr.Column(visible=False) as pref:  # a DPO / ORPO run's own charts
             rewards = _plot("Rewards: chosen, rejected, margin (DPO / ORPO)", "reward", 220)
             accuracy = _plot("Preference accuracy (chosen out-scores rejected)", "share of pairs", 170)
-        with gr.Accordion("train.log (the end; library warnings hidden, kept in the file)", open=False):
+        with gr.Accordion("start-up timeline and train.log (the end; library warnings hidden, kept in the file)",
+                          open=False):
             log = gr.Textbox(lines=12, max_lines=20, autoscroll=True, interactive=False, show_label=False)
         samples = gr.Markdown()
-    return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, log, samples, chat_btn,
-                   resume_btn, gr.State({}), charts, export_btn)
+    return RunView(status, progress, loss, lr, grad, tps, mem, rewards, accuracy, pref, reward, completion, policy,
+                   grpo, log, samples, chat_btn, resume_btn, gr.State({}), charts, export_btn)
 
 
 def refresh(run_id: str | None, cache: dict) -> dict:
@@ -114,12 +126,14 @@ def refresh(run_id: str | None, cache: dict) -> dict:
     frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, ev.LR, "learning rate"),
               "grad": plots.series_frame(events, ev.GRAD_NORM, "grad norm"),
               "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est),
-              "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events)}
+              "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events),
+              "reward": plots.reward_frame(events), "completion": plots.completion_frame(events),
+              "policy": plots.policy_frame(events)}
     charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
     return {"status": status_md(run_id, status),
             "progress": progress_html(status, events) + template_html(events),
             **charts,
-            "log": runs.tail_log(run_dir, lines=60, hide_noise=True),
+            "log": log_text(run_dir, events),
             "samples": samples_md(events),
             "chat_btn": gr.update(visible=run_files.has_adapter(run_dir)),
             "resume_btn": resume_button(run_dir, status),
@@ -127,7 +141,16 @@ def refresh(run_id: str | None, cache: dict) -> dict:
             "cache": cache,
             "charts": gr.update(visible=True),
             "pref": gr.update(visible=len(frames["accuracy"]) > 0),
+            "grpo": gr.update(visible=len(frames["reward"]) > 0),
             "keep": not done}
+
+
+def log_text(run_dir, events: list[dict]) -> str:
+    """The log box: the start-up timeline (core.events.startup_timeline) once the child has written a phase,
+    then the end of train.log."""
+    tail = runs.tail_log(run_dir, lines=60, hide_noise=True)
+    timeline = ev.format_timeline(ev.startup_timeline(events))
+    return f"start-up, seconds per phase:\n{timeline}\n\ntrain.log:\n{tail}" if timeline else tail
 
 
 def _blank(cache) -> dict:
@@ -137,7 +160,7 @@ def _blank(cache) -> dict:
     return {"status": "No run yet. Press **Start training**.", "progress": "",
             **{name: plots.hidden() for name in CHARTS},  # hidden by class, never None: see plots.hidden
             "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
-            "charts": hidden, "pref": hidden}
+            "charts": hidden, "pref": hidden, "grpo": hidden}
 
 
 def resume_button(run_dir, status: dict) -> dict:
@@ -251,12 +274,42 @@ def template_html(events: list[dict]) -> str:
 
 
 def samples_md(events: list[dict]) -> str:
+    """The latest sample generations (SFT), or a GRPO run's latest completions with their rewards."""
+    shown = ev.of_type(events, ev.COMPLETIONS)
+    if shown:
+        return completions_md(shown[-1])
     samples = ev.of_type(events, ev.SAMPLE)[-3:]
     if not samples:
         return ""
     parts = [f"**step {e.get(ev.STEP)}** · _{html.escape(str(e.get(ev.PROMPT, '')))}_  \n"
              f"{html.escape(str(e.get(ev.TEXT, '')))}" for e in samples]
     return "#### Sample generations\n" + "\n\n".join(parts)
+
+
+def completions_md(event: dict) -> str:
+    """A GRPO checkpoint's sampled completions, each with its total reward and each reward function's score.
+    The prompt is shown without the chat template's markers (<|im_start|> and the like filled its cell and squeezed
+    the completion to a few letters a line), once per group of completions that share it."""
+    rows, last = [], None
+    for it in event.get(ev.ITEMS) or []:
+        prompt = _plain_prompt(str(it.get(ev.PROMPT, "")))
+        shown = html.escape(prompt[-160:]) if prompt != last else '<i>(same prompt)</i>'
+        last = prompt
+        parts = "<br>".join(f"{html.escape(k)} {v:g}" for k, v in (it.get(ev.REWARDS) or {}).items())
+        rows.append(f"<tr><td>{shown}</td>"
+                    f"<td>{html.escape(str(it.get(ev.COMPLETION, ''))) or '<i>(empty)</i>'}</td>"
+                    f"<td><b>{it.get(ev.REWARD, 0):.2f}</b><br><small>{parts}</small></td></tr>")
+    return (f"#### Sampled completions at step {event.get(ev.STEP)}, with their rewards\n\n"
+            '<table style="table-layout: fixed; width: 100%"><tr><th style="width: 38%">prompt</th>'
+            f'<th style="width: 38%">completion</th><th style="width: 24%">reward</th></tr>{"".join(rows)}</table>')
+
+
+_TEMPLATE_MARK = re.compile(r"<\|[^|<>]{1,40}\|>|<(?:/?s|start_of_turn|end_of_turn)>")
+
+
+def _plain_prompt(text: str) -> str:
+    """A rendered prompt as a person reads it: the template's special markers dropped, whitespace collapsed."""
+    return " ".join(_TEMPLATE_MARK.sub(" ", text).split())
 
 
 def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:

@@ -191,8 +191,8 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
         curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
-    export_panel.build(pick)
-    report_view.wire(report_view.build(), pick)
+    export = export_panel.build(pick)
+    report_view.wire(report_view.build(), pick, export)
     with gr.Accordion("Config and CLI command", open=False):
         cli = gr.Code(language="shell", label="Repeat this run from a terminal")
         cfg_yaml = gr.Code(language="yaml", label="config.yaml")

@@ -29,6 +29,14 @@ GROUPS = {
     "Preference (DPO / ORPO)": [("train.objective", "radio"), ("train.dpo_beta", "number"),
                                 ("train.dpo_loss", "dropdown"), ("train.orpo_lambda", "number"),
                                 ("train.from_run", "text")],
+    "GRPO: rewards (objective grpo)": [
+        ("train.grpo_generations", "number"), ("train.grpo_max_completion", "number"), ("train.grpo_beta", "number"),
+        ("train.grpo_temperature", "number"), ("train.grpo_loss", "dropdown"),
+        ("rewards.format_weight", "number"), ("rewards.format_regex", "text"), ("rewards.answer_weight", "number"),
+        ("rewards.answer_column", "text"), ("rewards.contains_weight", "number"), ("rewards.contains", "lines"),
+        ("rewards.not_contains_weight", "number"), ("rewards.not_contains", "lines"),
+        ("rewards.length_weight", "number"), ("rewards.length_min", "number"), ("rewards.length_max", "number"),
+        ("rewards.file", "text"), ("rewards.file_weight", "number")],
     "Advanced": [("data.system", "text"), ("data.train_on", "radio"), ("data.overlong", "radio"), ("data.packing", "check"),
                  ("data.padding_free", "check"),
                  ("data.val_fraction", "number"), ("data.val_source", "text"), ("data.limit", "number"),
@@ -37,6 +45,7 @@ GROUPS = {
                  ("train.nan_patience", "number"), ("output.run_name", "text")],
 }
 OPEN = {"Basic"}
+LINES = {dotted for items in GROUPS.values() for dotted, kind in items if kind == "lines"}
 
 
 @dataclass
@@ -77,6 +86,8 @@ def _widget(dotted: str, kind: str, value):
         return gr.Checkbox(value=value, label=_label(dotted), info=info, elem_classes=["lg-check"])
     if kind == "number":
         return gr.Number(value=value, label=_label(dotted), info=info)
+    if kind == "lines":  # a list of phrases: one a line
+        return gr.Textbox(value="\n".join(value or []), label=_label(dotted), info=info + " One a line.", lines=2)
     return gr.Textbox(value=value, label=_label(dotted), info=info)
 
 
@@ -100,6 +111,8 @@ def to_config(names: list[str], values: list) -> C.RunConfig:
             value = int(value)
         if dotted == "data.columns":
             value = _parse_columns(value)
+        if dotted in LINES and isinstance(value, str):
+            value = [line.strip() for line in value.splitlines() if line.strip()]
         if value is None:
             raise C.ConfigError(dotted, "is empty", f"enter a value for {_label(dotted)}")
         d.setdefault(section, {})[name] = value
@@ -129,5 +142,7 @@ def values_of(names: list[str], cfg: C.RunConfig) -> list:
         if n == "data.columns":
             v = ", ".join(f"{k}: {c}" for k, c in v.items())
             v = "{" + v + "}" if v else ""
+        if n in LINES:
+            v = "\n".join(v or [])
         out.append(v)
     return out

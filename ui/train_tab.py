@@ -20,6 +20,7 @@ import json
 from core import config as C
 from core import hardware, models, paths, presets, units
 from core.runs import access
+from core.commands import rewards as rewards_cmd
 from core.estimate import eta
 from core.runs import runner
 from core.runs import folder as runs
@@ -477,6 +478,45 @@ def start(names: list[str], values: list, rejected: dict | None = None) -> str:
         raise refusal(str(e))
 
 
+def try_rewards(names: list[str], values: list):
+    """The Try rewards button (a generator: consume it): the form's model samples a few completions for the first
+    prompts, each scored by the form's rewards, in a child process (a reward file is the user's code: never imported
+    by the app). Yields (phase line, result)."""
+    try:
+        cfg = train_form.to_config(names, values)
+        if cfg.train.objective != "grpo":
+            raise refusal("Try rewards is for GRPO: set objective to grpo (in Preference (DPO / ORPO)), give a "
+                          "prompt file and turn on a reward in GRPO: rewards.")
+        C.validate(cfg)
+        C.require_reward(cfg)
+    except GarageError as e:
+        raise refusal(e)
+    try:
+        result = yield from progress.stream(lambda say: rewards_cmd.run_child(cfg, progress=say),
+                                            lambda line: (line, gr.skip()))
+    except GarageError as e:
+        yield "", gr.skip()  # the phase it stopped in is not a phase any more
+        raise refusal(e)
+    yield "", rewards_html(result)
+
+
+def rewards_html(result: dict) -> str:
+    """Try rewards' result: each sampled completion with each reward's score and the weighted total."""
+    names = list(result["weights"])
+    head = "".join(f"<th>{html.escape(n)} x{result['weights'][n]:g}</th>" for n in names)
+    rows = "".join(
+        f"<tr><td>{html.escape(it['prompt'][:160])}</td><td>{html.escape(it['completion']) or '<i>(empty)</i>'}"
+        f"</td>" + "".join(f"<td>{it['rewards'][n]:.2f}</td>" for n in names) + f"<td><b>{it['reward']:.2f}</b></td></tr>"
+        for it in result["items"])
+    fired = {n: sum(it["rewards"][n] > 0 for it in result["items"]) for n in names}
+    never = [n for n in names if fired[n] == 0]
+    note = (f"<p>{marks.NOTE} {html.escape(', '.join(never))} gave 0 to every completion: with no difference inside "
+            "a group GRPO has nothing to learn from it. Loosen it, or raise the temperature.</p>" if never else "")
+    return (f"<p>{html.escape(result['model'])}: {len(result['items'])} completions at temperature "
+            f"{result['temperature']:g}, up to {result['max_tokens']} tokens.</p>{note}"
+            f"<table><tr><th>prompt</th><th>completion</th>{head}<th>total</th></tr>{rows}</table>")
+
+
 def open_export(run_id: str | None) -> dict:
     """"Export to GGUF / Ollama": the page's export panel shown and opened on the run ({"accordion", "folder"}),
     checked against the run folder first: a run that lost its adapter since the button showed is refused, named."""
@@ -576,6 +616,9 @@ def build() -> TrainTab:
             leading = [("model.source", model_dd), ("data.source", data_tb), ("data.format", fmt),
                        ("data.columns", cols), ("data.split", split), ("data.subset", subset), ("data.fill", fill)]
             form = train_form.build(defaults, leading)
+            try_btn = gr.Button("Try rewards (GRPO): 3 prompts, 2 completions each, scored", size="sm")
+            try_phase = gr.HTML()  # the child's phases while it loads, reads and samples (progress.stream)
+            try_out = gr.HTML()
         with gr.Column(scale=2):
             vram_title = gr.Markdown("### VRAM")
             target = gr.Dropdown(["detected"] + [f"{g} GB" for g in vram_panel.TARGET_SIZES_GB], value="detected",
@@ -618,6 +661,10 @@ def build() -> TrainTab:
 
     inspect_outputs = [data_md, hist, preview, fill_found, rejected, inspected] + fill_boxes
     inspect_btn.click(_inspect_clicked, widgets, [data_status] + inspect_outputs)
+    def _try_rewards(*vals):
+        yield from try_rewards(names, list(vals))
+
+    try_btn.click(_try_rewards, widgets, [try_phase, try_out], show_progress="minimal")
 
     def _data_changed(*v):
         # results belong to one dataset: a new one clears them until it is inspected, unless these very settings
@@ -659,7 +706,7 @@ def build() -> TrainTab:
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)
     run_view.wire(view, run_id, timer)
-    report_view.wire(report_section, run_id)
+    report_view.wire(report_section, run_id, export)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
     eta_tail = gr.State(None)  # what the ETA line has read of the running run's events
@@ -683,9 +730,9 @@ def build() -> TrainTab:
 
     def _export_open(rid):
         named = open_export(rid)
-        return {export.accordion: named["accordion"], export.folder: named["folder"]}
+        return {getattr(export, k): v for k, v in named.items()}
 
-    view.export_btn.click(_export_open, run_id, [export.accordion, export.folder]).success(
+    view.export_btn.click(_export_open, run_id, [export.accordion, export.folder, export.adapter]).success(
         None, None, None, js=export_panel.scroll_to(export_panel.TRAIN_PANEL_ID))
     return TrainTab(run_id=run_id, timer=timer, chat_button=view.chat_btn, view=view,
                     on_load=(_on_load, [target, inspected] + widgets,

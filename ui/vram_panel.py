@@ -15,7 +15,7 @@ from core.errors import ConfigError
 from core.runs import folder as runs
 from core.train import distributed
 COLORS = {"weights": "#4e79a7", "adapter": "#f28e2b", "gradients": "#e15759", "optimizer": "#76b7b2",
-          "activations": "#59a14f", "logits": "#edc948", "overhead": "#b07aa1"}
+          "activations": "#59a14f", "logits": "#edc948", "generation": "#ff9da7", "overhead": "#b07aa1"}
 METHODS = [("full", "Full fine-tune"), ("lora", "LoRA (16-bit base)"), ("qlora", "QLoRA (4-bit base)")]
 TARGET_SIZES_GB = [6, 8, 12, 16, 24, 48, 80]
 

@@ -52,7 +52,11 @@ def add_arguments(p) -> None:
                    help="with --gpus N: ddp (a replica per GPU), fsdp (sharded), or auto (ddp when it fits, fsdp "
                         "for a 16-bit LoRA that only fits sharded)")
     p.add_argument("--objective", default="sft", choices=vram.OBJECTIVES,
-                   help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad)")
+                   help="sft, or dpo / orpo: two sequences per pair; DPO adds the reference forward (no grad); grpo: "
+                        "--batch-size prompts of --seq-len tokens, each sampled --generations times")
+    p.add_argument("--generations", type=int, default=4, metavar="N", help="grpo: completions per prompt")
+    p.add_argument("--completion-len", type=int, default=128, metavar="N", help="grpo: tokens per completion at most")
+    p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight; above 0 adds the reference forward")
     p.add_argument("--chunked-loss", action="store_true",
                    help="as a run with train.chunked_loss=true: the loss in tiles, without the full fp32 logits "
                         "(a run uses the stock loss by default)")
@@ -72,7 +76,8 @@ def _settings(args, method: str) -> vram.Settings:
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
                          attn=args.attn, device=_device(args), objective=args.objective,
-                         chunked_loss=args.chunked_loss)
+                         chunked_loss=args.chunked_loss, generations=args.generations,
+                         completion_len=args.completion_len, beta=args.beta)
 
 
 def _device(args) -> str:
@@ -165,7 +170,9 @@ def _print_table(args, shape, where, usable, suggestions, chosen, to_check="") -
     w(f"Model: {args.model} ({shape.model_type or '?'}, {shape.total_params / 1e9:.2f} B params: "
       f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab}"
       f"{', tied' if shape.tied else ''})\n")
-    w(f"Run:   {args.seq_len} tokens x batch {args.batch_size}, rank {args.rank} on {args.targets}, {args.optim}, "
+    size = (f"{args.batch_size} prompts of {args.seq_len} tokens x {args.generations} generations of "
+            f"{args.completion_len} tokens" if args.objective == "grpo" else f"{args.seq_len} tokens x batch {args.batch_size}")
+    w(f"Run:   {size}, rank {args.rank} on {args.targets}, {args.optim}, "
       f"checkpointing {'on' if args.grad_checkpointing else 'off'}, {args.attn}"
       f"{ {'cpu': ', fp32 on CPU', 'mps': ', bf16/fp16 on the Apple GPU (MPS)'}.get(_device(args), ', bf16/fp16 mixed precision on CUDA')}\n")
     w(where + "\n\n")

@@ -1,5 +1,5 @@
 """`python -m core eval RUN`: base model vs adapter on the run's held-out prompts (accuracy where the dataset has
-a checker, else perplexity on the eval split)."""
+a checker, the run's own rewards for a GRPO run, else perplexity on the eval split)."""
 
 import json
 import sys
@@ -14,7 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", type=int, default=None, metavar="N", help="score checkpoint-N instead of the final adapter")
     p.add_argument("--quant", choices=["4bit"], default=None, help="load the base in 4-bit (less VRAM)")
     p.add_argument("--limit", type=int, default=200, metavar="N", help="score at most N examples (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="answer length for checked prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="answer length for checked prompts (a GRPO run answers up to its train.grpo_max_completion)")
     p.add_argument("--json", action="store_true", help='print {"base", "adapter", "n", "metric"} as JSON')
     p.add_argument("--rows", action="store_true", help="also print each prompt with both answers")
 
@@ -29,13 +30,29 @@ def run(args) -> int:
     if session.template_notice:
         print(f"note: {session.template_notice}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"base": r["base"], "adapter": r["adapter"], "n": r["n"], "metric": r["metric"]}))
+        out = {"base": r["base"], "adapter": r["adapter"], "n": r["n"], "metric": r["metric"]}
+        if r["metric"] == "reward":
+            out.update(rewards=r["rewards"], above_zero=r["above_zero"])
+        print(json.dumps(out))
         return 0
     better = "higher" if r["higher_is_better"] else "lower"
     print(f"{r['metric']} on {r['n']} {r['split']} examples ({better} is better)")
     fmt = "{:.1%}" if r["metric"] == "accuracy" else "{:.3f}"
     print(f"  base:    {fmt.format(r['base'])}")
     print(f"  adapter: {fmt.format(r['adapter'])}")
+    if r["metric"] == "reward":
+        print(f"  above zero: base {r['above_zero']['base']:.0%}, adapter {r['above_zero']['adapter']:.0%}")
+        for name, sides in r["rewards"].items():
+            b, a = sides["base"], sides["adapter"]
+            print(f"  {name} (x{r['weights'][name]:g}): mean {b['mean']:.3f} -> {a['mean']:.3f}; "
+                  f"full marks {b['full']:.0%} -> {a['full']:.0%}")
+        if r["note"]:
+            print(f"note: {r['note']}", file=sys.stderr)
+    if args.rows and r["metric"] == "reward":
+        for row in r["rows"]:
+            print(f"\n? {row['prompt']}")
+            print(f"  base    [{row['base_reward']:.2f}]: {row['base']!r}")
+            print(f"  adapter [{row['adapter_reward']:.2f}]: {row['adapter']!r}")
     if args.rows and r["metric"] == "accuracy":
         for row in r["rows"]:
             print(f"\n? {row['prompt']}\n  expected: {row['expected']}")

@@ -1,7 +1,7 @@
 """`python -m core runs`: list runs, show one, follow its log, stop, resume or delete it.
 
   python -m core runs                    # the list, newest first
-  python -m core runs show RUN           # status, last metrics, checkpoints, adapter
+  python -m core runs show RUN           # status, last metrics, checkpoints, adapter, the start-up timeline
   python -m core runs stop RUN           # stop request: finish the step, save, mark stopped (killed after --grace)
   python -m core runs resume RUN [--wait]
   python -m core runs log RUN            # the end of train.log
@@ -77,7 +77,8 @@ def _show(args) -> int:
             "checkpoints": [p.name for p in runs.checkpoints(run_dir)],
             "adapter": str(run_dir / "adapter") if run_files.has_adapter(run_dir) else None,
             "template_notice": ev.template_notice(events),
-            "recovered": [r.get(ev.MESSAGE) for r in ev.recoveries(events)]}
+            "recovered": [r.get(ev.MESSAGE) for r in ev.recoveries(events)],
+            "startup": ev.startup_timeline(events)}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -98,6 +99,9 @@ def _show(args) -> int:
         print(f"{'template':>12}: {notice}")
     for message in info["recovered"]:
         print(f"{'recovered':>12}: {message.removeprefix('recovered ')}")
+    timeline = ev.format_timeline(info["startup"])
+    if timeline:
+        print(f"{'start-up':>12}:\n" + "\n".join("    " + line for line in timeline.splitlines()))
     if st.get("error"):
         err = st["error"]
         print(f"{'error':>12}: [{err.get('kind')}] {err.get('message')}\n{'fix':>12}: {err.get('hint')}")

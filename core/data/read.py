@@ -24,7 +24,8 @@ from core.errors import DatasetError
 BUILTIN_DATA = Path(__file__).resolve().parent.parent / "builtin_data"
 BUILTINS = {"builtin:demo-identity": BUILTIN_DATA / "demo_identity.jsonl",
             "builtin:demo-preference": BUILTIN_DATA / "demo_preference.jsonl",
-            "builtin:demo-arithmetic": BUILTIN_DATA / "demo_arithmetic.jsonl"}
+            "builtin:demo-arithmetic": BUILTIN_DATA / "demo_arithmetic.jsonl",
+            "builtin:demo-arithmetic-eval": BUILTIN_DATA / "demo_arithmetic_eval.jsonl"}
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TEXT_CHUNK = 8000  # characters per text record: big enough for context, small enough to tokenise in batches

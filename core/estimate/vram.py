@@ -22,7 +22,7 @@ from core.config import ATTENTION_TARGETS, ATTN_IMPLEMENTATIONS, OBJECTIVES, OPT
 from core.errors import ModelError
 from core.units import gb
 
-COMPONENTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead")
+COMPONENTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "generation", "overhead")
 METHODS = ("full", "lora", "qlora", "8bit")
 # Model types whose config class ties input and output embeddings when config.json does not say.
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_neo", "phi")
@@ -189,7 +189,11 @@ class Settings:
     upcast_non_quantized: bool = False   # True: peft's prepare_model_for_kbit_training ran (core/train/child.py
                                          # skips it; many HF scripts call it) and made the rest fp32
     autocast: bool | None = None         # mixed precision; None = on for CUDA, off on CPU
-    objective: str = "sft"               # sft | dpo | orpo (train.objective): pairs cost two sequences per example
+    objective: str = "sft"               # sft | dpo | orpo | grpo (train.objective): pairs cost two sequences per
+                                         # example; GRPO samples `generations` completions per prompt
+    generations: int = 4                 # GRPO: completions per prompt (train.grpo_generations)
+    completion_len: int = 128            # GRPO: tokens per completion at most (train.grpo_max_completion)
+    beta: float = 0.0                    # GRPO: > 0 adds the reference forward (train.grpo_beta)
     chunked_loss: bool = False           # train.chunked_loss: the SFT loss in tiles (core/train/loss.py), no full
                                          # logits. Off here: a bare Settings models a plain HF + peft script
 
@@ -202,7 +206,8 @@ def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda
                     compute_dtype=q.compute_dtype, batch_size=t.batch_size, seq_len=run_cfg.data.max_len,
                     grad_accum=t.grad_accum, grad_checkpointing=t.grad_checkpointing, optimizer=t.optimizer,
                     attn=run_cfg.model.attn_implementation, device=device, objective=t.objective,
-                    chunked_loss=t.chunked_loss)
+                    chunked_loss=t.chunked_loss, generations=t.grpo_generations,
+                    completion_len=t.grpo_max_completion, beta=t.grpo_beta)
 
 
 def targeted(shape: ModelShape, targets: str) -> list[Linear]:
@@ -415,9 +420,12 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     notes = list(shape.notes)
-    # DPO / ORPO: each pair is two sequences (chosen, rejected) in one batch of 2 x batch_size
-    sequences = s.batch_size * (1 if s.objective == "sft" else 2)
-    tokens = sequences * s.seq_len
+    # DPO / ORPO: each pair is two sequences (chosen, rejected) in one batch of 2 x batch_size; GRPO: each prompt
+    # (seq_len = data.max_len at worst) is sampled `generations` times, each completion up to completion_len tokens
+    grpo = s.objective == "grpo"
+    sequences = s.batch_size * (s.generations if grpo else 1 if s.objective == "sft" else 2)
+    seq_len = s.seq_len + s.completion_len if grpo else s.seq_len
+    tokens = sequences * seq_len
     tensors = _trainable_tensors(shape, s)
     trainable = sum(numel * n for numel, n in tensors.items())
     weights = _weights(shape, s, d)
@@ -427,9 +435,9 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     optimizer = _optimizer(tensors, s.optimizer)
 
     per_tok, per_pos = _layer_bytes_per_token(shape, s, d)
-    layer = tokens * (per_tok + per_pos * s.seq_len)
+    layer = tokens * (per_tok + per_pos * seq_len)
     final_norm = tokens * _head_bytes_per_token(shape, s, d)
-    mask = sequences * s.seq_len ** 2 * d.resid if s.attn == "eager" else 0
+    mask = sequences * seq_len ** 2 * d.resid if s.attn == "eager" else 0
     # autocast keeps a compute-dtype copy of fp32 weights that the backward needs: every weight for full
     # fine-tuning (autocast's weight cache), and the frozen fp32 lm_head after the k-bit upcast.
     if d.autocast and s.method == "full":
@@ -438,7 +446,9 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         casts = shape.vocab * shape.hidden * d.compute
     else:
         casts = 0
-    if s.chunked_loss and s.objective == "sft":
+    if grpo:  # TRL keeps the logits of the completion tokens only (logits_to_keep), and their fp32 log-softmax
+        logits = sequences * s.completion_len * shape.vocab * K.LOGIT_PEAK_BYTES
+    elif s.chunked_loss and s.objective == "sft":
         logits = chunked_loss_bytes(tokens, shape.vocab, shape.hidden)
         notes.append("loss in tiles (train.chunked_loss): no full logits; models that rescale their logits after "
                      "lm_head, or a LoRA on lm_head, fall back to the full logits")
@@ -464,7 +474,24 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     sft_term = (tokens // 2) * shape.vocab * 4 if s.objective == "orpo" else 0
     activations += reference
     logits += sft_term
-    if s.objective != "sft":
+    # GRPO's generation runs before the step, without grad: the KV cache of every completion at full length and
+    # the last position's logits; with beta > 0 the reference's log-probabilities too (a no-grad forward, one layer
+    # at a time, and the completions' logits). Only what that phase needs beyond the step's own peak counts.
+    kv_cache = (sequences * seq_len * shape.layers * 2 * shape.kv_dim * d.compute) if grpo else 0
+    gen_logits = sequences * shape.vocab * 4 * 2 if grpo else 0
+    grpo_reference = (layer / max(shape.layers, 1) + sequences * s.completion_len * shape.vocab * 4
+                      if grpo and s.beta > 0 else 0)
+    generation_phase = max(kv_cache + gen_logits, grpo_reference)
+    generation = max(0, generation_phase - (activations + logits)) if grpo else 0
+    if grpo:
+        notes.append(f"GRPO: {s.batch_size} prompts x {s.generations} generations = {sequences} completions of up to "
+                     f"{s.seq_len} + {s.completion_len} tokens; generation first (KV cache "
+                     f"{kv_cache / 2**30:.2f} GiB, no grad), then the step on the completions (activations and "
+                     f"logits {(activations + logits) / 2**30:.2f} GiB): the "
+                     f"{'generation' if generation_phase > activations + logits else 'step'} is the larger phase"
+                     + ("; the reference log-probabilities (adapter disabled) in the generation phase"
+                        if s.beta > 0 else "; no reference (grpo_beta 0)"))
+    elif s.objective != "sft":
         notes.append(f"{s.objective.upper()}: two sequences per pair (batch of {sequences})"
                      + ("; the reference forward without grad (adapter disabled, no second model)"
                         if s.objective == "dpo" else "; no reference model; the SFT term on the chosen reply"))
@@ -490,12 +517,17 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         notes.append("paged optimizer: its states can spill to RAM under pressure instead of failing")
 
     components = dict(weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
-                      activations=activations, logits=logits, overhead=overhead)
+                      activations=activations, logits=logits, generation=generation, overhead=overhead)
+    if grpo:
+        top = max(components, key=components.get)
+        i = next(i for i, n in enumerate(notes) if n.startswith("GRPO:"))
+        notes[i] += f"; the largest part is {top} ({components[top] / 2**30:.2f} GiB)"
     details = dict(layer_saved=layer, checkpoints=shape.layers * tokens * shape.hidden * d.resid
                    if s.grad_checkpointing else 0, backward_transient=transient, autocast_weight_copies=casts,
                    eager_mask=mask, cuda_context=context, cublas_workspace=workspace,
                    allocator_fragmentation=fragmentation, dequant_buffer=dequant,
-                   reference_forward=reference, orpo_sft_term=sft_term)
+                   reference_forward=reference, orpo_sft_term=sft_term, generation_kv_cache=kv_cache,
+                   generation_logits=gen_logits, grpo_reference_forward=grpo_reference)
     return Estimate(shape, s, {k: int(round(v)) for k, v in components.items()},
                     {k: int(round(v)) for k, v in details.items()}, trainable, notes)
 

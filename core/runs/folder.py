@@ -351,6 +351,25 @@ def adapter_path(run_dir: Path, checkpoint: int | str | None = None) -> Path:
     return path
 
 
+FINAL_ADAPTER = "final adapter"
+
+
+def adapter_choices(run_dir: Path) -> list[str]:
+    """The adapters of a run as a person picks them (the app's Adapter pickers): the final adapter, then each
+    complete checkpoint as "checkpoint N". checkpoint_of() turns a pick back into adapter_path's argument."""
+    return [FINAL_ADAPTER] + [f"checkpoint {checkpoint_step(p)}" for p in checkpoints(run_dir)]
+
+
+def checkpoint_of(choice: str | None) -> int | None:
+    """None for the final adapter (or no pick), N for "checkpoint N" (or "N")."""
+    if choice in (None, "", FINAL_ADAPTER):
+        return None
+    text = str(choice).removeprefix("checkpoint").strip()
+    if not text.isdigit():
+        raise RunError(f"{choice!r} names no adapter", f'pick "{FINAL_ADAPTER}" or "checkpoint N"')
+    return int(text)
+
+
 # ---------------------------------------------------------------- fingerprint: what a resume must not change
 
 def fingerprint(cfg: RunConfig, model_path: Path | None, tokens_sha256: str | None = None) -> dict:

@@ -29,6 +29,7 @@ from core.errors import BusyError, ConfigError, RunError
 from core import models
 from core.errors import GarageError
 from core.train import distributed
+from core.train.startup import SPAWNED_AT_ENV
 from core.estimate import limits
 
 
@@ -175,6 +176,7 @@ def _spawn(run_dir: Path, lock) -> subprocess.Popen:
         env[procs.LOCK_FD_ENV] = str(lock.fd)
     env.setdefault("LORA_GARAGE_HOME", str(paths.home()))
     env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # Apple GPUs: an op MPS lacks runs on the CPU, not an error
+    env[SPAWNED_AT_ENV] = repr(time.time())  # the start-up timeline's spawn phase (core.train.startup)
     try:
         proc = portable.popen_passing_lock([sys.executable, "-m", "core", "train", "--run-dir", str(run_dir)], lock,
                                            cwd=str(paths.REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,

@@ -27,12 +27,15 @@ from core.runs import folder as runs
 from core.runs import portable
 from core import events as ev
 from core.train.collate import PadCollator
+from core.train.startup import Timeline
 from core.errors import RunError
 from core.estimate.gpu_specs import peak_bf16
 from core.estimate import eta as run_eta  # `eta` is a local name in on_log
 
 # test-only: "oom@step3" (once: the retry at that step fits), "oomall@step3" (every time step 3 is tried),
-# "oomprobe@step0" (once, in the pre-flight probe),
+# "oomprobe@step0" (once, in the pre-flight probe), "oomlong@tokens48" (every training batch longer than 48 tokens
+# a row: an out of memory that only a shorter data.max_len cures), "oomeval@rows1" (every evaluation batch of more
+# than 1 row; rows0: every one), "oomsave@step0" (once, in the final save of the adapter),
 # "nan@step2", "disk@step4", "killsave@step4", "slow@step1" (every step from 1 on takes at least SLOW_STEP_S more,
 # or $LORA_GARAGE_SLOW_STEP_S: time for a test to act mid-run on a fast machine, or to see a Stop wait for a long
 # step; the numbers are untouched). SIGKILL at a moment, for the fault campaign (bench/fault_campaign.py):
@@ -42,18 +45,20 @@ from core.estimate import eta as run_eta  # `eta` is a local name in on_log
 # FAULT_RANK_ENV=N: in a multi-process run the faults fire in rank N alone.
 FAULT_ENV = "LORA_GARAGE_FAULT"
 FAULT_RANK_ENV = "LORA_GARAGE_FAULT_RANK"
-FAULT_KINDS = ("oom", "oomall", "oomprobe", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
+FAULT_KINDS = ("oom", "oomall", "oomprobe", "oomlong", "oomeval", "oomsave", "nan", "disk", "killsave", "slow", "killdata", "killload", "killstep", "killfinal")
+FAULT_UNITS = {"oomlong": "tokens", "oomeval": "rows"}  # what their number counts; the others' is a step
 SLOW_STEP_S = float(os.environ.get("LORA_GARAGE_SLOW_STEP_S", "0.5"))
 
 
 def parse_faults(text: str | None) -> dict[str, int]:
-    """LORA_GARAGE_FAULT="nan@step2,oom@step3" -> {"nan": 2, "oom": 3}. Unknown kinds are an error, not ignored."""
+    """LORA_GARAGE_FAULT="nan@step2,oom@step3" -> {"nan": 2, "oom": 3}; "oomlong@tokens48" -> {"oomlong": 48}.
+    Unknown kinds are an error, not ignored."""
     out = {}
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
             continue
-        kind, _, where = item.partition("@step")
+        kind, _, where = item.partition("@" + FAULT_UNITS.get(item.partition("@")[0], "step"))
         if kind not in FAULT_KINDS or not where.isdigit():
             raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (use e.g. oom@step3)")
         out[kind] = int(where)
@@ -67,6 +72,14 @@ def kill_point(faults: dict, kind: str, step: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def oom_point(faults: dict, kind: str) -> None:
+    """Test-only: an out of memory here, once, when LORA_GARAGE_FAULT names this moment (e.g. oomsave@step0)."""
+    if faults.pop(kind, None) is not None:
+        import torch  # heavy
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at {kind})")
+
+
 class Context:
     """What the child is doing right now, so an error can say in which phase it happened."""
 
@@ -74,6 +87,7 @@ class Context:
         self.phase = "setup"
         self.step = 0
         self.faults: dict = {}   # test-only (LORA_GARAGE_FAULT), for the kill points outside the trainer
+        self.timeline = Timeline.off()  # the start-up timeline (core.train.startup): the child's main sets it
 
 
 class StopFlag:
@@ -197,6 +211,10 @@ class GarageTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
+            rows = inputs["input_ids"].shape[0] if "input_ids" in inputs else 0
+            if "oomeval" in self.faults and rows > self.faults["oomeval"]:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV}: an evaluation batch of "
+                                             f"{rows} rows, over {self.faults['oomeval']})")
             return self._loss(model, inputs, return_outputs, num_items_in_batch)
         oom = None
         try:
@@ -222,6 +240,10 @@ class GarageTrainer(Trainer):
         if model.training and not self.probing and (self.faults.get("oom") == step or self.faults.get("oomall") == step):
             self.faults.pop("oom", None)  # "oom" fires once: the retry of that step fits
             raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV} at step {step})")
+        width = inputs["input_ids"].shape[-1] if "input_ids" in inputs else 0
+        if model.training and "oomlong" in self.faults and width > self.faults["oomlong"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected by {FAULT_ENV}: a batch of {width} tokens "
+                                         f"a row, over {self.faults['oomlong']}, at step {step})")
         if "nan" in self.faults and self.state.global_step + 1 >= self.faults["nan"] and model.training:
             if return_outputs:
                 return out[0] * float("nan"), out[1]
@@ -229,7 +251,8 @@ class GarageTrainer(Trainer):
         return out
 
     def evaluate(self, *args, **kwargs):
-        phase, self.ctx.phase = self.ctx.phase, "eval"
+        phase = self.ctx.phase
+        self.ctx.phase = phase if phase == "final eval" else "eval"
         t0 = time.time()
         waiting = len(self.collated)   # the train batch collated ahead stays; the eval batches' counts go
         try:
@@ -370,6 +393,7 @@ class GarageCallback(TrainerCallback):
             mem=mem,
             mfu=None if self.flops is None else self.flops.mfu(tokens, self.trainer.trained_attn_sq - self.last_attn_sq, dt))
         self._logged(now, state)
+        self.trainer.ctx.timeline.mark("first step")  # the first chart point ends the start-up timeline
         print(f"step {state.global_step}/{state.max_steps}  loss {event[ev.LOSS]:.4f}  lr {event[ev.LR] or 0:.2e}  "
               f"{event[ev.TOKENS_PER_S]:.0f} tok/s  eta {eta:.0f} s", flush=True)
         if (now - self._status_t > 2.0 or remaining == 0) and self.main:  # for the runs list: not needed per step

@@ -44,7 +44,9 @@ from core.train import distributed
 from core.train import rewards as reward_fns
 from core import report as core_report
 from core.train import loss as train_loss
+from core.train import isolation_cache
 from core.train import recovery
+from core.train.startup import Timeline
 
 PROBE_ENV = "LORA_GARAGE_TEST_PROBE"  # test-only: save the final logits on one example to probe.pt
 # A library warning that says results may be wrong ends the run: training on would waste the user's time on
@@ -65,6 +67,7 @@ def main(run_dir: Path, lock=None) -> int:
     lock = procs.hold_lock(run_dir.name, lock, runs.run_ended)  # BusyError (exit 2) if another run trains
     ctx = Context()
     events = ev.EventLog(run_dir)
+    ctx.timeline = Timeline.from_env(events)  # the spawn phase; "imports" runs on to the first mark in train()
     if runs.read_status(run_dir, reconcile=False).get("state") == "stopping":
         stop.requested = True  # Stop was pressed while this process was still starting
     runs.write_status(run_dir, state="stopping" if stop.requested else "running", pid=os.getpid(),
@@ -109,7 +112,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     writes the run folder."""
     from transformers import set_seed  # heavy
 
-    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, kill_point, parse_faults  # heavy
+    from core.train.callbacks import FAULT_ENV, FAULT_RANK_ENV, kill_point, oom_point, parse_faults  # heavy
 
     faults = parse_faults(os.environ.get(FAULT_ENV))
     if os.environ.get(FAULT_RANK_ENV, "") not in ("", str(distributed.rank())):
@@ -124,6 +127,7 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     if device == "cuda":  # before the model loads: creates the CUDA context and measures it
         memory = hardware.GpuProcessMemory()
     set_seed(cfg.train.seed)
+    ctx.timeline.mark("imports")
 
     if handoff is not None:
         model_path, tokenizer, prepared, resume_from = rank_handoff(handoff, cfg)
@@ -138,22 +142,32 @@ def train(run_dir: Path, cfg, events: ev.EventLog, stop, ctx, plan, handoff: dic
     kill_point(faults, "killload")
     model = add_lora(model, cfg)
     check_disk(run_dir, model, cfg)
+    ctx.timeline.mark("model load")
     startup_phase(run_dir, 4)  # recovery's train sets ctx.phase "first step" and trains
-    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan)  # train.oom_recovery, train.probe
+    # train.oom_recovery, train.probe; auto+shorten prepares the data again at a smaller data.max_len
+    retry = recovery.Recovery(run_dir, cfg, model, events, device, plan, prepared,
+                              reprepare=lambda c: shorten_data(run_dir, c, tokenizer))
     trainer, callback = retry.train(
-        lambda p: build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
-                                memory=memory.reading if memory else None, plan=p), resume_from, ctx)
+        lambda p, data: build_trainer(run_dir, cfg, model, tokenizer, data, device, events, stop, ctx, faults,
+                                      memory=memory.reading if memory else None, plan=p), resume_from, ctx)
+    prepared = retry.prepared
     if callback.diverged_at:
         raise diverged_error(run_dir, cfg, callback.diverged_at)
-    if prepared.eval and not cfg.train.eval_steps and not stop.requested and cfg.train.objective != "grpo":
-        trainer.evaluate()  # eval_steps=0 means: once, at the end
 
-    ctx.phase = "save"
+    # the adapter first: an out of memory in the end-of-run evaluation then loses nothing
+    ctx.phase = "final save"
     if distributed.is_main():
-        save_adapter(trainer.model, tokenizer, run_dir, before_rename=lambda: kill_point(faults, "killfinal"))
+        def save():
+            oom_point(faults, "oomsave")
+            save_adapter(trainer.model, tokenizer, run_dir, before_rename=lambda: kill_point(faults, "killfinal"))
+
+        recovery.final_save(save, trainer, cfg, events, device)
         if os.environ.get(PROBE_ENV) == "1":
             save_probe(trainer.model, prepared.train[0], run_dir)
     distributed.barrier()  # no rank ends (and tears the group down) before rank 0 has written the adapter
+    if prepared.eval and not cfg.train.eval_steps and not stop.requested and cfg.train.objective != "grpo":
+        ctx.phase = "final eval"  # eval_steps=0 means: once, at the end
+        recovery.final_eval(trainer, cfg, events, device)
     return "stopped" if stop.requested else "completed"
 
 
@@ -190,11 +204,12 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
     models.check_safetensors(model_path)
     write_estimate(run_dir, cfg, model_path, events, device, memory.context_bytes if memory else None, plan)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    ctx.timeline.mark("model files")
 
     ctx.phase = "data"
     startup_phase(run_dir, 2)
     # data.prepare, unless the same rows were prepared before
-    prepared, _ = data_cache.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
+    prepared, cached = data_cache.prepare(cfg, tokenizer, progress=_rows_progress(run_dir))
     if ctx.faults:  # test-only
         from core.train.callbacks import kill_point  # heavy
 
@@ -206,7 +221,9 @@ def prepare_run(run_dir: Path, cfg, events: ev.EventLog, ctx, device: str, memor
     stats.pop("lengths", None)
     events.data(stats)
     use_run_template(tokenizer, events)
-    return model_path, tokenizer, prepared, prepare_resume(run_dir, cfg, model_path, prepared, events, plan)
+    resume_from = prepare_resume(run_dir, cfg, model_path, prepared, events, plan)
+    ctx.timeline.mark("tokenise", "from the data cache" if cached else f"tokenised {len(prepared.train):,} rows")
+    return model_path, tokenizer, prepared, resume_from
 
 
 # ---------------------------------------------------------------- several processes
@@ -489,6 +506,8 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     from core.train.callbacks import FlopsModel, GarageCallback, GarageTrainer  # heavy
 
     t = cfg.train
+    if t.objective == "sft":  # first: the start-up timeline times it as a phase of its own
+        collator, group = pick_collator(cfg, model, tokenizer, device, events, ctx.timeline)
     dtype = compute_dtype(cfg, device)
     has_eval = bool(prepared.eval)
     liger = liger_plan(cfg, model, device, events)
@@ -533,7 +552,6 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         return preference.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults,
                                         args, memory=memory)
     train_loss.install(model, cfg, liger, events)  # before the Trainer reads the forward's signature
-    collator, group = pick_collator(cfg, model, tokenizer, device, events)
     callback = GarageCallback(run_dir, cfg, events, stop, device, tokenizer, memory=memory)
     if device == "cuda":
         callback.flops = FlopsModel.for_model(model, torch.cuda.get_device_name(0))
@@ -547,23 +565,30 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
     return trainer, callback
 
 
-def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog):
+def pick_collator(cfg, model, tokenizer, device: str, events: ev.EventLog, timeline: Timeline | None = None):
     """-> (collator, group_by_length). Padding-free batches (data.padding_free, default on) when a check on the
     real model shows flattened rows stay apart; else padded batches, grouped by length so little padding is
     left, and a line in train.log saying why. flash_attention_2 takes the whole batch as one varlen sequence;
     sdpa/eager get sequences no longer than the batch's longest row (their mask is computed in full), still
-    grouped by length so those sequences come out nearly full."""
-    from core.train.collate import FlatCollator, PadCollator, isolation_check  # heavy
+    grouped by length so those sequences come out nearly full. The check's verdict is stored and read back at
+    the next start with the same model, kernel and libraries (core.train.isolation_cache). `timeline`: the
+    check's start-up phase."""
+    from core.train.collate import FlatCollator, PadCollator  # heavy
 
+    timeline = timeline or Timeline.off()
     multiple_of = 8 if device == "cuda" else 1
     if not cfg.data.padding_free:
         print("batches: padded to the longest row, grouped by length (data.padding_free=false)", flush=True)
+        timeline.mark("padding-free check", "off (data.padding_free=false)")
         return PadCollator(tokenizer.pad_token_id, multiple_of), True
     attn = getattr(model.config, "_attn_implementation", "?")
+    cached = False
     try:
-        ok, detail = isolation_check(model, model.get_input_embeddings().num_embeddings)
+        ok, detail, cached = isolation_cache.checked(model, cfg, device)
     except Exception as e:  # noqa: BLE001 - a model that cannot take position_ids this way just gets padded batches
         ok, detail = False, f"{type(e).__name__}: {e}"
+    timeline.mark("padding-free check", ("rows stay apart" if ok else "rows leak: padded batches")
+                  + (" (stored verdict)" if cached else ""))
     if not ok:
         msg = (f"padding-free batches are off: with attention {attn} this model lets flattened rows see each other "
                f"({detail}); using padded batches grouped by length instead")
@@ -638,6 +663,21 @@ def _note_world_change(run_dir: Path, now, events: ev.EventLog) -> None:
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
         events.log("warning", msg)
     distributed.record_plan(run_dir, now)
+
+
+def shorten_data(run_dir: Path, cfg, tokenizer):
+    """The data prepared again at cfg.data.max_len (out-of-memory recovery's auto+shorten), and the run's fingerprint
+    made to say so (main rank), so a later resume, which prepares the data from the rewritten config.yaml, accepts
+    the checkpoints trained on it."""
+    prepared, _ = data_cache.prepare(cfg, tokenizer)
+    if not prepared.train:
+        raise RunError(f"no training rows are left at data.max_len={cfg.data.max_len} (out-of-memory recovery "
+                       "shortened the rows)", "set train.oom_recovery=auto, or data.overlong=truncate")
+    if distributed.is_main():
+        fp = runs.read_fingerprint(run_dir) or {}
+        fp.setdefault("data", {}).update(max_len=cfg.data.max_len, tokens_sha256=tokens_digest(prepared.train))
+        runs.write_fingerprint(run_dir, fp)
+    return prepared
 
 
 def tokens_digest(rows) -> str:
@@ -735,7 +775,8 @@ def classify(e: BaseException, ctx, cfg, run_dir: Path) -> GarageError:
 
 def oom_error(ctx, cfg, gpu: bool) -> OutOfMemory:
     where = "GPU memory" if gpu else "RAM"
-    at = f" at step {ctx.step}" if ctx.phase in ("first step", "train", "save", "eval") and ctx.step else ""
+    at = (f" at step {ctx.step}" if ctx.phase in ("first step", "train", "save", "eval", "final save", "final eval")
+          and ctx.step else "")
     tips = []
     if cfg is not None:
         t, d, q = cfg.train, cfg.data, cfg.quant

@@ -2,8 +2,11 @@
 
 The remedies, in order: the micro-batch down to 1 (divided each time by its smallest factor, 2 for the usual powers
 of two, with gradient accumulation multiplied by the same, so the effective batch, the number of optimizer steps
-and the learning-rate schedule stay as they were), then gradient checkpointing on. With none left, or with
-train.oom_recovery=off, the error goes on to fail the run as before, with the triage (core.train.child.oom_error).
+and the learning-rate schedule stay as they were), then gradient checkpointing on, then, only with
+train.oom_recovery=auto+shorten (SFT only: core.config refuses it for other objectives), data.max_len halved (not
+below SHORTEN_MIN_LEN), the data prepared again at that length and the rows longer than it counted as cut. With none
+left, or with train.oom_recovery=off, the error goes on to fail the run as before, with the triage
+(core.train.child.oom_error).
 
 Where the run carries on from. transformers' Trainer cannot replay a half-done gradient accumulation in place, so a
 retry always goes through the resume path, which restores the weights, the optimizer, the schedule, the RNG and
@@ -16,6 +19,9 @@ the data order of a checkpoint:
   applied: the run goes back to its last complete checkpoint, or to its initial adapter when there is none.
 Each retry is a `recovered` event (core.events), a line in train.log, a field of status.json, and config.yaml is
 rewritten with the settings the run now trains with, so a later resume keeps them.
+
+After training (train(), after the loop): the final save of the adapter comes before the end-of-run evaluation, so
+an out of memory there loses nothing (final_save, final_eval).
 
 Several processes: an out of memory in the forward pass is agreed by every rank before the backward pass's
 collectives (GarageTrainer.compute_loss), so every rank takes the same remedy at the same step. One in the backward
@@ -34,7 +40,7 @@ from pathlib import Path
 
 from core import events as ev
 from core import hardware
-from core.config import dump_yaml
+from core.config import SHORTEN_MIN_LEN, dump_yaml
 from core.runs import folder as runs
 from core.train import distributed
 
@@ -47,6 +53,7 @@ class Remedy:
     grad_accum: int
     grad_checkpointing: bool
     factor: int = 1           # grad_accum grew by this factor (per rank too)
+    max_len: int | None = None  # data.max_len after a shorten; None: unchanged
 
 
 def is_oom(e: BaseException) -> bool:
@@ -59,8 +66,9 @@ def smallest_factor(n: int) -> int:
     return next(f for f in range(2, n + 1) if n % f == 0)
 
 
-def next_remedy(t) -> Remedy | None:
-    """The next change for train settings `t` (a TrainConfig), or None when recovery is off or nothing is left."""
+def next_remedy(t, max_len: int | None = None) -> Remedy | None:
+    """The next change for train settings `t` (a TrainConfig) with data.max_len `max_len`, or None when recovery
+    is off or nothing is left."""
     if t.oom_recovery == "off":
         return None
     if t.batch_size > 1:
@@ -71,7 +79,27 @@ def next_remedy(t) -> Remedy | None:
     if not t.grad_checkpointing:
         return Remedy(ev.REMEDY_CHECKPOINTING, "gradient checkpointing off -> on (activations recomputed in the "
                       "backward pass: less memory, slower steps)", t.batch_size, t.grad_accum, True)
+    if t.oom_recovery == "auto+shorten" and t.objective == "sft" and max_len and max_len > SHORTEN_MIN_LEN:
+        new = max(SHORTEN_MIN_LEN, max_len // 2)
+        return Remedy(ev.REMEDY_SHORTEN, f"data.max_len {max_len} -> {new} tokens", t.batch_size, t.grad_accum,
+                      True, max_len=new)
     return None
+
+
+def nothing_left(t, max_len: int) -> str:
+    """Why no remedy is left, for train.log's last word before the triage."""
+    if t.oom_recovery == "off":
+        return "train.oom_recovery=off"
+    if t.oom_recovery == "auto+shorten":
+        return f"nothing left to change: micro-batch 1, gradient checkpointing on and data.max_len {max_len} " \
+               f"(auto+shorten goes no lower than {SHORTEN_MIN_LEN})"
+    return ("nothing left to change: micro-batch 1 and gradient checkpointing on (train.oom_recovery=auto+shorten "
+            "would also halve data.max_len, cutting the longest rows)")
+
+
+def rows_over(prepared, max_len: int) -> int:
+    """Training rows longer than max_len (before cutting): the rows this length cuts or drops."""
+    return sum(1 for n in prepared.stats.lengths if n > max_len)
 
 
 def memory_now(device: str) -> int | None:
@@ -98,19 +126,33 @@ class Recovery:
     """One run's recoveries. Built before the first trainer: it keeps the untouched initial adapter (on the CPU;
     the LoRA weights only) for a retry that must start again at step 1."""
 
-    def __init__(self, run_dir: Path, cfg, model, events: ev.EventLog, device: str, plan=None):
+    def __init__(self, run_dir: Path, cfg, model, events: ev.EventLog, device: str, plan=None, prepared=None,
+                 reprepare=None):
         self.run_dir, self.cfg, self.events, self.device, self.plan = Path(run_dir), cfg, events, device, plan
+        # the data the trainer is built with; reprepare(cfg) -> the data prepared again at cfg.data.max_len, for
+        # auto+shorten (the child records its new fingerprint, so a later resume accepts it)
+        self.prepared, self.reprepare = prepared, reprepare
         self.model = model
         self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         self.count = 0
         self.pending: dict | None = None   # what the last out of memory was, until recover() acts on it
 
     def train(self, build, resume_from: Path | None, ctx):
-        """trainer.train() with recovery: build(plan) -> (trainer, callback) makes a trainer for the current
-        settings; the pre-flight probe first where train.probe wants it. -> the (trainer, callback) that finished."""
+        """trainer.train() with recovery: build(plan, prepared) -> (trainer, callback) makes a trainer for the
+        current settings and data; the pre-flight probe first where train.probe wants it. -> the (trainer, callback) that finished."""
         probed = False
         while True:
-            trainer, callback = build(self.plan)
+            trainer, callback = build(self.plan, self.prepared)
+            ctx.timeline.mark("trainer build")
+            if resume_from is not None and trained_to_the_end(resume_from):
+                # transformers' resume from a checkpoint of the last step, in the middle of an epoch, runs one step
+                # more (step max_steps + 1, at the schedule's end): the checkpoint's weights are the run's final ones
+                # instead, loaded by the same function its resume path uses, and the final save follows
+                trainer._load_from_checkpoint(str(resume_from))
+                trainer.state.global_step = ctx.step = runs.checkpoint_step(resume_from)
+                print(f"{resume_from.name} is the run's last step: nothing left to train, the final save follows",
+                      flush=True)
+                return trainer, callback
             try:
                 if resume_from is None and not probed and probe_wanted(self.cfg, self.device):
                     record_probe(self.run_dir, probe(trainer, self.cfg, self.device, ctx))
@@ -130,11 +172,10 @@ class Recovery:
         (then call recover() once the except block has dropped the error's frames); False to let it fail."""
         if not is_oom(e):
             return False
-        remedy = next_remedy(self.cfg.train)
+        remedy = next_remedy(self.cfg.train, self.cfg.data.max_len)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if remedy is None:
-            left = ("train.oom_recovery=off" if self.cfg.train.oom_recovery == "off" else
-                    "nothing left to change: micro-batch 1 and gradient checkpointing on")
+            left = nothing_left(self.cfg.train, self.cfg.data.max_len)
             print(f"out of memory at step {ctx.step} ({why}); no recovery: {left}", file=sys.stderr, flush=True)
             return False
         self.pending = {"remedy": remedy, "why": why, "at_step": 0 if trainer.probing else ctx.step, "phase": ctx.phase,
@@ -173,14 +214,23 @@ class Recovery:
                 self.restore_initial(model)
                 resume, how = None, f"the out of memory came {where}, and no checkpoint exists yet: restarts at step 1"
         self.apply(remedy)
+        change = remedy.change
+        if remedy.max_len is not None:
+            cut = rows_over(self.prepared, remedy.max_len)
+            verb = "dropped" if self.cfg.data.overlong == "drop" else "cut"
+            change += (f", {cut} of {len(self.prepared.stats.lengths)} rows longer than that {verb} "
+                       f"(data.overlong={self.cfg.data.overlong})")
+            if step:
+                change += f"; the examples after step {step} are not those an uninterrupted run would see"
         self.count += 1
         where = "in the pre-flight probe (before step 1)" if p["phase"] == "probe" else f"at step {p['at_step']}"
-        message = f"recovered from out of memory {where}: {remedy.change}; {how}"
+        message = f"recovered from out of memory {where}: {change}; {how}"
         print(message, flush=True)
         self.events.recovered(step=runs.checkpoint_step(resume) if resume else 0, at_step=p["at_step"],
                               what=remedy.what, why=p["why"], message=message, mem_before=p["mem"],
                               batch_size=remedy.batch_size, grad_accum=remedy.grad_accum,
-                              grad_checkpointing=remedy.grad_checkpointing,
+                              grad_checkpointing=remedy.grad_checkpointing, max_len=self.cfg.data.max_len,
+                              rows_cut=rows_over(self.prepared, self.cfg.data.max_len) if self.prepared else 0,
                               from_checkpoint=resume.name if resume else None)
         if distributed.is_main():
             runs.write_status(self.run_dir, recovered=message, recoveries=self.count)
@@ -196,6 +246,9 @@ class Recovery:
         if self.plan is not None:
             self.plan = dataclasses.replace(self.plan, batch_size=remedy.batch_size,
                                             grad_accum=self.plan.grad_accum * remedy.factor)
+        if remedy.max_len is not None:
+            self.cfg.data.max_len = remedy.max_len
+            self.prepared = self.reprepare(self.cfg)
 
     def restore_initial(self, model) -> None:
         import torch  # heavy
@@ -204,6 +257,12 @@ class Recovery:
         with torch.no_grad():
             for name, value in self.initial.items():
                 params[name].copy_(value)
+
+
+def trained_to_the_end(checkpoint: Path) -> bool:
+    """Whether a checkpoint is of the run's last optimizer step (its trainer_state.json: global_step >= max_steps)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
 
 
 def rng_state() -> dict:
@@ -229,6 +288,77 @@ def restore_rng(state: dict | None) -> None:
     torch.random.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.random.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- after the training loop
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def final_save(save, trainer, cfg, events: ev.EventLog, device: str) -> None:
+    """save() the adapter; on an out of memory (train.oom_recovery not off), free the optimizer state, which
+    nothing needs once training is over, and save again. A second out of memory fails the run with the triage."""
+    why = None
+    try:
+        save()
+        return
+    except BaseException as e:  # noqa: BLE001 - only an out of memory is retried, once
+        if not is_oom(e) or cfg.train.oom_recovery == "off":
+            raise
+        why = first_line(e)
+    freed = free_optimizer(trainer)  # here, the error's frames (and their tensors) are gone
+    free_memory(device)
+    message = (f"out of memory in the final save ({why}): freed the optimizer state ({freed / 2**20:.1f} MB), "
+               f"which training no longer needs, and saved again")
+    print(message, file=sys.stderr, flush=True)
+    events.log("warning", message)
+    save()
+    print("final save: the adapter is saved", flush=True)
+
+
+def free_optimizer(trainer) -> int:
+    """Drop the optimizer's state (Adam's moments: twice the trainable weights in fp32). -> bytes freed."""
+    import torch  # heavy
+
+    opt = getattr(trainer, "optimizer", None)
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper holds the torch optimizer
+    if inner is None:
+        return 0
+    freed = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+                if isinstance(t, torch.Tensor))
+    inner.state.clear()
+    return freed
+
+
+def final_eval(trainer, cfg, events: ev.EventLog, device: str) -> None:
+    """The end-of-run evaluation (train.eval_steps=0), after the adapter is saved. An out of memory halves the
+    evaluation batch and tries again; at 1 row a batch, the evaluation is skipped with a message, and the run
+    completes with its adapter. train.oom_recovery=off fails the run instead (the adapter is already saved)."""
+    args = trainer.args
+    while True:
+        why = None
+        try:
+            trainer.evaluate()
+            return
+        except BaseException as e:  # noqa: BLE001 - only an out of memory is retried
+            if not is_oom(e) or cfg.train.oom_recovery == "off":
+                raise
+            why = first_line(e)
+        free_memory(device)  # here, the error's frames (and their tensors) are gone
+        b = args.per_device_eval_batch_size
+        if b > 1:
+            message = (f"out of memory in the end-of-run evaluation ({why}): evaluation batch {b} -> {b // 2}, "
+                       f"evaluating again")
+            args.per_device_eval_batch_size = b // 2
+        else:
+            message = (f"out of memory in the end-of-run evaluation at 1 row a batch ({why}): the evaluation is "
+                       f"skipped, so this run has no held-out loss. The adapter is saved; score it later with "
+                       f"`python -m core eval RUN` or on a larger GPU")
+        print(message, file=sys.stderr, flush=True)
+        events.log("warning", message)
+        if b <= 1:
+            return
 
 
 # ---------------------------------------------------------------- the pre-flight probe (train.probe)

@@ -78,6 +78,17 @@ class Launch:
             runner.resume(self.run_id)
 
 
+def launch_each(root: Path, specs: dict) -> dict:
+    """{name: (RunConfig, extra environment)} -> {name: Launch}, each run started at once in its own home under root
+    (they train side by side)."""
+    out = {}
+    for name, (cfg, env) in specs.items():
+        home = root / f"home-{name}"
+        (home / "models").mkdir(parents=True)
+        out[name] = Launch(home, cfg, env)
+    return out
+
+
 def from_checkpoint(home: Path, cfg: RunConfig, source: Path, checkpoint: str) -> Launch:
     """A run that starts from another run's checkpoint with the settings in cfg: its folder is made in `home`, the
     checkpoint and the fingerprint copied in, and the run resumed as a user resumes a stopped run."""

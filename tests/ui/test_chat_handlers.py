@@ -65,3 +65,13 @@ def test_user_errors_are_messages():
         chat_tab.start_turn("  ", [], [], "x", chat_tab.MODES[0])
     with pytest.raises(gr.Error, match="No trained run"):
         chat_tab.start_turn("hi", [], [], None, chat_tab.MODES[0])
+
+
+def test_chat_replies_queue_one_at_a_time_from_either_trigger():
+    """Several browsers: one chat reply runs at a time (the others wait in Gradio's queue, which shows each its
+    position, rather than fail on a busy model), from either trigger (Send or Enter) sharing the one slot.
+    bench/app_load.py measures it under 20 clients."""
+    from ui.layout import build_app
+
+    replies = [f for f in build_app().fns.values() if f.name == "_reply"]
+    assert len(replies) == 2 and {(f.concurrency_limit, f.concurrency_id) for f in replies} == {(1, "chat-reply")}

@@ -25,7 +25,8 @@ def test_a_completed_run_shows_the_button_and_its_click_opens_the_export_panel(g
     assert not _visible(r["resume_btn"])
 
     named = train_tab.open_export("done-run")
-    assert set(named) == {"accordion", "folder"}
+    assert set(named) == {"accordion", "folder", "adapter"}
+    assert named["adapter"]["value"] == "final adapter" and named["adapter"]["choices"] == ["final adapter"]
     assert isinstance(named["accordion"], gr.Accordion) and named["accordion"].open is True
     assert named["accordion"].visible is True
     assert named["folder"] == export_panel.default_folder("done-run")
@@ -98,7 +99,7 @@ def test_the_panel_follows_its_run_and_closes_saying_why_on_one_it_cannot_export
     assert bad["table"].empty
     # Export pressed on the stale panel: refused with the same words, before any work
     with pytest.raises(gr.Error, match="failed before saving one"):
-        list(export_panel.export("broke", str(garage_home / "x"), ["q8_0"], True))
+        list(export_panel.export("broke", "final adapter", str(garage_home / "x"), ["q8_0"], True))
     assert not (garage_home / "x").exists()
     assert "still running" in run_view.why_not_export(_running(garage_home, tiny_model_dir))
 
@@ -117,7 +118,7 @@ def test_the_export_shows_each_phase_while_it_runs_and_clears_it_at_the_end(gara
     make_run(garage_home, tiny_model_dir, run_id="good")
     said = ["step 1/4: merging the adapter into the 16-bit base", "parity q8_0: prompt 2 of 3 on llama.cpp"]
 
-    def fake_export(run_id, out_dir, quants, say, parity):
+    def fake_export(run_id, out_dir, quants, checkpoint, say, parity):
         for line in said:
             say(line)
             time.sleep(0.5)  # a phase that takes a while (progress.stream shows only the newest of a burst)
@@ -125,17 +126,17 @@ def test_the_export_shows_each_phase_while_it_runs_and_clears_it_at_the_end(gara
                 "times_s": {"merge": 1.0}, "notes": []}
 
     monkeypatch.setattr(gguf_export, "export_gguf", fake_export)
-    steps = list(export_panel.export("good", str(garage_home / "out"), ["q8_0"], True))
+    steps = list(export_panel.export("good", "final adapter", str(garage_home / "out"), ["q8_0"], True))
     lines = [phase for phase, _, _ in steps[:-1]]
     assert all(any(s in line for line in lines) for s in said), lines
     assert steps[-1][0] == "" and "good-q8_0.gguf" in steps[-1][1]  # the phase line goes when the result comes
 
-    def broken(run_id, out_dir, quants, say, parity):
+    def broken(run_id, out_dir, quants, checkpoint, say, parity):
         say("step 2/4: converting")
         raise gguf_export.GarageError("the converter failed", "read its log")
 
     monkeypatch.setattr(gguf_export, "export_gguf", broken)
-    gen, seen = export_panel.export("good", str(garage_home / "out2"), ["q8_0"], True), []
+    gen, seen = export_panel.export("good", "final adapter", str(garage_home / "out2"), ["q8_0"], True), []
     with pytest.raises(gr.Error, match="the converter failed"):
         for step in gen:
             seen.append(step)

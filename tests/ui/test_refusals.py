@@ -21,7 +21,7 @@ def test_the_export_toast_says_its_fix_once(capsys):
     run_dir = runs.create(C.RunConfig())
     runs.write_status(run_dir, state="failed")
     with pytest.raises(gr.Error) as e:
-        list(export_panel.export(run_dir.name, "/tmp/nowhere-honest", ["q8_0"], False))
+        list(export_panel.export(run_dir.name, "final adapter", "/tmp/nowhere-honest", ["q8_0"], False))
     text = str(e.value.message).lower()
     assert text.count("fix") == 1 and "failed before saving one" in text and "start it again" in text
 
