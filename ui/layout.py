@@ -17,6 +17,7 @@ CSS = """
 /* a chat window's messages start below its label and icons (share, clear, copy), which float over the window's
    top: they covered the first bubble */
 .lg-check {min-width:min(160px, 100%) !important}
+.lg-gone {display:none !important}
 .lg-chat .wrapper > .bubble-wrap {margin-top:40px; height:calc(100% - 40px)}
 """ + marks.CSS + progress.CSS + report_view.CSS
 MAX_UPLOAD = "200mb"

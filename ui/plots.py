@@ -53,6 +53,21 @@ def _shape(frame: pd.DataFrame) -> tuple:
     return _drawable(frame), x_lim(frame)
 
 
+GONE = "lg-gone"  # the page's CSS: display none
+
+
+def hidden():
+    """A chart hidden without unmounting it: Gradio 6's plot adds a ResizeObserver at each rebuild (a tab switch
+    rebuilds it) and never disconnects the old ones; when the element is dropped (visible=False, or a value of None)
+    the first observer sets the width it remembers to 0 and each later one then reads offsetWidth of the dropped
+    element: one "Cannot read properties of null (reading 'offsetWidth')" page error per extra observer (reproduced
+    in chromium: 4 errors after two tab switches and visible=False, 0 with this class). Hidden by a CSS class, the
+    element stays, and a chart shown again by chart_update draws its lines."""
+    import gradio as gr  # heavy
+
+    return gr.update(elem_classes=[GONE])
+
+
 def chart_update(frame: pd.DataFrame):
     """What to send a chart for `frame`, never None once it may have been drawn. Gradio 6's LinePlot keeps the
     colour domain it was built with and rebuilds when its color_map changes, so each series set gets its own
@@ -64,8 +79,8 @@ def chart_update(frame: pd.DataFrame):
 
     names = _drawable(frame)
     if not names:
-        return gr.update(visible=False)
-    return gr.update(value=frame, color_map=colours(names), x_lim=x_lim(frame), visible=True)
+        return hidden()
+    return gr.update(value=frame, color_map=colours(names), x_lim=x_lim(frame), visible=True, elem_classes=[])
 
 
 def live_value(frame: pd.DataFrame, key: str, sent: dict):

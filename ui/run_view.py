@@ -158,7 +158,7 @@ def _blank(cache) -> dict:
         cache = {**cache, "sent": {}}
     hidden = gr.update(visible=False)
     return {"status": "No run yet. Press **Start training**.", "progress": "",
-            **{name: hidden for name in CHARTS},  # hidden, never None: see plots.chart_update
+            **{name: plots.hidden() for name in CHARTS},  # hidden by class, never None: see plots.hidden
             "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
             "charts": hidden, "pref": hidden, "grpo": hidden}
 

@@ -109,7 +109,7 @@ def follow(run_id: str | None, sent: dict) -> dict:
     """The open run as its files say now, for the page's follow timer: summary, loss curve (sent only when its
     series change: plots.live_value), the buttons, and whether to keep following (the run is still active)."""
     if not run_id:
-        return {"summary": "Pick a run.", "curve": gr.update(visible=False), "resume": gr.update(visible=False),
+        return {"summary": "Pick a run.", "curve": plots.hidden(), "resume": gr.update(visible=False),
                 "chat": gr.update(visible=False), "active": False, "sent": sent, "relist": False}
     md, frame, _, _ = open_run(run_id)
     run_dir = runs.get(run_id)

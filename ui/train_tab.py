@@ -28,7 +28,7 @@ from core.runs import stopping
 from core.estimate import vram
 from core.errors import GarageError
 from ui.refuse import refusal
-from ui import export_panel, inspect_store, marks, progress, report_view, run_view, train_form, vram_panel
+from ui import export_panel, inspect_store, marks, plots, progress, report_view, run_view, train_form, vram_panel
 from core.data import sft as data
 from core.data.tokenize import NO_SYSTEM, Renderer, template_system
 
@@ -152,7 +152,7 @@ def inspect_page(names: list[str], values: list, report=None) -> Inspection:
         cfg = train_form.to_config(names, values)
         access.check_config(cfg)
     except GarageError as e:
-        return Inspection(_error_md(e), gr.update(visible=False), "", rejected=str(e))
+        return Inspection(_error_md(e), plots.hidden(), "", rejected=str(e))
     key = data_key(cfg)
     md, hist, preview, stats, err = _inspect(cfg, report or (lambda *a: None))
     frame = hist.get("value") if hist.get("visible") else None
@@ -185,7 +185,7 @@ def _inspection(key: str, record: dict, fill: dict) -> Inspection:
         hist = hist_update(pd.DataFrame(record["histogram"], columns=list(_empty_hist().columns)).astype(
             _empty_hist().dtypes))
     else:
-        hist = gr.update(visible=False)
+        hist = plots.hidden()
     return Inspection(record["summary"], hist, record["preview"], found[:N_FILL], boxes, record["rejected"], key,
                       record["tokens"], record["rows"])
 
@@ -206,7 +206,7 @@ def _inspect(cfg: C.RunConfig, report):
                                     progress=lambda msg: report(f"First use of the model: {msg}"))
         prepared = data.prepare(cfg, tok, progress=lambda done, total: report("Tokenising rows", done, total))
     except GarageError as e:
-        return _error_md(e), gr.update(visible=False), "", None, str(e)
+        return _error_md(e), plots.hidden(), "", None, str(e)
     s = prepared.stats
     cols = ", ".join(f"{k} ← `{v}`" for k, v in s.columns.items()) or "—"
     if s.format == "text":
@@ -282,7 +282,7 @@ def hist_update(frame: pd.DataFrame) -> dict:
     """The histogram shown with `frame`: its bars in length order, and a color_map of the kinds it holds (Gradio
     keeps a chart's colour domain until its color_map changes: a kind new to the chart would draw no bar)."""
     kinds = sorted(set(frame["length"]))
-    return gr.update(value=frame, visible=True, sort=list(dict.fromkeys(frame["tokens"])),
+    return gr.update(value=frame, visible=True, elem_classes=[], sort=list(dict.fromkeys(frame["tokens"])),
                      color_map={k: HIST_COLORS[k] for k in kinds})
 
 
@@ -648,8 +648,7 @@ def build() -> TrainTab:
     def _inspect_clicked(*v):
         # the chart is cleared first: it then takes its colours afresh from the new data ("over the cutoff" may
         # be new); the old results go at once, and the status line says what is happening until the new ones come
-        yield {hist: gr.update(visible=False), data_md: "", preview: ""}
-        yield {hist: gr.update(value=None)}  # emptied once hidden: an empty chart on screen makes vega warn
+        yield {hist: plots.hidden(), data_md: "", preview: ""}  # hidden, never emptied (see plots.hidden)
         r = yield from progress.stream(lambda report: inspect_page(names, list(v), report),
                                        lambda line: {data_status: line})
         yield {data_status: "", **_shown(r)}
@@ -673,7 +672,7 @@ def build() -> TrainTab:
         r = stored_inspection(names, list(v))
         if r is not None:
             return {data_status: "", **_shown(r)}
-        return {data_md: "", hist: gr.update(visible=False), preview: "", data_status: ""}
+        return {data_md: "", hist: plots.hidden(), preview: "", data_status: ""}
 
     for w in (model_dd, data_tb, fmt, cols, split, subset):
         w.change(_data_changed, widgets, [data_status] + inspect_outputs, queue=False, show_progress="hidden")

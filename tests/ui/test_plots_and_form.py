@@ -57,7 +57,7 @@ def test_a_live_chart_is_never_emptied_and_rebuilds_by_color_map_when_its_series
     sent = {}
     early = plots.loss_frame([_m(1, 4.0), _m(2, 2.0)])
     late = plots.loss_frame([_m(1, 4.0), _m(2, 2.0), {"type": "eval", "step": 2, "eval_loss": 2.5}])
-    assert plots.live_value(plots._frame([]), "loss", sent) == gr.update(visible=False)  # nothing to draw yet
+    assert plots.live_value(plots._frame([]), "loss", sent) == plots.hidden()  # nothing to draw yet
     assert plots.live_value(plots._frame([]), "loss", sent) == gr.skip()
     first = plots.live_value(early, "loss", sent)
     assert first["value"] is early and first["visible"] is True and set(first["color_map"]) == {"loss", "smoothed"}
@@ -65,7 +65,7 @@ def test_a_live_chart_is_never_emptied_and_rebuilds_by_color_map_when_its_series
     rebuilt = plots.live_value(late, "loss", sent)
     assert rebuilt["value"] is late and set(rebuilt["color_map"]) == {"loss", "smoothed", "eval loss"}
     assert plots.live_value(late, "loss", sent) is late
-    assert plots.live_value(plots._frame([]), "loss", sent) == gr.update(visible=False)  # a new run: hidden
+    assert plots.live_value(plots._frame([]), "loss", sent) == plots.hidden()  # a new run: hidden
 
 
 def test_one_shot_fills_never_send_none():
@@ -74,7 +74,7 @@ def test_one_shot_fills_never_send_none():
     handler = plots.refill(lambda rid: ("md", plots.loss_frame([_m(1, 4.0), _m(2, 2.0)]), "yaml"), chart_at=1, n=3)
     md, chart, yaml_text = handler("r1")
     assert (md, yaml_text) == ("md", "yaml") and chart["visible"] is True and chart["color_map"]
-    assert plots.refill(lambda ids: None)(["a"]) == gr.update(visible=False)
+    assert plots.refill(lambda ids: None)(["a"]) == plots.hidden()
 
 
 def test_a_final_eval_after_the_last_step_redraws_the_loss_chart_in_one_refresh():
@@ -190,3 +190,16 @@ def test_a_short_run_gets_an_x_axis_of_whole_steps_and_a_longer_one_is_rebuilt_w
     assert rebuilt["value"] is long and rebuilt["x_lim"] is None
     assert plots.live_value(long, "loss", sent) is long
     assert plots.chart_update(long)["x_lim"] is None and plots.chart_update(short)["x_lim"] == [3, 28]
+
+
+def test_a_chart_is_hidden_by_a_class_never_unmounted():
+    """Gradio 6's plot keeps one ResizeObserver per rebuild and never disconnects them; a chart dropped from the page
+    (visible=False, a value of None) then raised 'offsetWidth of null' once per extra observer. Hidden charts keep
+    their element: only a CSS class (in the page's CSS) hides them, and a chart shown again takes it off."""
+    from ui import layout
+
+    gone = plots.hidden()
+    assert "visible" not in gone and "value" not in gone and gone["elem_classes"] == [plots.GONE]
+    assert f".{plots.GONE} " in layout.CSS and "display:none" in layout.CSS.split(f".{plots.GONE} ")[1].split("}")[0]
+    shown = plots.chart_update(plots.loss_frame([_m(1, 4.0), _m(2, 2.0)]))
+    assert shown["elem_classes"] == [] and shown["visible"] is True

@@ -8,7 +8,7 @@ import pytest
 from core import config as C
 from core import presets
 from core.runs import runner
-from ui import train_form, train_tab
+from ui import plots, train_form, train_tab
 from tests.helpers.forms import form_values
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -122,7 +122,7 @@ def test_inspect_results_outlive_a_reload_until_the_file_changes(tiny_model_dir,
     names, values = form_values(C.apply_overrides(cfg, [f"data.source={bad}"]))
     refused = train_tab.inspect_page(names, values)
     again = train_tab.stored_inspection(names, values)
-    assert again.rejected == refused.rejected and "line 2" in again.rejected and again.histogram["visible"] is False
+    assert again.rejected == refused.rejected and "line 2" in again.rejected and again.histogram == plots.hidden()
 
 
 def test_presets_apply_and_save(garage_home):
