@@ -98,7 +98,16 @@ def open_run(run_id: str | None):
         md += f"  \n{marks.ERROR} {html.escape(str(err.get('message', '')))}  \n**Fix:** {html.escape(str(err.get('hint', '')))}"
     for r in ev.recoveries(events):
         md += f"  \n{marks.NOTE} {html.escape(str(r.get(ev.MESSAGE, '')))}"
-    return md, plots.loss_frame(events), C.dump_yaml(cfg), cli_command(cfg)
+    return md, curve_frame(cfg, events), C.dump_yaml(cfg), cli_command(cfg)
+
+
+def curve_frame(cfg: C.RunConfig, events: list[dict]):
+    """The open run's curve: the loss, or for a GRPO run (whose loss means little) its rewards, named as such."""
+    if cfg.train.objective == "grpo":
+        frame = plots.reward_frame(events)
+        frame["series"] = ("reward: " + frame["series"].astype(str)).astype("string")
+        return frame
+    return plots.loss_frame(events)
 
 
 def _steps(status: dict) -> str:
@@ -188,7 +197,8 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     action_md = gr.Markdown()
     with gr.Row():
         # None until filled, then never None again: hidden when empty, rebuilt by color_map (plots.chart_update)
-        curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
+        curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss (a GRPO run: its rewards)",
+                            height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
     export = export_panel.build(pick)

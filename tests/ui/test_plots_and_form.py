@@ -203,3 +203,28 @@ def test_a_chart_is_hidden_by_a_class_never_unmounted():
     assert f".{plots.GONE} " in layout.CSS and "display:none" in layout.CSS.split(f".{plots.GONE} ")[1].split("}")[0]
     shown = plots.chart_update(plots.loss_frame([_m(1, 4.0), _m(2, 2.0)]))
     assert shown["elem_classes"] == [] and shown["visible"] is True
+
+
+def test_grpo_frames_and_the_runs_page_curve():
+    """A GRPO run's charts: the reward total, its spread and each function; length and cut share (as %); KL and
+    entropy; the Runs page draws the rewards instead of the loss, named as rewards."""
+    from core.config import RunConfig
+    from ui import runs_tab
+
+    events = [{"type": "metrics", "step": 1, "loss": 0.0, "reward": 0.5, "reward_std": 0.1,
+               "rewards": {"format": 0.25, "answer": 0.25}, "completion_len": 12.0, "clipped_ratio": 0.5,
+               "entropy": 2.0},
+              {"type": "metrics", "step": 2, "loss": 0.0, "reward": 0.9, "reward_std": 0.2,
+               "rewards": {"format": 0.5, "answer": 0.4}, "completion_len": 8.0, "clipped_ratio": 0.0, "kl": 0.01,
+               "entropy": 1.0}]
+    reward = plots.reward_frame(events)
+    assert sorted(set(reward["series"])) == ["answer", "format", "total", "total std"]
+    assert reward[(reward["series"] == "total")]["value"].tolist() == [0.5, 0.9]
+    length = plots.completion_frame(events)
+    assert length[length["series"] == "cut at the limit (%)"]["value"].tolist() == [50.0, 0.0]
+    policy = plots.policy_frame(events)
+    assert policy[policy["series"] == "KL to the reference"]["step"].tolist() == [2]
+    cfg = RunConfig()
+    assert set(runs_tab.curve_frame(cfg, events)["series"]) <= {"loss", "smoothed"}
+    cfg.train.objective = "grpo"
+    assert "reward: total" in set(runs_tab.curve_frame(cfg, events)["series"])
