@@ -81,7 +81,20 @@ def test_a_child_that_died_without_a_word_is_marked_failed_with_its_exit_code():
     assert st["state"] == "failed" and st["ended_at"]
     assert st["error"]["kind"] == "crash" and "exit code 3" in st["error"]["message"]
     assert "Segmentation fault" in st["error"]["log_tail"]
+    assert "no checkpoint was saved, so the run must start again" in st["error"]["hint"]  # none to resume from
     assert runs.read_status(run_dir)["state"] == "failed"  # stays so
+
+
+def test_a_dead_child_with_a_checkpoint_points_to_it():
+    run_dir = _run()
+    ck = run_dir / "checkpoints" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck / "COMPLETE").write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    runs.write_status(run_dir, pid=proc.pid, pid_create_time=procs.process_start_time(proc.pid))
+    procs.adopt(proc)
+    proc.wait()
+    assert "resume continues from checkpoint-4" in runs.read_status(run_dir)["error"]["hint"]
 
 
 def test_a_killed_child_reports_the_signal():

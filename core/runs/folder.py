@@ -137,8 +137,10 @@ def _record_death(run_dir: Path, st: dict) -> dict:
     death = procs.check(run_dir, st)
     if death is None:
         return st
-    error = {"kind": "crash", "message": f"the training process ended without a word ({death.how})",
-             "hint": "see the end of train.log; resume continues from the last complete checkpoint",
+    kept = latest_checkpoint(run_dir)
+    hint = (f"see the end of train.log; resume continues from {kept.name}, the last complete checkpoint" if kept else
+            "see the end of train.log; no checkpoint was saved, so the run must start again (Start, same settings)")
+    error = {"kind": "crash", "message": f"the training process ended without a word ({death.how})", "hint": hint,
              "exit_code": death.exit_code, "log_tail": tail_log(run_dir, 15)}
     when = {"ended_at": death.ended_at, **({"noticed_at": death.noticed_at} if death.noticed_at else {})}
     # asked to stop and then gone (e.g. SIGTERM before its handler was installed): stopped, with the reason kept
