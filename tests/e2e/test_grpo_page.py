@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.conftest import ROOT, shot, visible_charts, wait_for_lines
 from tests.helpers.tiny import build_tiny_model
-from tests.test_grpo import E_SHARE, write_prompts, write_reward
+from tests.helpers.grpo import E_SHARE, write_prompts, write_reward
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REWARD_TITLE = "Reward (GRPO): mean, per function, spread"
