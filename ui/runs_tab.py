@@ -102,12 +102,14 @@ def open_run(run_id: str | None):
 
 
 def curve_frame(cfg: C.RunConfig, events: list[dict]):
-    """The open run's curve: the loss, or for a GRPO run (whose loss means little) its rewards, named as such."""
+    """The open run's curve: the loss, and for a GRPO run (whose loss alone means little) the mean reward of each
+    step's completions beside it, named as such."""
+    frame = plots.loss_frame(events)
     if cfg.train.objective == "grpo":
-        frame = plots.reward_frame(events)
-        frame["series"] = ("reward: " + frame["series"].astype(str)).astype("string")
-        return frame
-    return plots.loss_frame(events)
+        reward = plots.reward_frame(events)
+        reward = reward[reward["series"] == "total"].assign(series="reward (GRPO, mean)").astype(frame.dtypes)
+        frame = pd.concat([frame, reward], ignore_index=True).astype(frame.dtypes)
+    return frame
 
 
 def _steps(status: dict) -> str:
@@ -197,8 +199,7 @@ def build(tabs: gr.Tabs, train, chat) -> tuple:
     action_md = gr.Markdown()
     with gr.Row():
         # None until filled, then never None again: hidden when empty, rebuilt by color_map (plots.chart_update)
-        curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss (a GRPO run: its rewards)",
-                            height=260)
+        curve = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=260)
         overlay_plot = gr.LinePlot(None, x="step", y="value", color="series",
                                    title="Loss, smoothed, several runs", height=260)
     export = export_panel.build(pick)

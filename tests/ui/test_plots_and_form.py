@@ -207,7 +207,7 @@ def test_a_chart_is_hidden_by_a_class_never_unmounted():
 
 def test_grpo_frames_and_the_runs_page_curve():
     """A GRPO run's charts: the reward total, its spread and each function; length and cut share (as %); KL and
-    entropy; the Runs page draws the rewards instead of the loss, named as rewards."""
+    entropy; the Runs page draws the mean reward beside the loss, named as such."""
     from core.config import RunConfig
     from ui import runs_tab
 
@@ -227,4 +227,6 @@ def test_grpo_frames_and_the_runs_page_curve():
     cfg = RunConfig()
     assert set(runs_tab.curve_frame(cfg, events)["series"]) <= {"loss", "smoothed"}
     cfg.train.objective = "grpo"
-    assert "reward: total" in set(runs_tab.curve_frame(cfg, events)["series"])
+    grpo = runs_tab.curve_frame(cfg, events)
+    assert grpo[grpo["series"] == "reward (GRPO, mean)"]["value"].tolist() == [0.5, 0.9]
+    assert "loss" in set(grpo["series"])
