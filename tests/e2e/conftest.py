@@ -56,12 +56,18 @@ def end_runs(home) -> None:
             st = json.loads(status.read_text())
         except (OSError, ValueError):
             continue
-        pid = st.get("pid")
-        if st.get("state") in ("queued", "running", "stopping") and pid:
+        pid = st.get("pid") if st.get("state") in ("queued", "running", "stopping") else None
+        pending = status.parent / "report.pending"  # a completed run's child still writing its report card
+        if pid is None and pending.exists():
+            try:
+                pid = int(pending.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+        if pid:
             try:
                 os.killpg(pid, 9)  # the child leads its own group (its ranks and helpers with it)
             except ProcessLookupError:
-                pass  # it ended between the status read and the kill: nothing left to end
+                pass  # it ended between the read and the kill: nothing left to end
 
 
 def _start(home, env):
