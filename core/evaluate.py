@@ -97,16 +97,14 @@ def reward_scores(session: ChatSession, name: str, cfg, limit: int, say, user_co
         raise GarageError("the run's dataset has no prompts to score", "check data.source of the run")
     step = "Answering held-out prompts: base and adapter"
     say(step, 0, len(rows))
+    # with the generated token ids: the length reward counts them, as training counts completion_ids
     base_all, adapted_all = session.answer_pairs([list(r["prompt_ids"]) for r in rows], name,
-                                                 cfg.train.grpo_max_completion,
+                                                 cfg.train.grpo_max_completion, with_ids=True,
                                                  progress=lambda done, total: say(step, done // 2, total // 2))
     out_rows = []
-    for r, base, adapted in zip(rows, base_all, adapted_all):
-        columns = {k: v for k, v in r.items() if k not in ("prompt", "prompt_ids")}
-        sides = {}
-        for side, text in (("base", base), ("adapter", adapted)):
-            n_tokens = len(session.tokenizer(text, add_special_tokens=False)["input_ids"])
-            sides[side] = reward_fns.score_all(rewards, r[reward_fns.PROMPT_TEXT], text, n_tokens, columns)
+    for r, (base, base_ids), (adapted, adapted_ids) in zip(rows, base_all, adapted_all):
+        sides = {"base": reward_fns.score_prompt_row(rewards, r, base, len(base_ids)),
+                 "adapter": reward_fns.score_prompt_row(rewards, r, adapted, len(adapted_ids))}
         out_rows.append({"prompt": r[reward_fns.PROMPT_TEXT], "base": base, "adapter": adapted,
                          "base_reward": sides["base"]["total"], "adapter_reward": sides["adapter"]["total"],
                          "base_rewards": sides["base"]["rewards"], "adapter_rewards": sides["adapter"]["rewards"]})

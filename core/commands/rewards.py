@@ -130,8 +130,7 @@ def try_rewards(cfg, prompts: int, samples: int, progress=None) -> dict:
     items = []
     for k, (text, ids) in enumerate(out):
         r = rows[k // samples]
-        columns = {c: v for c, v in r.items() if c not in ("prompt", "prompt_ids")}
-        scored = reward_fns.score_all(rewards, r[reward_fns.PROMPT_TEXT], text, len(ids), columns)
+        scored = reward_fns.score_prompt_row(rewards, r, text, len(ids))
         items.append({"prompt": r[reward_fns.PROMPT_TEXT], "completion": text, "tokens": len(ids),
                       "rewards": scored["rewards"], "reward": scored["total"]})
     if progress and hasattr(progress, "done"):

@@ -195,6 +195,13 @@ def load_file(path: str, weight: float) -> Reward:
     return Reward(f"{FILE_REWARD}:{file.stem}", weight, score)
 
 
+def score_prompt_row(rewards: list[Reward], row: dict, completion: str, n_tokens: int) -> dict:
+    """score_all for a prepared prompt row (core.data.prompts): the user's prompt text and the row's reward columns,
+    as the training child hands them to the rewards."""
+    columns = {k: v for k, v in row.items() if k not in ("prompt", "prompt_ids")}
+    return score_all(rewards, row[PROMPT_TEXT], completion, n_tokens, columns)
+
+
 def score_all(rewards: list[Reward], prompt: str, completion: str, n_tokens: int, row: dict) -> dict:
     """{name: value} for one completion, and "total" the weighted sum (as TRL sums them)."""
     parts = {r.name: r.checked(prompt, completion, n_tokens, row) for r in rewards}
