@@ -132,6 +132,14 @@ def test_score_says_prompt_k_of_n(app_server, page):
     errors = _collect(page)
     page.goto(url, wait_until="load")
     page.get_by_role("tab", name="Chat").click()
+    # the run trained above finished after this app built its pages: the Chat page's Run list fills in when the page
+    # loads and again on the tab switch; Score scores the run picked there, so wait for it as a user does (at a load
+    # average near 20, Score pressed before the list had filled in refused with "Pick a run first.")
+    run = page.get_by_label("Run", exact=True).filter(visible=True).first
+    deadline = time.time() + 60
+    while not run.input_value():
+        assert time.time() < deadline, "the Chat page's Run list did not fill in with the run trained above"
+        time.sleep(0.5)
     page.get_by_role("button", name=re.compile("Score base vs adapter")).click()
     # the visible status: other panels (serve, report) keep hidden .lg-status elements in the DOM
     page.locator(".lg-status").filter(visible=True).first.wait_for(timeout=60000)
