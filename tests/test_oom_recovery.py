@@ -222,12 +222,7 @@ def test_an_out_of_memory_at_the_first_step_restarts_with_the_smaller_settings(o
     (r,) = _recovered(run.run_dir)
     assert r[ev.FROM_CHECKPOINT] is None and r[ev.STEP] == 0 and "restarts at step 1" in r[ev.MESSAGE]
     assert ref.wait()["state"] == "completed"
-    got, want = losses(run.run_dir), losses(ref.run_dir)
-    assert list(got) == list(want) == [1, 2, 3]
-    worst = max(abs(want[s] - got[s]) for s in want)
-    with capsys.disabled():
-        print(f"\nOOM at step 1 vs a run started halved: max |loss diff| = {worst:.3g}")
-    assert worst <= RESUME_TOLERANCE, (want, got)
+    _same_three_losses(run, ref, "OOM at step 1 vs a run started halved", capsys)
 
 
 @pytest.mark.integration
@@ -304,11 +299,16 @@ def test_auto_shorten_halves_max_len_after_the_other_remedies_and_counts_the_row
     assert "data.max_len 64 -> 32 tokens, 16 of 16 rows longer than that cut" in out.stdout
     # restarted at step 1 each time: the run equals one started at max_len 32, micro-batch 1, checkpointing on
     assert ref.wait()["state"] == "completed"
+    _same_three_losses(run, ref, "auto+shorten vs a run started at max_len 32", capsys)
+
+
+def _same_three_losses(run, ref, what: str, capsys) -> None:
+    """The recovered run's losses at steps 1-3 equal those of the reference run started with the smaller settings."""
     want, have = losses(ref.run_dir), losses(run.run_dir)
     assert list(have) == list(want) == [1, 2, 3]
     worst = max(abs(want[s] - have[s]) for s in want)
     with capsys.disabled():
-        print(f"\nauto+shorten vs a run started at max_len 32: max |loss diff| = {worst:.3g}")
+        print(f"\n{what}: max |loss diff| = {worst:.3g}")
     assert worst <= RESUME_TOLERANCE, (want, have)
 
 
