@@ -4,8 +4,8 @@ format and answer rewards of base and adapter on the 40 held-out prompts.
     python bench/grpo_demo.py                                   # in a fresh home under /tmp
     python bench/grpo_demo.py --home DIR --json bench/results/grpo_demo-cpu-smollm2-135m.json
 
-The issue's goal (on 2 quiet cores, within 15 minutes): the base near 0 on format (full marks: exactly "The answer
-is N."), the adapter at least 0.8, and the adapter beating the base on the answers. The load average is recorded at
+The issue's goal (on 2 quiet cores, within 15 minutes): the base near 0 on format (full marks: the reply ends with
+"The answer is N."), the adapter at least 0.8, and the adapter beating the base on the answers. The load average is recorded at
 the start and end: on a shared machine the wall time says little without it.
 """
 
