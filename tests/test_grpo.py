@@ -1,7 +1,8 @@
 """GRPO runs through the real training child (issue 30) on a tiny model whose own lm_head lets a LoRA move what it
 samples: a reward is learned at a real learning rate and not at 1e-9; a reward file that raises fails the run
 naming the row and the function; beta > 0 logs a KL to the adapter-disabled base; a run killed mid-save resumes
-to the same losses and rewards; QLoRA GRPO runs on the CPU; the lm_head target is refused before any run.
+to the same losses and rewards; QLoRA GRPO runs on the CPU; the lm_head target is refused before any run; the
+adapter chats (with what it learned) and exports like any other.
 """
 
 import os
@@ -172,6 +173,37 @@ def test_the_report_of_a_grpo_run_scores_its_rewards(launched):
     lines = "\n".join(report.outline(rep))
     assert "file:e_share x1: mean" in lines and "adapter [" in lines
     assert "file:e_share x1: mean" in details_html(rep)
+
+
+def test_a_grpo_adapter_chats_and_exports_like_any_other(launched, tmp_path):
+    """Chat loads the GRPO run's adapter beside the base and answers with what it learned (more of the letter e than
+    the base, greedy); the merged export gives the same logits as base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core import export
+    from core.chat import ChatSession
+
+    run = launched["learn"]
+    assert run.wait(600)["state"] == "completed"
+    ask = [{"role": "user", "content": "Say something."}]
+    greedy = {"max_new_tokens": 16, "temperature": 0}
+    share = lambda text: text.count("e") / max(1, len(text))  # noqa: E731 - the run's own reward (E_SHARE)
+    with run.environ():
+        session = ChatSession(device="cpu")
+        name = session.load_run(run.run_id)
+        *_, adapter_reply = session.stream(ask, greedy, adapter=name)
+        *_, base_reply = session.stream(ask, greedy, adapter=None)
+        merged = export.merge(run.run_id, tmp_path / "merged")
+    assert adapter_reply and share(adapter_reply) > share(base_reply), (adapter_reply, base_reply)
+    base_dir = runs.load_config(run.run_dir).model.source
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run.run_dir / "adapter")(
+            input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-4
 
 
 def test_try_rewards_samples_and_scores_in_a_child(tmp_path, untied_model_dir):
