@@ -91,6 +91,26 @@ def test_a_failing_generation_raises_in_the_consumer(session, garage_home, tiny_
         list(session.stream(MSGS, GREEDY, adapter=name))
 
 
+def test_teacher_forced_scores_in_one_batch_equal_each_row_alone(session, garage_home, tiny_model_dir):
+    """forced_compare batches rows whose replies start at different places and computes logits only from the
+    batch's first label on: each row's summed loss, on each side, equals ChatSession.loss on the row alone (full
+    logits), including a row labelled from its second token and a row with no label."""
+    from core.chat import GenSettings
+
+    make_run(garage_home, tiny_model_dir)
+    name = session.load_run("r1")
+    enc = [session.encode([{"role": "user", "content": q}], GenSettings())
+           for q in ["Hi", "What is the capital of France? Tell me in a few words, please.", "Name a colour."]]
+    rows = [(ids + ids[:k], [-100] * len(ids) + ids[:k]) for ids, k in zip(enc, (3, 6, 1))]
+    rows += [(enc[2], [-100] + enc[2][1:]), (enc[0], [-100] * len(enc[0]))]
+    got = session.forced_compare(rows, name)
+    for (ids, labels), row in zip(rows, got):
+        for side, adapter in (("base", None), ("adapter", name)):
+            want, n = session.loss(ids, labels, adapter)
+            assert row["n"] == n and row[side] == pytest.approx(want, rel=1e-5, abs=1e-5), (side, ids, row)
+    assert got[-1] == {"base": 0.0, "adapter": 0.0, "kl": 0.0, "n": 0} and got[0]["kl"] > 0
+
+
 def test_two_adapters_and_a_checkpoint_switch_without_reloading_the_base(session, garage_home, tiny_model_dir):
     import torch
 
