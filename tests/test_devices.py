@@ -169,3 +169,33 @@ def test_the_apple_chip_is_read_from_sysctl_on_an_arm64_mac(monkeypatch):
     monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")  # an Intel Mac: no Apple GPU
     assert hardware.apple_gpu() is None
     hardware.reset()
+
+
+def test_a_cpu_run_beside_a_busy_program_trains_on_the_cores_left_free(monkeypatch, tmp_path):
+    """One core's worth of other work on 2 cores: the child trains on 1 thread and says so; a thread count the user
+    set (OMP_NUM_THREADS) stands; a quiet machine keeps every core."""
+    from core.estimate import eta
+
+    before = torch.get_num_threads()
+    events = ev.EventLog(tmp_path)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr(eta, "others_now", lambda: 1.0)
+        child.share_the_cores(events)
+        assert torch.get_num_threads() == 2  # the user's choice
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(eta, "others_now", lambda: 0.3)
+        child.share_the_cores(events)
+        assert torch.get_num_threads() == 2  # quiet enough
+        monkeypatch.setattr(eta, "others_now", lambda: 1.0)
+        child.share_the_cores(events)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        events.close()
+    said = [e[ev.MESSAGE] for e in ev.logs(ev.read(tmp_path)[0])]
+    assert said == ["this machine is busy: other programs keep about 1.0 cores' worth of work running, so training "
+                    "uses 1 of its 2 cores (threads that share a core with another program hold the others back); "
+                    "set OMP_NUM_THREADS to choose"]
+    assert [eta.cpu_threads(x, 8) for x in (0, 0.4, 0.6, 3.2, 7.9, 20)] == [8, 8, 7, 5, 1, 1]

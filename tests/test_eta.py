@@ -185,3 +185,35 @@ def test_a_busy_machine_slows_the_cpu_eta_and_says_why_and_loaded_runs_count_as_
     assert "busy" not in quiet.source and "this machine is busy" in busy.source and "2.0x slower" in busy.source
     loaded = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0, slowdown=2.0) for i in range(2)]
     assert eta.before_start(10_000, 1000, "lora", None, 100.0, loaded).seconds == pytest.approx(quiet.seconds / 2)
+
+
+@pytest.mark.skipif(not eta.RUNNABLE.exists(), reason="the kernel's runnable count is Linux's /proc/loadavg")
+def test_the_load_now_counts_a_busy_program_and_forgets_it_once_it_ends(monkeypatch):
+    """others_now counts a busy loop as about one core's worth while it runs and drops it as soon as it ends, where
+    the 1-minute load average still remembers it (the next run's ETA used to count a run that had just ended)."""
+    import subprocess
+    import sys
+    import time
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        monkeypatch.setattr(eta, "_now_cache", None)
+        during = eta.others_now()
+    finally:
+        hog.kill()
+        hog.wait()
+    monkeypatch.setattr(eta, "_now_cache", None)
+    after = eta.others_now()
+    assert during - after >= 0.6, (during, after)
+    assert eta.others_now() == after  # kept for NOW_KEEP_S: the Train page asks on every change
+
+
+def test_the_load_now_falls_back_to_the_load_average_where_there_is_no_runnable_count(monkeypatch, tmp_path):
+    monkeypatch.setattr(eta, "RUNNABLE", tmp_path / "no-such-file")
+    monkeypatch.setattr(eta, "_now_cache", None)
+    monkeypatch.setattr(eta.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    assert eta.others_now() == 3.5
+    monkeypatch.delattr(eta.os, "getloadavg")
+    monkeypatch.setattr(eta, "_now_cache", None)
+    assert eta.others_now() == 0.0  # Windows: no load average at all

@@ -405,7 +405,7 @@ def _gpu_name(target: str, reading) -> str | None:
 
 def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | None = None) -> str:
     """The ETA before Start: train.max_steps steps, or (epochs) the tokens Inspect counted for these data settings."""
-    busy = eta.others_load() if gpu_name is None else 0.0  # a CPU run shares the cores with what runs now
+    busy = eta.others_now() if gpu_name is None else 0.0  # a CPU run shares the cores with what runs now
     e = eta.for_config(cfg, shape.total_params, gpu_name, busy=busy)
     if e is not None:
         return f"**ETA** for {cfg.train.max_steps} steps: {e.text()}"
