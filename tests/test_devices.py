@@ -181,14 +181,14 @@ def test_a_cpu_run_beside_a_busy_program_trains_on_the_cores_left_free(monkeypat
     try:
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        monkeypatch.setattr(eta, "others_now", lambda: 1.0)
+        monkeypatch.setattr(eta, "others_now", lambda max_age_s=None: 1.0)
         child.share_the_cores(events)
         assert torch.get_num_threads() == 2  # the user's choice
         monkeypatch.delenv("OMP_NUM_THREADS")
-        monkeypatch.setattr(eta, "others_now", lambda: 0.3)
+        monkeypatch.setattr(eta, "others_now", lambda max_age_s=None: 0.3)
         child.share_the_cores(events)
         assert torch.get_num_threads() == 2  # quiet enough
-        monkeypatch.setattr(eta, "others_now", lambda: 1.0)
+        monkeypatch.setattr(eta, "others_now", lambda max_age_s=None: 1.0)
         child.share_the_cores(events)
         assert torch.get_num_threads() == 1
     finally:

@@ -198,22 +198,18 @@ def test_the_load_now_counts_a_busy_program_and_forgets_it_once_it_ends(monkeypa
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        monkeypatch.setattr(eta, "_now_cache", None)
-        during = eta.others_now()
+        during = eta.others_now(max_age_s=0)
     finally:
         hog.kill()
         hog.wait()
-    monkeypatch.setattr(eta, "_now_cache", None)
-    after = eta.others_now()
+    after = eta.others_now(max_age_s=0)
     assert during - after >= 0.6, (during, after)
     assert eta.others_now() == after  # kept for NOW_KEEP_S: the Train page asks on every change
 
 
 def test_the_load_now_falls_back_to_the_load_average_where_there_is_no_runnable_count(monkeypatch, tmp_path):
     monkeypatch.setattr(eta, "RUNNABLE", tmp_path / "no-such-file")
-    monkeypatch.setattr(eta, "_now_cache", None)
     monkeypatch.setattr(eta.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
-    assert eta.others_now() == 3.5
+    assert eta.others_now(max_age_s=0) == 3.5
     monkeypatch.delattr(eta.os, "getloadavg")
-    monkeypatch.setattr(eta, "_now_cache", None)
-    assert eta.others_now() == 0.0  # Windows: no load average at all
+    assert eta.others_now(max_age_s=0) == 0.0  # Windows: no load average at all

@@ -62,13 +62,14 @@ NOW_KEEP_S = 5.0                  # and a reading this young is used again (the 
 _now_cache: tuple[float, float] | None = None
 
 
-def others_now() -> float:
+def others_now(max_age_s: float = NOW_KEEP_S) -> float:
     """Cores' worth of runnable work from other programs right now: the kernel's count of runnable threads averaged
-    over NOW_WINDOW_S, less the thread reading it. The 1-minute load average remembers the last minute: right after
-    a run ended it still counted that run's threads, and the ETA of the next run came out 1.9x too long on an idle
-    machine. Where there is no such count (macOS, Windows), the load average (others_load)."""
+    over NOW_WINDOW_S, less the thread reading it; a reading younger than max_age_s is used again (0: read afresh).
+    The 1-minute load average remembers the last minute: right after a run ended it still counted that run's
+    threads, and the ETA of the next run came out 1.9x too long on an idle machine. Where there is no such count
+    (macOS, Windows), the load average (others_load)."""
     global _now_cache
-    if _now_cache and time.monotonic() - _now_cache[0] < NOW_KEEP_S:
+    if _now_cache and time.monotonic() - _now_cache[0] < max_age_s:
         return _now_cache[1]
     try:
         counts = []

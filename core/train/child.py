@@ -395,7 +395,7 @@ def share_the_cores(events: ev.EventLog) -> None:
     if os.environ.get("OMP_NUM_THREADS"):
         return
     cores = torch.get_num_threads()
-    others = run_eta.others_now()
+    others = run_eta.others_now(max_age_s=0)
     threads = run_eta.cpu_threads(others, cores)
     if threads < cores:
         torch.set_num_threads(threads)
