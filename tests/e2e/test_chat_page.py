@@ -27,12 +27,13 @@ def test_side_by_side_chat_streams_two_answers(app_server, page):
     # the waiting bubbles first say the model is loading; then both show a growing answer while it streams
     page.get_by_text("loading the model").first.wait_for(timeout=30000)
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.message.bot')]"
+        "() => [...document.querySelectorAll('.message.bot:not(.pending)')]"
         ".filter(e => e.innerText.trim() && !e.innerText.includes('loading the model')).length >= 2",
         timeout=120000)
-    first = page.locator(".message.bot").all_inner_texts()
+    # Gradio's dotted placeholder ('.message.bot.pending', read as "Loading content") may sit beside them
+    first = page.locator(".message.bot:not(.pending)").all_inner_texts()
     page.wait_for_timeout(1500)
-    later = page.locator(".message.bot").all_inner_texts()
+    later = page.locator(".message.bot:not(.pending)").all_inner_texts()
     assert len(later) == 2 and all(t.strip() and "loading the model" not in t for t in later), later
     assert sum(map(len, later)) >= sum(map(len, first))
     shot(page, "05-chat-side-by-side")
@@ -49,7 +50,8 @@ def test_side_by_side_chat_streams_two_answers(app_server, page):
     seen = page.evaluate("""() => new Promise(done => { let saw = false; const t0 = Date.now();
         const tick = () => { const bots = [...document.querySelectorAll('.message.bot')].map(e => e.innerText);
             if (bots.some(t => t.includes('loading the model'))) saw = true;
-            if ((bots.length >= 4 && bots.every(t => t.trim())) || Date.now() - t0 > 120000) done(saw);
+            const pending = document.querySelectorAll('.message.bot.pending').length;
+            if ((bots.length === 4 && !pending && bots.every(t => t.trim())) || Date.now() - t0 > 120000) done(saw);
             else setTimeout(tick, 50); };
         tick(); })""")
     assert seen is False
