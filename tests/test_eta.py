@@ -213,3 +213,44 @@ def test_the_load_now_falls_back_to_the_load_average_where_there_is_no_runnable_
     assert eta.others_now(max_age_s=0) == 3.5
     monkeypatch.delattr(eta.os, "getloadavg")
     assert eta.others_now(max_age_s=0) == 0.0  # Windows: no load average at all
+
+
+def test_only_runs_of_the_same_objective_count_before_start():
+    """A GRPO token costs its sampling too: SFT runs on the same model say nothing of a GRPO run's speed, and the
+    reverse. The cpu-grpo-demo page once showed about 2 minutes from SFT runs for a run that took 438 s."""
+    sft = [_measured(1000.0, name="s1"), _measured(1000.0, name="s2")]
+    grpo = [eta.Measured(f"g{i}", "lora", "cpu", PARAMS, 1000.0, 100.0, objective="grpo") for i in range(2)]
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=sft + grpo, objective="grpo")
+    assert not e.guess and e.seconds == pytest.approx(600.0)  # the GRPO runs' 100 tokens/s
+    e = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=sft + grpo)
+    assert not e.guess and e.seconds == pytest.approx(60.0)  # the SFT runs' 1000 tokens/s
+    # no GRPO run measured yet: a guess, slower per token than SFT's on the CPU
+    guess = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=sft, objective="grpo")
+    plain = eta.before_start(60_000, PARAMS, "lora", None, 1000.0, measured=[])
+    assert guess.guess and guess.seconds == pytest.approx(plain.seconds * eta.GRPO_CPU_SLOWER)
+    on_gpu = eta.before_start(60_000, PARAMS, "lora", "NVIDIA H100 80GB HBM3", 1000.0, measured=[], objective="grpo")
+    assert "sampling" in on_gpu.source
+
+
+def test_a_grpo_run_is_measured_as_grpo_and_guessed_from_its_generations():
+    cfg = C.RunConfig()
+    cfg.train.objective = "grpo"
+    run_dir = runs.create(cfg)
+    log = ev.EventLog(run_dir)
+    for i in range(1, 6):
+        log.write({ev.T: 1000.0 + i * 9, **_metrics(i, 5, 100.0, 9.0)})
+    log.close()
+    m = eta.measure(run_dir, params_of=lambda source: PARAMS)
+    assert m.objective == "grpo"
+    # before any GRPO run on this data: generations x (half the prompt cutoff + the longest completion) a prompt
+    cfg.train.max_steps, cfg.train.batch_size, cfg.data.max_len = 10, 4, 128
+    cfg.train.grpo_generations, cfg.train.grpo_max_completion = 4, 32
+    sft_seen = eta.Measured("a", "lora", "cpu", PARAMS, 100.0, 50.0, data=(cfg.data.source, 128), rows_per_step=2)
+    e = eta.for_config(cfg, PARAMS, None, measured=[sft_seen, sft_seen])
+    assert e.guess and e.tokens_per_s > 0
+    assert e.seconds * e.tokens_per_s == pytest.approx(10 * 4 * 4 * (64 + 32))
+    # a measured GRPO run on the same data gives its own tokens a prompt
+    grpo_seen = eta.Measured("g", "lora", "cpu", PARAMS, 900.0, 120.0, data=(cfg.data.source, 128), rows_per_step=4,
+                             objective="grpo")
+    e = eta.for_config(cfg, PARAMS, None, measured=[sft_seen, grpo_seen, grpo_seen])
+    assert not e.guess and e.seconds == pytest.approx(10 * 900 / 120.0)

@@ -2,8 +2,8 @@
 
 During a run it comes from the run's own recent steps (the metrics events carry eta_s, the callback's remaining
 steps x the mean of the last 20 step times), counted down from the time that event was written. Before a run it
-comes from runs measured on this machine that were of similar size (same method and device, model size within 2x,
-tokens per step within 4x), their rate scaled by model size; with fewer than two such runs it is a guess and says
+comes from runs measured on this machine that were of similar size (same method, objective and device, model size
+within 2x, tokens per step within 4x), their rate scaled by model size; with fewer than two such runs it is a guess and says
 so, with its range: one run alone (perhaps on a busy machine) is averaged with the rate assumed from the device's
 peak FLOP/s (core.estimate.gpu_specs), never taken as it is.
 """
@@ -33,6 +33,12 @@ from core.estimate import vram
 # CPU: a 2-core AVX2/AVX-512 machine sustains ~0.1 TFLOP/s in fp32 matmuls (measured here: SmolLM2-135M,
 # batch 4 x ~100 tokens, ~2 s/step). GPU: 35% of the card's dense bf16 peak, a typical hobbyist MFU.
 CPU_ASSUMED_FLOPS = 1.0e11
+# GRPO's tokens (prompt + completion, per generation) go through sampling one token at a time before the
+# policy's forward/backward: measured here, cpu-grpo-demo ran at 111 and 137 tokens/s on 2 quiet cores where the
+# assumption above gives 186, so a CPU GRPO run is assumed 1.5x slower per token. Not measured on a GPU, where
+# sampling without a serving engine is latency-bound and may cost more: there the ETA says so until GRPO runs
+# are measured.
+GRPO_CPU_SLOWER = 1.5
 GPU_ASSUMED_MFU = 0.35
 GPU_DEFAULT_PEAK = 50e12  # a card not in core.estimate.gpu_specs' table
 
@@ -184,6 +190,7 @@ class Measured:
     data: tuple = ()       # (data.source, data.max_len): what its rows were
     rows_per_step: int = 0  # batch_size x grad_accum
     slowdown: float = 1.0  # cpu_slowdown of the other programs' load while it trained (1: quiet or unknown)
+    objective: str = "sft"  # train.objective: sft | dpo | orpo | grpo; a GRPO token costs sampling too
 
 
 def measure(run_dir: Path, params_of=None) -> Measured | None:
@@ -212,7 +219,8 @@ def measure(run_dir: Path, params_of=None) -> Measured | None:
         else "gpu"
     return Measured(Path(run_dir).name, cfg.quant.method, device, (params_of or param_count)(cfg.model.source),
                     _median(per_step), _median(rates), _startup(run_dir, m[0]), (cfg.data.source, cfg.data.max_len),
-                    cfg.train.batch_size * cfg.train.grad_accum, _slowdown_then(run_dir) if device == "cpu" else 1.0)
+                    cfg.train.batch_size * cfg.train.grad_accum, _slowdown_then(run_dir) if device == "cpu" else 1.0,
+                    cfg.train.objective)
 
 
 def _slowdown_then(run_dir: Path) -> float:
@@ -280,28 +288,33 @@ def measured_runs(params_of=None) -> list[Measured]:
     return [m for m in out if m.tokens_per_s > 0]
 
 
-def similar(runs: list[Measured], method: str, device: str, params: int, tokens_per_step: float) -> list[Measured]:
+def similar(runs: list[Measured], method: str, device: str, params: int, tokens_per_step: float,
+            objective: str = "sft") -> list[Measured]:
     def near(a: float, b: float, factor: float) -> bool:
         return a > 0 and b > 0 and max(a, b) / min(a, b) <= factor
 
-    return [r for r in runs if r.method == method and r.device == device and near(r.params, params, SIMILAR_PARAMS)
-            and near(r.tokens_per_step, tokens_per_step, SIMILAR_TOKENS_PER_STEP)]
+    return [r for r in runs if r.method == method and r.objective == objective and r.device == device
+            and near(r.params, params, SIMILAR_PARAMS) and near(r.tokens_per_step, tokens_per_step, SIMILAR_TOKENS_PER_STEP)]
 
 
 def before_start(total_tokens: int, params: int, method: str, gpu_name: str | None, tokens_per_step: float,
-                 measured: list[Measured] | None = None, busy: float = 0.0) -> Eta:
+                 measured: list[Measured] | None = None, busy: float = 0.0, objective: str = "sft") -> Eta:
     """The ETA of `total_tokens` trained tokens before the run starts (see the module's docstring). On the CPU,
     `busy` is the other programs' load now (the Train page passes others_now()): each measured run's rate is
-    first made a quiet machine's (times the slowdown it met), then slowed by today's."""
+    first made a quiet machine's (times the slowdown it met), then slowed by today's. Only runs of the same
+    objective count: a GRPO token costs its sampling too."""
     device = "gpu" if gpu_name else "cpu"
     now = cpu_slowdown(busy) if device == "cpu" else 1.0
-    assumed = peak_flops(gpu_name) / max(1, 4 * params) / now
+    grpo = objective == "grpo"
+    assumed = peak_flops(gpu_name) / max(1, 4 * params) / now / (GRPO_CPU_SLOWER if grpo and not gpu_name else 1.0)
     where = f"the {gpu_name}" if gpu_name else "the CPU"
     measured = measured_runs() if measured is None else measured
-    runs = similar(measured, method, device, params, tokens_per_step)
+    runs = similar(measured, method, device, params, tokens_per_step, objective)
     # scaled: time per token ~ model size; and from the load each run met to the load now
     rates = [r.tokens_per_s * r.slowdown / now * r.params / max(params, 1) for r in runs]
     eta = _before_start(total_tokens, assumed, where, measured, runs, rates, device, params, gpu_name)
+    if grpo and gpu_name and len(rates) < 2:
+        eta.source += "; GRPO's sampling on a GPU is not in this guess: it is counted once GRPO runs are measured"
     if now >= 1 + BUSY_AT:
         cores = os.cpu_count() or 1
         threads = cpu_threads(busy, cores)
@@ -332,19 +345,23 @@ def _before_start(total_tokens, assumed, where, measured, runs, rates, device, p
 def for_config(cfg, params: int, gpu_name: str | None, measured: list[Measured] | None = None,
                busy: float = 0.0) -> Eta | None:
     """The ETA of a run's settings before its dataset was read: train.max_steps optimizer steps, each
-    batch_size x grad_accum rows, of the tokens per row an earlier run on the same data measured, else of about
-    half the data.max_len cutoff (rows are rarely all at the cutoff).
+    batch_size x grad_accum rows, of the tokens per row an earlier run of the same objective on the same data
+    measured, else a guess from the cutoff: about half data.max_len a row (rows are rarely all at the cutoff), two
+    replies' worth for a preference pair, and for GRPO grpo_generations x (half the prompt cutoff + the longest
+    completion).
     None when the step count depends on the dataset (max_steps <= 0: epochs)."""
     t = cfg.train
     if t.max_steps <= 0:
         return None
     measured = measured_runs() if measured is None else measured
     rows = t.batch_size * t.grad_accum
-    # tokens per row as an earlier run on the same data measured them, else half the cutoff
+    half = cfg.data.max_len // 2
+    guess = {"grpo": t.grpo_generations * (half + t.grpo_max_completion), "dpo": 2 * half, "orpo": 2 * half}
     same = [m.tokens_per_step / m.rows_per_step for m in measured
-            if m.data == (cfg.data.source, cfg.data.max_len) and m.rows_per_step > 0]
-    per_step = rows * (_median(same) if same else cfg.data.max_len // 2)
-    return before_start(t.max_steps * per_step, params, cfg.quant.method, gpu_name, per_step, measured, busy)
+            if m.data == (cfg.data.source, cfg.data.max_len) and m.objective == t.objective and m.rows_per_step > 0]
+    per_step = rows * (_median(same) if same else guess.get(t.objective, half))
+    return before_start(t.max_steps * per_step, params, cfg.quant.method, gpu_name, per_step, measured, busy,
+                        t.objective)
 
 
 def _median(xs: list[float]) -> float:
