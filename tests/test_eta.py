@@ -185,6 +185,9 @@ def test_a_busy_machine_slows_the_cpu_eta_and_says_why_and_loaded_runs_count_as_
     assert "busy" not in quiet.source and "this machine is busy" in busy.source and "2.0x slower" in busy.source
     loaded = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0, slowdown=2.0) for i in range(2)]
     assert eta.before_start(10_000, 1000, "lora", None, 100.0, loaded).seconds == pytest.approx(quiet.seconds / 2)
+    # one run alone names its own measured rate, and what it means at today's load beside it
+    one = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_[:1], busy=float(cores))
+    assert "measured 50 tokens/s (25 for this plan now)" in one.source
 
 
 @pytest.mark.skipif(not eta.RUNNABLE.exists(), reason="the kernel's runnable count is Linux's /proc/loadavg")

@@ -74,11 +74,13 @@ def method_label(method: str, cfg, device: str) -> str:
 
 
 def measured_text(cfg) -> str:
-    """The newest run with this model and method: its measured peak beside its estimate (the CPU RAM estimate is
-    known to run low: the measured figure says by how much)."""
+    """The newest run with this model, method and objective: its measured peak beside its estimate (the CPU RAM
+    estimate is known to run low: the measured figure says by how much). A GRPO or preference run holds more
+    sequences a step than SFT: its peak says nothing of another objective's."""
 
     for r in runs.list_runs():
-        if r.get("model") != cfg.model.source or r.get("method") != cfg.quant.method:
+        if (r.get("model"), r.get("method"), r.get("objective") or "sft") != \
+                (cfg.model.source, cfg.quant.method, cfg.train.objective):
             continue
         run_dir = runs.get(r["id"])
         peak = ev.peak_memory(ev.read(run_dir)[0])

@@ -335,7 +335,10 @@ def _before_start(total_tokens, assumed, where, measured, runs, rates, device, p
     if len(rates) == 1:
         tps = math.sqrt(rates[0] * assumed)  # one run may have met a busy machine: halfway to the assumption
         lo, hi = min(rates[0], assumed), max(rates[0], assumed)
-        return Eta(total / tps, tps, f"one similar run ({runs[0].run}) measured {rates[0]:,.0f} tokens/s, "
+        seen = runs[0].tokens_per_s
+        # the run's own figure, then what it means for this plan (model size) on the machine as busy as it is now
+        here = f" ({rates[0]:,.0f} for this plan now)" if abs(rates[0] - seen) >= 0.05 * seen else ""
+        return Eta(total / tps, tps, f"one similar run ({runs[0].run}) measured {seen:,.0f} tokens/s{here}, "
                    f"{assumed:,.0f} assumed for {where}", total / hi, total / lo, startup)
     return Eta(total / assumed, assumed, f"assumed for {where}; measured after two runs of similar size",
                total / (assumed * ASSUMED_SPREAD), total * (ASSUMED_SPREAD if gpu_name else CPU_BUSY_FACTOR) / assumed,

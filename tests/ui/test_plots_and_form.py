@@ -230,3 +230,31 @@ def test_grpo_frames_and_the_runs_page_curve():
     grpo = runs_tab.curve_frame(cfg, events)
     assert grpo[grpo["series"] == "reward (GRPO, mean)"]["value"].tolist() == [0.5, 0.9]
     assert "loss" in set(grpo["series"])
+
+
+def test_measured_peak_comes_from_a_run_of_the_same_objective():
+    """The memory verdict's 'Measured on run ...' line: a GRPO run holds batch x generations sequences a step, so
+    its peak is not shown for an SFT plan on the same model and method (a browser check saw exactly that)."""
+    from core.runs import folder as runs
+    from ui import vram_panel
+
+    def run_with_peak(objective: str, peak: int):
+        cfg = C.RunConfig()
+        cfg.train.objective = objective
+        run_dir = runs.create(cfg)
+        log = ev.EventLog(run_dir)
+        log.write({ev.T: 1.0, **_m(1, 1.0, mem={ev.MEM_RSS: peak})})
+        log.close()
+        (run_dir / "estimate.json").write_text(json.dumps({"total_bytes": 2 * 2**30}))
+        return run_dir.name
+
+    grpo = run_with_peak("grpo", 3 * 2**30)
+    plan = C.RunConfig()
+    assert vram_panel.measured_text(plan) == ""
+    plan.train.objective = "grpo"
+    assert f"run {grpo}:" in vram_panel.measured_text(plan)
+    sft = run_with_peak("sft", 2**30)
+    plan.train.objective = "sft"
+    assert f"run {sft}:" in vram_panel.measured_text(plan)
+    plan.train.objective = "grpo"
+    assert f"run {grpo}:" in vram_panel.measured_text(plan)  # the newer SFT run does not hide it
