@@ -61,6 +61,47 @@ def test_batched_answers_equal_one_at_a_time_on_the_tiny_model(garage_home, tiny
         assert batched == one
 
 
+@pytest.mark.parametrize("tiny", ["tiny_model_dir", "tiny_model_dir_llama3"])
+def test_a_row_that_ends_leaves_the_batch_and_the_others_answer_as_before(garage_home, tiny, request):
+    """answer_batch's own decoding loop drops a row (and its KV cache) once it ends. The rows that go on must
+    answer exactly as they would have in the full batch: every row's tokens, decoded without an end token, cut at
+    the first end token, are the answers with it; base and adapter rows mixed in one batch, left-padded; and the
+    batch really shrinks."""
+    import torch
+
+    from core.chat import BASE
+
+    run = make_run(garage_home, request.getfixturevalue(tiny), data={"source": "builtin:demo-identity"})
+    session = ChatSession(device="cpu")
+    name = session.load_run(run.name)
+    from core.data import sft as data
+
+    prompts = [session.encode(it["messages"], GenSettings()) for it in data.demo_eval_set("builtin:demo-identity")[:4]]
+    prompts = prompts + [p[:-3] for p in prompts]  # unequal lengths: left padding
+    names = [BASE, name] * 4
+    width = max(map(len, prompts))
+    pad = session.tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        full = session._decode_rows(ids, mask, 12, set(), adapter_names=names)
+    assert all(len(r) == 12 for r in full)
+    # an "end" token that some rows write early and others late or never
+    firsts = sorted({r[k] for r in full for k in (2, 5)})
+    end = max(firsts, key=lambda t: sum(t in r for r in full) - sum(t in r[:2] for r in full))
+    sizes = []
+    hook = session.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]),
+                                                   with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            cut = session._decode_rows(ids, mask, 12, {end}, adapter_names=names)
+    finally:
+        hook.remove()
+    assert cut == [r[:r.index(end) + 1] if end in r else r for r in full]
+    ended_early = sum(end in r[:-1] for r in full)
+    assert ended_early > 0 and sizes[0] == 8 and min(sizes) < 8, (ended_early, sizes)
+
+
 @pytest.mark.integration  # a whole report (40 neutral prompts): tens of seconds
 def test_report_of_a_zero_b_adapter_says_no_effect_and_a_changed_one_does_not(garage_home, tiny_model_dir):
     make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
