@@ -72,7 +72,8 @@ def _settings(args, packing: bool) -> dict:
             "quant": {"method": "lora"},
             "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": 1, "lr": 1e-4,
                       "scheduler": "linear", "warmup_steps": 0, "save_steps": 1_000_000, "save_total_limit": 1,
-                      "logging_steps": 1, "seed": 1}}
+                      "logging_steps": 1, "seed": 1,
+                      "report_at_end": False}}  # the report card after the last step is no part of training
 
 
 def write_dataset(path: Path, rows: int, max_len: int, tokens_per_word: float, seed: int = 0,
