@@ -12,10 +12,12 @@ cutoff), model, LoRA settings, seed and step count, three arms, each in its own 
     .venv/bin/python bench/throughput.py --memory --model builtin:smollm2-135m --steps 3 --warmup 1
 
 --memory is the CPU memory bench: every row ~max_len tokens (8 x ~500 by default), our runner only, arms
-interleaved F K M M K F: F the stock loss over full logits (train.chunked_loss=false), K the chunked loss (the
-default), M the chunked loss with the glibc settings of MALLOC_ENV. Each arm prints its peak RSS against the CPU
-estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python + torch + the
-model + LoRA before any step (what the estimate leaves out by design).
+interleaved F P K K P F: F the stock loss over full logits (train.chunked_loss=false, the default) as a CPU run
+trains now (the child sets glibc's allocator to hand freed blocks back: core.train.child.CPU_MALLOPT), P the same
+with glibc's own defaults (MALLOC_PERTURB_=0, which changes nothing: a MALLOC_ variable of the user's keeps the
+child's settings off), K the chunked loss, Q the chunked loss with glibc's defaults. Each arm prints its peak RSS
+against the CPU estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python
++ torch + the model + LoRA before any step (what the estimate leaves out by design).
 
 tokens/s counts only non-padding tokens, over the steady-state steps (after --warmup steps) of each arm: tokens
 those steps trained / wall time between the log of the last warm-up step and the last step. s/step is that time
@@ -54,8 +56,12 @@ WORDS = ("the model learns to answer short questions about data training memory 
 # glibc malloc for the M arm: two arenas instead of 8 per core (autograd's worker threads each grow their own), and
 # a fixed mmap threshold so blocks of 1 MiB and up go straight back to the system when freed (the dynamic threshold
 # climbs to 32 MiB after the first large free, and the mid-size activations then stay in the heap as holes).
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
-MEMORY_ARMS = {"F": ({"train": {"chunked_loss": False}}, {}), "K": ({}, {}), "M": ({}, MALLOC_ENV)}
+# a MALLOC_ variable that changes nothing (0: no perturbing, glibc's default), so the child leaves malloc as it is.
+# Not MALLOC_TOP_PAD_ at its default value: setting it (as any of the top pad, trim or mmap thresholds) also turns
+# off glibc's dynamic mmap threshold, the very thing that holds the memory (measured: 8.04 GiB, as with ours).
+GLIBC_DEFAULTS = {"MALLOC_PERTURB_": "0"}
+CHUNKED, FULL = {"train": {"chunked_loss": True}}, {"train": {"chunked_loss": False}}
+MEMORY_ARMS = {"F": (FULL, {}), "P": (FULL, GLIBC_DEFAULTS), "K": (CHUNKED, {}), "Q": (CHUNKED, GLIBC_DEFAULTS)}
 
 
 def settings(args, packing: bool, overrides: dict | None = None) -> dict:
@@ -253,7 +259,7 @@ def main() -> None:
     p.add_argument("--out", help="also write the JSON result (with machine info) to this file")
     p.add_argument("--memory", action="store_true",
                    help="CPU memory bench: rows of ~max_len tokens, arms F K M M K F (see the module docstring)")
-    p.add_argument("--order", default="FKMMKF", help="--memory: the arms in the order they run (interleave them: "
+    p.add_argument("--order", default="FPKKPF", help="--memory: the arms in the order they run (interleave them: "
                                                      "other work on the machine shifts timings over time)")
     p.add_argument("--baseline-child", help=argparse.SUPPRESS)
     p.add_argument("--probe-child", help=argparse.SUPPRESS)
@@ -370,8 +376,8 @@ def memory_main(args) -> None:
           f"{args.steps} steps (first {args.warmup} left out); before any step (imports + model + LoRA): "
           f"{result['probe_rss_gib']['model_lora']:.2f} GiB RSS")
     print(f"{'arm':<48} {'tokens/s':>9} {'peak RSS GiB':>13} {'estimate GiB':>13} {'peak/est':>9}")
-    names = {"F": "F full logits (train.chunked_loss=false)", "K": "K chunked loss (default)",
-             "M": "M chunked loss + glibc MALLOC_* settings"}
+    names = {"F": "F full logits (the default)", "P": "P full logits, glibc's malloc defaults",
+             "K": "K chunked loss (train.chunked_loss=true)", "Q": "Q chunked loss, glibc's malloc defaults"}
     for arm, a in sorted(arms.items()):
         print(f"{names[arm]:<48} {a['tokens_per_s']:>9,.1f} {a['peak_rss_gib']:>13.2f} {a['estimate_gib'] or 0:>13.2f} "
               f"{a['peak_over_estimate'] or 0:>9.2f}")
