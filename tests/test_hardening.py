@@ -294,3 +294,30 @@ def test_run_name_length_cli_crash_message_end_time_and_first_start(tmp_path):
     runs.write_status(run_dir, started_at="2026-01-02T09:00:00+00:00")
     st = runs.read_status(run_dir, reconcile=False)
     assert st["started_at"] == "2026-01-01T10:00:00+00:00" and st["resumed_at"] == "2026-01-02T09:00:00+00:00"
+
+
+def test_two_threads_writing_the_same_file_atomically_both_succeed(tmp_path):
+    """The app's handlers run in threads: two Inspect clicks on the same data stored the same file at once, and with
+    one temporary name per process the second rename found nothing (a FileNotFoundError under bench/app_load.py)."""
+    import threading
+
+    from core.runs import folder as runs
+
+    target, errors = tmp_path / "same.json", []
+    barrier = threading.Barrier(8)
+
+    def write(k: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(50):
+                runs.write_atomic(target, f'{{"writer": {k}}}' + " " * 20000, durable=False)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_text().startswith('{"writer": ') and not list(tmp_path.glob(".same.json.tmp-*"))

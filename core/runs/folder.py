@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import re
 import shutil
 import sys
@@ -201,7 +202,10 @@ now = procs.now
 
 
 def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write all of `text` to `path` or leave it as it was. The temporary file is the writer's own: two threads of
+    one process (the app's handlers, say two Inspect clicks on the same data) may write the same file at once,
+    and with one shared name the first rename left the second with nothing to rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         if durable:
