@@ -362,9 +362,10 @@ class ChatSession:
             if not keep or step == max_new_tokens - 1:
                 break
             layers = getattr(cache, "layers", None)
-            # a cache that cannot drop rows keeps the ended ones as padding, their tokens unread
-            # dropping rows copies the cache: worth it once an eighth of the batch has ended
-            if len(alive) - len(keep) >= max(1, len(alive) // 8) and layers is not None and all(hasattr(x, "batch_select_indices") for x in layers):
+            # dropping rows copies the cache: worth it once an eighth of the batch has ended. A cache that cannot
+            # drop rows keeps the ended ones as padding, their tokens unread.
+            can_drop = layers is not None and all(hasattr(x, "batch_select_indices") for x in layers)
+            if can_drop and len(alive) - len(keep) >= max(1, len(alive) // 8):
                 idx = torch.tensor(keep, device=ids.device)
                 for layer in layers:
                     layer.batch_select_indices(idx)
