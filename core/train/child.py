@@ -9,6 +9,8 @@ status `failed` with {kind, message, hint}; the traceback goes to train.log.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -423,9 +425,6 @@ def hand_back_freed_memory() -> dict[int, int]:
     """CPU_MALLOPT through glibc's mallopt, at run time (it also reaches `python -m core train` in the foreground,
     whose allocator started long before the device was known). Nothing where the C library is not glibc (macOS,
     Windows, musl) or where the user set a MALLOC_ variable: theirs stands. Returns what it set."""
-    import ctypes
-    import ctypes.util
-
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
         return {}
     try:
