@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import psutil
 import shutil
 import sys
 import traceback
@@ -410,7 +411,7 @@ def needs_lean_memory(estimate_bytes: int | None, available_bytes: int) -> bool:
 
 def lean_cpu_memory(run_dir: Path, events: ev.EventLog) -> bool:
     """CPU_MALLOPT where needs_lean_memory says so, said in train.log and the events."""
-    est, avail = runs.estimate_bytes(run_dir), hardware.read().ram_available
+    est, avail = runs.estimate_bytes(run_dir), int(psutil.virtual_memory().available)  # RAM only: no NVML read
     if not needs_lean_memory(est, avail) or not hand_back_freed_memory():
         return False
     msg = (f"CPU memory is tight: a step may hold about {est * GLIBC_PEAK_OVER_ESTIMATE / 2**30:.1f} GiB with the "
