@@ -53,10 +53,8 @@ WORDS = ("the model learns to answer short questions about data training memory 
          "over lazy dog hello who are you name is what two plus four sky blue cheese french").split()
 
 
-# glibc malloc for the M arm: two arenas instead of 8 per core (autograd's worker threads each grow their own), and
-# a fixed mmap threshold so blocks of 1 MiB and up go straight back to the system when freed (the dynamic threshold
-# climbs to 32 MiB after the first large free, and the mid-size activations then stay in the heap as holes).
-# a MALLOC_ variable that changes nothing (0: no perturbing, glibc's default), so the child leaves malloc as it is.
+# The P and Q arms keep glibc's malloc defaults where the child would set core.train.child.CPU_MALLOPT: a MALLOC_
+# variable that changes nothing (0: no perturbing, glibc's default) makes the child leave malloc as it is.
 # Not MALLOC_TOP_PAD_ at its default value: setting it (as any of the top pad, trim or mmap thresholds) also turns
 # off glibc's dynamic mmap threshold, the very thing that holds the memory (measured: 8.04 GiB, as with ours).
 GLIBC_DEFAULTS = {"MALLOC_PERTURB_": "0"}
@@ -258,7 +256,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--out", help="also write the JSON result (with machine info) to this file")
     p.add_argument("--memory", action="store_true",
-                   help="CPU memory bench: rows of ~max_len tokens, arms F K M M K F (see the module docstring)")
+                   help="CPU memory bench: rows of ~max_len tokens, arms F P K K P F (see the module docstring)")
     p.add_argument("--order", default="FPKKPF", help="--memory: the arms in the order they run (interleave them: "
                                                      "other work on the machine shifts timings over time)")
     p.add_argument("--baseline-child", help=argparse.SUPPRESS)
