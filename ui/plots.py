@@ -29,7 +29,27 @@ def colours(names) -> dict[str, str]:
 def _drawable(frame: pd.DataFrame) -> tuple[str, ...]:
     # fewer than two steps draw nothing useful: vega warns of an infinite extent with no point and labels the
     # axis 1.000000 with one, so a chart waits for its second step
-    return tuple(sorted(set(frame["series"]))) if frame["step"].nunique() >= 2 else ()
+    return tuple(sorted(str(s) for s in frame["series"].unique())) if frame["step"].nunique() >= 2 else ()
+
+
+# A chart is at most about 1,400 px wide: beyond this many points a series draws nothing more, and each point is sent
+# to every open page on every tick. TensorBoard samples its scalar charts the same way (1,000 points a series by
+# default) and smooths what it kept.
+CHART_POINTS = 500
+
+
+def thin(points: list, most: int = CHART_POINTS) -> list:
+    """At most about `most` of `points` (a run's metrics curve), every k-th with k a power of two, and always the
+    last: the points kept stay the same as the run grows (until k doubles), so a live chart does not shimmer."""
+    stride = 1
+    while len(points) > most * stride:
+        stride *= 2
+    if stride == 1:
+        return points
+    kept = points[::stride]
+    if kept[-1] is not points[-1]:
+        kept.append(points[-1])
+    return kept
 
 
 # Steps are integers, but vega picks its x ticks for the chart's width (about one per 40 px): over a short run it

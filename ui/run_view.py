@@ -64,6 +64,8 @@ CHARTS = ("loss", "lr", "grad", "tps", "mem", "rewards", "accuracy", "reward", "
 
 STATUS_ID = "lg-run-status"
 # run in the browser after Start: an expanded VRAM breakdown pushes the run status below the fold
+RECENT_STEPS = 50  # the progress line's ETA reads the last 20 steps that carry one (eta.for_run)
+
 SCROLL_TO_STATUS = f"() => document.getElementById('{STATUS_ID}')?.scrollIntoView({{block: 'center', behavior: 'smooth'}})"
 
 
@@ -115,33 +117,50 @@ def refresh(run_id: str | None, cache: dict) -> dict:
     except GarageError as e:
         return {**_blank(cache), "status": f"{marks.ERROR} {html.escape(e.message)}", "keep": False}
     sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
-    if cache.get("run_id") != run_id:
-        cache = {"run_id": run_id, "offset": 0, "events": []}
+    same = cache.get("run_id") == run_id  # this page has drawn the run before: only what is new needs sending
+    if not same:
+        cache = {"run_id": run_id, "offset": 0, "curve": [], "other": [], "log_size": None}
     new, offset = ev.read(run_dir, cache["offset"])
-    cache = {"run_id": run_id, "offset": offset, "events": cache["events"] + new, "sent": sent}
-    events = cache["events"]
+    # the run's metrics as one curve (a resume event drops the steps it supersedes) and its few other events, kept
+    # apart: a tick costs what is new, not the run's whole history (20 pages ticking beside training: bench/app_load)
+    curve = ev.metrics(cache["curve"] + new) if new else cache["curve"]
+    other = cache["other"] + [e for e in new if e.get(ev.TYPE) != ev.METRICS]
+    log_size, seen_log = runs.log_size(run_dir), cache.get("log_size")
+    cache = {"run_id": run_id, "offset": offset, "curve": curve, "other": other, "log_size": log_size, "sent": sent}
     state = status.get("state", "?")
-    est = runs.estimate_bytes(run_dir)
     done = state in runs.TERMINAL
-    frames = {"loss": plots.loss_frame(events), "lr": plots.series_frame(events, ev.LR, "learning rate"),
-              "grad": plots.series_frame(events, ev.GRAD_NORM, "grad norm"),
-              "tps": plots.series_frame(events, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(events, est),
-              "rewards": plots.rewards_frame(events), "accuracy": plots.accuracy_frame(events),
-              "reward": plots.reward_frame(events), "completion": plots.completion_frame(events),
-              "policy": plots.policy_frame(events)}
-    charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
+    if same and not new:  # nothing new for the charts and samples since this page's last tick
+        charts = {k: gr.skip() for k in CHARTS}
+        samples, pref, grpo = gr.skip(), gr.skip(), gr.skip()
+    else:
+        # the charts draw at most plots.CHART_POINTS points a series, and a resume event is already applied to the
+        # curve (given again, it would drop the resumed steps)
+        drawn = plots.thin(curve) + [e for e in other if e.get(ev.TYPE) != ev.RESUME]
+        frames = {"loss": plots.loss_frame(drawn), "lr": plots.series_frame(drawn, ev.LR, "learning rate"),
+                  "grad": plots.series_frame(drawn, ev.GRAD_NORM, "grad norm"),
+                  "tps": plots.series_frame(drawn, ev.TOKENS_PER_S, "tokens/s"),
+                  "mem": plots.memory_frame(drawn, runs.estimate_bytes(run_dir)),
+                  "rewards": plots.rewards_frame(drawn), "accuracy": plots.accuracy_frame(drawn),
+                  "reward": plots.reward_frame(drawn), "completion": plots.completion_frame(drawn),
+                  "policy": plots.policy_frame(drawn)}
+        charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
+        samples = samples_md(other)
+        pref = gr.update(visible=len(frames["accuracy"]) > 0)
+        grpo = gr.update(visible=len(frames["reward"]) > 0)
+    unchanged_log = same and not new and log_size == seen_log
     return {"status": status_md(run_id, status),
-            "progress": progress_html(status, events) + template_html(events),
+            # the progress line reads the last steps only (eta.for_run: the last 20)
+            "progress": progress_html(status, curve[-RECENT_STEPS:]) + template_html(other),
             **charts,
-            "log": log_text(run_dir, events),
-            "samples": samples_md(events),
+            "log": gr.skip() if unchanged_log else log_text(run_dir, other),
+            "samples": samples,
             "chat_btn": gr.update(visible=run_files.has_adapter(run_dir)),
             "resume_btn": resume_button(run_dir, status),
             "export_btn": export_button(run_dir, status),
             "cache": cache,
             "charts": gr.update(visible=True),
-            "pref": gr.update(visible=len(frames["accuracy"]) > 0),
-            "grpo": gr.update(visible=len(frames["reward"]) > 0),
+            "pref": pref,
+            "grpo": grpo,
             "keep": not done}
 
 
@@ -154,12 +173,12 @@ def log_text(run_dir, events: list[dict]) -> str:
 
 
 def _blank(cache) -> dict:
-    if cache:
-        cache = {**cache, "sent": {}}
+    # no run's data kept: charts hidden here are sent in full when a run is shown again (refresh's `same`)
+    cache = {}
     hidden = gr.update(visible=False)
     return {"status": "No run yet. Press **Start training**.", "progress": "",
             **{name: plots.hidden() for name in CHARTS},  # hidden by class, never None: see plots.hidden
-            "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache or {},
+            "log": "", "samples": "", "chat_btn": hidden, "resume_btn": hidden, "export_btn": hidden, "cache": cache,
             "charts": hidden, "pref": hidden, "grpo": hidden}
 
 

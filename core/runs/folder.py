@@ -241,6 +241,15 @@ _NOISE = re.compile(r"(^\S*site-packages/\S+:\d+: \w*Warning:)|(^\s+warnings\.wa
                     r"|(bitsandbytes.*(compiled without|kernel|CUDA SETUP))", re.IGNORECASE)
 
 
+def log_size(run_dir: Path) -> int | None:
+    """train.log's size in bytes (None before it exists): a view that shows its tail reads it again when this
+    changes."""
+    try:
+        return (Path(run_dir) / "train.log").stat().st_size
+    except FileNotFoundError:
+        return None
+
+
 def tail_log(run_dir: Path, lines: int = 30, hide_noise: bool = False) -> str:
     """The last `lines` lines of train.log; with hide_noise, library warnings and progress bars left out (and
     counted in a last line), so the end of the log is what the run itself said."""
@@ -254,8 +263,9 @@ def tail_log(run_dir: Path, lines: int = 30, hide_noise: bool = False) -> str:
         return ""
     kept = text.splitlines()
     if hide_noise:
-        hidden = sum(1 for line in kept if _NOISE.search(line))
-        kept = [line for line in kept if line.strip() and not _NOISE.search(line)]
+        noise = [bool(_NOISE.search(line)) for line in kept]
+        hidden = sum(noise)
+        kept = [line for line, is_noise in zip(kept, noise) if line.strip() and not is_noise]
         out = kept[-lines:]
         if hidden:
             out.append(f"({hidden} lines of library warnings and progress bars not shown: see {path})")

@@ -99,6 +99,42 @@ def test_a_final_eval_after_the_last_step_redraws_the_loss_chart_in_one_refresh(
     assert all(r[k] is not None for k in run_view.CHARTS)
 
 
+def test_thin_keeps_at_most_about_the_chart_points_the_same_ones_as_the_run_grows_and_the_last():
+    points = list(range(1, 2001))
+    kept = plots.thin(points, most=500)
+    assert len(kept) <= 501 and kept[0] == 1 and kept[-1] == 2000
+    assert set(plots.thin(points[:1900], most=500)[:-1]) <= set(kept)  # same stride: the same points, not new ones
+    assert plots.thin(points[:400], most=500) == points[:400]  # short runs: every point
+
+
+def test_a_long_run_refreshes_thinned_and_a_tick_with_nothing_new_sends_no_chart():
+    from core.runs import folder as runs
+    from ui import run_view
+    import gradio as gr
+
+    cfg = C.RunConfig()
+    cfg.output.run_name = "long"
+    run_dir = runs.create(cfg)
+    runs.write_status(run_dir, state="running", step=3000, total_steps=5000)
+    log = ev.EventLog(run_dir)
+    for k in range(1, 3001):
+        log.write(_m(k, 3.0 / k, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0, eta_s=100.0))
+        if k == 2000:  # a resume from step 1500: the steps after it come again
+            log.write({"type": "resume", "step": 1500})
+    r = run_view.refresh("long", {})
+    loss = r["loss"]["value"]
+    raw = loss[loss.series == "loss"]
+    assert len(raw) <= plots.CHART_POINTS + 1 and raw.step.iloc[-1] == 3000
+    assert raw.step.is_monotonic_increasing  # the resumed steps replaced the superseded ones, none drawn twice
+    assert "step 3000 / 5000" in r["progress"] and "ETA" in r["progress"]
+    again = run_view.refresh("long", r["cache"])
+    assert all(again[k] == gr.skip() for k in run_view.CHARTS + ("samples", "log"))  # nothing new: nothing sent
+    assert "step 3000 / 5000" in again["progress"]  # the status and progress are read every tick
+    log.write(_m(3001, 0.001, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0, eta_s=99.0))
+    later = run_view.refresh("long", again["cache"])
+    assert later["loss"].step.max() == 3001  # the new step, its chart's data swapped in place
+
+
 def test_overlay_has_one_series_per_run():
     df = plots.overlay_frame({"a": [_m(1, 2.0)], "b": [_m(1, 3.0), _m(2, 1.0)]})
     assert set(df.series) == {"a", "b"} and len(df) == 3
