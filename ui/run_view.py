@@ -1,14 +1,17 @@
 """The live view of one run: status, progress, charts, train.log tail, samples, and the end-of-run buttons.
 
 It only reads the run folder (status.json, events.jsonl, estimate.json, train.log) through core.runs.folder, so a
-refresh, a second tab or an app restart shows the same run from its files.
+refresh, a second tab or an app restart shows the same run from its files. The pages watching one run share one
+reading of its events and one build of its charts (Feed): twenty open pages cost about what one does.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 import gradio as gr
 
@@ -106,9 +109,72 @@ def build() -> RunView:
                    grpo, log, samples, chat_btn, resume_btn, gr.State({}), charts, export_btn)
 
 
+# How old the charts of a running run may be when a page ticks (every second): one read of the new events and one
+# build of the charts serve every page that ticks within this. A run that has ended is read at once, to its end.
+FEED_S = 0.5
+FEEDS_KEPT = 16  # runs whose feed the app keeps (a page opens one run at a time; others come back from disk)
+
+
+@dataclass
+class Feed:
+    """One run's events as its pages draw them, shared by every page (and thread) of this app that shows the run."""
+    offset: int = 0           # how far events.jsonl has been read
+    curve: list = field(default_factory=list)  # the metrics as one curve: a resume event has dropped what it supersedes
+    other: list = field(default_factory=list)  # the other events (few: phases, samples, evals, recoveries)
+    version: int = 0          # grows with each read that found new events
+    read_at: float = float("-inf")
+    frames: dict | None = None  # the charts' frames of this version, built on first use
+    log: tuple = (None, "")   # (train.log's size, the log box's text) last built
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_FEEDS: dict[str, Feed] = {}
+_FEEDS_LOCK = threading.Lock()
+
+
+def feed(run_dir, fresh: bool = False) -> tuple[int, list, list, dict, str]:
+    """The run's shared feed, read on if FEED_S has passed (or `fresh`) -> (version, curve, other events, chart
+    frames, log box text). The lists and frames are the feed's own: read them, never change them."""
+    key = str(run_dir)
+    with _FEEDS_LOCK:
+        f = _FEEDS.pop(key, None) or Feed()
+        _FEEDS[key] = f  # the most recent last
+        while len(_FEEDS) > FEEDS_KEPT:
+            _FEEDS.pop(next(iter(_FEEDS)))
+    with f.lock:
+        now = time.monotonic()
+        if fresh or now - f.read_at >= FEED_S:
+            f.read_at = now
+            if f.offset > runs.events_size(run_dir):  # the file was replaced (a run deleted, one made under its id)
+                f.offset, f.curve, f.other = 0, [], []
+            new, f.offset = ev.read(run_dir, f.offset)
+            if new:
+                f.curve = ev.metrics(f.curve + new)
+                f.other = f.other + [e for e in new if e.get(ev.TYPE) != ev.METRICS]
+                f.version, f.frames = f.version + 1, None
+            size = runs.log_size(run_dir)
+            if new or size != f.log[0]:
+                f.log = (size, log_text(run_dir, f.other))
+        if f.frames is None:
+            f.frames = _frames(f.curve, f.other, runs.estimate_bytes(run_dir))
+        return f.version, f.curve, f.other, f.frames, f.log[1]
+
+
+def _frames(curve: list, other: list, est: int | None) -> dict:
+    """Each chart's frame: at most plots.CHART_POINTS points a series. The resume events stay out: they are
+    applied to the curve already, and given again they would drop the resumed steps."""
+    drawn = plots.thin(curve) + [e for e in other if e.get(ev.TYPE) != ev.RESUME]
+    return {"loss": plots.loss_frame(drawn), "lr": plots.series_frame(drawn, ev.LR, "learning rate"),
+            "grad": plots.series_frame(drawn, ev.GRAD_NORM, "grad norm"),
+            "tps": plots.series_frame(drawn, ev.TOKENS_PER_S, "tokens/s"), "mem": plots.memory_frame(drawn, est),
+            "rewards": plots.rewards_frame(drawn), "accuracy": plots.accuracy_frame(drawn),
+            "reward": plots.reward_frame(drawn), "completion": plots.completion_frame(drawn),
+            "policy": plots.policy_frame(drawn)}
+
+
 def refresh(run_id: str | None, cache: dict) -> dict:
-    """Read what is new in the run folder: {RunView field: value} for every name in FIELDS, plus "keep" (whether
-    the timer is still needed)."""
+    """What is new in the run folder for this page: {RunView field: value} for every name in FIELDS, plus "keep"
+    (whether the timer is still needed). `cache` is the page's: which run and feed version it was last sent."""
     if not run_id:
         return {**_blank(cache), "keep": False}
     try:
@@ -117,47 +183,29 @@ def refresh(run_id: str | None, cache: dict) -> dict:
     except GarageError as e:
         return {**_blank(cache), "status": f"{marks.ERROR} {html.escape(e.message)}", "keep": False}
     sent = dict(cache.get("sent") or {})  # per chart: the series it was last built with (see plots.live_value)
-    same = cache.get("run_id") == run_id  # this page has drawn the run before: only what is new needs sending
-    if not same:
-        cache = {"run_id": run_id, "offset": 0, "curve": [], "other": [], "log_size": None}
-    new, offset = ev.read(run_dir, cache["offset"])
-    # the run's metrics as one curve (a resume event drops the steps it supersedes) and its few other events, kept
-    # apart: a tick costs what is new, not the run's whole history (20 pages ticking beside training: bench/app_load)
-    curve = ev.metrics(cache["curve"] + new) if new else cache["curve"]
-    other = cache["other"] + [e for e in new if e.get(ev.TYPE) != ev.METRICS]
-    log_size, seen_log = runs.log_size(run_dir), cache.get("log_size")
-    cache = {"run_id": run_id, "offset": offset, "curve": curve, "other": other, "log_size": log_size, "sent": sent}
     state = status.get("state", "?")
     done = state in runs.TERMINAL
-    if same and not new:  # nothing new for the charts and samples since this page's last tick
+    version, curve, other, frames, log = feed(run_dir, fresh=done)  # an ended run: its last events, now
+    # this page has this version of the run already: the charts, samples and log stay as they are
+    same = cache.get("run_id") == run_id and cache.get("version") == version
+    if same:
         charts = {k: gr.skip() for k in CHARTS}
-        samples, pref, grpo = gr.skip(), gr.skip(), gr.skip()
+        samples, pref, grpo, log = gr.skip(), gr.skip(), gr.skip(), gr.skip()
     else:
-        # the charts draw at most plots.CHART_POINTS points a series, and a resume event is already applied to the
-        # curve (given again, it would drop the resumed steps)
-        drawn = plots.thin(curve) + [e for e in other if e.get(ev.TYPE) != ev.RESUME]
-        frames = {"loss": plots.loss_frame(drawn), "lr": plots.series_frame(drawn, ev.LR, "learning rate"),
-                  "grad": plots.series_frame(drawn, ev.GRAD_NORM, "grad norm"),
-                  "tps": plots.series_frame(drawn, ev.TOKENS_PER_S, "tokens/s"),
-                  "mem": plots.memory_frame(drawn, runs.estimate_bytes(run_dir)),
-                  "rewards": plots.rewards_frame(drawn), "accuracy": plots.accuracy_frame(drawn),
-                  "reward": plots.reward_frame(drawn), "completion": plots.completion_frame(drawn),
-                  "policy": plots.policy_frame(drawn)}
         charts = {k: plots.live_value(f, k, sent) for k, f in frames.items()}
         samples = samples_md(other)
         pref = gr.update(visible=len(frames["accuracy"]) > 0)
         grpo = gr.update(visible=len(frames["reward"]) > 0)
-    unchanged_log = same and not new and log_size == seen_log
     return {"status": status_md(run_id, status),
             # the progress line reads the last steps only (eta.for_run: the last 20)
             "progress": progress_html(status, curve[-RECENT_STEPS:]) + template_html(other),
             **charts,
-            "log": gr.skip() if unchanged_log else log_text(run_dir, other),
+            "log": log,
             "samples": samples,
             "chat_btn": gr.update(visible=run_files.has_adapter(run_dir)),
             "resume_btn": resume_button(run_dir, status),
             "export_btn": export_button(run_dir, status),
-            "cache": cache,
+            "cache": {"run_id": run_id, "version": version, "sent": sent},
             "charts": gr.update(visible=True),
             "pref": pref,
             "grpo": grpo,
@@ -331,9 +379,15 @@ def _plain_prompt(text: str) -> str:
     return " ".join(_TEMPLATE_MARK.sub(" ", text).split())
 
 
-def wire(view: RunView, run_id: gr.State, timer: gr.Timer) -> None:
+def wire(view: RunView, run_id: gr.State, timer: gr.Timer, also=None) -> None:
+    """The timer's one event a tick: the run view, and `also` = (fn(run_id) -> {component: value}, its components)
+    for what else the page shows of the run (the Train page's ETA line). One event, not one each: every event
+    costs the app its queue, its messages and its copy of the page's inputs, and twenty open pages tick each
+    second (bench/app_load.py)."""
+    fn, extra = also or (None, [])
+
     def _tick(rid, cache):
         named = refresh(rid, cache)
-        return {**view.values(named), timer: gr.Timer(active=named["keep"])}
+        return {**view.values(named), timer: gr.Timer(active=named["keep"]), **(fn(rid, named) if fn else {})}
 
-    timer.tick(_tick, [run_id, view.cache], view.outputs + [timer], show_progress="hidden")
+    timer.tick(_tick, [run_id, view.cache], view.outputs + [timer] + list(extra), show_progress="hidden")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import os
 import threading
+import time
 import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -421,20 +422,20 @@ def _eta_md(cfg: C.RunConfig, shape, gpu_name: str | None, inspected: dict | Non
     return "ETA: inspect the dataset to know the steps per epoch."
 
 
-def running_eta_md(run_id: str | None, tail: dict | None) -> tuple[str | None, dict | None]:
-    """The ETA line while run_id trains: the same figure as the run status below (core.estimate.eta.for_run), so the
-    page never shows two; None when it is not training (the line then shows the next run's ETA). `tail` is what
-    the previous tick read (core.estimate.eta.follow): each tick reads only what the run appended. -> (line, tail)."""
+def running_eta_md(run_id: str | None) -> str | None:
+    """The ETA line while run_id trains: the same figure as the run status below (core.estimate.eta.for_run, from
+    the run's shared feed: run_view.feed), so the page never shows two; None when it is not training (the line then
+    shows the next run's ETA)."""
     if not run_id:
-        return None, None
+        return None
     try:
         run_dir = runs.get(run_id)
         status = runs.read_status(run_dir)
     except GarageError:
-        return None, None
-    tail = eta.follow(run_dir, tail)
-    left = eta.for_run(status, tail["metrics"])
-    return (f"**ETA** of run {html.escape(run_id)}: {left.text()}" if left else None), tail
+        return None
+    _, curve, *_ = run_view.feed(run_dir, fresh=status.get("state") in runs.TERMINAL)
+    left = eta.for_run(status, curve[-run_view.RECENT_STEPS:])
+    return f"**ETA** of run {html.escape(run_id)}: {left.text()}" if left else None
 
 
 def suggestion_buttons(suggestions: list) -> list:
@@ -706,17 +707,24 @@ def build() -> TrainTab:
     start_btn.click(lambda rej, *v: start(names, list(v), rej), [rejected] + widgets, run_id).success(
         lambda: gr.Timer(active=True), None, timer).then(None, None, None, js=run_view.SCROLL_TO_STATUS)
     stop_btn.click(stop, run_id, view.status)
-    run_view.wire(view, run_id, timer)
+    # while a run trains, the ETA line shows its ETA (the same as the run status), in the run view's own tick; the
+    # tick that finds the run ended sets run_ended instead, and the line goes back to the form's next run
+    run_ended = gr.State(None)
+
+    def _eta_now(rid, named):
+        line = running_eta_md(rid)
+        if line is not None:
+            return {eta_md: line}
+        if named["keep"]:
+            return {}
+        # the run's line goes at once (never left standing after its end); the form's comes with run_ended's change
+        return {eta_md: "", run_ended: (rid, time.time())}  # a new value each time: .change fires
+
+    run_view.wire(view, run_id, timer, also=(_eta_now, [eta_md, run_ended]))
     report_view.wire(report_section, run_id, export)
     view.resume_btn.click(resume, run_id, run_id).success(lambda: gr.Timer(active=True), None, timer)
 
-    eta_tail = gr.State(None)  # what the ETA line has read of the running run's events
-
-    def _eta_tick(rid, tail, t, insp, *v):  # while a run trains, the ETA line shows its ETA: the same as the run status
-        line, tail = running_eta_md(rid, tail)
-        return {eta_md: line if line is not None else eta_line(t, names, list(v), insp), eta_tail: tail}
-
-    timer.tick(_eta_tick, [run_id, eta_tail, target, inspected] + widgets, [eta_md, eta_tail], show_progress="hidden")
+    run_ended.change(_vram, [target, inspected] + widgets, vram_outputs, show_progress="hidden")
 
     def _on_load(t, insp, *v):
         rid = attach()

@@ -241,6 +241,14 @@ _NOISE = re.compile(r"(^\S*site-packages/\S+:\d+: \w*Warning:)|(^\s+warnings\.wa
                     r"|(bitsandbytes.*(compiled without|kernel|CUDA SETUP))", re.IGNORECASE)
 
 
+def events_size(run_dir: Path) -> int:
+    """events.jsonl's size in bytes (0 before it exists)."""
+    try:
+        return (Path(run_dir) / "events.jsonl").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def log_size(run_dir: Path) -> int | None:
     """train.log's size in bytes (None before it exists): a view that shows its tail reads it again when this
     changes."""

@@ -115,6 +115,9 @@ def test_golden_path_runs_page_follows_the_run_and_fits(app_server, page):
         .filter(c => c.offsetParent && c.innerText.trim() && c.scrollWidth > c.clientWidth + 1).map(c => c.innerText)""")
     assert cut == [], f"cells cut at 1400 px: {cut}"
     page.get_by_role("tab", name="Train").click()
+    # the run has ended: the ETA line gave way to the next run's, from the form (run_view.wire's run_ended)
+    page.get_by_text(re.compile(r"ETA for %d steps" % STEPS)).first.wait_for(timeout=30000)
+    assert "ETA of run" not in page.inner_text("body")
     time.sleep(2)
     titles = page.evaluate("""() => [...document.querySelectorAll('svg.marks')].filter(s => s.getBoundingClientRect().width)
         .map(s => { const t = [...s.querySelectorAll('text')]; return t[t.length - 1].textContent; })""")

@@ -88,6 +88,9 @@ def test_golden_path_with_reload_mid_run(app_server, page):
     page.get_by_role("button", name="Chat with this adapter").wait_for()
     wait_for_lines(page, "Loss", 2)  # loss and smoothed, drawn (not just axes)
     shot(page, "02c-completed")
+    # the ended run's ETA line is gone at once, and the next run's, from the form, follows (run_ended's change)
+    page.get_by_text(re.compile(r"ETA for %d steps" % STEPS)).first.wait_for(timeout=30000)
+    assert "ETA of run" not in page.inner_text("body")
     page.reload(wait_until="load")  # (3) the Runs page, filled by the page-load event while its tab is hidden
     page.get_by_role("button", name="Start training").wait_for(timeout=60000)
     page.get_by_role("tab", name="Runs").click()

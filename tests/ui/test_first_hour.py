@@ -166,7 +166,7 @@ def test_one_eta_on_both_lines_during_a_run(monkeypatch):
     monkeypatch.setattr(runs, "read_status", lambda d, reconcile=True: status)
     monkeypatch.setattr("core.estimate.eta.time.time", lambda: events[-1][ev.T] + 30)
     bar = run_view.progress_html(status, events)
-    line, _ = train_tab.running_eta_md(run_dir.name, None)
+    line = train_tab.running_eta_md(run_dir.name)
     shown_bar = re.search(r"ETA (\d+ min \d+ s)", bar).group(1)
     assert shown_bar in line
 

@@ -107,7 +107,7 @@ def test_thin_keeps_at_most_about_the_chart_points_the_same_ones_as_the_run_grow
     assert plots.thin(points[:400], most=500) == points[:400]  # short runs: every point
 
 
-def test_a_long_run_refreshes_thinned_and_a_tick_with_nothing_new_sends_no_chart():
+def test_a_long_run_refreshes_thinned_and_a_tick_with_nothing_new_sends_no_chart(monkeypatch):
     from core.runs import folder as runs
     from ui import run_view
     import gradio as gr
@@ -130,7 +130,12 @@ def test_a_long_run_refreshes_thinned_and_a_tick_with_nothing_new_sends_no_chart
     again = run_view.refresh("long", r["cache"])
     assert all(again[k] == gr.skip() for k in run_view.CHARTS + ("samples", "log"))  # nothing new: nothing sent
     assert "step 3000 / 5000" in again["progress"]  # the status and progress are read every tick
+
+    # a step written now: pages ticking within FEED_S share the read before it; the next read draws it
     log.write(_m(3001, 0.001, lr=1e-4, grad_norm=1.0, tokens_per_s=10.0, eta_s=99.0))
+    other_page = run_view.refresh("long", {})
+    assert other_page["loss"]["value"] is r["loss"]["value"]  # one build of the charts served both pages
+    monkeypatch.setattr(run_view, "FEED_S", 0.0)
     later = run_view.refresh("long", again["cache"])
     assert later["loss"].step.max() == 3001  # the new step, its chart's data swapped in place
 
