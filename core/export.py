@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from core import models
 from core.config import RunConfig
+from core.paths import temp_beside
 from core.data import tokenize as data_tokenize
 from core.errors import DiskFull, GarageError
 from core.runs import folder as runs
@@ -100,7 +101,7 @@ def merge_source(src: Source, out_dir: str | Path, log: Callable[[str], None] | 
     if notice:
         log(f"note: {notice}; the merged model carries that template")
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -125,7 +126,7 @@ def zip_adapter(run_id: str, out_zip: str | Path, checkpoint: int | None = None,
     if out.exists() and not overwrite:
         raise GarageError(f"{out} already exists", "pick another file name, or delete the old one")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_beside(out)
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for f in sorted(adapter_dir.rglob("*")):
             if f.is_file():

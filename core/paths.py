@@ -1,8 +1,18 @@
 """Where LoRA Garage keeps its files: $LORA_GARAGE_HOME (default ~/lora-garage)."""
 
 import os
+import threading
 from pathlib import Path
 import hashlib
+
+
+def temp_beside(path: Path) -> Path:
+    """A temporary name beside `path`, this writer's own (its process and thread), to write there and then
+    os.replace onto `path`: two writers of the same file at once (two threads of the app, say two tabs uploading or
+    inspecting the same data) each rename their own, where with one shared name the first rename left the second
+    with nothing to rename."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def file_sha256(path: Path) -> str:

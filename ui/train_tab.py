@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import os
-import threading
 import time
 import shutil
 from dataclasses import dataclass, field
@@ -108,7 +107,7 @@ def keep_upload(file_path: str | None) -> str:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / src.name
     if not dest.exists():  # same name means same bytes: an existing copy is already this upload
-        tmp = dest_dir / f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}"  # two tabs may upload it at once
+        tmp = paths.temp_beside(dest)  # two tabs may upload it at once
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
     return str(dest)

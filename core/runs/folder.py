@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import re
 import shutil
 import sys
@@ -22,7 +21,7 @@ from core.runs import portable
 from core.runs import procs
 from core.config import RunConfig, dump_yaml, load_yaml
 from core.errors import DiskFull, RunError
-from core.paths import runs_dir
+from core.paths import runs_dir, temp_beside
 from core.paths import file_sha256 as sha
 
 STATES = ("queued", "running", "stopping", "stopped", "completed", "failed")
@@ -202,10 +201,9 @@ now = procs.now
 
 
 def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Write all of `text` to `path` or leave it as it was. The temporary file is the writer's own: two threads of
-    one process (the app's handlers, say two Inspect clicks on the same data) may write the same file at once,
-    and with one shared name the first rename left the second with nothing to rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    """Write all of `text` to `path` or leave it as it was (through a temporary file of this writer's own:
+    core.paths.temp_beside)."""
+    tmp = temp_beside(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         if durable:
