@@ -7,6 +7,8 @@ import datetime as dt
 import html
 import json
 import shlex
+import threading
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -33,14 +35,42 @@ def table() -> pd.DataFrame:
     rows = []
     for r in runs.list_runs():
         run_dir = runs.get(r["id"])
-        events, _ = ev.read(run_dir, 0)
-        loss = ev.last_metric(events, ev.LOSS)
+        loss, peak = _from_events(run_dir)
         rows.append([r["id"], r.get("state"), short_source(r.get("model", "")), short_source(r.get("dataset", "")),
                      r.get("method", ""), r.get("objective", ""),
-                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}",
-                     f"{loss:.4f}" if loss is not None else "",
-                     _duration(r.get("started_at"), r.get("ended_at")), peak_vs_estimate(run_dir, events)])
+                     f"{r.get('step') or 0} / {r.get('total_steps') or '?'}", loss,
+                     _duration(r.get("started_at"), r.get("ended_at")), peak])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# run folder -> (what its cells were read from: events.jsonl's and estimate.json's size and mtime, (loss, peak))
+_CELLS: dict[str, tuple] = {}
+_CELLS_LOCK = threading.Lock()
+
+
+def _from_events(run_dir) -> tuple[str, str]:
+    """A run's loss and peak-memory cells, read from its events again only when its files changed: the Runs list
+    is relisted by every open page, and an ended run's events never change."""
+    key = str(run_dir)
+    stamp = tuple(_stamp(Path(run_dir) / name) for name in (ev.FILE, "estimate.json"))
+    with _CELLS_LOCK:
+        kept = _CELLS.get(key)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    events, _ = ev.read(run_dir, 0)
+    loss = ev.last_metric(events, ev.LOSS)
+    cells = (f"{loss:.4f}" if loss is not None else "", peak_vs_estimate(run_dir, events))
+    with _CELLS_LOCK:
+        _CELLS[key] = (stamp, cells)
+    return cells
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def short_source(source: str) -> str:

@@ -299,3 +299,21 @@ def test_measured_peak_comes_from_a_run_of_the_same_objective():
     assert f"run {sft}:" in vram_panel.measured_text(plan)
     plan.train.objective = "grpo"
     assert f"run {grpo}:" in vram_panel.measured_text(plan)  # the newer SFT run does not hide it
+
+
+def test_the_runs_list_reads_a_runs_events_again_only_when_they_changed(monkeypatch):
+    from core.runs import folder as runs
+
+    cfg = C.RunConfig()
+    cfg.output.run_name = "listed"
+    run_dir = runs.create(cfg)
+    runs.write_status(run_dir, state="completed")
+    log = ev.EventLog(run_dir)
+    log.write(_m(1, 2.5))
+    reads, real_read = [], ev.read
+    monkeypatch.setattr(ev, "read", lambda d, offset=0: reads.append(str(d)) or real_read(d, offset))
+    assert runs_tab.table().set_index("run").loc["listed", "loss"] == "2.5000"
+    assert runs_tab.table().set_index("run").loc["listed", "loss"] == "2.5000"
+    assert reads == [str(run_dir)]  # twenty pages relisting: one read of an unchanged run
+    log.write(_m(2, 1.25))
+    assert runs_tab.table().set_index("run").loc["listed", "loss"] == "1.2500"  # a new event: read again
