@@ -24,6 +24,8 @@ import inspect
 import json
 import logging
 import queue
+import os
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,6 +37,7 @@ from core import hardware
 from core import models
 from core.data import tokenize as data_tokenize
 from core.runs import resolve as run_files
+from core.runs import runner
 from core.config import QuantConfig
 from core.errors import BusyError, ConfigError, GarageError, ModelError, OutOfMemory
 from core.data.tokenize import Renderer
@@ -112,6 +115,7 @@ class ChatSession:
         self.adapters: dict[str, dict] = {}             # name -> {run, checkpoint, path, trained_on, dora}
         self.context = 2048
         self.last_stats: dict = {}
+        self.yielded_to: str | None = None  # the run the last reply gave way to (yield_to_training), or None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.run_system = ""  # the loaded run's data.system (core.data.tokenize.with_system)
@@ -543,6 +547,7 @@ class ChatSession:
 
             def work():
                 try:
+                    self.yielded_to = yield_to_training(self.base.device)
                     if s.seed is not None:
                         torch.manual_seed(int(s.seed))
                     with ctx, torch.inference_mode():
@@ -575,6 +580,25 @@ class ChatSession:
                                       "lower max new tokens, clear the chat, or load the model in 4-bit") from errors[0]
                 raise errors[0]
             self.last_stats = streamer.stats(t0, len(ids))
+
+
+# A reply generated on the CPU while a run trains goes at a lower scheduling priority: its thread (and the threads
+# torch starts from it) at nice 10 against the run's 0 share a busy core about 1 to 9, so the reply comes slower
+# and the run keeps its pace (bench/app_load.py: training's tokens/s with twenty pages chatting). Linux only: there
+# a nice value is a thread's own, and this thread ends with the reply.
+CHAT_NICE_WHILE_TRAINING = 10
+
+
+def yield_to_training(device) -> str | None:
+    """On the CPU, while a run trains: lower the calling thread's priority (a thread made for one reply) -> the run's
+    id, or None where nothing was changed."""
+    if getattr(device, "type", device) != "cpu" or not sys.platform.startswith("linux"):
+        return None
+    run_id = runner.running()
+    if run_id is None:
+        return None
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHAT_NICE_WHILE_TRAINING)
+    return run_id
 
 
 def message_text(content) -> str:

@@ -316,3 +316,32 @@ def test_no_part_of_a_text_end_marker_reaches_the_reader(neox_tokenizer):
     assert final == legit and all(legit.startswith(text) for text in seen)
     marker = "<|im_end|>"
     assert not any(text.endswith(marker[:n]) for text in seen for n in range(1, len(marker)))  # held, then shown
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
+def test_a_cpu_reply_gives_way_to_a_training_run_in_its_own_thread_only(monkeypatch):
+    import threading
+    from core import chat
+    from core.runs import runner
+
+    seen = {}
+
+    def reply_thread(name, device):
+        me = threading.get_native_id()
+        seen[name] = (chat.yield_to_training(device), os.getpriority(os.PRIO_PROCESS, me))
+
+    def in_thread(name, device):
+        t = threading.Thread(target=reply_thread, args=(name, device))
+        t.start()
+        t.join()
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    monkeypatch.setattr(runner, "running", lambda: None)
+    in_thread("idle", "cpu")
+    monkeypatch.setattr(runner, "running", lambda: "r1")
+    in_thread("training", "cpu")
+    in_thread("gpu", "cuda")
+    assert seen["idle"] == (None, before)  # nothing trains: the reply keeps its priority
+    assert seen["training"] == ("r1", min(19, before + chat.CHAT_NICE_WHILE_TRAINING))
+    assert seen["gpu"] == (None, before)  # a GPU reply takes no CPU from the run
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's thread untouched
