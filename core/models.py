@@ -31,6 +31,22 @@ from core.estimate import vram
 # The app's handlers run in threads: two that import transformers for the first time at once can see its lazy
 # modules half initialised (an ImportError for a name that exists). The first imports happen under this lock.
 IMPORT_LOCK = threading.RLock()
+# What the app's first Inspect and first chat import (torch, transformers' auto classes, peft and bitsandbytes with it):
+# about 4 s on an idle core and more than 10 s beside a training run and busy pages. The app imports them in the
+# background once it serves its page (warm_imports), rather than in the first click.
+WARM_MODULES = ("torch", "transformers", "peft")
+
+
+def warm_imports() -> float:
+    """Import WARM_MODULES and transformers' auto classes now, under IMPORT_LOCK -> the seconds it took."""
+    t0 = time.perf_counter()
+    with IMPORT_LOCK:
+        for name in WARM_MODULES:
+            importlib.import_module(name)
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401  # heavy: the lazy ones
+    return time.perf_counter() - t0
+
+
 BUILTIN_ID = "builtin:smollm2-135m"
 _BUILTIN_FOLDER = "smollm2-135m-instruct"
 _MARKER = "CONVERTED"

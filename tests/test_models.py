@@ -1,10 +1,15 @@
 import json
 import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from core import models
 from core.errors import ModelError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_local_folder_and_its_config(tiny_model_dir):
@@ -84,3 +89,12 @@ def test_threads_that_import_transformers_for_the_first_time_at_once_all_load(ti
     done = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_warm_imports_loads_what_the_first_inspect_and_chat_need():
+    """ui.layout.launch runs this in the background: the first click then finds the libraries imported."""
+    code = ("import sys\nfrom core import models\nmodels.warm_imports()\n"
+            "print(all(m in sys.modules for m in models.WARM_MODULES + ('transformers.models.auto.tokenization_auto',)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

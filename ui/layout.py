@@ -1,9 +1,15 @@
 """build_app(): the header bar and the Train / Chat / Runs tabs. Each tab module builds its own widgets."""
 
+import logging
+import os
+import sys
+import threading
+
 import gradio as gr
 import httpx
 from gradio import networking
 
+from core import models
 from ui import chat_tab, hardware_bar, marks, progress, report_view, runs_tab, train_tab
 
 CSS = """
@@ -60,9 +66,28 @@ def _patient_url_ok(url: str) -> bool:
     return False
 
 
+WARM_NICE = 10  # the background imports yield the cores to a training run and to the pages' own work (Linux)
+
+
+def _warm_imports() -> None:
+    """The first Inspect's and the first chat's imports (core.models.warm_imports), in the background while the
+    page is served, at a lower priority where a thread can have its own (Linux). A failure is logged: the click
+    that needs the library imports it again and shows the error there."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_NICE)
+    try:
+        seconds = models.warm_imports()
+    except Exception:  # noqa: BLE001 - logged; the click that needs it raises it again, to the user
+        logging.getLogger(__name__).warning("importing the training libraries in the background failed",
+                                            exc_info=True)
+        return
+    logging.getLogger(__name__).info("training libraries imported in the background in %.1f s", seconds)
+
+
 def launch(host: str = "127.0.0.1", port: int = 7860, auth=None, block: bool = True):
     networking.url_ok = _patient_url_ok
     app = build_app()
     app.queue(default_concurrency_limit=4)
+    threading.Thread(target=_warm_imports, name="garage-warm-imports", daemon=True).start()
     return app.launch(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, css=CSS,
                       theme=gr.themes.Soft(), show_error=False, prevent_thread_lock=not block, quiet=not block)
