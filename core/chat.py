@@ -115,7 +115,6 @@ class ChatSession:
         self.adapters: dict[str, dict] = {}             # name -> {run, checkpoint, path, trained_on, dora}
         self.context = 2048
         self.last_stats: dict = {}
-        self.yielded_to: str | None = None  # the run the last reply gave way to (yield_to_training), or None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.run_system = ""  # the loaded run's data.system (core.data.tokenize.with_system)
@@ -547,7 +546,7 @@ class ChatSession:
 
             def work():
                 try:
-                    self.yielded_to = yield_to_training(self.base.device)
+                    yield_to_training(self.base.device)
                     if s.seed is not None:
                         torch.manual_seed(int(s.seed))
                     with ctx, torch.inference_mode():
