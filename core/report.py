@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -175,15 +177,37 @@ def announce(run_dir: Path) -> bool:
     return True
 
 
+class ReportStopped(BaseException):
+    """A stop signal (SIGTERM, Ctrl-C, CTRL_BREAK) while the training child writes the end-of-run report. A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way holds the report going."""
+
+
+def _stop_on_signals() -> dict:
+    """From now on the stop signals end the report at once (ReportStopped), instead of the training's handler
+    that waits for a step that will never come. Only the main thread can set handlers: elsewhere nothing changes.
+    Returns the handlers replaced: make_at_run_end puts them back when the report ends."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handle(signum, frame):
+        raise ReportStopped(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, handle) for sig in
+            (getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGBREAK") if hasattr(signal, name))}
+
+
 def make_at_run_end(run_dir: Path) -> dict | None:
     """The training child's last step after it saved the adapter: make report.json. Any failure is written into
     report.json ({"error": ...}) and events.jsonl as a warning, with the traceback in train.log; the run stays
-    completed (or stopped): its adapter is fine, only its report is missing."""
+    completed (or stopped): its adapter is fine, only its report is missing. A stop signal meanwhile ends the
+    report within a moment (one decoding step or forward pass), recorded the same way, and the child exits."""
     run_dir = Path(run_dir)
     pending = run_dir / PENDING
     if not announce(run_dir):
         return None
     log = ev.EventLog(run_dir)
+    replaced = _stop_on_signals()
+    hint = f"the adapter is saved and usable; make the report again with: python -m core report {run_dir.name}"
     try:
         def say(message, done=None, total=None):
             print(f"report: {message}" + (f" {done}/{total}" if total else ""), flush=True)
@@ -191,20 +215,30 @@ def make_at_run_end(run_dir: Path) -> dict | None:
         rep = make(run_dir.name, None, progress=say, inside_run=True)
         log.log("info", f"report: {rep['verdict']['text']}")
         return rep
+    except ReportStopped as e:
+        _record_failure(run_dir, log, {"kind": "stopped", "hint": hint,
+                                       "message": f"stopped by {e} before it was finished"})
+        return None
     except Exception as e:  # noqa: BLE001 - recorded in report.json, events.jsonl and train.log, never hidden
         traceback.print_exc()
-        err = e.to_dict() if isinstance(e, GarageError) else {
-            "kind": type(e).__name__, "message": f"the report could not be made: {e}",
-            "hint": "the adapter is saved and usable; make the report again with: python -m core report "
-                    f"{run_dir.name} (train.log has the traceback)"}
-        write(run_dir, None, {"version": VERSION, "run": run_dir.name, "checkpoint": None, "error": err,
-                              "adapter_stamp": None, "created_at": runs.now()})
-        log.log("warning", f"the report could not be made: {err['message']}", hint=err.get("hint"))
-        print(f"report failed: {err['message']}", file=sys.stderr, flush=True)
+        _record_failure(run_dir, log, e.to_dict() if isinstance(e, GarageError) else {
+            "kind": type(e).__name__, "message": f"{type(e).__name__}: {e}",
+            "hint": f"{hint} (train.log has the traceback)"})
         return None
     finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
         log.close()
         pending.unlink(missing_ok=True)
+
+
+def _record_failure(run_dir: Path, log: ev.EventLog, err: dict) -> None:
+    """A report that could not be made: report.json holds the error, events.jsonl a warning, stderr the line."""
+    write(run_dir, None, {"version": VERSION, "run": run_dir.name, "checkpoint": None, "error": err,
+                          "adapter_stamp": None, "created_at": runs.now()})
+    text = f"the report could not be made: {err['message']}"
+    log.log("warning", text, hint=err.get("hint"))
+    print(f"report: {text}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- task: did it learn what the data teaches?

@@ -217,3 +217,63 @@ def test_overfitting_offers_no_checkpoint_when_the_end_is_the_best(garage_home, 
     assert not of["flag"] and of["best_checkpoint"] == 20 and of["better_checkpoint"] is None
     none = report.overfitting(run, [])
     assert none["evals"] == 0 and none["better_checkpoint"] is None and "no eval loss" in none["note"]
+
+
+@pytest.mark.integration  # a child process loads the tiny model and starts a report
+def test_a_stop_signal_ends_the_end_of_run_report_and_says_so(garage_home, tiny_model_dir):
+    """SIGTERM (or a Ctrl-C) while the training child writes the report: the training's handler waited for a next
+    step that never comes, so the report went on for its tens of seconds. Now the report ends at once: report.json
+    says it was stopped and how to make it, the event log warns, report.pending goes, the child exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from core import events as ev
+
+    run = make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    code = ("import sys; from core import report; from core.train.callbacks import StopFlag; StopFlag().install(); "
+            "report.make_at_run_end(sys.argv[1]); print('child: done', flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "LORA_GARAGE_HOME": str(garage_home)})
+    lines = []
+    for line in proc.stdout:  # the report's first progress line: it is under way
+        lines.append(line)
+        if line.startswith("report: "):
+            break
+    assert (run / report.PENDING).exists(), lines
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "report: the report could not be made: stopped by SIGTERM before it was finished" in out, out
+    assert "child: done" in out
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["error"]["kind"] == "stopped" and f"python -m core report {run.name}" in rep["error"]["hint"]
+    assert report.failed(run) == rep["error"] and not (run / report.PENDING).exists()  # the pages show it
+    warned = [e for e in ev.read(run)[0] if e.get(ev.LEVEL) == "warning"]
+    assert warned and "stopped by SIGTERM" in warned[-1][ev.MESSAGE]
+
+
+def test_the_report_holds_the_stop_signals_only_while_it_runs(garage_home, tiny_model_dir, monkeypatch):
+    """In a process that goes on after the report, the handlers it had (the training's stop flag) come back."""
+    import signal
+
+    run = make_run(garage_home, tiny_model_dir, data={"source": "builtin:demo-identity"})
+    during = {}
+
+    def fake_make(*args, **kwargs):
+        during["term"], during["int"] = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        return {"verdict": {"text": "fine"}}
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(report, "make", fake_make)
+    old_term, old_int = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGINT, mine)
+    try:
+        assert report.make_at_run_end(run) == {"verdict": {"text": "fine"}}
+        assert during["term"] is not mine and during["int"] is not mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
