@@ -59,7 +59,12 @@ WORDS = ("the model learns to answer short questions about data training memory 
 # off glibc's dynamic mmap threshold, the very thing that holds the memory (measured: 8.04 GiB, as with ours).
 GLIBC_DEFAULTS = {"MALLOC_PERTURB_": "0"}
 CHUNKED, FULL = {"train": {"chunked_loss": True}}, {"train": {"chunked_loss": False}}
-MEMORY_ARMS = {"F": (FULL, {}), "P": (FULL, GLIBC_DEFAULTS), "K": (CHUNKED, {}), "Q": (CHUNKED, GLIBC_DEFAULTS)}
+# L: the chunked loss with freed blocks handed back whatever the RAM (the child's CPU_MALLOPT, through the
+# environment); H: L with glibc's tunable that asks for transparent huge pages on its mappings, to see whether
+# cheaper page faults buy back the speed L loses (measured on an AMD EPYC VM: a little, not enough).
+HAND_BACK = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+MEMORY_ARMS = {"F": (FULL, {}), "P": (FULL, GLIBC_DEFAULTS), "K": (CHUNKED, {}), "Q": (CHUNKED, GLIBC_DEFAULTS),
+               "L": (CHUNKED, HAND_BACK), "H": (CHUNKED, {**HAND_BACK, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})}
 
 
 def settings(args, packing: bool, overrides: dict | None = None) -> dict:
@@ -375,7 +380,8 @@ def memory_main(args) -> None:
           f"{result['probe_rss_gib']['model_lora']:.2f} GiB RSS")
     print(f"{'arm':<48} {'tokens/s':>9} {'peak RSS GiB':>13} {'estimate GiB':>13} {'peak/est':>9}")
     names = {"F": "F full logits (the default)", "P": "P full logits, glibc's malloc defaults",
-             "K": "K chunked loss (train.chunked_loss=true)", "Q": "Q chunked loss, glibc's malloc defaults"}
+             "K": "K chunked loss (train.chunked_loss=true)", "Q": "Q chunked loss, glibc's malloc defaults",
+             "L": "L chunked loss, freed blocks handed back", "H": "H as L, with transparent huge pages"}
     for arm, a in sorted(arms.items()):
         print(f"{names[arm]:<48} {a['tokens_per_s']:>9,.1f} {a['peak_rss_gib']:>13.2f} {a['estimate_gib'] or 0:>13.2f} "
               f"{a['peak_over_estimate'] or 0:>9.2f}")
