@@ -15,7 +15,8 @@ cutoff), model, LoRA settings, seed and step count, three arms, each in its own 
 interleaved F P K K P F: F the stock loss over full logits (train.chunked_loss=false, the default) as a CPU run
 trains now (the child sets glibc's allocator to hand freed blocks back: core.train.child.CPU_MALLOPT), P the same
 with glibc's own defaults (MALLOC_PERTURB_=0, which changes nothing: a MALLOC_ variable of the user's keeps the
-child's settings off), K the chunked loss, Q the chunked loss with glibc's defaults. Each arm prints its peak RSS
+child's settings off), K the chunked loss, Q the chunked loss with glibc's defaults, L the chunked loss with freed
+blocks handed back whatever the RAM, H as L with transparent huge pages (--order QLHHLQ). Each arm prints its peak RSS
 against the CPU estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python
 + torch + the model + LoRA before any step (what the estimate leaves out by design).
 
