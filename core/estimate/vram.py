@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
@@ -62,6 +63,7 @@ class ModelShape:
     fused: bool = False           # Phi-3 style qkv_proj / gate_up_proj
     experts: int = 0              # MoE: experts per layer (0 = dense)
     experts_per_tok: int = 0
+    act: str = ""                 # config.json's hidden_act (silu: a SwiGLU MLP in Llama-style models)
     notes: list = field(default_factory=list)
 
     @property
@@ -158,6 +160,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
         dtype=str(_get(cfg, "torch_dtype", "dtype", default="")),
         qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
         o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        act=str(_get(cfg, "hidden_act", "hidden_activation", default="") or ""),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "olmo2", "gemma3_text"),
         norms=4 if model_type in ("gemma2", "gemma3_text") else 2,
         fused=model_type == "phi3", experts=experts,
@@ -196,6 +199,17 @@ class Settings:
     beta: float = 0.0                    # GRPO: > 0 adds the reference forward (train.grpo_beta)
     chunked_loss: bool = False           # train.chunked_loss: the SFT loss in tiles (core/train/loss.py), no full
                                          # logits. Off here: a bare Settings models a plain HF + peft script
+    lean_swiglu: bool = False            # core/train/swiglu.py: a SiLU MLP keeps gate and up only (CPU runs)
+
+
+STOCK_MLP_ENV = "LORA_GARAGE_STOCK_MLP"  # set (not "" or "0"): CPU runs keep transformers' own MLP forward
+
+
+def lean_swiglu_on(device: str) -> bool:
+    """Whether a run on `device` gives its SwiGLU MLPs the lean product (core/train/swiglu.py): on the CPU,
+    unless $LORA_GARAGE_STOCK_MLP says no (an A/B measurement, or ruling it out when something looks wrong). The
+    training child and the estimate both ask here."""
+    return device == "cpu" and os.environ.get(STOCK_MLP_ENV, "") in ("", "0")
 
 
 def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda") -> Settings:
@@ -207,7 +221,7 @@ def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda
                     grad_accum=t.grad_accum, grad_checkpointing=t.grad_checkpointing, optimizer=t.optimizer,
                     attn=run_cfg.model.attn_implementation, device=device, objective=t.objective,
                     chunked_loss=t.chunked_loss, generations=t.grpo_generations,
-                    completion_len=t.grpo_max_completion, beta=t.grpo_beta)
+                    completion_len=t.grpo_max_completion, beta=t.grpo_beta, lean_swiglu=lean_swiglu_on(device))
 
 
 def targeted(shape: ModelShape, targets: str) -> list[Linear]:
@@ -300,6 +314,9 @@ def _attn_dtype(d: _Dtypes) -> int:
     return d.compute if d.autocast else max(d.resid if d.bnb else d.act, d.resid)
 
 
+SILU = ("silu", "swish")
+
+
 def _layer_bytes_per_token(shape: ModelShape, s: Settings, d: _Dtypes) -> tuple[float, float]:
     """(bytes per token, bytes per token per attended position) one decoder layer keeps for backward."""
     h, i = shape.hidden, shape.intermediate
@@ -325,7 +342,9 @@ def _layer_bytes_per_token(shape: ModelShape, s: Settings, d: _Dtypes) -> tuple[
     total += _saved_inputs(s, d, n["attn_out"], shape.q_dim, sdpa, kept_already=s.attn != "eager")
     total += _saved_inputs(s, d, n["mlp_in"], h, d.resid)
     gate = lin_out(d.resid)
-    mlp = 3 * i * gate + _saved_inputs(s, d, n["mlp_out"], i, gate)  # silu input, silu output, up
+    # silu's input, silu's output, up; the lean product (core/train/swiglu.py) recomputes silu's output
+    kept = 2 if s.lean_swiglu and shape.act.lower() in SILU and not shape.experts else 3
+    mlp = kept * i * gate + _saved_inputs(s, d, n["mlp_out"], i, gate)
     total += mlp * (max(shape.experts_per_tok, 1) if shape.experts else 1)
     if s.method == "8bit":       # MatMul8bitLt keeps each input it reads (source read; not measured)
         total += 2 * h * d.resid + shape.q_dim * sdpa + i * gate

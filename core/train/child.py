@@ -457,6 +457,24 @@ def share_the_cores(events: ev.EventLog) -> None:
         events.log("info", msg)
 
 
+def lean_swiglu(model, device: str) -> int:
+    """On the CPU, each stock SwiGLU MLP keeps gate and up for backward and recomputes silu (core/train/swiglu.py):
+    one [tokens x intermediate] tensor fewer per layer, as the estimate counts (vram.Settings.lean_swiglu).
+    $LORA_GARAGE_STOCK_MLP keeps transformers' own (vram.lean_swiglu_on). Not on a GPU yet: there Liger's kernel
+    does it where installed, and the plain form is unmeasured. Said in train.log. -> how many MLPs use it."""
+    if not vram.lean_swiglu_on(device):
+        if device == "cpu":
+            print(f"mlp: transformers' own forward (${vram.STOCK_MLP_ENV} is set)", flush=True)
+        return 0
+    from core.train import swiglu  # heavy: torch
+
+    n = swiglu.install(model)
+    if n:
+        print(f"mlp: {n} SwiGLU layers keep gate and up for backward and recompute silu (one activation fewer "
+              f"per layer)", flush=True)
+    return n
+
+
 def compute_dtype(cfg, device: str):
     """The run's compute dtype (models.dtype_for owns the choice)."""
     return models.dtype_for(device, cfg.quant.compute_dtype, cfg.quant.method)
@@ -619,6 +637,7 @@ def build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop
         dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
         report_to="none", disable_tqdm=True, skip_memory_metrics=True,
         use_liger_kernel=liger is not None, liger_kernel_config=liger, **group_kwargs)
+    lean_swiglu(model, device)
     if t.objective == "grpo":
         return grpo.build_trainer(run_dir, cfg, model, tokenizer, prepared, device, events, stop, ctx, faults, args,
                                   rewards, memory=memory)
