@@ -17,7 +17,7 @@ trains now (the child sets glibc's allocator to hand freed blocks back: core.tra
 with glibc's own defaults (MALLOC_PERTURB_=0, which changes nothing: a MALLOC_ variable of the user's keeps the
 child's settings off), K the chunked loss, Q the chunked loss with glibc's defaults, L the chunked loss with freed
 blocks handed back whatever the RAM, H as L with transparent huge pages (--order QLHHLQ), R as Q with
-transformers' own MLP forward ($LORA_GARAGE_STOCK_MLP; the other arms recompute silu in backward). Each arm prints its peak RSS
+the lean MLP ($LORA_GARAGE_LEAN_MLP: silu recomputed in backward), V as L with the lean MLP. Each arm prints its peak RSS
 against the CPU estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python
 + torch + the model + LoRA before any step (what the estimate leaves out by design).
 
@@ -65,11 +65,11 @@ CHUNKED, FULL = {"train": {"chunked_loss": True}}, {"train": {"chunked_loss": Fa
 # environment); H: L with glibc's tunable that asks for transparent huge pages on its mappings, to see whether
 # cheaper page faults buy back the speed L loses (measured on an AMD EPYC VM: a little, not enough).
 HAND_BACK = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
-# R: Q with transformers' own MLP forward (CPU runs otherwise recompute silu in backward: core/train/swiglu.py).
-STOCK_MLP = {"LORA_GARAGE_STOCK_MLP": "1"}
+# R and V: Q and L with the lean MLP (core/train/swiglu.py, opt-in: silu recomputed in backward).
+LEAN_MLP = {"LORA_GARAGE_LEAN_MLP": "1"}
 MEMORY_ARMS = {"F": (FULL, {}), "P": (FULL, GLIBC_DEFAULTS), "K": (CHUNKED, {}), "Q": (CHUNKED, GLIBC_DEFAULTS),
                "L": (CHUNKED, HAND_BACK), "H": (CHUNKED, {**HAND_BACK, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
-               "R": (CHUNKED, {**GLIBC_DEFAULTS, **STOCK_MLP})}
+               "R": (CHUNKED, {**GLIBC_DEFAULTS, **LEAN_MLP}), "V": (CHUNKED, {**HAND_BACK, **LEAN_MLP})}
 
 
 def settings(args, packing: bool, overrides: dict | None = None) -> dict:
@@ -387,7 +387,7 @@ def memory_main(args) -> None:
     names = {"F": "F full logits (the default)", "P": "P full logits, glibc's malloc defaults",
              "K": "K chunked loss (train.chunked_loss=true)", "Q": "Q chunked loss, glibc's malloc defaults",
              "L": "L chunked loss, freed blocks handed back", "H": "H as L, with transparent huge pages",
-             "R": "R as Q, with transformers' own MLP forward"}
+             "R": "R as Q, with the lean MLP", "V": "V as L, with the lean MLP"}
     for arm, a in sorted(arms.items()):
         print(f"{names[arm]:<48} {a['tokens_per_s']:>9,.1f} {a['peak_rss_gib']:>13.2f} {a['estimate_gib'] or 0:>13.2f} "
               f"{a['peak_over_estimate'] or 0:>9.2f}")

@@ -94,23 +94,23 @@ def test_other_mlps_keep_their_own_forward(tmp_path):
     assert swiglu.install(model) == 0
 
 
-def test_cpu_runs_use_it_the_estimate_counts_it_and_the_switch_turns_both_off(tiny_model_dir, monkeypatch, capsys):
+def test_the_switch_turns_it_on_for_cpu_runs_and_the_estimate_alike(tiny_model_dir, monkeypatch, capsys):
     from core.config import RunConfig
     from core.estimate import vram
     from core.train import child
 
     cfg = RunConfig()
+    monkeypatch.delenv(vram.LEAN_MLP_ENV, raising=False)
+    assert not vram.settings_from_config(cfg, device="cpu").lean_swiglu  # opt-in
+    model = _llama(tiny_model_dir)
+    assert child.lean_swiglu(model, "cpu") == 0 and len(swiglu.swiglu_mlps(model)) == 2
+
+    monkeypatch.setenv(vram.LEAN_MLP_ENV, "1")
     assert vram.settings_from_config(cfg, device="cpu").lean_swiglu
     assert not vram.settings_from_config(cfg, device="cuda").lean_swiglu
     assert child.lean_swiglu(_llama(tiny_model_dir), "cuda") == 0
     assert child.lean_swiglu(_llama(tiny_model_dir), "cpu") == 2
     assert "mlp: 2 SwiGLU layers keep gate and up for backward and recompute silu" in capsys.readouterr().out
-
-    monkeypatch.setenv(vram.STOCK_MLP_ENV, "1")
-    assert not vram.settings_from_config(cfg, device="cpu").lean_swiglu
-    model = _llama(tiny_model_dir)
-    assert child.lean_swiglu(model, "cpu") == 0 and len(swiglu.swiglu_mlps(model)) == 2
-    assert "mlp: transformers' own forward ($LORA_GARAGE_STOCK_MLP is set)" in capsys.readouterr().out
 
     sizes = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
              "vocab_size": 300}

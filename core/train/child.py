@@ -458,13 +458,11 @@ def share_the_cores(events: ev.EventLog) -> None:
 
 
 def lean_swiglu(model, device: str) -> int:
-    """On the CPU, each stock SwiGLU MLP keeps gate and up for backward and recomputes silu (core/train/swiglu.py):
-    one [tokens x intermediate] tensor fewer per layer, as the estimate counts (vram.Settings.lean_swiglu).
-    $LORA_GARAGE_STOCK_MLP keeps transformers' own (vram.lean_swiglu_on). Not on a GPU yet: there Liger's kernel
-    does it where installed, and the plain form is unmeasured. Said in train.log. -> how many MLPs use it."""
+    """With $LORA_GARAGE_LEAN_MLP on the CPU (vram.lean_swiglu_on), each stock SwiGLU MLP keeps gate and up for
+    backward and recomputes silu (core/train/swiglu.py): one [tokens x intermediate] tensor fewer per layer, as
+    the estimate then counts (vram.Settings.lean_swiglu). Not on a GPU: there Liger's kernel does it where
+    installed, and the plain form is unmeasured. Said in train.log. -> how many MLPs use it."""
     if not vram.lean_swiglu_on(device):
-        if device == "cpu":
-            print(f"mlp: transformers' own forward (${vram.STOCK_MLP_ENV} is set)", flush=True)
         return 0
     from core.train import swiglu  # heavy: torch
 
