@@ -333,9 +333,8 @@ def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None
     out.mkdir(parents=True, exist_ok=True)
     say(f"reading and dequantizing the weights of {gguf.name}")
     try:
-        with _gguf_read_once():
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, KeyError, NotImplementedError, OSError, struct.error) as e:  # the file or its format; not memory
         raise ModelError(f"cannot convert {gguf.name}: {type(e).__name__}: {e}", _GGUF_HINT) from e
     config = loaded.config
@@ -354,7 +353,7 @@ def convert_gguf(gguf: Path, out: Path, say: Callable[[str], None] | None = None
     tok.save_pretrained(out)
 
 
-_GGUF_PATCH_LOCK = threading.RLock()
+_GGUF_PATCH_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -365,16 +364,12 @@ def _gguf_read_once():
     metadata field element by element; for the built-in model's 49k-token vocabulary that took 4.7 s on 2 cores.
     Mapping the tensor names rebuilds gguf's TensorNameMap once per module, 397 times (6.3 s). Together that
     was 15 s of an 18 s first conversion. transformers looks both names up in the gguf module at each call, so
-    for the span of a conversion they are replaced by memoised ones. The reader is read-only (a numpy memmap) and
-    the name map is a pure function of (architecture, layers). One conversion at a time patches them (a lock;
-    a nested use inside the same conversion keeps the outer one's), and the originals are put back whatever
-    happens."""
+    for the span of a conversion (_convert_once: its size check and convert_gguf) they are replaced by memoised
+    ones. The reader is read-only (a numpy memmap) and the name map is a pure function of (architecture, layers).
+    One conversion at a time patches them (a lock), and the originals are put back whatever happens."""
     import gguf  # heavy
 
     with _GGUF_PATCH_LOCK:
-        if getattr(gguf.GGUFReader, "lg_read_once", False):
-            yield
-            return
         reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
         readers: dict = {}
 
@@ -384,7 +379,6 @@ def _gguf_read_once():
                 readers[key] = reader_cls(path, *args, **kwargs)
             return readers[key]
 
-        reader.lg_read_once = True
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
         try:
             yield

@@ -85,9 +85,11 @@ def test_a_conversion_parses_the_file_once_and_leaves_gguf_as_it_was(gguf_file, 
     assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is counting_map
 
     (garage_home / "broken.gguf").write_bytes(b"GGUF not really")
-    with pytest.raises(ModelError, match="cannot convert broken.gguf"):
-        models.convert_gguf(garage_home / "broken.gguf", garage_home / "out")
+    with pytest.raises(ModelError, match="cannot read the model settings in broken.gguf"):
+        models.resolve(str(garage_home / "broken.gguf"))  # fails inside the conversion's span
     assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is counting_map
+    with pytest.raises(ModelError, match="cannot convert broken.gguf"):  # a truncated header: not a raw struct.error
+        models.convert_gguf(garage_home / "broken.gguf", garage_home / "out")
 
 
 def test_a_changed_gguf_file_converts_again(gguf_file, garage_home):
