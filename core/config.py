@@ -117,10 +117,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     optimizer: str = _f("adamw", "Optimizer; 8-bit variants need bitsandbytes and save memory.", OPTIMIZERS)
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
-    chunked_loss: bool = _f(False, "Compute the loss over the sequence in tiles, recomputed in backward, so the "
-                             "full fp32 [tokens x vocab] logits never exist (GBs on a large vocabulary). Off (the "
-                             "default until its built-in QLoRA gradient check holds at 1e-5): transformers' stock "
-                             "loss. Liger's fused loss takes over where it runs.")
+    chunked_loss: bool = _f(True, "Compute the loss over the sequence in tiles, recomputed in backward, so the "
+                             "full fp32 [tokens x vocab] logits never exist (GBs on a large vocabulary). Off: "
+                             "transformers' stock loss. Liger's fused loss takes over where it runs.")
     devices: str = _f("auto", "Where to train: auto (every visible GPU, else one CPU process), a count (2: two GPUs, "
                        "or on a machine without GPUs two CPU processes over gloo), or GPU indices (0,1).")
     device: str = _f("auto", "Which kind of device: auto (a CUDA GPU, else an Apple Silicon GPU (mps), else the CPU), "

@@ -141,11 +141,65 @@ def _smollm2() -> dict:
     return json.loads((paths.REPO_ROOT / "core" / "builtin_models" / "smollm2-135m-config.json").read_text())
 
 
+def _exact_head_grads(model, batch, num_items=None):
+    """The loss and LoRA gradients with the loss head (lm_head and cross-entropy) in fp64 over the same fp32
+    backbone: the hidden states' gradient as exact as arithmetic allows, so each fp32 loss can be held against it."""
+    import types
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = model.get_base_model()
+    saved = base.forward
+
+    class ToDouble(torch.autograd.Function):  # fp64 forward, the gradient back in fp32
+        @staticmethod
+        def forward(ctx, x):
+            return x.double()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.float()
+
+    def forward(self, labels=None, num_items_in_batch=None, **kwargs):
+        hidden = self.model(**kwargs, use_cache=False).last_hidden_state
+        logits = torch.nn.functional.linear(ToDouble.apply(hidden), self.lm_head.weight.double())
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                                                reduction="sum")
+        n = (shifted != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        return CausalLMOutputWithPast(loss=(nll / n).float(), logits=None)
+
+    base.forward = types.MethodType(forward, base)
+    try:
+        return _loss_and_grads(model, batch, num_items)
+    finally:
+        base.forward = saved
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=pytest.mark.xfail(
-    strict=False, reason="2026-12-06: loss within 1e-5, but layer 0's v_proj lora_B gradient differed by 1.19e-5 "
-                         "relative after 30 4-bit layers (the tiles sum the hidden-state gradient in another order); "
-                         "open: the issue's bar is 1e-5"))])
-def test_chunked_loss_equals_stock_loss_on_the_builtin_model(method):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_chunked_loss_on_the_builtin_model(method, capsys):
+    """LoRA: the chunked loss equals the stock one within 1e-5. QLoRA: the stock loss itself is no closer than
+    1.1e-5 to the exact-head gradients here (measured on an AMD EPYC: worst 1.12e-5, layer 20's v_proj lora_B;
+    the chunked loss 2.9e-6), so both are held against the exact head, and the chunked loss must be within 1e-5."""
     cfg, model = _model("builtin:smollm2-135m", method)
-    _compare(model, cfg, model.get_output_embeddings().weight.shape[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if method == "lora":
+        _compare(model, cfg, vocab)
+        return
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    cases = [(name, b, n) for name, b in _batches(vocab).items() for n in (None, 50)]
+    exact = [_exact_head_grads(model, b, n) for _, b, n in cases]
+    stock = [_loss_and_grads(model, b, n) for _, b, n in cases]
+    assert train_loss.install(model, cfg, liger=None)
+    chunked = [_loss_and_grads(model, b, n) for _, b, n in cases]
+    for (name, _, n), (le, ge), (ls, gs), (lc, gc) in zip(cases, exact, stock, chunked):
+        assert abs(lc - le).item() <= REL * abs(le).item(), (name, n, le, lc)
+        ge = {k: g for k, g in ge.items() if g.abs().sum() > 0}  # lora_A's gradients are zero at B = 0
+        assert ge
+        worst_chunked = max(_rel(gc[k], ge[k]) for k in ge)
+        worst_stock = max(_rel(gs[k], ge[k]) for k in ge)
+        with capsys.disabled():
+            print(f"\nbuilt-in QLoRA {name} num_items={n}: worst LoRA gradient vs the exact head: chunked "
+                  f"{worst_chunked:.2e}, stock {worst_stock:.2e}")
+        assert worst_chunked <= REL, (name, n, worst_chunked, worst_stock)

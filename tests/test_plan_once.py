@@ -71,7 +71,7 @@ def test_the_vram_panel_shows_the_strategy_the_run_picks(tmp_path, monkeypatch):
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA31_8B))
     cfg = tiny_config(model, write_dataset(tmp_path / "d.jsonl", n=4))
-    cfg.quant.method, cfg.train.grad_checkpointing, cfg.data.max_len = "lora", True, 2048
+    cfg.quant.method, cfg.train.grad_checkpointing, cfg.data.max_len = "lora", True, 4096
     card = hardware.GpuReading(index=0, name="NVIDIA GeForce RTX 4080", total=20 * 2**30, free=20 * 2**30,
                                used=0)
     monkeypatch.setattr(hardware, "read", lambda: hardware.HardwareReading(gpus=[card, card]))

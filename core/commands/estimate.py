@@ -6,6 +6,7 @@ Keep torch / transformers out of this module.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -58,9 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--generations", type=int, default=4, metavar="N", help="grpo: completions per prompt")
     p.add_argument("--completion-len", type=int, default=128, metavar="N", help="grpo: tokens per completion at most")
     p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight; above 0 adds the reference forward")
-    p.add_argument("--chunked-loss", action="store_true",
-                   help="as a run with train.chunked_loss=true: the loss in tiles, without the full fp32 logits "
-                        "(a run uses the stock loss by default)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="as a run with train.chunked_loss (the default): the loss in tiles, without the full fp32 "
+                        "logits; --no-chunked-loss: the stock loss over full logits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
