@@ -11,15 +11,24 @@ cutoff), model, LoRA settings, seed and step count, three arms, each in its own 
     .venv/bin/python bench/throughput.py --out bench/results/throughput-cpu-tiny.json
     .venv/bin/python bench/throughput.py --memory --model builtin:smollm2-135m --steps 3 --warmup 1
 
---memory is the CPU memory bench: every row ~max_len tokens (8 x ~500 by default), our runner only, arms
-interleaved F P K K P F: F the stock loss over full logits (train.chunked_loss=false, the default) as a CPU run
-trains now (the child sets glibc's allocator to hand freed blocks back: core.train.child.CPU_MALLOPT), P the same
-with glibc's own defaults (MALLOC_PERTURB_=0, which changes nothing: a MALLOC_ variable of the user's keeps the
-child's settings off), K the chunked loss, Q the chunked loss with glibc's defaults, L the chunked loss with freed
-blocks handed back whatever the RAM, H as L with transparent huge pages (--order QLHHLQ), R as Q with
-the lean MLP ($LORA_GARAGE_LEAN_MLP: silu recomputed in backward), V as L with the lean MLP. Each arm prints its peak RSS
-against the CPU estimate the run wrote (estimate.json) and its tokens/s; a probe process prints the RSS of Python
-+ torch + the model + LoRA before any step (what the estimate leaves out by design).
+--memory is the CPU memory bench: every row ~max_len tokens (8 x ~500 by default), our runner only, each arm in
+its own process, in the order --order gives (interleave them: F P K K P F by default). The arms:
+    F  the stock loss over full logits (train.chunked_loss=false) as a run on this machine decides its memory
+    P  F with glibc's own defaults and no lean run ($LORA_GARAGE_LEAN_MEMORY=0; MALLOC_PERTURB_=0, which changes
+       nothing, stands for a user's MALLOC_ variable, which keeps our allocator settings off): the default before
+       the chunked loss, "today's" speed for the goal
+    K  the chunked loss (the default), as a run on this machine decides its memory
+    Q  K with glibc's defaults, not lean
+    L  Q with freed blocks handed back (core.train.child.CPU_MALLOPT, through the environment)
+    H  L with glibc's transparent huge pages
+    R  Q with the lean MLP ($LORA_GARAGE_LEAN_MLP: silu recomputed in backward)
+    V  L with the lean MLP: a lean run where there is no tbbmalloc
+    T  Q with tbbmalloc preloaded; U  T keeping blocks of 1 MiB+; X  U with huge pages; W  T with the lean MLP
+    Z  a lean run as the product starts one ($LORA_GARAGE_LEAN_MEMORY=1: core.train.allocator starts the process
+       again with tbbmalloc, and the MLPs are lean)
+Each arm prints its peak RSS against the CPU estimate the run wrote (estimate.json) and its tokens/s; a probe
+process prints the RSS of Python + torch + the model + LoRA before any step (what the estimate leaves out by
+design).
 
 tokens/s counts only non-padding tokens, over the steady-state steps (after --warmup steps) of each arm: tokens
 those steps trained / wall time between the log of the last warm-up step and the last step. s/step is that time
@@ -59,17 +68,27 @@ WORDS = ("the model learns to answer short questions about data training memory 
 # variable that changes nothing (0: no perturbing, glibc's default) makes the child leave malloc as it is.
 # Not MALLOC_TOP_PAD_ at its default value: setting it (as any of the top pad, trim or mmap thresholds) also turns
 # off glibc's dynamic mmap threshold, the very thing that holds the memory (measured: 8.04 GiB, as with ours).
-GLIBC_DEFAULTS = {"MALLOC_PERTURB_": "0"}
+NOT_LEAN = {"LORA_GARAGE_LEAN_MEMORY": "0"}
+GLIBC_DEFAULTS = {"MALLOC_PERTURB_": "0", **NOT_LEAN}
 CHUNKED, FULL = {"train": {"chunked_loss": True}}, {"train": {"chunked_loss": False}}
 # L: the chunked loss with freed blocks handed back whatever the RAM (the child's CPU_MALLOPT, through the
 # environment); H: L with glibc's tunable that asks for transparent huge pages on its mappings, to see whether
 # cheaper page faults buy back the speed L loses (measured on an AMD EPYC VM: a little, not enough).
-HAND_BACK = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
-# R and V: Q and L with the lean MLP (core/train/swiglu.py, opt-in: silu recomputed in backward).
+HAND_BACK = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
+             **NOT_LEAN}
+# R and V: Q and L with the lean MLP (core/train/swiglu.py: silu recomputed in backward).
 LEAN_MLP = {"LORA_GARAGE_LEAN_MLP": "1"}
+# T, U, X, W: Intel's scalable allocator (the tbb wheel's tbbmalloc) in place of glibc's malloc, through LD_PRELOAD
+# (a user's LD_PRELOAD: the run itself then decides nothing about its allocator)
+_TBB = " ".join(str(Path(sys.prefix) / "lib" / n) for n in ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2"))
+TBBMALLOC = {**NOT_LEAN, "LD_PRELOAD": _TBB}
+TBB_KEEP = {**TBBMALLOC, "TBB_MALLOC_SET_HUGE_OBJECT_THRESHOLD": str(1 << 20)}
 MEMORY_ARMS = {"F": (FULL, {}), "P": (FULL, GLIBC_DEFAULTS), "K": (CHUNKED, {}), "Q": (CHUNKED, GLIBC_DEFAULTS),
                "L": (CHUNKED, HAND_BACK), "H": (CHUNKED, {**HAND_BACK, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
-               "R": (CHUNKED, {**GLIBC_DEFAULTS, **LEAN_MLP}), "V": (CHUNKED, {**HAND_BACK, **LEAN_MLP})}
+               "R": (CHUNKED, {**GLIBC_DEFAULTS, **LEAN_MLP}), "V": (CHUNKED, {**HAND_BACK, **LEAN_MLP}),
+               "T": (CHUNKED, TBBMALLOC), "U": (CHUNKED, TBB_KEEP), "W": (CHUNKED, {**TBBMALLOC, **LEAN_MLP}),
+               "X": (CHUNKED, {**TBB_KEEP, "TBB_MALLOC_USE_HUGE_PAGES": "1"}),
+               "Z": (CHUNKED, {"LORA_GARAGE_LEAN_MEMORY": "1"})}
 
 
 def settings(args, packing: bool, overrides: dict | None = None) -> dict:
@@ -208,11 +227,12 @@ def run_arm(arm: str, args, workdir: Path, k: int, overrides: dict | None = None
         run_dir = next((d / "home" / "runs").iterdir())
         r = ours_result(run_dir)
         r["log_lines"] = [x for x in (run_dir / "train.log").read_text().splitlines()
-                          if x.startswith(("batches:", "WARNING: padding-free", "loaded ", "loss:", "mlp:"))]
+                          if x.startswith(("batches:", "WARNING: padding-free", "loaded ", "loss:", "mlp:", "CPU memory", "memory:"))]
         est = run_dir / "estimate.json"
         r["estimate"] = json.loads(est.read_text()) if est.exists() else None
     r["log"] = {int(s): v for s, v in r["log"].items()}
     r["rss_peak"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    r["minor_faults"] = usage.ru_minflt  # pages the arm's processes touched afresh (a lean allocator's price)
     return r
 
 
@@ -371,6 +391,7 @@ def memory_main(args) -> None:
                      "estimate_components_mib": {k: round(v / 2**20) for k, v in est["components"].items()} if est else None,
                      "peak_over_estimate": round(peak / est["total_bytes"], 3) if est else None,
                      "runs_tokens_per_s": [round(x[0] / x[1], 1) for x in w], "env": MEMORY_ARMS[arm][1],
+                     "runs_minor_faults": [r.get("minor_faults") for r in rs],
                      "settings": MEMORY_ARMS[arm][0], "notes": rs[0].get("log_lines", [])}
     result = {"mode": "memory", "arms": arms, "probe_rss_gib": {k: round(v / 2**30, 3) for k, v in probe["rss"].items()},
               "probe_param_gib": round(probe["param_bytes"] / 2**30, 3), "model": args.model, "steps": args.steps,
@@ -384,10 +405,13 @@ def memory_main(args) -> None:
           f"{args.steps} steps (first {args.warmup} left out); before any step (imports + model + LoRA): "
           f"{result['probe_rss_gib']['model_lora']:.2f} GiB RSS")
     print(f"{'arm':<48} {'tokens/s':>9} {'peak RSS GiB':>13} {'estimate GiB':>13} {'peak/est':>9}")
-    names = {"F": "F full logits (the default)", "P": "P full logits, glibc's malloc defaults",
-             "K": "K chunked loss (train.chunked_loss=true)", "Q": "Q chunked loss, glibc's malloc defaults",
+    names = {"F": "F full logits", "P": "P full logits, glibc's defaults (before)",
+             "K": "K chunked loss (the default)", "Q": "Q chunked loss, glibc's malloc defaults",
              "L": "L chunked loss, freed blocks handed back", "H": "H as L, with transparent huge pages",
-             "R": "R as Q, with the lean MLP", "V": "V as L, with the lean MLP"}
+             "R": "R as Q, with the lean MLP", "V": "V as L, with the lean MLP",
+             "T": "T chunked loss, tbbmalloc", "W": "W as T, with the lean MLP",
+             "U": "U as T, blocks of 1 MiB+ kept", "X": "X as U, with huge pages",
+             "Z": "Z a lean run (tbbmalloc, lean MLP)"}
     for arm, a in sorted(arms.items()):
         print(f"{names[arm]:<48} {a['tokens_per_s']:>9,.1f} {a['peak_rss_gib']:>13.2f} {a['estimate_gib'] or 0:>13.2f} "
               f"{a['peak_over_estimate'] or 0:>9.2f}")

@@ -25,10 +25,11 @@ from core import events as ev
 from core.runs import procs
 from core.runs import resolve as run_files
 from core.config import METHODS, OBJECTIVES, RunConfig, apply_overrides, from_dict
-from core.errors import ConfigError
+from core.errors import ConfigError, GarageError
 from core import presets
 from core.runs import folder as runs
 from core.runs import runner
+from core.train import allocator
 from core.train import child as training
 from core.train import distributed
 
@@ -149,7 +150,18 @@ def _child(args) -> int:
     if run_dir != wanted:
         raise ConfigError("--run-dir", f"{args.run_dir} is not a run folder under {run_dir.parent}",
                           "pass a folder created by LoRA Garage (python -m core runs lists them)")
+    try:
+        cfg = runs.load_config(run_dir)
+    except GarageError:
+        cfg = None  # training.main reads it again, and reports the problem in the run's status
+    if cfg is not None:
+        allocator.prepare(cfg, _argv())
     return training.main(run_dir)
+
+
+def _argv() -> list[str] | None:
+    """This process's command line to start again with (core.train.allocator), when it is the CLI's `train`."""
+    return sys.argv[1:] if sys.argv[1:2] == ["train"] else None
 
 
 # a failed run whose error is one of these was the user's to fix (exit 2, as for any GarageError); others are 1
@@ -161,6 +173,7 @@ def _foreground(cfg: RunConfig) -> int:
     as its `error:` / `fix:` lines; its traceback goes to train.log only."""
 
     runner.admit(cfg)
+    allocator.prepare(cfg, _argv())  # may start this process again, with a leaner allocator
     lock = runner.acquire_lock("(starting)")  # before creating the folder: a busy machine leaves no empty run
     run_dir = runs.create(cfg)
     runs.write_status(run_dir, launched_by=procs.LAUNCHED_BY_CLI)

@@ -205,12 +205,22 @@ class Settings:
 LEAN_MLP_ENV = "LORA_GARAGE_LEAN_MLP"  # set (not "" or "0"): CPU runs give SwiGLU MLPs the lean product
 
 
+LEAN_MEMORY_ENV = "LORA_GARAGE_LEAN_MEMORY"  # "1": this CPU run trains lean (core.train.allocator decides it)
+
+
+def lean_memory_on() -> bool:
+    """Whether this process was told to train lean ($LORA_GARAGE_LEAN_MEMORY=1, by the user or by
+    core.train.allocator.prepare when the run's memory is tight)."""
+    return os.environ.get(LEAN_MEMORY_ENV) == "1"
+
+
 def lean_swiglu_on(device: str) -> bool:
-    """Whether a run on `device` gives its SwiGLU MLPs the lean product (core/train/swiglu.py): on the CPU, where
-    $LORA_GARAGE_LEAN_MLP asks for it. Opt-in for now: the same loss and gradients within rounding, but a run's
-    adapter is then another sample, and the cpu-demo's q4_k_m export missed its parity bar once with it (max
-    logit difference 8.23 over 8.0). The training child and the estimate both ask here."""
-    return device == "cpu" and os.environ.get(LEAN_MLP_ENV, "") not in ("", "0")
+    """Whether a run on `device` gives its SwiGLU MLPs the lean product (core/train/swiglu.py): on the CPU, in a
+    run that trains lean (lean_memory_on) or where $LORA_GARAGE_LEAN_MLP asks for it. Not otherwise: the same loss
+    and gradients within rounding, but a run's adapter is then another sample, and the cpu-demo's q4_k_m export
+    missed its parity bar once with it (max logit difference 8.23 over 8.0). The training child and the estimate
+    both ask here."""
+    return device == "cpu" and (lean_memory_on() or os.environ.get(LEAN_MLP_ENV, "") not in ("", "0"))
 
 
 def settings_from_config(run_cfg, method: str | None = None, device: str = "cuda") -> Settings:

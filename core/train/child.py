@@ -44,6 +44,7 @@ from core.errors import ConfigError
 from core.errors import disk_full_cause
 from core.estimate import eta as run_eta
 from core.estimate import vram
+from core.train import allocator
 from core.train import distributed
 from core.train import rewards as reward_fns
 from core import report as core_report
@@ -391,32 +392,41 @@ def pick_device(events: ev.EventLog, requested: str = "auto", cfg=None) -> str:
     return "cpu"
 
 
-# glibc's malloc for CPU training where memory is tight: at most 2 arenas, and every block of 1 MiB or more mmapped
-# and handed back to the system when freed. A step's activations are 9-25 MB tensors; by default glibc raises its
-# mmap threshold (up to 32 MB) as they are freed, keeps them in its heaps, and the RSS holds the worst layout of
-# every step. Measured on the built-in model at 8 x ~500 tokens on 2 quiet cores (bench/throughput.py --memory,
-# twice each arm, interleaved): peak RSS 12.34 -> 8.06 GiB against an estimate of 7.45, but tokens/s 235 -> 197
-# (-16%: every big block is a fresh mapping). So it is used only where the defaults' peak would not fit easily.
+# glibc's malloc for CPU training where memory is tight and tbbmalloc is not in the process (core.train.allocator):
+# at most 2 arenas, and every block of 1 MiB or more mmapped and handed back to the system when freed. A step's
+# activations are 9-25 MB tensors; by default glibc raises its mmap threshold (up to 32 MB) as they are freed,
+# keeps them in its heaps, and the RSS holds the worst layout of every step. Measured on the built-in model at
+# 8 x ~500 tokens on 2 quiet cores (bench/throughput.py --memory, twice each arm, interleaved): peak RSS 12.34 ->
+# 8.06 GiB against an estimate of 7.45, but tokens/s 235 -> 197 (-16%: every big block is a fresh mapping).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 CPU_MALLOPT = {M_ARENA_MAX: 2, M_MMAP_THRESHOLD: 1 << 20, M_TRIM_THRESHOLD: 1 << 20}
-GLIBC_PEAK_OVER_ESTIMATE = 1.65  # the defaults' peak RSS over the CPU estimate (12.34 / 7.45, the same bench)
-LEAN_WHEN_OVER = 0.5             # ... lean when that peak would take more than this share of the RAM available
-
-
-def needs_lean_memory(estimate_bytes: int | None, available_bytes: int) -> bool:
-    """Whether a CPU run's step, at the allocator's defaults, would take over half the RAM available now."""
-    return bool(estimate_bytes) and available_bytes > 0 and \
-        estimate_bytes * GLIBC_PEAK_OVER_ESTIMATE > LEAN_WHEN_OVER * available_bytes
+needs_lean_memory = allocator.needs_lean_memory
 
 
 def lean_cpu_memory(run_dir: Path, events: ev.EventLog) -> bool:
-    """CPU_MALLOPT where needs_lean_memory says so, said in train.log and the events."""
+    """A CPU run that allocator.prepare (or $LORA_GARAGE_LEAN_MEMORY) made lean, or whose own estimate says memory is
+    tight: tbbmalloc where the process runs with it, else CPU_MALLOPT. Said in train.log and the events."""
     est, avail = runs.estimate_bytes(run_dir), int(psutil.virtual_memory().available)  # RAM only: no NVML read
-    if not needs_lean_memory(est, avail) or not hand_back_freed_memory():
+    decided = os.environ.get(allocator.LEAN_MEMORY_ENV)
+    if decided == "0" or (decided != "1" and not needs_lean_memory(est, avail)):
         return False
-    msg = (f"CPU memory is tight: a step may hold about {est * GLIBC_PEAK_OVER_ESTIMATE / 2**30:.1f} GiB with the "
-           f"allocator's defaults, of {avail / 2**30:.1f} GiB available, so freed blocks of 1 MiB or more now go "
-           f"back to the system (about a third less memory, up to 16% slower)")
+    if needs_lean_memory(est, avail):
+        why = (f"CPU memory is tight: a step may hold about {est * allocator.GLIBC_PEAK_OVER_ESTIMATE / 2**30:.1f} "
+               f"GiB with the allocator's defaults, of {avail / 2**30:.1f} GiB available")
+    else:
+        why = f"lean CPU memory, as {allocator.LEAN_MEMORY_ENV}=1 asks"
+    if allocator.active() == "tbbmalloc":
+        msg = (f"{why}: the training process runs with tbbmalloc, which keeps a step's freed blocks for the next one "
+               f"in less memory (about a third less than the defaults, up to 11% slower)")
+    elif hand_back_freed_memory():
+        msg = (f"{why}: freed blocks of 1 MiB or more now go back to the system (about a third less memory, up to "
+               f"23% slower)")
+    elif vram.lean_swiglu_on("cpu"):
+        msg = f"{why}: the allocator stays as it is (no tbbmalloc here, and glibc's settings are yours or absent)"
+    else:
+        return False
+    if vram.lean_swiglu_on("cpu"):
+        msg += "; SwiGLU MLPs keep one activation fewer"
     print(msg, flush=True)
     events.log("info", msg)
     return True

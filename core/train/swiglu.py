@@ -6,7 +6,7 @@ the up projection (for the product's). silu is cheap to compute again from the g
 gate and the up projection only and recomputes silu in backward: one intermediate tensor fewer per layer, with
 the same values (fp32: equal to the stock backward within rounding). On the built-in model at 8 x 500 tokens
 that is 30 layers x 4,000 tokens x 1,536 floats. Liger's SwiGLU kernel does the same in Triton on a CUDA GPU;
-this is the plain-torch form, for the CPU, opt-in (core.estimate.vram.lean_swiglu_on says where it is used).
+this is the plain-torch form, for a lean CPU run or where asked (core.estimate.vram.lean_swiglu_on says where).
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""core/train/allocator.py: a CPU run whose memory is tight trains lean, decided before the training process loads
+anything; where the tbb wheel's tbbmalloc is installed the process starts itself again with it preloaded (the
+same pid, files and lock), and the run says so in train.log."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from core.config import RunConfig
+from core.estimate import vram
+from core.runs import folder as runs
+from core.train import allocator
+from tests.helpers.training import Launch, tiny_config, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+ENV_KEYS = (allocator.ALLOCATOR_ENV, allocator.LEAN_MEMORY_ENV, "LD_PRELOAD", vram.LEAN_MLP_ENV)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """prepare() writes os.environ: each key it may touch is put back after the test, and starts unset."""
+    for k in ENV_KEYS + tuple(k for k in os.environ if k.startswith("MALLOC_")):
+        monkeypatch.setenv(k, "x")  # recorded, so the teardown restores the original (or removes it)
+        monkeypatch.delenv(k)
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: execs.append((exe, argv, env)))
+    monkeypatch.setattr(allocator, "tbbmalloc_libs", lambda: [Path("/x/libtbbmalloc.so.2"),
+                                                                Path("/x/libtbbmalloc_proxy.so.2")])
+    monkeypatch.setattr(allocator, "active", lambda: None)
+    return execs
+
+
+def _ram(monkeypatch, gib: float):
+    monkeypatch.setattr(allocator.psutil, "virtual_memory", lambda: SimpleNamespace(available=int(gib * GIB)))
+
+
+def _bench_cfg(device="cpu") -> RunConfig:
+    cfg = RunConfig()  # the built-in model at 8 x 512: the memory bench's step (estimate 5.71 GiB)
+    cfg.train.batch_size, cfg.data.max_len, cfg.train.device, cfg.lora.dropout = 8, 512, device, 0.0
+    return cfg
+
+
+ARGV = ["train", "--preset", "cpu-demo"]
+
+
+def test_a_tight_cpu_run_starts_again_with_tbbmalloc(clean_env, monkeypatch):
+    _ram(monkeypatch, 8)  # 5.71 GiB x 1.65 is more than half of 8
+    allocator.prepare(_bench_cfg(), ARGV)
+    assert os.environ[allocator.LEAN_MEMORY_ENV] == "1"
+    [(exe, argv, env)] = clean_env
+    assert exe == sys.executable and argv == [sys.executable, "-m", "core", *ARGV]
+    assert env["LD_PRELOAD"] == "/x/libtbbmalloc.so.2 /x/libtbbmalloc_proxy.so.2"
+    assert env[allocator.ALLOCATOR_ENV] == "tbbmalloc" and env[allocator.LEAN_MEMORY_ENV] == "1"
+    assert env["TBB_MALLOC_USE_HUGE_PAGES"] == "1" and env["TBB_MALLOC_SET_HUGE_OBJECT_THRESHOLD"] == str(1 << 20)
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert vram.lean_swiglu_on("cpu") and not vram.lean_swiglu_on("cuda")  # a lean run's MLPs keep one tensor fewer
+
+
+def test_a_run_with_room_keeps_the_defaults(clean_env, monkeypatch):
+    _ram(monkeypatch, 22)
+    allocator.prepare(_bench_cfg(), ARGV)
+    assert clean_env == []
+    assert os.environ[allocator.LEAN_MEMORY_ENV] == "0" and os.environ[allocator.ALLOCATOR_ENV] == "default"
+    assert not vram.lean_swiglu_on("cpu")
+    allocator.prepare(_bench_cfg(), ARGV)  # decided once: the process started again does not decide again
+    assert clean_env == []
+
+
+def test_a_gpu_run_is_never_made_lean(clean_env, monkeypatch):
+    _ram(monkeypatch, 1)
+    allocator.prepare(_bench_cfg(device="cuda"), ARGV)
+    assert clean_env == [] and os.environ[allocator.LEAN_MEMORY_ENV] == "0"
+
+
+@pytest.mark.parametrize("theirs", [{"LD_PRELOAD": "/opt/libjemalloc.so"}, {"MALLOC_ARENA_MAX": "4"}])
+def test_the_users_own_allocator_settings_stand(clean_env, monkeypatch, theirs):
+    for k, v in theirs.items():
+        monkeypatch.setenv(k, v)
+    _ram(monkeypatch, 8)
+    allocator.prepare(_bench_cfg(), ARGV)
+    assert clean_env == []  # no tbbmalloc over theirs; glibc's own knobs are then theirs too (child.hand_back...)
+    assert os.environ[allocator.LEAN_MEMORY_ENV] == "1" and os.environ[allocator.ALLOCATOR_ENV] == "default"
+
+
+def test_without_tbbmalloc_the_run_is_lean_with_glibc(clean_env, monkeypatch):
+    monkeypatch.setattr(allocator, "tbbmalloc_libs", lambda: None)  # macOS, Windows, aarch64: no wheel
+    monkeypatch.setenv(allocator.LEAN_MEMORY_ENV, "1")  # the user asks for it, whatever the RAM
+    allocator.prepare(_bench_cfg(), ARGV)
+    assert clean_env == [] and os.environ[allocator.ALLOCATOR_ENV] == "default"
+
+
+def test_a_caller_inside_another_program_decides_nothing(clean_env, monkeypatch):
+    _ram(monkeypatch, 8)
+    allocator.prepare(_bench_cfg(), None)  # not the CLI's own process (a test calling core in-process)
+    assert clean_env == [] and allocator.LEAN_MEMORY_ENV not in os.environ
+
+
+def test_no_early_estimate_for_a_gguf_or_hub_model_leaves_it_to_the_child(clean_env, monkeypatch, tmp_path):
+    _ram(monkeypatch, 1)
+    cfg = _bench_cfg()
+    cfg.model.source = str(tmp_path / "model.gguf")
+    assert allocator.early_estimate(cfg) is None
+    allocator.prepare(cfg, ARGV)
+    assert clean_env == [] and allocator.LEAN_MEMORY_ENV not in os.environ
+
+
+def test_the_early_estimate_is_the_runs_own(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"))
+    shape = vram.shape_from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    assert allocator.early_estimate(cfg) == vram.estimate(shape, vram.settings_from_config(cfg, device="cpu")).total_bytes
+
+
+def test_the_proxy_is_seen_in_a_process_that_preloads_it():
+    libs = allocator.tbbmalloc_libs()
+    if libs is None:
+        pytest.skip("no tbbmalloc here (the tbb wheel is for Linux x86-64)")
+    code = "from core.train import allocator; print(allocator.active())"
+    env = dict(os.environ, LD_PRELOAD=" ".join(map(str, libs)))
+    with_it = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    without = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert (with_it.stdout.strip(), without.stdout.strip()) == ("tbbmalloc", "None"), with_it.stderr
+
+
+@pytest.mark.integration
+def test_a_lean_run_from_the_app_trains_with_tbbmalloc(tmp_path, tiny_model_dir):
+    """The runner's child starts itself again with tbbmalloc: the same pid (status.json), the lock still held
+    (the run completes as the one training run), and train.log says what it did."""
+    if allocator.tbbmalloc_libs() is None:
+        pytest.skip("no tbbmalloc here (the tbb wheel is for Linux x86-64)")
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), max_steps=2)
+    cfg.train.device = "cpu"
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    run = Launch(home, cfg, {allocator.LEAN_MEMORY_ENV: "1"})
+    pid = runs.read_status(run.run_dir).get("pid")
+    st = run.wait(300)
+    log = (run.run_dir / "train.log").read_text()
+    assert st["state"] == "completed", log[-3000:]
+    assert st["pid"] == pid
+    assert "starting the training process again with tbbmalloc" in log
+    assert "the training process runs with tbbmalloc" in log
+    assert "SwiGLU MLPs keep one activation fewer" in log and "mlp: " in log
