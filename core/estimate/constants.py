@@ -106,6 +106,10 @@ LOSS_PER_TOKEN_STATS_BYTES = 4 * 8
 # torch.cuda.memory_reserved. Judgement from common reports (300-600 MB with lazy module loading on
 # CUDA 12); bench/vram_accuracy.py prints the measured value (nvml used - torch reserved) to refine it.
 CUDA_CONTEXT_BYTES = 500 * MiB
+# A CPU run's process before its model: Python, torch, transformers (its Trainer), peft, trl, datasets, bitsandbytes
+# and our training modules imported. Measured RSS 0.475 GiB (torch 2.13.0+cpu, 2026-12-07); it is RAM the run
+# needs like any tensor, so the CPU estimate counts it in its overhead line.
+CPU_RUNTIME_BYTES = 475 * MiB
 # The caching allocator reserves more than it hands out (block rounding, fragmentation between step shapes).
 # Judgement: 10% of the memory that changes during a step (activations, logits, gradients), plus 64 MiB for
 # cuBLAS workspaces.

@@ -530,8 +530,10 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
     if s.method == "qlora":
         dequant = max(m.d_in * m.d_out for m in shape.linears()) * d.compute * K.DEQUANT_BUFFERS
     if s.device == "cpu":
-        context = fragmentation = workspace = 0
-        notes.append("CPU estimate: RAM for the step itself; Python, torch and the data loader come on top")
+        fragmentation = workspace = 0
+        context = K.CPU_RUNTIME_BYTES
+        notes.append(f"CPU estimate: RAM for the step and {K.CPU_RUNTIME_BYTES / 2**30:.2f} GiB for Python, torch and "
+                     f"the libraries the training process imports; a data loader's workers come on top")
     elif s.device == "mps":  # the same tensors as on CUDA; Metal has no CUDA context or cuBLAS workspace
         context = workspace = 0
         fragmentation = K.ALLOCATOR_FRAGMENTATION * (activations + logits + gradients)
