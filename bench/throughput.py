@@ -392,6 +392,8 @@ def memory_main(args) -> None:
                      "peak_over_estimate": round(peak / est["total_bytes"], 3) if est else None,
                      "runs_tokens_per_s": [round(x[0] / x[1], 1) for x in w], "env": MEMORY_ARMS[arm][1],
                      "runs_minor_faults": [r.get("minor_faults") for r in rs],
+                     "runs_estimate_gib": [round(r["estimate"]["total_bytes"] / 2**30, 3) if r.get("estimate") else None
+                                           for r in rs],
                      "settings": MEMORY_ARMS[arm][0], "notes": rs[0].get("log_lines", [])}
     result = {"mode": "memory", "arms": arms, "probe_rss_gib": {k: round(v / 2**30, 3) for k, v in probe["rss"].items()},
               "probe_param_gib": round(probe["param_bytes"] / 2**30, 3), "model": args.model, "steps": args.steps,
