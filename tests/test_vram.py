@@ -112,6 +112,7 @@ def test_other_knobs_move_memory_the_right_way():
     cpu = est(LLAMA31_8B, **base, device="cpu")
     # no CUDA context, no allocator slack: the process's own runtime (Python, torch, the libraries) instead
     assert cpu.components["overhead"] == cpu.details["dequant_buffer"] + vram.K.CPU_RUNTIME_BYTES
+    assert cpu.details["cpu_runtime"] == vram.K.CPU_RUNTIME_BYTES and cpu.details["cuda_context"] == 0
 
 
 def test_components_sum_to_the_total_and_serialise():

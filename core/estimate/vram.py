@@ -556,7 +556,8 @@ def estimate(shape: ModelShape, settings: Settings) -> Estimate:
         notes[i] += f"; the largest part is {top} ({components[top] / 2**30:.2f} GiB)"
     details = dict(layer_saved=layer, checkpoints=shape.layers * tokens * shape.hidden * d.resid
                    if s.grad_checkpointing else 0, backward_transient=transient, autocast_weight_copies=casts,
-                   eager_mask=mask, cuda_context=context, cublas_workspace=workspace,
+                   eager_mask=mask, cuda_context=0 if s.device == "cpu" else context,
+                   cpu_runtime=context if s.device == "cpu" else 0, cublas_workspace=workspace,
                    allocator_fragmentation=fragmentation, dequant_buffer=dequant,
                    reference_forward=reference, orpo_sft_term=sft_term, generation_kv_cache=kv_cache,
                    generation_logits=gen_logits, grpo_reference_forward=grpo_reference)

@@ -28,7 +28,6 @@ import psutil
 
 from core import hardware
 from core import models
-from core import paths
 from core.errors import GarageError
 from core.estimate import vram
 from core.estimate.vram import LEAN_MEMORY_ENV  # "1" lean, "0" the allocator's defaults; unset: decided per run
@@ -79,47 +78,73 @@ def cpu_run(cfg) -> bool:
 
 def early_estimate(cfg) -> int | None:
     """The run's CPU estimate from the model's config.json alone, where that is a file read: the built-in model or
-    a local folder. None otherwise (a .gguf file or a hub id would cost seconds here), or where it cannot be read:
-    the training child then decides from its own estimate (core.train.child.lean_cpu_memory)."""
+    a local folder; for a CPU run of several processes (train.devices=N), all of them. None otherwise (a .gguf file
+    or a hub id would cost seconds here), or where it cannot be read: the training child then decides from its own
+    estimate (core.train.child.lean_cpu_memory)."""
     source = (cfg.model.source or "").strip()
     if source != models.BUILTIN_ID and not (Path(source).expanduser() / "config.json").is_file():
         return None
     try:
         shape = vram.shape_from_config(models.read_config(source))
-        return vram.estimate(shape, vram.settings_from_config(cfg, device="cpu")).total_bytes
-    except GarageError as e:
-        print(f"memory: no early estimate ({e.message}); the training process decides from its own", flush=True)
+        one = vram.estimate(shape, vram.settings_from_config(cfg, device="cpu")).total_bytes
+    except (GarageError, OSError, ValueError) as e:  # a damaged config.json: the child reports it in the run
+        print(f"memory: no early estimate ({getattr(e, 'message', e)}); the training process decides from its own",
+              flush=True)
         return None
+    devices = str(cfg.train.devices).strip()
+    return one * (int(devices) if devices.isdigit() and int(devices) > 1 else 1)
 
 
 def prepare(cfg, argv: list[str] | None) -> None:
     """Before `python -m core train` imports anything heavy: decide whether this CPU run trains lean (into
     $LORA_GARAGE_LEAN_MEMORY, which the training child and its estimate read), and if so and tbbmalloc is
-    installed, start this process again with it preloaded. `argv`: the command line to start again
-    (sys.argv[1:] of the CLI); None, for a caller inside another program (tests), decides nothing: the training
-    child then decides from its own estimate. A user's own LD_PRELOAD or MALLOC_ settings stand: no tbbmalloc."""
+    installed, start this process again with it preloaded. `argv`: this process's command line (sys.argv[1:])
+    when it is the CLI's own; None, for a caller inside another program (tests), decides nothing. A run that may
+    use a GPU, or whose estimate needs more than config.json, is left to the training child (glibc's settings
+    only). A user's own LD_PRELOAD or MALLOC_ settings stand: no tbbmalloc."""
+    if os.environ.get(ALLOCATOR_ENV) == "tbbmalloc" and active():
+        _keep_preload_to_this_process()
     if argv is None or os.environ.get(ALLOCATOR_ENV):
         return  # not the CLI, or decided already: this is the process started again, or its child
-    if os.environ.get(LEAN_MEMORY_ENV) in ("0", "1"):
-        lean = lean_memory_on() and cpu_run(cfg)
-    elif cpu_run(cfg):
+    os.environ[ALLOCATOR_ENV] = "default"  # decided here, whatever follows
+    if not cpu_run(cfg):
+        return
+    asked = os.environ.get(LEAN_MEMORY_ENV)
+    if asked in ("0", "1"):
+        lean = asked == "1"
+    else:
         est = early_estimate(cfg)
         if est is None:
             return
         lean = needs_lean_memory(est, int(psutil.virtual_memory().available))
-    else:
-        lean = False
-    os.environ[LEAN_MEMORY_ENV] = "1" if lean else "0"
+        os.environ[LEAN_MEMORY_ENV] = "1" if lean else "0"
     libs = tbbmalloc_libs()
     theirs = os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ)
     if not lean or not libs or theirs or active():
-        os.environ[ALLOCATOR_ENV] = "default"
         return
     env = dict(os.environ, LD_PRELOAD=" ".join(str(p) for p in libs), **TBBMALLOC_ENV)
     env[ALLOCATOR_ENV] = "tbbmalloc"
-    # `python -m core` finds this checkout from any folder (an installed copy finds itself anyway)
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(paths.REPO_ROOT), env.get("PYTHONPATH")) if x)
     print("memory: CPU memory is tight for this run; starting the training process again with tbbmalloc",
           flush=True)
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "core", *argv], env)
+    try:  # the same interpreter, flags and arguments: the process as it was started, with the library in it
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as e:
+        print(f"memory: could not start again with tbbmalloc ({e}); training with the default allocator",
+              file=sys.stderr, flush=True)
+
+
+_preloaded: dict[str, str] = {}
+
+
+def _keep_preload_to_this_process() -> None:
+    """In the process started again with tbbmalloc: the library is in; keep LD_PRELOAD and tbbmalloc's settings
+    away from the programs it starts (a GRPO reward command, pip), except its own ranks (rank_preload)."""
+    for key in ("LD_PRELOAD", *TBBMALLOC_ENV):
+        if key in os.environ:
+            _preloaded[key] = os.environ.pop(key)
+
+
+def rank_preload() -> dict[str, str]:
+    """What the ranks of a multi-process CPU run need to train with the same allocator as their supervisor."""
+    return dict(_preloaded)

@@ -18,6 +18,7 @@ from pathlib import Path
 import json
 import shlex
 from core.config import parse_devices
+from core.train import allocator
 from core.errors import ConfigError
 from core import hardware
 from core import models
@@ -237,7 +238,7 @@ def launch_command(run_dir: Path, p: Plan, nnodes: int = 1, node_rank: int = 0, 
 
 def rank_env(p: Plan) -> dict:
     """The ranks' environment: marked as ranks, without the lock, on the plan's GPUs."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{RANK_ENV: "1"})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{RANK_ENV: "1"}, **allocator.rank_preload())
     env.pop("LORA_GARAGE_LOCK_FD", None)  # the supervisor holds the lock; ranks never take it
     if p.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.gpus))
