@@ -190,6 +190,22 @@ def test_a_busy_machine_slows_the_cpu_eta_and_says_why_and_loaded_runs_count_as_
     assert "measured 50 tokens/s (25 for this plan now)" in one.source
 
 
+def test_the_busy_wording_counts_the_threads_training_will_use(monkeypatch):
+    """On a CPU with SMT, os.cpu_count() counts each core twice while torch trains on the physical cores (the child
+    shares torch.get_num_threads()): the page names the same threads the run will use, and OMP_NUM_THREADS wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(eta.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(eta.psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    assert eta.training_cores() == 8
+    runs_ = [eta.Measured(f"r{i}", "lora", "cpu", 1000, 100.0, 50.0) for i in range(2)]
+    busy = eta.before_start(10_000, 1000, "lora", None, 100.0, runs_, busy=6.0)
+    assert "other programs keep about 6.0 cores' worth of work running, so training uses 2 of its 8 cores" in \
+        busy.source, busy.source
+    assert eta.cpu_threads(6.0, eta.training_cores()) == 2  # what core.train.child.share_the_cores sets there
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert eta.training_cores() == 4
+
+
 @pytest.mark.skipif(not eta.RUNNABLE.exists(), reason="the kernel's runnable count is Linux's /proc/loadavg")
 def test_the_load_now_counts_a_busy_program_and_forgets_it_once_it_ends(monkeypatch):
     """others_now counts a busy loop as about one core's worth while it runs and drops it as soon as it ends, where

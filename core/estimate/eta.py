@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import psutil
+
 import datetime as dt
 import json
 from core import paths
@@ -90,6 +92,16 @@ def others_now(max_age_s: float = NOW_KEEP_S) -> float:
         value = others_load()
     _now_cache = (time.monotonic(), value)
     return value
+
+
+def training_cores() -> int:
+    """The threads a CPU run trains with on a quiet machine, known without torch: OMP_NUM_THREADS where set, else
+    the physical cores, as torch's intra-op default (the child's torch.get_num_threads(); os.cpu_count() counts
+    each core's SMT siblings too). The training child shares these (core.train.child.share_the_cores)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def cpu_threads(others: float, cores: int) -> int:
@@ -316,11 +328,11 @@ def before_start(total_tokens: int, params: int, method: str, gpu_name: str | No
     if grpo and gpu_name and len(rates) < 2:
         eta.source += "; GRPO's sampling on a GPU is not in this guess: it is counted once GRPO runs are measured"
     if now >= 1 + BUSY_AT:
-        cores = os.cpu_count() or 1
+        cores = training_cores()
         threads = cpu_threads(busy, cores)
-        on = f"uses {threads} of them and " if threads < cores else ""
-        eta.source += (f"; this machine is busy: other programs keep about {(now - 1) * cores:.1f} cores' worth of "
-                       f"work running on its {cores} cores, so training {on}runs about {now:.1f}x slower")
+        on = f"uses {threads} of its {cores} cores and " if threads < cores else ""
+        eta.source += (f"; this machine is busy: other programs keep about {busy:.1f} cores' worth of work running, "
+                       f"so training {on}runs about {now:.1f}x slower")
     return eta
 
 
